@@ -1,0 +1,301 @@
+"""The one TOML configuration file, validated at start into a frozen tree.
+
+Errors name the file and the key (`backupmx.toml: delivery.retry_min: must be at least 1s`).
+Durations are written "1s", "5m", "2h", "30d" (and combinations like "1h30m"); sizes "50MB", "512KiB".
+The key names documented in the README are a contract: add keys, never rename without an alias.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from backupmx.errors import ConfigError
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=float(value))
+    if not isinstance(value, str):
+        raise ValueError("a duration such as \"30s\", \"5m\", \"2h\" or \"30d\"")
+    text = value.strip().replace(" ", "")
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"{value!r} is not a duration such as \"30s\", \"5m\", \"2h\" or \"30d\"")
+    return timedelta(seconds=total)
+
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "mi": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a size such as \"50MB\" or \"512KiB\"")
+    m = _SIZE_RE.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a size such as \"50MB\" or \"512KiB\"")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
+    """"mx1.example.com:25", "[::1]:2525", "127.0.0.1" -> (host, port)."""
+    v = value.strip()
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+        return host, port
+    if v.count(":") == 1:
+        host, _, port_s = v.partition(":")
+        return host, int(port_s)
+    return v, default_port
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Frozen):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    node_name: str = ""  # this node's name in Received headers, logs and leases; defaults to hostname
+    listen: tuple[str, ...] = ("0.0.0.0:25", "[::]:25")
+    data_dir: Path = Path("/var/lib/backupmx")
+    max_message_size: Size = 50_000_000
+    max_recipients: int = Field(1000, ge=100)
+    max_connections: int = Field(500, ge=1)
+    max_connections_per_ip: int = Field(50, ge=1)
+    max_commands: int = Field(10_000, ge=10)  # per session
+    max_received_headers: int = Field(50, ge=1)
+    idle_timeout: Duration = timedelta(minutes=5)
+    session_timeout: Duration = timedelta(hours=1)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    greeting_delay: Duration = timedelta(0)
+    min_free_disk: Size = 100_000_000
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen_list(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            try:
+                parse_hostport(item)
+            except ValueError as e:
+                raise ValueError(f"{item!r} is not host:port") from e
+        return v
+
+    @property
+    def node(self) -> str:
+        return self.node_name or self.hostname
+
+
+class DomainConfig(_Frozen):
+    name: str
+    primary: tuple[str, ...] = ("mx",)
+    recipients: str | tuple[str, ...] = "any"
+    accept: Literal["always", "when_primary_down"] = "always"
+    unknown_while_down: Literal["defer", "accept", "reject"] = "accept"
+    tls_verify: bool = False
+    probe_rcpt: str | None = None  # a known-good address the health probe may RCPT to (then RSET)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.strip().lower().rstrip(".")
+        if not v or " " in v or "@" in v:
+            raise ValueError("must be a domain name such as example.com")
+        return v
+
+    @field_validator("primary", mode="before")
+    @classmethod
+    def _primary_list(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("primary")
+    @classmethod
+    def _primary_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("needs at least one host:port, or [\"mx\"]")
+        if "mx" in v and len(v) > 1:
+            raise ValueError("[\"mx\"] stands alone: either the MX hosts or a host:port list")
+        for item in v:
+            if item != "mx":
+                try:
+                    parse_hostport(item)
+                except ValueError as e:
+                    raise ValueError(f"{item!r} is not host:port") from e
+        return v
+
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def _recipients(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return tuple(str(x) for x in v)
+        if isinstance(v, str) and v not in ("any", "verify") and not v.startswith("file:"):
+            raise ValueError('must be "any", "verify", "file:PATH" or a list of addresses')
+        return v
+
+    @property
+    def primary_hosts(self) -> list[tuple[str, int]] | None:
+        """None when the primary is the domain's MX hosts ranked better than us."""
+        if self.primary == ("mx",):
+            return None
+        return [parse_hostport(p) for p in self.primary]
+
+
+class DeliveryConfig(_Frozen):
+    retry_min: Duration = timedelta(minutes=1)
+    retry_max: Duration = timedelta(hours=1)
+    retention: Duration = timedelta(days=30)
+    retention_cap: Duration = timedelta(days=90)
+    probe_interval: Duration = timedelta(seconds=30)
+    probe_timeout: Duration = timedelta(seconds=10)
+    down_after: int = Field(2, ge=1)  # consecutive failed probes before a destination is DOWN
+    recovery_guard: Duration = timedelta(hours=6)
+    delay_warning: Duration | None = None  # off by default
+    concurrency_initial: int = Field(2, ge=1)
+    concurrency_max: int = Field(20, ge=1)
+    messages_per_connection: int = Field(100, ge=1)
+    window: int = Field(1000, ge=10)  # recipients claimed into memory at most
+    connect_timeout: Duration = timedelta(seconds=30)
+    command_timeout: Duration = timedelta(minutes=5)
+    data_timeout: Duration = timedelta(minutes=10)  # reply to the final dot (RFC 5321 4.5.3.2.6)
+    lease: Duration = timedelta(minutes=15)
+
+    @field_validator("retry_min", "retry_max", "probe_interval", "recovery_guard", "retention",
+                     "retention_cap", "probe_timeout", "connect_timeout", "lease")
+    @classmethod
+    def _at_least_1s(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
+
+class AdminConfig(_Frozen):
+    listen: str | None = "127.0.0.1:8025"
+    token_file: Path | None = None
+
+
+class DnsConfig(_Frozen):
+    nameservers: tuple[str, ...] = ()  # "IP" or "IP:PORT"; empty = the system resolver
+    timeout: Duration = timedelta(seconds=5)
+
+
+class LogConfig(_Frozen):
+    format: Literal["text", "json"] = "text"
+    maillog: Path | None = None  # default: stderr, with the diagnostic log
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SpoolConfig(_Frozen):
+    url: str | None = None  # postgresql://... for many nodes; None = SQLite in server.data_dir
+
+
+class Config(_Frozen):
+    server: ServerConfig = ServerConfig()
+    domains: tuple[DomainConfig, ...] = ()
+    delivery: DeliveryConfig = DeliveryConfig()
+    admin: AdminConfig = AdminConfig()
+    dns: DnsConfig = DnsConfig()
+    log: LogConfig = LogConfig()
+    spool: SpoolConfig = SpoolConfig()
+    source: str = "<defaults>"  # the file this came from, for messages
+
+    def domain(self, name: str) -> DomainConfig | None:
+        name = name.lower()
+        for d in self.domains:
+            if d.name == name:
+                return d
+        return None
+
+    @property
+    def domain_names(self) -> frozenset[str]:
+        return frozenset(d.name for d in self.domains)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p}: no such file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from e
+    return config_from_dict(raw, source=str(p))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        cfg = Config.model_validate({**raw, "source": source})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = _pretty_loc(err["loc"], raw)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}: {loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    names = [d.name for d in cfg.domains]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{source}: domains: {sorted(dupes)[0]} is listed twice")
+    if cfg.delivery.retry_max < cfg.delivery.retry_min:
+        raise ConfigError(f"{source}: delivery.retry_max: must not be shorter than delivery.retry_min")
+    if cfg.delivery.retention_cap < cfg.delivery.retention:
+        raise ConfigError(f"{source}: delivery.retention_cap: must not be shorter than delivery.retention")
+    if (cfg.server.tls_cert is None) != (cfg.server.tls_key is None):
+        raise ConfigError(f"{source}: server.tls_cert: tls_cert and tls_key go together")
+    return cfg
+
+
+def _pretty_loc(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
+    """("domains", 0, "primary") -> "domains[0](example.com).primary"."""
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            try:
+                node = node[item]
+                if isinstance(node, dict) and "name" in node:
+                    label = f"[{item}]({node['name']})"
+            except (IndexError, KeyError, TypeError):
+                node = None
+            if parts:
+                parts[-1] += label
+            else:
+                parts.append(label)
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)

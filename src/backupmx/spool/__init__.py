@@ -1,0 +1,204 @@
+"""The Spool contract: where accepted mail lives until the primary has it.
+
+Promises every backend keeps (tested by one suite in tests/spool_contract/):
+- `put` returns only after the message, its envelope and one QUEUED row per recipient are committed
+  to stable storage (fsync'd). Concurrent puts are group-committed: one transaction, one fsync for all
+  that wait at that moment. On failure it raises SpoolFullError (-> 452 4.3.1) or SpoolError
+  (-> 451 4.3.0) and nothing of that message exists afterwards.
+- `claim_due` hands out due QUEUED recipients (next_attempt_at <= now, no live lease) under a lease
+  owned by one node, oldest first, bounded by `limit` recipients; a lease that is not renewed expires and
+  the recipients become claimable again (a node that died loses its work to the others).
+- `record` writes outcomes for claimed recipients in ONE commit together with any DSN messages owed, so
+  "bounced" never exists without its DSN. It raises LeaseLost, writing nothing, when the lease is gone.
+- A recipient leaves the queue only as DELIVERED (the primary said 250), or BOUNCED/EXPIRED (a DSN was
+  queued in the same commit, or none was owed: null sender, NOTIFY=NEVER, DSN of a DSN).
+- A damaged entry (unreadable envelope, body checksum mismatch) is set aside (`corrupt` in stats and
+  `list_corrupt`) and never crashes the caller.
+- Memory does not grow with the queue's length: listing pages, claims are bounded, bodies are streamed.
+
+Errors: see backupmx.errors (SpoolError, SpoolFullError, SpoolUnavailable, LeaseLost, NotFound).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from backupmx.model import Envelope, MessageRecord, Outcome, QueueId, RecipientRecord, RecipientState
+from backupmx.spool.body import BodyBuffer
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Due recipients of one message, leased to `owner` until `lease_until`."""
+
+    message: MessageRecord  # the whole message, all recipients (for DSNs and grouping)
+    recipients: tuple[RecipientRecord, ...]  # the claimed ones: QUEUED and due
+    owner: str
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """One outcome for one claimed recipient."""
+
+    message_id: QueueId
+    index: int
+    outcome: Outcome | None  # None with `expire=True` for retention expiry
+    next_attempt_at: float = 0.0  # for Deferred: when to try again
+    expire: bool = False  # mark EXPIRED (retention ran out)
+    delay_notified: bool = False  # a delay DSN for this recipient is queued in the same commit
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message the engine queues itself in the same commit as outcomes (a DSN)."""
+
+    envelope: Envelope
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFilter:
+    domain: str | None = None
+    recipient: str | None = None  # substring, case-insensitive
+    sender: str | None = None  # substring, case-insensitive
+    state: RecipientState | None = None
+    pending_only: bool = True  # only messages with a recipient not yet delivered/bounced/expired
+    kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    domain: str
+    by_state: dict[str, int] = field(default_factory=dict)  # recipients per RecipientState value
+    messages_pending: int = 0
+    oldest_pending_at: float | None = None  # received_at of the oldest pending message
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    messages_pending: int
+    recipients_by_state: dict[str, int]
+    domains: tuple[DomainStats, ...]
+    oldest_pending_at: float | None
+    corrupt: int
+    bytes_on_disk: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutagePeriod:
+    domain: str
+    started_at: float
+    ended_at: float | None  # None while the outage is declared
+
+
+class Spool(Protocol):
+    async def open(self) -> None:
+        """Create or migrate the schema; start the writer. Idempotent."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # -- accept path -------------------------------------------------------------------------------
+    async def put(self, envelope: Envelope, body: BodyBuffer, *, now: float | None = None) -> QueueId:
+        """COMMIT POINT. Returns the queue ID once committed. The body is the full stored message
+        (Received header included). The ID must be what the Received header already names: pass it in
+        via `put_with_id` when the caller chose it."""
+        ...
+
+    async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
+                          *, now: float | None = None) -> QueueId: ...
+
+    # -- delivery path -----------------------------------------------------------------------------
+    async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
+                        domains: Sequence[str] | None = None,
+                        exclude_domains: Sequence[str] = ()) -> list[Claim]:
+        """Lease up to `limit` due recipients, grouped by message, oldest message first.
+        `domains` restricts to recipients of those domains (None = any)."""
+        ...
+
+    async def renew(self, claims: Sequence[Claim], *, now: float, lease_seconds: float) -> None:
+        """Extend the lease while a delivery runs. Raises LeaseLost if any lease was taken over."""
+        ...
+
+    async def release(self, claims: Sequence[Claim]) -> None:
+        """Give leases back without an outcome (shutdown, destination went DOWN before an attempt)."""
+        ...
+
+    async def record(self, owner: str, updates: Sequence[RecipientUpdate],
+                     new_messages: Sequence[NewMessage] = (), *, now: float) -> list[QueueId]:
+        """Write outcomes and queue DSNs in ONE commit; returns the IDs of the new messages.
+        Deferred -> QUEUED with attempts+1 and next_attempt_at; Deferred(guard_hold) -> HELD
+        ("recovery-guard"); Delivered -> DELIVERED; Bounced -> BOUNCED; expire -> EXPIRED.
+        Clears the lease. Raises LeaseLost (nothing written) when `owner` no longer holds a lease."""
+        ...
+
+    async def read_body(self, message_id: QueueId) -> bytes:
+        """The stored body. Raises NotFound; a checksum mismatch sets the entry aside and raises
+        SpoolError."""
+        ...
+
+    def iter_body(self, message_id: QueueId, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The stored body in chunks, for large messages."""
+        ...
+
+    async def next_due_at(self, *, domains: Sequence[str] | None = None) -> float | None:
+        """The earliest next_attempt_at among QUEUED recipients (None when nothing is queued)."""
+        ...
+
+    # -- operator actions (CLI, API); they work while `serve` runs --------------------------------
+    async def hold(self, message_id: QueueId | None, *, reason: str = "operator",
+                   domain: str | None = None, now: float | None = None) -> int:
+        """QUEUED -> HELD for one message (None = all, or all of `domain`). Returns recipients changed."""
+        ...
+
+    async def release_held(self, message_id: QueueId | None, *, domain: str | None = None,
+                           reason: str | None = None, now: float | None = None) -> int:
+        """HELD -> QUEUED, due now. `reason` restricts to holds of that reason ("recovery-guard")."""
+        ...
+
+    async def delete(self, message_id: QueueId) -> bool: ...
+
+    async def flush(self, domain: str | None = None, *, now: float | None = None) -> int:
+        """Make every QUEUED recipient (of `domain`) due now. Returns recipients changed."""
+        ...
+
+    # -- reading -----------------------------------------------------------------------------------
+    async def get(self, message_id: QueueId) -> MessageRecord | None: ...
+
+    async def list_messages(self, flt: QueueFilter = QueueFilter(), *, limit: int = 100,
+                            after: QueueId | None = None) -> list[MessageRecord]:
+        """A page, in arrival order, of messages whose ID is greater than `after`."""
+        ...
+
+    async def count_pending(self, *, include_kinds: Sequence[str] = ("user", "dsn")) -> int:
+        """Messages with any recipient not yet delivered/bounced/expired."""
+        ...
+
+    async def stats(self) -> SpoolStats: ...
+
+    async def list_corrupt(self) -> list[tuple[QueueId, str]]: ...
+
+    # -- outages (retention pauses while one is declared) -------------------------------------------
+    async def outage_started(self, domain: str, at: float) -> None:
+        """Declare an outage of `domain`'s primary (no-op if one is already open)."""
+        ...
+
+    async def outage_ended(self, domain: str, at: float) -> None: ...
+
+    async def outages(self, domain: str | None = None, *, since: float = 0.0) -> list[OutagePeriod]: ...
+
+
+__all__ = [
+    "BodyBuffer",
+    "Claim",
+    "DomainStats",
+    "NewMessage",
+    "OutagePeriod",
+    "QueueFilter",
+    "RecipientUpdate",
+    "Spool",
+    "SpoolStats",
+]
