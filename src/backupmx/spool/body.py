@@ -17,7 +17,7 @@ class BodyBuffer:
     def __init__(self, tmp_dir: Path | None = None, threshold: int = MEMORY_THRESHOLD) -> None:
         self._file = cast(
             BinaryIO,
-            tempfile.SpooledTemporaryFile(max_size=threshold, dir=str(tmp_dir) if tmp_dir else None),
+            tempfile.SpooledTemporaryFile(max_size=threshold, dir=str(tmp_dir) if tmp_dir else None),  # noqa: SIM115 (owned; closed by close())
         )
         self.size = 0
 
