@@ -1,0 +1,95 @@
+"""Policy: ordered checks asked at each step of an SMTP session, each returning a Verdict.
+
+A check never raises for ordinary input; an unexpected error inside a check is logged and answered
+as a temporary failure (451 4.3.0), never as a rejection: for a backup MX an unknown error means
+"try again", never "bounce". Client-facing texts never reveal configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from backupmx.reply import Reply
+
+
+class Stage(StrEnum):
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # before 354
+    EOM = "eom"  # after the final dot, before the commit
+
+
+class Action(StrEnum):
+    CONTINUE = "continue"  # no opinion; ask the next check
+    ACCEPT = "accept"  # stop asking; accept
+    DEFER = "defer"  # temporary refusal (4xx)
+    REJECT = "reject"  # permanent refusal (5xx)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    reply: Reply | None = None
+    log_reason: str = ""  # for the mail log only (may name a DNSBL zone, a file...); never sent
+
+    @classmethod
+    def cont(cls) -> Verdict:
+        return _CONTINUE
+
+    @classmethod
+    def accept(cls) -> Verdict:
+        return _ACCEPT
+
+    @classmethod
+    def defer(cls, reply: Reply, log_reason: str = "") -> Verdict:
+        return cls(Action.DEFER, reply, log_reason)
+
+    @classmethod
+    def reject(cls, reply: Reply, log_reason: str = "") -> Verdict:
+        return cls(Action.REJECT, reply, log_reason)
+
+    @property
+    def refuses(self) -> bool:
+        return self.action in (Action.DEFER, Action.REJECT)
+
+
+_CONTINUE = Verdict(Action.CONTINUE)
+_ACCEPT = Verdict(Action.ACCEPT)
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What checks may read about the session so far."""
+
+    client_ip: str
+    client_port: int = 0
+    helo: str = ""
+    tls: bool = False
+    sender: str | None = None  # "" for <>; None before MAIL
+    recipients: list[str] = field(default_factory=list)  # accepted so far in this transaction
+
+
+class Check(Protocol):
+    """One rule. `stage` says when it runs; `address` is the recipient at RCPT, the sender at MAIL."""
+
+    name: str
+    stages: frozenset[Stage]
+
+    async def check(self, stage: Stage, session: SessionInfo, address: str | None) -> Verdict: ...
+
+
+async def run_checks(checks: Sequence[Check], stage: Stage, session: SessionInfo,
+                     address: str | None = None) -> Verdict:
+    """Ask each check for `stage` in order; the first verdict other than CONTINUE wins."""
+    for chk in checks:
+        if stage not in chk.stages:
+            continue
+        verdict = await chk.check(stage, session, address)
+        if verdict.action is not Action.CONTINUE:
+            return verdict
+    return Verdict.accept()
