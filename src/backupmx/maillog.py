@@ -58,7 +58,7 @@ class MailLog:
 
 def _fmt_value(v: object) -> str:
     s = str(v)
-    if s == "" or any(c in s for c in " ,=<>\"") and not (s.startswith("<") and s.endswith(">")):
+    if s == "" or (any(c in s for c in " ,=<>\"") and not (s.startswith("<") and s.endswith(">"))):
         return json.dumps(s, ensure_ascii=False)
     return s
 
