@@ -1,0 +1,162 @@
+"""The composition root: reads nothing but the Config it is given, builds every part (spool, policy
+checks, SMTP server, health monitor, delivery engine, admin listener), runs them, and stops them in
+order on SIGTERM/SIGINT so that nothing accepted is lost. Only this module wires objects together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from typing import Any
+
+from backupmx.clock import Clock, SystemClock
+from backupmx.config import Config
+from backupmx.maillog import MailLog
+from backupmx.spool import Spool
+
+log = logging.getLogger("backupmx")
+
+STOP_GRACE_SECONDS = 30.0
+
+
+async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
+    """The configured spool backend, opened (schema created or migrated)."""
+    spool: Spool
+    if cfg.spool.url and cfg.spool.url.startswith(("postgresql://", "postgres://")):
+        from backupmx.spool.postgres import PostgresSpool  # type: ignore[import-not-found,unused-ignore]
+
+        spool = PostgresSpool(cfg.spool.url, node=cfg.server.node, clock=clock)
+    else:
+        from backupmx.spool.sqlite import SqliteSpool
+
+        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        spool = SqliteSpool(cfg.server.data_dir, node=cfg.server.node, clock=clock)
+    await spool.open()
+    return spool
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    if cfg.server.tls_cert is None or cfg.server.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.server.tls_cert), str(cfg.server.tls_key))
+    return ctx
+
+
+class Service:
+    """Every running part of one backupmx node."""
+
+    def __init__(self, cfg: Config, *, clock: Clock | None = None, maillog: MailLog | None = None) -> None:
+        self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
+        self.maillog = maillog or MailLog.to_path(cfg.log.maillog, fmt=cfg.log.format, node=cfg.server.node)
+        self.spool: Spool | None = None
+        self.smtp: Any = None
+        self.health: Any = None
+        self.engine: Any = None
+        self.admin: Any = None
+        self.checks: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        from backupmx.delivery.scheduler import DeliveryEngine
+        from backupmx.monitor.probe import HealthMonitor
+        from backupmx.policy.domains import build_checks
+        from backupmx.smtp.server import SmtpServer
+
+        cfg = self.cfg
+        self.spool = await open_spool(cfg, clock=self.clock)
+        self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog)
+        self.engine = DeliveryEngine(cfg, self.spool, self.health, self.clock, self.maillog)
+        self.checks = build_checks(cfg)
+        self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
+                               clock=self.clock, tls_context=tls_context(cfg))
+        self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
+        await self.health.start()
+        await self.engine.start()
+        await self.smtp.start()
+        if cfg.admin.listen:
+            await self._start_admin()
+        addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
+        admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
+        log.info("ready: smtp=%s%s node=%s domains=%s", addrs, admin, cfg.server.node,
+                 ",".join(d.name for d in cfg.domains))
+
+    async def _start_admin(self) -> None:
+        try:
+            from backupmx.admin.api import AdminServer
+        except ImportError:  # the admin listener is optional while it is being built
+            return
+        self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock)
+        await self.admin.start()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read recipient files and the TLS certificate; the rest needs a restart."""
+        for chk in self.checks:
+            reload = getattr(chk, "reload", None)
+            if callable(reload):
+                reload()
+        if self.smtp is not None:
+            try:
+                self.smtp.set_tls_context(tls_context(self.cfg))
+            except (OSError, ssl.SSLError) as e:
+                log.error("reload: TLS certificate not reloaded: %s", e)
+        log.info("reloaded recipient lists and TLS certificate")
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop accepting (421), finish what is in flight, give back leases, close the spool."""
+        if self.smtp is not None:
+            await self.smtp.stop(grace=grace)
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.engine is not None:
+            await self.engine.stop(grace=grace)
+        if self.health is not None:
+            await self.health.stop()
+        if self.spool is not None:
+            await self.spool.close()
+        log.info("stopped")
+
+
+async def serve(cfg: Config) -> int:
+    service = Service(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    try:
+        await service.start()
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        with contextlib.suppress(Exception):
+            await service.stop(grace=0)
+        return 1
+    await stop.wait()
+    log.info("stopping: new connections get 421, transactions in flight finish")
+    await service.stop()
+    return 0
+
+
+def setup_logging(cfg: Config) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=cfg.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_service(cfg: Config) -> int:
+    setup_logging(cfg)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(serve(cfg))
