@@ -94,12 +94,29 @@ class OutagePeriod:
     ended_at: float | None  # None while the outage is declared
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolStatistics:
+    """A snapshot of the spool's own work (for metrics and tests), not of the queue's content."""
+
+    commits: int = 0  # transactions committed (one fsync each)
+    groups: int = 0  # transactions attempted (commits + failed/split ones)
+    operations: int = 0  # write operations finished (puts, claims, outcomes, operator actions)
+    puts: int = 0  # messages committed (puts and DSNs queued by record)
+    failed_operations: int = 0
+    largest_group: int = 0  # most operations in one transaction
+    split_groups: int = 0  # groups whose commit failed and whose operations were retried one by one
+
+
 class Spool(Protocol):
     async def open(self) -> None:
         """Create or migrate the schema; start the writer. Idempotent."""
         ...
 
     async def close(self) -> None: ...
+
+    def statistics(self) -> SpoolStatistics:
+        """Counters of the spool's own work: commits, group sizes (group commit is observable)."""
+        ...
 
     # -- accept path -------------------------------------------------------------------------------
     async def put(self, envelope: Envelope, body: BodyBuffer, *, now: float | None = None) -> QueueId:
@@ -165,6 +182,11 @@ class Spool(Protocol):
         """Make every QUEUED recipient (of `domain`) due now. Returns recipients changed."""
         ...
 
+    async def purge(self, *, before: float, limit: int = 10_000) -> int:
+        """Delete up to `limit` finished messages (every recipient DELIVERED/BOUNCED/EXPIRED) whose
+        last change is older than `before`, bodies included. Returns how many were deleted."""
+        ...
+
     # -- reading -----------------------------------------------------------------------------------
     async def get(self, message_id: QueueId) -> MessageRecord | None: ...
 
@@ -200,5 +222,6 @@ __all__ = [
     "QueueFilter",
     "RecipientUpdate",
     "Spool",
+    "SpoolStatistics",
     "SpoolStats",
 ]

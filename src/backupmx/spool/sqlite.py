@@ -1,0 +1,1034 @@
+"""The embedded spool: one SQLite database in the data directory (WAL, synchronous=FULL).
+
+One writer thread owns the write connection and commits in groups: every write waiting at that moment
+(puts, claims, outcomes, operator actions) runs in one transaction, each inside its own SAVEPOINT so a
+failing one is undone alone, and one fsync makes them all durable before their futures are resolved.
+Readers use a small pool of separate connections in worker threads; WAL keeps them off the writer's way.
+Bodies live in the database (streamed in and out with incremental blob I/O) with a CRC-32 in the
+message row; a damaged entry is set aside as corrupt, never raised past the caller as a crash.
+SQLITE_FULL/ENOSPC -> SpoolFullError; busy past the timeout or any other database error ->
+SpoolUnavailable. Another process (the CLI) may open the same directory while `serve` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from backupmx.clock import Clock, SystemClock
+from backupmx.errors import LeaseLost, NotFound, SpoolError, SpoolFullError, SpoolUnavailable
+from backupmx.model import (
+    Bounced,
+    Delivered,
+    Envelope,
+    MessageKind,
+    MessageRecord,
+    QueueId,
+    Recipient,
+    RecipientRecord,
+    RecipientState,
+    new_queue_id,
+)
+from backupmx.spool import (
+    BodyBuffer,
+    Claim,
+    DomainStats,
+    NewMessage,
+    OutagePeriod,
+    QueueFilter,
+    RecipientUpdate,
+    SpoolStatistics,
+    SpoolStats,
+)
+from backupmx.spool.faults import fault_point
+from backupmx.spool.schema import migrate
+
+log = logging.getLogger("backupmx.spool")
+
+T = TypeVar("T")
+
+DB_NAME = "spool.db"
+MAX_GROUP = 256  # operations per transaction; more wait for the next group
+READ_POOL = 4  # idle reader connections kept open
+LIST_CORRUPT_LIMIT = 10_000
+_DEFAULT_FILTER = QueueFilter()
+_PENDING = ("queued", "held")
+
+_MSG_COLS = "id, sender, kind, size, received_at, envelope_json, corrupt_reason"
+_RCPT_COLS = ("message_id, idx, address, domain, state, attempts, next_attempt_at, last_attempt_at, "
+              "last_reply, held_reason, notify, orcpt, delay_notified, updated_at")
+
+
+# --- errors -----------------------------------------------------------------------------------------
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL:
+            return True
+        return "database or disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def map_error(exc: BaseException) -> BaseException:
+    """Foreign exceptions become ours, once, here."""
+    if isinstance(exc, SpoolError):
+        return exc
+    if _is_full(exc):
+        return SpoolFullError(f"spool full: {exc}")
+    if isinstance(exc, sqlite3.IntegrityError):
+        return SpoolError(f"spool integrity: {exc}")
+    if isinstance(exc, sqlite3.Error | OSError):
+        return SpoolUnavailable(f"spool unavailable: {exc}")
+    return exc
+
+
+# --- the writer ---------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[Any] | None
+    is_put: bool = False
+
+
+_STOP = object()
+
+
+def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class _Writer:
+    """The thread that owns the write connection and commits in groups."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._conn: sqlite3.Connection | None = None
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="backupmx-spool-writer", daemon=True)
+        self._lock = threading.Lock()
+        self.commits = 0
+        self.groups = 0
+        self.operations = 0
+        self.puts = 0
+        self.failed = 0
+        self.largest_group = 0
+        self.split_groups = 0
+
+    def start(self) -> None:
+        self._conn = self._connect()
+        self._thread.start()
+
+    def submit(self, op: _Op) -> None:
+        self._queue.put(op)
+
+    def stop(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, _Op)
+            group = [item]
+            while len(group) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(nxt, _Op)
+                group.append(nxt)
+            try:
+                self._run_group(group)
+            except BaseException as exc:  # never let the writer die with callers waiting
+                log.exception("spool writer: unexpected failure")
+                for op in group:
+                    self._finish(op, False, map_error(exc))
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _ensure_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _reset_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+        self._conn = None
+
+    def _run_group(self, group: list[_Op]) -> None:
+        with self._lock:
+            self.groups += 1
+            self.largest_group = max(self.largest_group, len(group))
+        try:
+            conn = self._ensure_conn()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._reset_conn()
+            for op in group:
+                self._finish(op, False, map_error(exc))
+            return
+        results: list[tuple[bool, Any]] = []
+        for i, op in enumerate(group):
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op.fn(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite gave up the whole transaction (FULL, IOERR, BUSY...): the others are
+                    # undone too, so this one fails and the rest run again without it.
+                    self._finish(op, False, map_error(exc))
+                    with self._lock:
+                        self.split_groups += 1
+                    rest = group[:i] + group[i + 1:]
+                    if rest:
+                        self._run_group(rest)
+                    return
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error:
+                    self._abort(conn)
+                    self._finish(op, False, map_error(exc))
+                    rest = group[:i] + group[i + 1:]
+                    if rest:
+                        self._run_group(rest)
+                    return
+                results.append((False, map_error(exc)))
+            else:
+                conn.execute("RELEASE op")
+                results.append((True, value))
+        has_put = any(op.is_put and ok for op, (ok, _) in zip(group, results, strict=True))
+        if has_put:
+            fault_point("spool.before_commit")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abort(conn)
+            if len(group) > 1:
+                # One commit for all failed (often SQLITE_FULL while writing the WAL): give each its
+                # own chance, so a large message does not take the small ones down with it.
+                with self._lock:
+                    self.split_groups += 1
+                for op in group:
+                    self._run_group([op])
+            else:
+                self._finish(group[0], False, map_error(exc))
+            return
+        with self._lock:
+            self.commits += 1
+        if has_put:
+            fault_point("spool.after_commit")
+        for op, (ok, value) in zip(group, results, strict=True):
+            self._finish(op, ok, value)
+
+    def _abort(self, conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._reset_conn()
+
+    def _finish(self, op: _Op, ok: bool, value: Any) -> None:
+        with self._lock:
+            self.operations += 1
+            if op.is_put and ok:
+                self.puts += 1
+            if not ok:
+                self.failed += 1
+        if op.future is None or op.loop is None:
+            return
+        try:
+            op.loop.call_soon_threadsafe(_resolve, op.future, ok, value)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+
+# --- rows -> records ------------------------------------------------------------------------------------
+def _rcpt_record(row: sqlite3.Row) -> RecipientRecord:
+    return RecipientRecord(
+        message_id=QueueId(row["message_id"]),
+        index=row["idx"],
+        address=row["address"],
+        domain=row["domain"],
+        state=RecipientState(row["state"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_attempt_at=row["last_attempt_at"],
+        last_reply=row["last_reply"],
+        held_reason=row["held_reason"],
+        notify=tuple(row["notify"].split(",")) if row["notify"] else None,
+        orcpt=row["orcpt"],
+        delay_notified=bool(row["delay_notified"]),
+        updated_at=row["updated_at"],
+    )
+
+
+def _parse_envelope(row: sqlite3.Row) -> Envelope:
+    data = json.loads(row["envelope_json"])
+    if not isinstance(data, dict):
+        raise TypeError("envelope is not an object")
+    return Envelope.from_json(data)
+
+
+def _fallback_envelope(row: sqlite3.Row, rcpts: Sequence[RecipientRecord]) -> Envelope:
+    """What the columns still tell of an entry whose envelope cannot be read (for listing it)."""
+    try:
+        kind = MessageKind(row["kind"])
+    except ValueError:
+        kind = MessageKind.USER
+    return Envelope(
+        sender=row["sender"],
+        recipients=tuple(Recipient(r.address, r.notify, r.orcpt) for r in rcpts),
+        kind=kind,
+    )
+
+
+def _load_message(conn: sqlite3.Connection, row: sqlite3.Row) -> tuple[MessageRecord, str | None]:
+    """The record of one message row; the second value is why its envelope is unreadable, if it is."""
+    rcpts = tuple(
+        _rcpt_record(r)
+        for r in conn.execute(f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ? ORDER BY idx",
+                              (row["id"],))
+    )
+    problem: str | None = None
+    try:
+        envelope = _parse_envelope(row)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        problem = f"unreadable envelope: {type(exc).__name__}: {exc}"
+        envelope = _fallback_envelope(row, rcpts)
+    record = MessageRecord(id=QueueId(row["id"]), envelope=envelope, size=row["size"],
+                           received_at=row["received_at"], recipients=rcpts)
+    return record, problem
+
+
+def _crc_text(crc: int) -> str:
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def _body_chunks(body: BodyBuffer) -> Iterator[bytes]:
+    return body.chunks()
+
+
+# --- write operations (run in the writer thread, inside a savepoint) -----------------------------------
+def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, size: int,
+                    chunks: Iterable[bytes], now: float) -> None:
+    cur = conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, zeroblob(?))", (qid, size))
+    rowid = cur.lastrowid
+    assert rowid is not None
+    crc = 0
+    written = 0
+    if size:
+        with conn.blobopen("bodies", "data", rowid) as blob:
+            for chunk in chunks:
+                if written + len(chunk) > size:
+                    raise SpoolError(f"body of {qid} is longer than its declared size {size}")
+                blob.write(chunk)
+                crc = zlib.crc32(chunk, crc)
+                written += len(chunk)
+    if written != size:
+        raise SpoolError(f"body of {qid} is {written} bytes, declared {size}")
+    conn.execute(
+        "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (qid, envelope.sender, envelope.kind.value, size, now, json.dumps(envelope.to_json()),
+         _crc_text(crc), 1 if envelope.recipients else 0),
+    )
+    conn.executemany(
+        "INSERT INTO recipients(message_id, idx, address, domain, state, next_attempt_at, notify, orcpt,"
+        " updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        [
+            (qid, i, r.address, r.domain, now, ",".join(r.notify) if r.notify else None, r.orcpt, now)
+            for i, r in enumerate(envelope.recipients)
+        ],
+    )
+
+
+def _mark_corrupt(conn: sqlite3.Connection, qid: str, reason: str, now: float) -> None:
+    conn.execute("UPDATE messages SET corrupt_reason = ?, corrupt_at = ? WHERE id = ? AND corrupt_reason IS NULL",
+                 (reason, now, qid))
+    log.error("spool: set aside %s as corrupt: %s", qid, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _DueRow:
+    next_attempt_at: float
+    message_id: str
+    idx: int
+
+
+def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequence[str] | None,
+              exclude: Sequence[str]) -> list[_DueRow]:
+    """Up to `limit` due, unleased QUEUED recipients of sound messages, most overdue (then oldest) first."""
+    cond = ("r.state = 'queued' AND r.next_attempt_at <= :now"
+            " AND (r.lease_until IS NULL OR r.lease_until <= :now)"
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id"
+            " AND m.corrupt_reason IS NOT NULL)")
+    if domains is None and not exclude:
+        sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_due"
+               f" WHERE {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
+        return [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit})]
+    if domains is None:
+        excluded = {d.lower() for d in exclude}
+        domains = [row[0] for row in conn.execute(
+            "SELECT domain FROM rcpt_counts WHERE state = 'queued' AND n > 0") if row[0] not in excluded]
+    # One bounded, index-ordered query per domain, merged: a large excluded (DOWN) domain is never scanned.
+    sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_domain_due"
+           f" WHERE r.domain = :domain AND {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
+    per_domain = [
+        [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit, "domain": d.lower()})]
+        for d in dict.fromkeys(domains)
+    ]
+    merged = heapq.merge(*per_domain, key=lambda r: (r.next_attempt_at, r.message_id, r.idx))
+    return [r for _, r in zip(range(limit), merged, strict=False)]
+
+
+# --- the spool --------------------------------------------------------------------------------------------
+class SqliteSpool:
+    """The Spool contract on one SQLite file: `data_dir/spool.db`, body buffers in `data_dir/tmp`."""
+
+    def __init__(self, data_dir: Path, *, node: str = "local", clock: Clock | None = None,
+                 busy_timeout: float = 5.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_NAME
+        self.tmp_dir = self.data_dir / "tmp"
+        self.node = node
+        self.clock: Clock = clock or SystemClock()
+        self.busy_timeout = busy_timeout
+        self._writer: _Writer | None = None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._open_lock = asyncio.Lock()
+
+    # -- connections -------------------------------------------------------------------------------------
+    def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        if readonly:
+            conn.execute("PRAGMA query_only = 1")
+        else:
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+        return conn
+
+    def _open_sync(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise SpoolUnavailable(f"{self.path}: cannot switch to WAL (journal_mode={mode})")
+            migrate(conn)
+        finally:
+            conn.close()
+        _fsync_dir(self.data_dir)
+        writer = _Writer(self._connect)
+        writer.start()
+        self._writer = writer
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._writer is not None:
+                return
+            try:
+                await asyncio.to_thread(self._open_sync)
+            except Exception as exc:
+                raise map_error(exc) from exc
+
+    async def close(self) -> None:
+        async with self._open_lock:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                await asyncio.to_thread(writer.stop)
+            while True:
+                try:
+                    conn = self._readers.get_nowait()
+                except queue.Empty:
+                    break
+                conn.close()
+
+    def statistics(self) -> SpoolStatistics:
+        w = self._writer
+        if w is None:
+            return SpoolStatistics()
+        with w._lock:
+            return SpoolStatistics(commits=w.commits, groups=w.groups, operations=w.operations, puts=w.puts,
+                                   failed_operations=w.failed, largest_group=w.largest_group,
+                                   split_groups=w.split_groups)
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, is_put: bool = False) -> T:
+        writer = self._writer
+        if writer is None:
+            raise SpoolUnavailable("spool is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        writer.submit(_Op(fn, loop, fut, is_put))
+        return await fut
+
+    def _read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect(readonly=True)
+        ok = False
+        try:
+            conn.execute("BEGIN")  # one snapshot for the whole read
+            try:
+                result = fn(conn)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+            ok = True
+            return result
+        except Exception as exc:
+            raise map_error(exc) from exc
+        finally:
+            if ok and self._readers.qsize() < READ_POOL and self._writer is not None:
+                self._readers.put(conn)
+            else:
+                conn.close()
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise SpoolUnavailable("spool is not open")
+        return await asyncio.to_thread(self._read_sync, fn)
+
+    def _now(self, now: float | None) -> float:
+        return self.clock.now() if now is None else now
+
+    async def _set_aside(self, problems: Sequence[tuple[str, str]]) -> None:
+        if not problems:
+            return
+        now = self.clock.now()
+
+        def op(conn: sqlite3.Connection) -> None:
+            for qid, reason in problems:
+                _mark_corrupt(conn, qid, reason, now)
+
+        try:
+            await self._write(op)
+        except SpoolError:
+            log.exception("spool: could not set aside corrupt entries")
+
+    # -- accept path -----------------------------------------------------------------------------------------
+    async def put(self, envelope: Envelope, body: BodyBuffer, *, now: float | None = None) -> QueueId:
+        t = self._now(now)
+        return await self.put_with_id(new_queue_id(t), envelope, body, now=t)
+
+    async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
+                          *, now: float | None = None) -> QueueId:
+        t = self._now(now)
+        size = body.size
+
+        def op(conn: sqlite3.Connection) -> QueueId:
+            _insert_message(conn, queue_id, envelope, size, _body_chunks(body), t)
+            return queue_id
+
+        return await self._write(op, is_put=True)
+
+    # -- delivery path ---------------------------------------------------------------------------------------
+    async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
+                        domains: Sequence[str] | None = None,
+                        exclude_domains: Sequence[str] = ()) -> list[Claim]:
+        if limit <= 0 or (domains is not None and not domains):
+            return []
+        until = now + lease_seconds
+
+        def op(conn: sqlite3.Connection) -> list[Claim]:
+            rows = _due_rows(conn, now, limit, domains, exclude_domains)
+            by_message: dict[str, list[int]] = {}
+            for r in rows:
+                by_message.setdefault(r.message_id, []).append(r.idx)
+            claims: list[Claim] = []
+            for qid, idxs in by_message.items():
+                mrow = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (qid,)).fetchone()
+                if mrow is None:
+                    continue  # recipients without a message: cannot happen, but never crash on it
+                record, problem = _load_message(conn, mrow)
+                if problem is not None:
+                    _mark_corrupt(conn, qid, problem, now)
+                    continue
+                conn.executemany(
+                    "UPDATE recipients SET lease_owner = ?, lease_until = ? WHERE message_id = ? AND idx = ?",
+                    [(owner, until, qid, i) for i in idxs],
+                )
+                wanted = set(idxs)
+                claimed = tuple(r for r in record.recipients if r.index in wanted)
+                claims.append(Claim(message=record, recipients=claimed, owner=owner, lease_until=until))
+            return claims
+
+        return await self._write(op)
+
+    async def renew(self, claims: Sequence[Claim], *, now: float, lease_seconds: float) -> None:
+        keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
+        until = now + lease_seconds
+
+        def op(conn: sqlite3.Connection) -> None:
+            for owner, qid, idx in keys:
+                row = conn.execute("SELECT lease_owner FROM recipients WHERE message_id = ? AND idx = ?",
+                                   (qid, idx)).fetchone()
+                if row is None or row[0] != owner:
+                    raise LeaseLost(f"{qid}[{idx}]: lease no longer held by {owner}")
+            conn.executemany(
+                "UPDATE recipients SET lease_until = ? WHERE message_id = ? AND idx = ? AND lease_owner = ?",
+                [(until, qid, idx, owner) for owner, qid, idx in keys],
+            )
+
+        await self._write(op)
+
+    async def release(self, claims: Sequence[Claim]) -> None:
+        keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
+        if not keys:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+                " WHERE message_id = ? AND idx = ? AND lease_owner = ?",
+                [(qid, idx, owner) for owner, qid, idx in keys],
+            )
+
+        await self._write(op)
+
+    async def record(self, owner: str, updates: Sequence[RecipientUpdate],
+                     new_messages: Sequence[NewMessage] = (), *, now: float) -> list[QueueId]:
+        updates = list(updates)
+        new_messages = list(new_messages)
+
+        def op(conn: sqlite3.Connection) -> list[QueueId]:
+            for u in updates:
+                row = conn.execute(
+                    "SELECT state, lease_owner, held_reason FROM recipients WHERE message_id = ? AND idx = ?",
+                    (u.message_id, u.index)).fetchone()
+                if row is None or row["lease_owner"] != owner:
+                    raise LeaseLost(f"{u.message_id}[{u.index}]: lease no longer held by {owner}")
+                current = RecipientState(row["state"])
+                state, held_reason, next_at = _outcome_state(u, current, row["held_reason"])
+                sets = ["state = :state", "held_reason = :held", "lease_owner = NULL", "lease_until = NULL",
+                        "updated_at = :now"]
+                params: dict[str, Any] = {"state": state.value, "held": held_reason, "now": now,
+                                          "qid": u.message_id, "idx": u.index}
+                if next_at is not None:
+                    sets.append("next_attempt_at = :next")
+                    params["next"] = next_at
+                if u.outcome is not None:
+                    sets += ["attempts = attempts + 1", "last_attempt_at = :now", "last_reply = :reply"]
+                    params["reply"] = str(u.outcome.reply)
+                if u.delay_notified:
+                    sets.append("delay_notified = 1")
+                conn.execute(f"UPDATE recipients SET {', '.join(sets)} WHERE message_id = :qid AND idx = :idx",
+                             params)
+            ids: list[QueueId] = []
+            for m in new_messages:
+                qid = new_queue_id(now)
+                _insert_message(conn, qid, m.envelope, len(m.body), (m.body,), now)
+                ids.append(qid)
+            return ids
+
+        return await self._write(op, is_put=bool(new_messages))
+
+    async def read_body(self, message_id: QueueId) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_body(message_id)])
+
+    async def iter_body(self, message_id: QueueId, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Chunks of the stored body. The checksum is known only at the end: a damaged body raises
+        SpoolError after its last chunk, so a relay must send the final "." only once this iterator
+        has finished without error."""
+        meta = await self._read(lambda c: c.execute(
+            "SELECT size, checksum, corrupt_reason FROM messages WHERE id = ?", (message_id,)).fetchone())
+        if meta is None:
+            raise NotFound(f"no message {message_id}")
+        if meta["corrupt_reason"] is not None:
+            raise SpoolError(f"{message_id} is set aside as corrupt: {meta['corrupt_reason']}")
+        size, expected = int(meta["size"]), str(meta["checksum"])
+        crc, offset = 0, 0
+
+        def chunk_at(conn: sqlite3.Connection, start: int) -> bytes | None:
+            row = conn.execute("SELECT rowid, length(data) FROM bodies WHERE message_id = ?",
+                               (message_id,)).fetchone()
+            if row is None:
+                return None
+            if row[1] != size:
+                raise _BodyDamaged(f"body is {row[1]} bytes, expected {size}")
+            with conn.blobopen("bodies", "data", row[0], readonly=True) as blob:
+                blob.seek(start)
+                return blob.read(min(chunk_size, size - start))
+
+        while True:
+            if offset >= size and offset > 0:
+                break
+            try:
+                chunk = await self._read(lambda c, s=offset: chunk_at(c, s))  # type: ignore[misc]
+            except _BodyDamaged as exc:
+                await self._set_aside([(message_id, str(exc))])
+                raise SpoolError(f"{message_id}: {exc}") from None
+            if chunk is None:
+                if offset == 0 and await self._exists(message_id):
+                    await self._set_aside([(message_id, "body missing")])
+                    raise SpoolError(f"{message_id}: body missing")
+                raise NotFound(f"no message {message_id}")
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            offset += len(chunk)
+            yield chunk
+        if _crc_text(crc) != expected:
+            reason = f"body checksum mismatch: stored {expected}, computed {_crc_text(crc)}"
+            await self._set_aside([(message_id, reason)])
+            raise SpoolError(f"{message_id}: {reason}")
+
+    async def _exists(self, message_id: QueueId) -> bool:
+        row = await self._read(lambda c: c.execute("SELECT 1 FROM messages WHERE id = ?",
+                                                   (message_id,)).fetchone())
+        return row is not None
+
+    async def next_due_at(self, *, domains: Sequence[str] | None = None) -> float | None:
+        now = self.clock.now()
+
+        def fn(conn: sqlite3.Connection) -> float | None:
+            doms = None if domains is None else [d.lower() for d in domains]
+            best: float | None = None
+            where_dom = ""
+            params: list[Any] = []
+            if doms is not None:
+                if not doms:
+                    return None
+                where_dom = f" AND domain IN ({','.join('?' * len(doms))})"
+                params = list(doms)
+            # Unleased (or lease expired): the first by next_attempt_at.
+            row = conn.execute(
+                "SELECT min(next_attempt_at) FROM recipients WHERE state = 'queued'"
+                " AND (lease_until IS NULL OR lease_until <= ?)" + where_dom, [now, *params]).fetchone()
+            if row[0] is not None:
+                best = row[0]
+            # Leased: due again when the lease runs out (if never recorded).
+            row = conn.execute(
+                "SELECT min(max(next_attempt_at, lease_until)) FROM recipients INDEXED BY rcpt_leased"
+                " WHERE lease_until > ? AND state = 'queued'" + where_dom, [now, *params]).fetchone()
+            if row[0] is not None and (best is None or row[0] < best):
+                best = row[0]
+            return best
+
+        return await self._read(fn)
+
+    # -- operator actions ---------------------------------------------------------------------------------
+    async def hold(self, message_id: QueueId | None, *, reason: str = "operator",
+                   domain: str | None = None, now: float | None = None) -> int:
+        t = self._now(now)
+        where, params = _target(message_id, domain)
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                f"UPDATE recipients SET state = 'held', held_reason = ?, updated_at = ?"
+                f" WHERE state = 'queued'{where}", [reason, t, *params])
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def release_held(self, message_id: QueueId | None, *, domain: str | None = None,
+                           reason: str | None = None, now: float | None = None) -> int:
+        t = self._now(now)
+        where, params = _target(message_id, domain)
+        if reason is not None:
+            where += " AND held_reason = ?"
+            params.append(reason)
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                f"UPDATE recipients SET state = 'queued', held_reason = NULL, next_attempt_at = ?,"
+                f" updated_at = ? WHERE state = 'held'{where}", [t, t, *params])
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def delete(self, message_id: QueueId) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM recipients WHERE message_id = ?", (message_id,))
+            conn.execute("DELETE FROM bodies WHERE message_id = ?", (message_id,))
+            return conn.execute("DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
+
+        return await self._write(op)
+
+    async def flush(self, domain: str | None = None, *, now: float | None = None) -> int:
+        t = self._now(now)
+        where, params = _target(None, domain)
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                f"UPDATE recipients SET next_attempt_at = ?, updated_at = ?"
+                f" WHERE state = 'queued' AND next_attempt_at > ?{where}", [t, t, t, *params])
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def purge(self, *, before: float, limit: int = 10_000) -> int:
+        """Delete up to `limit` finished messages (every recipient delivered/bounced/expired) whose last
+        change is older than `before`. Returns how many were deleted."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [row[0] for row in conn.execute(
+                "SELECT m.id FROM messages m WHERE m.pending = 0 AND m.corrupt_reason IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.updated_at >= ?)"
+                " ORDER BY m.id LIMIT ?", (before, limit))]
+            for qid in ids:
+                conn.execute("DELETE FROM recipients WHERE message_id = ?", (qid,))
+                conn.execute("DELETE FROM bodies WHERE message_id = ?", (qid,))
+                conn.execute("DELETE FROM messages WHERE id = ?", (qid,))
+            return len(ids)
+
+        return await self._write(op)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    async def get(self, message_id: QueueId) -> MessageRecord | None:
+        def fn(conn: sqlite3.Connection) -> tuple[MessageRecord, str | None] | None:
+            row = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+            return None if row is None else _load_message(conn, row)
+
+        found = await self._read(fn)
+        if found is None:
+            return None
+        record, problem = found
+        if problem is not None:
+            await self._set_aside([(message_id, problem)])
+        return record
+
+    async def list_messages(self, flt: QueueFilter = _DEFAULT_FILTER, *, limit: int = 100,
+                            after: QueueId | None = None) -> list[MessageRecord]:
+        where = ["m.id > ?"]
+        params: list[Any] = [after or ""]
+        if flt.pending_only:
+            where.append("m.pending = 1")
+        if flt.kind is not None:
+            where.append("m.kind = ?")
+            params.append(str(flt.kind))
+        if flt.sender is not None:
+            where.append("instr(lower(m.sender), ?) > 0")
+            params.append(flt.sender.lower())
+        rc: list[str] = []
+        if flt.domain is not None:
+            rc.append("r.domain = ?")
+            params.append(flt.domain.lower())
+        if flt.recipient is not None:
+            rc.append("instr(lower(r.address), ?) > 0")
+            params.append(flt.recipient.lower())
+        if flt.state is not None:
+            rc.append("r.state = ?")
+            params.append(RecipientState(flt.state).value)
+        if rc:
+            where.append(f"EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND {' AND '.join(rc)})")
+        index = "INDEXED BY messages_pending" if flt.pending_only else ""
+        sql = f"SELECT {_MSG_COLS} FROM messages m {index} WHERE {' AND '.join(where)} ORDER BY m.id LIMIT ?"
+        params.append(max(0, limit))
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[MessageRecord, str | None]]:
+            rows = conn.execute(sql, params).fetchall()  # one page, bounded by `limit`
+            return [_load_message(conn, row) for row in rows]
+
+        loaded = await self._read(fn)
+        problems = [(rec.id, p) for rec, p in loaded if p is not None]
+        await self._set_aside(problems)
+        return [rec for rec, _ in loaded]
+
+    async def count_pending(self, *, include_kinds: Sequence[str] = ("user", "dsn")) -> int:
+        kinds = [str(k) for k in include_kinds]
+        if not kinds:
+            return 0
+
+        def fn(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                f"SELECT coalesce(sum(pending), 0) FROM msg_counts WHERE kind IN ({','.join('?' * len(kinds))})",
+                kinds).fetchone()
+            return int(row[0])
+
+        return await self._read(fn)
+
+    async def stats(self) -> SpoolStats:
+        def fn(conn: sqlite3.Connection) -> SpoolStats:
+            by_state: dict[str, int] = {}
+            per_domain: dict[str, dict[str, int]] = {}
+            for row in conn.execute("SELECT domain, state, n FROM rcpt_counts WHERE n != 0 ORDER BY domain"):
+                per_domain.setdefault(row[0], {})[row[1]] = row[2]
+                by_state[row[1]] = by_state.get(row[1], 0) + row[2]
+            dom_msgs = {row[0]: row[1] for row in conn.execute("SELECT domain, messages FROM dom_pending")}
+            domains: list[DomainStats] = []
+            for domain, states in per_domain.items():
+                oldest_id = conn.execute(
+                    "SELECT min(message_id) FROM recipients INDEXED BY rcpt_domain_pending"
+                    " WHERE domain = ? AND state IN ('queued','held')", (domain,)).fetchone()[0]
+                oldest = None
+                if oldest_id is not None:
+                    oldest = conn.execute("SELECT received_at FROM messages WHERE id = ?",
+                                          (oldest_id,)).fetchone()[0]
+                domains.append(DomainStats(domain=domain, by_state=states,
+                                           messages_pending=dom_msgs.get(domain, 0), oldest_pending_at=oldest))
+            pending = conn.execute("SELECT coalesce(sum(pending), 0) FROM msg_counts").fetchone()[0]
+            oldest_row = conn.execute(
+                "SELECT received_at FROM messages INDEXED BY messages_pending WHERE pending = 1"
+                " AND corrupt_reason IS NULL ORDER BY id LIMIT 1").fetchone()
+            corrupt = conn.execute(
+                "SELECT count(*) FROM messages INDEXED BY messages_corrupt WHERE corrupt_reason IS NOT NULL"
+            ).fetchone()[0]
+            return SpoolStats(
+                messages_pending=int(pending),
+                recipients_by_state=by_state,
+                domains=tuple(domains),
+                oldest_pending_at=None if oldest_row is None else oldest_row[0],
+                corrupt=int(corrupt),
+                bytes_on_disk=self._bytes_on_disk(),
+            )
+
+        return await self._read(fn)
+
+    def _bytes_on_disk(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    async def list_corrupt(self) -> list[tuple[QueueId, str]]:
+        def fn(conn: sqlite3.Connection) -> list[tuple[QueueId, str]]:
+            return [(QueueId(row[0]), str(row[1])) for row in conn.execute(
+                "SELECT id, corrupt_reason FROM messages INDEXED BY messages_corrupt"
+                " WHERE corrupt_reason IS NOT NULL ORDER BY id LIMIT ?", (LIST_CORRUPT_LIMIT,))]
+
+        return await self._read(fn)
+
+    async def verify(self, *, after: QueueId | None = None, limit: int = 1000) -> tuple[int, QueueId | None]:
+        """Check the body checksums of up to `limit` messages after `after`; damaged ones are set aside.
+        Returns (how many were damaged, the last ID checked or None at the end) for the next call."""
+        rows = await self._read(lambda c: [row[0] for row in c.execute(
+            "SELECT id FROM messages WHERE id > ? AND corrupt_reason IS NULL ORDER BY id LIMIT ?",
+            (after or "", limit))])
+        damaged = 0
+        for qid in rows:
+            try:
+                async for _ in self.iter_body(QueueId(qid)):
+                    pass
+            except NotFound:
+                continue
+            except SpoolError:
+                damaged += 1
+        return damaged, (QueueId(rows[-1]) if len(rows) == limit else None)
+
+    # -- outages -------------------------------------------------------------------------------------------
+    async def outage_started(self, domain: str, at: float) -> None:
+        d = domain.lower()
+
+        def op(conn: sqlite3.Connection) -> None:
+            open_ = conn.execute("SELECT 1 FROM outages WHERE domain = ? AND ended_at IS NULL", (d,)).fetchone()
+            if open_ is None:
+                conn.execute("INSERT INTO outages(domain, started_at) VALUES (?, ?)", (d, at))
+
+        await self._write(op)
+
+    async def outage_ended(self, domain: str, at: float) -> None:
+        d = domain.lower()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE outages SET ended_at = ? WHERE domain = ? AND ended_at IS NULL", (at, d))
+
+        await self._write(op)
+
+    async def outages(self, domain: str | None = None, *, since: float = 0.0) -> list[OutagePeriod]:
+        def fn(conn: sqlite3.Connection) -> list[OutagePeriod]:
+            sql = "SELECT domain, started_at, ended_at FROM outages WHERE (ended_at IS NULL OR ended_at >= ?)"
+            params: list[Any] = [since]
+            if domain is not None:
+                sql += " AND domain = ?"
+                params.append(domain.lower())
+            sql += " ORDER BY started_at, domain LIMIT 100000"
+            return [OutagePeriod(row[0], row[1], row[2]) for row in conn.execute(sql, params)]
+
+        return await self._read(fn)
+
+
+class _BodyDamaged(Exception):
+    pass
+
+
+def _target(message_id: QueueId | None, domain: str | None) -> tuple[str, list[Any]]:
+    where = ""
+    params: list[Any] = []
+    if message_id is not None:
+        where += " AND message_id = ?"
+        params.append(message_id)
+    if domain is not None:
+        where += " AND domain = ?"
+        params.append(domain.lower())
+    return where, params
+
+
+def _outcome_state(u: RecipientUpdate, current: RecipientState,
+                   held_reason: str | None) -> tuple[RecipientState, str | None, float | None]:
+    """(new state, held reason, next_attempt_at or None to keep) for one outcome.
+
+    The mail really went out on Delivered, so that wins over an operator's hold placed during the
+    attempt; a Deferred outcome never turns a HELD recipient back into QUEUED."""
+    outcome = u.outcome
+    if isinstance(outcome, Delivered):
+        return RecipientState.DELIVERED, None, None
+    if isinstance(outcome, Bounced):
+        return RecipientState.BOUNCED, None, None
+    if u.expire:
+        return RecipientState.EXPIRED, None, None
+    if outcome is None:
+        raise SpoolError(f"{u.message_id}[{u.index}]: an update needs an outcome or expire=True")
+    if outcome.guard_hold:
+        return RecipientState.HELD, held_reason if current is RecipientState.HELD else "recovery-guard", \
+            u.next_attempt_at
+    if current is RecipientState.HELD:
+        return RecipientState.HELD, held_reason, u.next_attempt_at
+    return RecipientState.QUEUED, None, u.next_attempt_at
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["SqliteSpool", "map_error"]
