@@ -1,0 +1,313 @@
+"""Delivery status notifications (RFC 3464) built with the stdlib email package.
+
+`dsn_owed` decides whether a notification is owed at all (never to `<>`, never for a DSN or a canary,
+NOTIFY per RFC 3461); `build_dsn` returns a NewMessage from `<>` to the envelope sender, which the
+engine queues in the same `spool.record` commit as the outcome it reports. The result always has CRLF
+line endings and no bare CR or LF. Building never raises for odd input: a body without a header/body
+separator is treated as all headers, 8-bit bytes pass through (the DSN is then marked 8BITMIME).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy as email_policy
+from email.charset import QP, Charset
+from email.generator import BytesGenerator
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import format_datetime, make_msgid
+from enum import StrEnum
+
+from backupmx.model import Envelope, MessageKind, MessageRecord, Recipient, RecipientRecord
+from backupmx.reply import Reply
+from backupmx.spool import NewMessage
+
+FULL_LIMIT = 10 * 1024 * 1024  # RET=FULL above this returns the headers only (as Postfix does)
+_POLICY = email_policy.SMTP.clone(max_line_length=78)
+
+
+class DsnAction(StrEnum):
+    FAILED = "failed"
+    DELAYED = "delayed"
+    DELIVERED = "delivered"
+    RELAYED = "relayed"  # handed to a primary that does not offer DSN, and NOTIFY had SUCCESS
+    EXPANDED = "expanded"
+
+
+@dataclass(frozen=True, slots=True)
+class DsnRecipient:
+    """One recipient's block in a DSN."""
+
+    record: RecipientRecord
+    action: DsnAction
+    status: str  # RFC 3463, "5.1.1"
+    diagnostic: Reply | None = None  # the remote server's reply, verbatim (Diagnostic-Code)
+    remote_mta: str | None = None  # host name of the server that gave `diagnostic`
+    last_attempt_at: float | None = None
+    will_retry_until: float | None = None  # for DELAYED
+    detail: str = ""  # one line for the human-readable part when there is no remote reply
+
+
+def dsn_owed(envelope: Envelope, notify: tuple[str, ...] | None, action: DsnAction) -> bool:
+    """RFC 3461 NOTIFY, plus the rules that prevent loops: nothing to `<>`, nothing about a DSN."""
+    if not envelope.sender or envelope.kind is not MessageKind.USER:
+        return False
+    flags = {n.upper() for n in notify} if notify else None
+    if flags is not None and "NEVER" in flags:
+        return False
+    if action is DsnAction.FAILED:
+        return flags is None or "FAILURE" in flags
+    if action is DsnAction.DELAYED:
+        return flags is None or "DELAY" in flags  # without NOTIFY, delay notices are our option
+    return flags is not None and "SUCCESS" in flags  # delivered / relayed / expanded
+
+
+def build_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes,
+              reporting_mta: str, now: float) -> NewMessage:
+    """A multipart/report DSN about `recipients` of `message`, addressed to its envelope sender."""
+    if not recipients:
+        raise ValueError("a DSN needs at least one recipient")
+    env = message.envelope
+    utf8 = env.smtputf8
+    actions = {r.action for r in recipients}
+    outer = MIMEMultipart("report", report_type="delivery-status", policy=_POLICY)
+    outer["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    outer["To"] = f"<{env.sender}>"
+    outer["Subject"] = _subject(actions)
+    outer["Date"] = _date(now)
+    outer["Message-ID"] = make_msgid(idstring=str(message.id), domain=reporting_mta)
+    outer["Auto-Submitted"] = "auto-replied"
+    outer.preamble = "This is a MIME-encapsulated message."
+
+    text = _human_text(message, recipients, reporting_mta)
+    outer.attach(_text_part(text, "plain"))
+
+    blocks = _status_blocks(message, recipients, reporting_mta, utf8)
+    if utf8:
+        # RFC 6533; the stdlib has no writer for this type, so the fields are rendered here
+        outer.attach(_verbatim_part("message", "global-delivery-status", _render_blocks(blocks)))
+    else:
+        status = MIMEBase("message", "delivery-status", policy=_POLICY)
+        del status["MIME-Version"]
+        status.set_payload([_block_message(b) for b in blocks])
+        outer.attach(status)
+
+    full = (DsnAction.FAILED in actions and (env.ret or "").upper() == "FULL"
+            and len(original) <= FULL_LIMIT)
+    if full:
+        outer.attach(_verbatim_part("message", "global" if utf8 else "rfc822", _with_final_crlf(original)))
+    else:
+        headers = _headers_of(original)
+        if utf8:
+            outer.attach(_verbatim_part("message", "global-headers", headers))
+        else:
+            outer.attach(_verbatim_part("text", "rfc822-headers", headers))
+
+    buf = io.BytesIO()
+    _Generator(buf, policy=_POLICY).flatten(outer)
+    body = buf.getvalue()
+    eight_bit = any(b >= 0x80 for b in body)
+    sender_local, _, sender_domain = env.sender.rpartition("@")
+    to = f"{sender_local}@{sender_domain.lower()}" if sender_local else env.sender
+    dsn_env = Envelope(
+        sender="",
+        recipients=(Recipient(address=to),),
+        body_type="8BITMIME" if eight_bit else None,
+        smtputf8=utf8,
+        kind=MessageKind.DSN,
+    )
+    return NewMessage(envelope=dsn_env, body=body)
+
+
+class _Generator(BytesGenerator):
+    """BytesGenerator writes headers and text with surrogateescape but encodes a message/* part's
+    string payload as strict ASCII; 8-bit originals (and SMTPUTF8 reports) need the same escape."""
+
+    def _encode(self, s: str) -> bytes:
+        return s.encode("ascii", "surrogateescape")
+
+
+# --- parts -------------------------------------------------------------------------------------------
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _subject(actions: set[DsnAction]) -> str:
+    if DsnAction.FAILED in actions:
+        return "Undelivered Mail Returned to Sender"
+    if DsnAction.DELAYED in actions:
+        return "Delayed Mail (still being retried)"
+    return "Successful Mail Delivery Report"
+
+
+def _human_text(message: MessageRecord, recipients: Sequence[DsnRecipient], mta: str) -> str:
+    lines = [f"This is the mail system at host {mta}.", ""]
+    actions = {r.action for r in recipients}
+    if DsnAction.FAILED in actions:
+        lines += ["I'm sorry to have to inform you that your message could not",
+                  "be delivered to one or more recipients. It's attached below.", ""]
+    if DsnAction.DELAYED in actions:
+        lines += ["####################################################################",
+                  "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+                  "####################################################################", "",
+                  "The recipient's mail server is in an outage. Your message is safe:",
+                  f"it is held by the backup mail server {mta} and will be delivered",
+                  "as soon as the recipient's server is back. Nothing is lost.", ""]
+    if actions & {DsnAction.RELAYED, DsnAction.DELIVERED, DsnAction.EXPANDED}:
+        lines += ["Your message was successfully delivered to the destination(s)",
+                  "listed below. If the message was delivered to a mail server that",
+                  "does not support delivery status notifications, you will receive",
+                  "no further notifications.", ""]
+    lines.append(f"Queue ID: {message.id}")
+    lines.append("")
+    for r in recipients:
+        if r.diagnostic is not None:
+            where = f"host {r.remote_mta} said: " if r.remote_mta else ""
+            reason = f"{where}{_one_line(str(r.diagnostic))}"
+        else:
+            reason = r.detail or _default_detail(r)
+        lines.append(f"<{r.record.address}>: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def _default_detail(r: DsnRecipient) -> str:
+    if r.status == "4.4.7":
+        return "delivery time expired"
+    if r.action is DsnAction.DELAYED:
+        return "delivery temporarily suspended: the recipient's mail server is in an outage"
+    if r.action is DsnAction.RELAYED:
+        return "relayed to a mail server that does not offer delivery status notifications"
+    return r.action.value
+
+
+_Block = list[tuple[str, str]]
+
+
+def _status_blocks(message: MessageRecord, recipients: Sequence[DsnRecipient], mta: str,
+                   utf8: bool) -> list[_Block]:
+    env = message.envelope
+    blocks: list[_Block] = []
+    head = [("Reporting-MTA", f"dns; {mta}"), ("X-Backupmx-Queue-ID", str(message.id))]
+    if env.envid:
+        head.append(("Original-Envelope-Id", decode_xtext(env.envid)))
+    head.append(("Arrival-Date", _date(message.received_at)))
+    blocks.append(head)
+    addr_type = "utf-8" if utf8 else "rfc822"
+    for r in recipients:
+        block = [("Final-Recipient", f"{addr_type}; {r.record.address}")]
+        if r.record.orcpt:
+            kind, _, raw = r.record.orcpt.partition(";")
+            block.append(("Original-Recipient", f"{kind.strip()}; {decode_xtext(raw.strip())}"))
+        block.append(("Action", r.action.value))
+        block.append(("Status", r.status))
+        if r.remote_mta:
+            block.append(("Remote-MTA", f"dns; {r.remote_mta}"))
+        if r.diagnostic is not None:
+            block.append(("Diagnostic-Code", f"smtp; {_one_line(str(r.diagnostic))}"))
+        if r.last_attempt_at is not None:
+            block.append(("Last-Attempt-Date", _date(r.last_attempt_at)))
+        if r.will_retry_until is not None and r.action is DsnAction.DELAYED:
+            block.append(("Will-Retry-Until", _date(r.will_retry_until)))
+        blocks.append(block)
+    return blocks
+
+
+def _block_message(block: _Block) -> Message:
+    msg = Message(policy=_POLICY)
+    for name, value in block:
+        msg[name] = value
+    return msg
+
+
+def _render_blocks(blocks: list[_Block]) -> bytes:
+    out: list[str] = []
+    for block in blocks:
+        for name, value in block:
+            out.append(_fold(f"{name}: {value}"))
+        out.append("")
+    return "\r\n".join(out).encode("utf-8")
+
+
+def _text_part(text: str, subtype: str) -> Message:
+    if text.isascii():
+        part = MIMEText(text, subtype, "us-ascii", policy=_POLICY)
+    else:
+        cs = Charset("utf-8")
+        cs.body_encoding = QP
+        part = MIMEText("", subtype, policy=_POLICY)
+        part.set_payload(text, cs)
+    del part["MIME-Version"]
+    return part
+
+
+def _verbatim_part(maintype: str, subtype: str, data: bytes) -> Message:
+    """A part whose payload is written byte for byte (CRLF already in place): the generator emits a
+    string payload of a message/* part unchanged, and surrogateescape carries 8-bit bytes through."""
+    part = MIMEBase(maintype, subtype, policy=_POLICY)
+    del part["MIME-Version"]
+    part.set_payload(_crlf_only(data).decode("ascii", "surrogateescape"))
+    if any(b >= 0x80 for b in data):
+        part["Content-Transfer-Encoding"] = "8bit"
+    return part
+
+
+def _headers_of(original: bytes) -> bytes:
+    end = original.find(b"\r\n\r\n")
+    head = original if end < 0 else original[: end + 2]
+    return _with_final_crlf(head)
+
+
+def _with_final_crlf(data: bytes) -> bytes:
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def _crlf_only(data: bytes) -> bytes:
+    """Normalise any bare CR or LF (the spool never stores them, but a DSN must not carry one)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("\r", " ").split("\n"))
+
+
+def _fold(line: str, width: int = 78) -> str:
+    """Fold a header line at spaces (RFC 5322 §2.2.3) with CRLF + space."""
+    if len(line) <= width:
+        return line
+    out: list[str] = []
+    current = ""
+    for word in line.split(" "):
+        if current and len(current) + 1 + len(word) > width:
+            out.append(current)
+            current = " " + word
+        else:
+            current = f"{current} {word}" if current else word
+    out.append(current)
+    return "\r\n".join(out)
+
+
+def decode_xtext(value: str) -> str:
+    """RFC 3461 xtext: "+HH" stands for one octet."""
+    if "+" not in value:
+        return value
+    out = bytearray()
+    i = 0
+    raw = value.encode("ascii", "replace")
+    while i < len(raw):
+        c = raw[i]
+        if c == 0x2B and i + 2 < len(raw) + 0 and _is_hex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _is_hex(b: bytes) -> bool:
+    return len(b) == 2 and all(chr(x) in "0123456789ABCDEFabcdef" for x in b)

@@ -1,0 +1,364 @@
+"""The SMTP client that hands a stored message to a primary: one session per connection, several
+transactions per session, one Outcome per recipient (Delivered | Deferred | Bounced, each carrying
+the primary's reply).
+
+Built on aiosmtplib's connect/ehlo/starttls/mail/rcpt (never `sendmail`, which gives every recipient
+the same RCPT options and fails as a whole); DATA is our own (see `_data`). Foreign exceptions are
+mapped here, once: a refused or dropped connection, a timeout or any error we do not know is Deferred,
+never Bounced. Only a 5xx from the primary (or its missing SMTPUTF8 for an SMTPUTF8 message) bounces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from backupmx.config import Config
+from backupmx.delivery.route import Target
+from backupmx.model import Bounced, Deferred, Delivered, Envelope, Outcome, RecipientRecord
+from backupmx.reply import Reply
+
+CHUNK = 64 * 1024
+_STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """Timeouts per RFC 5321 §4.5.3.2; aiosmtplib's single 60 s default would cut off a primary
+    that takes longer to answer the final dot, and a premature timeout means a retry, a duplicate."""
+
+    local_hostname: str
+    connect_timeout: float = 30.0  # TCP connect and the 220 banner
+    command_timeout: float = 300.0  # EHLO, MAIL, RCPT, DATA initiation, each data block
+    data_timeout: float = 600.0  # the reply to the final dot
+    tls_verify: bool = False  # True: STARTTLS required and the certificate verified
+
+    @classmethod
+    def from_config(cls, config: Config, domain: str | None = None) -> RelaySettings:
+        d = config.delivery
+        dcfg = config.domain(domain) if domain else None
+        return cls(
+            local_hostname=config.server.hostname,
+            connect_timeout=d.connect_timeout.total_seconds(),
+            command_timeout=d.command_timeout.total_seconds(),
+            data_timeout=d.data_timeout.total_seconds(),
+            tls_verify=bool(dcfg and dcfg.tls_verify),
+        )
+
+
+class ConnectFailed(Exception):
+    """No target answered with a usable session. `reply` says why (for the log and the deferral);
+    `unreachable` is True when no target accepted a TCP connection or answered its banner at all."""
+
+    def __init__(self, reply: Reply, target: Target | None, *, unreachable: bool) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.target = target
+        self.unreachable = unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionResult:
+    outcomes: tuple[Outcome, ...]  # aligned with the recipients passed to `deliver`
+    relay: str  # host:port
+    remote_mta: str  # host name, for DSNs
+    dsn_offered: bool  # the primary advertised DSN (NOTIFY/ORCPT/RET/ENVID were passed on)
+    timed_out: bool = False  # a timeout or dropped connection ended the transaction
+    final_reply: Reply | None = None  # the reply to the final dot, when there was one
+
+
+def reply_from(code: int, message: str) -> Reply:
+    """An aiosmtplib response as our Reply; the enhanced status code is split off when present, the
+    text is otherwise kept verbatim (DSNs quote it)."""
+    text = message.strip()
+    m = _STATUS_RE.match(text)
+    if m:
+        return Reply(code, f"{m.group(1)}.{m.group(2)}.{m.group(3)}", text[m.end():])
+    return Reply(code, "", text)
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """RFC 5321 §4.5.2: a line starting with "." gets another; the result ends with CRLF . CRLF.
+    Bodies in the spool never contain bare CR or LF, so lines are CRLF-separated and `^` = after CRLF."""
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+def _as_outcome(reply: Reply) -> Outcome:
+    if 200 <= reply.code < 300:
+        return Delivered(reply)
+    if reply.code >= 500 and reply.code != 552:
+        return Bounced(reply)
+    # 4xx, and 552 (RFC 5321 §4.5.3.1.10: treat as temporary), and anything odd: try again
+    return Deferred(reply)
+
+
+def _temp(text: str, status: str = "4.4.2") -> Reply:
+    return Reply(451, status, text)
+
+
+class RelaySession:
+    """One connection to one primary. Not safe for concurrent use; the engine gives each its own."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, target: Target, settings: RelaySettings, tls: bool) -> None:
+        self._smtp = smtp
+        self.target = target
+        self._settings = settings
+        self.tls = tls
+        self.transactions = 0
+        self._broken = False
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    async def open(cls, targets: Sequence[Target], settings: RelaySettings) -> RelaySession:
+        """Connect to the first target that gives a usable session. Raises ConnectFailed."""
+        last: ConnectFailed | None = None
+        reached_any = False
+        for target in targets:
+            try:
+                return await cls._open_one(target, settings)
+            except ConnectFailed as e:
+                last = e
+                reached_any = reached_any or not e.unreachable
+        if last is None:
+            raise ConnectFailed(_temp("no route to the primary", "4.4.4"), None, unreachable=True)
+        raise ConnectFailed(last.reply, last.target, unreachable=not reached_any)
+
+    @classmethod
+    async def _open_one(cls, target: Target, settings: RelaySettings, *,
+                        allow_tls: bool = True) -> RelaySession:
+        smtp = aiosmtplib.SMTP(
+            hostname=target.address or target.host,
+            port=target.port,
+            local_hostname=settings.local_hostname,
+            timeout=settings.command_timeout,
+            start_tls=False,  # decided below, after EHLO, so that a failed handshake can fall back
+            validate_certs=settings.tls_verify,
+        )
+        label = target.label
+        try:
+            await smtp.connect(timeout=settings.connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as e:  # banner other than 220 (421, 554 ...)
+            smtp.close()
+            raise ConnectFailed(reply_from(e.code, e.message), target, unreachable=False) from e
+        except aiosmtplib.SMTPConnectTimeoutError as e:
+            smtp.close()
+            raise ConnectFailed(_temp(f"connect to {label}: timed out", "4.4.1"), target,
+                                unreachable=True) from e
+        except (aiosmtplib.SMTPConnectError, OSError) as e:
+            smtp.close()
+            reason = _connect_reason(e)
+            raise ConnectFailed(_temp(f"connect to {label}: {reason}", "4.4.1"), target,
+                                unreachable=True) from e
+        try:
+            await cls._hello(smtp, settings)
+            tls = False
+            if allow_tls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(server_hostname=target.host, validate_certs=settings.tls_verify,
+                                        timeout=settings.command_timeout)
+                    tls = True
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                    smtp.close()
+                    if settings.tls_verify:
+                        raise ConnectFailed(_temp(f"TLS with {label} failed: {e}", "4.7.5"), target,
+                                            unreachable=False) from e
+                    # opportunistic TLS: a broken handshake must not stop mail; retry in clear text
+                    return await cls._open_one(target, settings, allow_tls=False)
+                await cls._hello(smtp, settings)
+            elif settings.tls_verify:
+                await _quietly_quit(smtp, settings)
+                raise ConnectFailed(_temp(f"{label} does not offer STARTTLS, which is required",
+                                          "4.7.4"), target, unreachable=False)
+        except aiosmtplib.SMTPResponseException as e:
+            smtp.close()
+            raise ConnectFailed(reply_from(e.code, e.message), target, unreachable=False) from e
+        except (aiosmtplib.SMTPException, OSError) as e:
+            smtp.close()
+            raise ConnectFailed(_temp(f"{label} dropped the connection during EHLO: {e}"), target,
+                                unreachable=False) from e
+        return cls(smtp, target, settings, tls)
+
+    @staticmethod
+    async def _hello(smtp: aiosmtplib.SMTP, settings: RelaySettings) -> None:
+        try:
+            await smtp.ehlo(hostname=settings.local_hostname, timeout=settings.command_timeout)
+        except aiosmtplib.SMTPHeloError:
+            if not smtp.is_connected:
+                raise
+            await smtp.helo(hostname=settings.local_hostname, timeout=settings.command_timeout)
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        return not self._broken and self._smtp.is_connected
+
+    def supports(self, extension: str) -> bool:
+        return self._smtp.supports_extension(extension)
+
+    async def quit(self) -> None:
+        if self._smtp.is_connected:
+            await _quietly_quit(self._smtp, self._settings)
+        self._smtp.close()
+
+    def abort(self) -> None:
+        self._broken = True
+        self._smtp.close()
+
+    # -- one transaction ---------------------------------------------------------------------------
+    async def deliver(self, envelope: Envelope, recipients: Sequence[RecipientRecord],
+                      body: bytes) -> TransactionResult:
+        """One MAIL/RCPT.../DATA transaction. Never raises for what the primary does; an error of our
+        own is Deferred like any other surprise."""
+        self.transactions += 1
+        n = len(recipients)
+        outcomes: list[Outcome | None] = [None] * n
+        dsn = self.supports("dsn")
+        relay, host = self.target.label, self.target.host
+        cmd_t = self._settings.command_timeout
+
+        def result(fill: Outcome, *, timed_out: bool = False, final: Reply | None = None) -> TransactionResult:
+            done = tuple(o if o is not None else fill for o in outcomes)
+            return TransactionResult(done, relay, host, dsn, timed_out, final)
+
+        if envelope.smtputf8 and not self.supports("smtputf8"):
+            # RFC 6531 §3.4: there is no downgrade; the sender must hear of it
+            reply = Reply(554, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
+            return result(Bounced(reply))
+
+        stage = "MAIL FROM"
+        try:
+            encoding = "utf-8" if envelope.smtputf8 else "ascii"
+            sender = "" if envelope.sender in ("", "<>") else envelope.sender  # aiosmtplib: "" is <>
+            try:
+                await self._smtp.mail(sender, options=self._mail_options(envelope, len(body), dsn),
+                                      encoding=encoding, timeout=cmd_t)
+            except aiosmtplib.SMTPSenderRefused as e:
+                await self._reset_quietly()
+                return result(_as_outcome(reply_from(e.code, e.message)))
+
+            stage = "RCPT TO"
+            accepted: list[int] = []
+            for i, rcpt in enumerate(recipients):
+                options: list[str] = []
+                if dsn:
+                    if rcpt.notify:
+                        options.append("NOTIFY=" + ",".join(rcpt.notify))
+                    if rcpt.orcpt:
+                        options.append("ORCPT=" + rcpt.orcpt)
+                try:
+                    await self._smtp.rcpt(rcpt.address, options=options, encoding=encoding, timeout=cmd_t)
+                    accepted.append(i)
+                except aiosmtplib.SMTPRecipientRefused as e:
+                    outcomes[i] = _as_outcome(reply_from(e.code, e.message))
+                    if e.code == 421:
+                        self._broken = True
+                        return result(Deferred(reply_from(e.code, e.message)))
+            if not accepted:
+                await self._reset_quietly()
+                return result(Deferred(_temp("no recipient accepted")))
+
+            stage = "DATA"
+            final = await self._data(body)
+            outcome = _as_outcome(final)
+            for i in accepted:
+                outcomes[i] = outcome
+            return result(outcome, final=final)
+        except aiosmtplib.SMTPResponseException as e:  # e.g. 421 to MAIL, or DATA refused
+            reply = reply_from(e.code, e.message)
+            if e.code == 421 or not self._smtp.is_connected:
+                self._broken = True
+            else:
+                await self._reset_quietly()
+            return result(_as_outcome(reply))
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as e:
+            self.abort()
+            return result(Deferred(_temp(f"timed out after {stage} with {relay}: {e}")), timed_out=True)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError):
+            self.abort()
+            return result(Deferred(_temp(f"lost connection with {relay} after {stage}")), timed_out=True)
+        except Exception as e:  # unknown error = temporary (never a bounce)
+            self.abort()
+            return result(Deferred(Reply(451, "4.3.0", f"internal error talking to {relay}: "
+                                                        f"{type(e).__name__}")))
+
+    def _mail_options(self, envelope: Envelope, size: int, dsn: bool) -> list[str]:
+        opts: list[str] = []
+        if self.supports("size"):
+            opts.append(f"SIZE={size}")
+        if envelope.body_type and envelope.body_type.upper() == "8BITMIME" and self.supports("8bitmime"):
+            # Without 8BITMIME on the primary we still send the bytes unchanged: converting to 7 bit
+            # would break signatures and the byte-exact promise, and primaries accept 8-bit in practice.
+            opts.append("BODY=8BITMIME")
+        if envelope.smtputf8:
+            opts.append("SMTPUTF8")
+        if dsn:
+            if envelope.ret:
+                opts.append(f"RET={envelope.ret}")
+            if envelope.envid:
+                opts.append(f"ENVID={envelope.envid}")
+        return opts
+
+    async def _data(self, body: bytes) -> Reply:
+        """DATA, our own way, because aiosmtplib's `data()` uses one timeout for the 354, the whole
+        upload and the final reply, writes the whole message without flow control, and rewrites line
+        endings. Here: the 354 within command_timeout, each block drained within command_timeout,
+        then the reply to the final dot within data_timeout (10 min, RFC 5321 §4.5.3.2.6), so a slow
+        primary never causes a false retry, hence a duplicate. The body goes out byte for byte,
+        dot-stuffed. Raises aiosmtplib errors for the caller to map."""
+        smtp = self._smtp
+        start = await smtp.execute_command(b"DATA", timeout=self._settings.command_timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol = smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
+        payload = dot_stuff(body)
+        view = memoryview(payload)
+        for offset in range(0, len(payload), CHUNK):
+            last = offset + CHUNK >= len(payload)
+            protocol.write(bytes(view[offset:offset + CHUNK]))
+            if not last:
+                # between blocks, wait for the kernel to take them (aiosmtplib's flow control helper)
+                await asyncio.wait_for(protocol._drain_helper(), self._settings.command_timeout)
+        # no await between the last write and read_response: the final reply cannot slip past
+        try:
+            final = await protocol.read_response(timeout=self._settings.data_timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            smtp.close()
+            raise
+        return reply_from(final.code, final.message)
+
+    async def _reset_quietly(self) -> None:
+        if not self._smtp.is_connected:
+            self._broken = True
+            return
+        try:
+            await self._smtp.rset(timeout=self._settings.command_timeout)
+        except Exception:
+            self.abort()
+
+
+async def _quietly_quit(smtp: aiosmtplib.SMTP, settings: RelaySettings) -> None:
+    try:
+        await smtp.quit(timeout=min(settings.command_timeout, 30.0))
+    except Exception:
+        smtp.close()
+
+
+def _connect_reason(e: BaseException) -> str:
+    cause = e.__cause__ if e.__cause__ is not None else e
+    if isinstance(cause, ConnectionRefusedError):
+        return "Connection refused"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(e) or type(e).__name__
