@@ -1,0 +1,66 @@
+"""The one header we write: `Received:` (RFC 5321 §4.4), prepended to the stored message.
+
+    Received: from <helo> (<ip-literal> [<ip>])
+    <TAB>by <hostname> (backupmx <node>) with ESMTP[S] id <QUEUEID>
+    <TAB>for <rcpt>; <RFC 5322 date>
+
+`<ip-literal>` is the client's address as an RFC 5321 address literal (`[192.0.2.1]`,
+`[IPv6:2001:db8::1]`; we do no reverse DNS); `for` appears only with exactly one recipient. The HELO
+name is used as given when it is a domain or an address literal; otherwise every character outside a
+small safe set is replaced by `_`, so nothing a client sends can add a line or a header.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from backupmx.smtp.address import is_helo_name
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def safe_helo(name: str) -> str:
+    if name and is_helo_name(name):
+        return name
+    cleaned = _UNSAFE.sub("_", name)[:255]
+    return cleaned or "unknown"
+
+
+def _safe_token(text: str) -> str:
+    return _UNSAFE.sub("_", text)[:255] or "unknown"
+
+
+def address_literal(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "[unknown]"
+    return f"[IPv6:{addr.compressed}]" if addr.version == 6 else f"[{addr}]"
+
+
+def protocol_name(*, extended: bool, tls: bool, smtputf8: bool) -> str:
+    """RFC 3848 / RFC 6531 `with` keywords."""
+    base = "UTF8SMTP" if smtputf8 else "ESMTP" if extended else "SMTP"
+    return base + ("S" if tls else "")
+
+
+def received_header(*, helo: str, client_ip: str, hostname: str, node: str, protocol: str,
+                    queue_id: str, recipients: list[str], when: float) -> bytes:
+    try:
+        shown_ip = str(ipaddress.ip_address(client_ip))
+    except ValueError:
+        shown_ip = "unknown"
+    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    lines = [
+        f"Received: from {safe_helo(helo)} ({address_literal(client_ip)} [{shown_ip}])",
+        f"\tby {_safe_token(hostname)} (backupmx {_safe_token(node)}) with {protocol} id {queue_id}",
+    ]
+    if len(recipients) == 1:
+        # the address came through the strict parser: no CR, LF or control character is possible
+        lines.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
