@@ -199,7 +199,7 @@ class RouteResolver:
         targets: list[Target] = []
         for host, port in hosts:
             try:
-                addrs = await self._dns.addresses(host)
+                addrs = [host] if _ip_literal(host) else await self._dns.addresses(host)
             except (DnsTemporaryError, DnsNoSuchDomain):
                 targets.append(Target(host, port, None))  # try by name; the connection decides
                 continue
@@ -232,7 +232,7 @@ class RouteResolver:
         temporary: Exception | None = None
         for pref, host in records:
             try:
-                addrs: list[str] | None = await self._dns.addresses(host)
+                addrs: list[str] | None = [host] if _ip_literal(host) else await self._dns.addresses(host)
             except DnsNoSuchDomain:
                 addrs = []
             except DnsTemporaryError as e:

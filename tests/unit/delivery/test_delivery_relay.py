@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import pytest
-from fake_primary import BlackHole, Greeter, Primary, closed_port
 
 from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, dot_stuff, reply_from
 from backupmx.delivery.route import Target
@@ -22,6 +21,7 @@ from backupmx.model import (
     RecipientState,
 )
 from backupmx.reply import Reply
+from tests.unit.delivery.fake_primary import BlackHole, Greeter, Primary, closed_port
 
 BODY = (b"Received: from client.test\r\nSubject: dots\r\n\r\n.leading dot\r\n..two dots\r\n"
         b"middle . dot\r\n.\r\nlast line\r\n")
