@@ -1,0 +1,282 @@
+"""Accept rate and latency of backupmx against a Postfix backup MX, both holding mail for a primary that
+is down (nothing listens on its port), both storing durably before 250 (Postfix fsyncs queue files).
+
+Load: Postfix's smtp-source, one message per session, for each cell (message size x concurrency),
+interleaving Postfix and backupmx runs (order alternating per repeat), R repeats; empty queue before
+each run. After each run the queue must hold exactly what was sent (Postfix: queue files and
+`postqueue -p`; backupmx: `backupmx queue count`), or the run is reported as invalid, not as a figure.
+Latency: our asyncio client (bench/latency.py) at the given concurrency, p50/p99 per message.
+
+    .venv/bin/python bench/accept.py            # 1000 msgs/run, 5 repeats, 6 cells, latency at c=50
+    .venv/bin/python bench/accept.py --quick    # 200 msgs/run, 2 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+from tests.support.ports import free_port
+from tests.support.postfix import (
+    PostfixInstance,
+    postfix_unavailable_reason,
+    smtp_source,
+    tools_unavailable_reason,
+)
+
+from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
+from bench.figures import fmt, fmt_triple, geomean, machine, machine_line, percentile, summary, table
+from bench.latency import latency
+
+RECIPIENT = "alice@example.test"
+SENDER = "sender@source.test"
+
+
+class Target(Protocol):
+    name: str
+    host: str
+    port: int
+
+    def reset(self) -> None: ...
+
+    def verify(self, expected: int) -> tuple[bool, str]: ...
+
+
+class PostfixTarget:
+    name = "postfix"
+
+    def __init__(self, pf: PostfixInstance) -> None:
+        self.pf = pf
+        self.host, self.port = pf.host, pf.port
+
+    def reset(self) -> None:
+        self.pf.purge()
+        if self.pf.wait_queue_count(0, timeout=60) != 0:
+            raise RuntimeError("postfix queue did not empty after postsuper -d ALL")
+
+    def verify(self, expected: int) -> tuple[bool, str]:
+        counts = self.pf.wait_settled(expected, timeout=120)
+        n = self.pf.postqueue_count()
+        ok = counts["deferred"] == expected and sum(counts.values()) == expected and n == expected
+        return ok, f"queue files {counts}, postqueue -p {n}"
+
+
+class BackupmxTarget:
+    name = "backupmx"
+
+    def __init__(self, node: BackupmxNode) -> None:
+        self.node = node
+        self.host, self.port = node.host, node.port
+
+    def reset(self) -> None:
+        self.node.reset()
+
+    def verify(self, expected: int) -> tuple[bool, str]:
+        n = self.node.wait_queue_count(expected, timeout=60)
+        return n == expected, f"backupmx queue count {n}"
+
+
+@dataclass
+class RunRecord:
+    target: str
+    size_kb: int
+    concurrency: int
+    repeat: int
+    messages: int
+    elapsed: float
+    rate: float
+    valid: bool
+    detail: str = ""
+
+
+@dataclass
+class LatencyRecord:
+    target: str
+    size_kb: int
+    concurrency: int
+    sent: int
+    errors: int
+    elapsed: float
+    total_p50: float
+    total_p99: float
+    commit_p50: float
+    commit_p99: float
+    valid: bool
+    detail: str = ""
+
+
+@dataclass
+class Results:
+    machine: dict[str, str]
+    args: dict[str, object]
+    runs: list[RunRecord] = field(default_factory=list)
+    latency: list[LatencyRecord] = field(default_factory=list)
+    pending: str = ""
+
+
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    cells = []
+    for item in text.split(","):
+        size, _, conc = item.strip().lower().partition("x")
+        cells.append((int(size), int(conc)))
+    return cells
+
+
+def throughput_run(t: Target, size_kb: int, conc: int, repeat: int, messages: int,
+                   timeout: float) -> RunRecord:
+    t.reset()
+    res = smtp_source(t.host, t.port, messages=messages, sessions=conc, size_kb=size_kb, sender=SENDER,
+                      recipient=RECIPIENT, timeout=timeout)
+    valid, detail = (False, f"smtp-source failed: {res.output.strip()[-300:]}") if not res.ok else t.verify(messages)
+    return RunRecord(t.name, size_kb, conc, repeat, messages, res.elapsed, res.rate, valid, detail)
+
+
+def latency_run(t: Target, size_kb: int, conc: int, messages: int, timeout: float) -> LatencyRecord:
+    t.reset()
+    run = latency(t.host, t.port, messages=messages, concurrency=conc, size_bytes=size_kb * 1024,
+                  sender=SENDER, recipient=RECIPIENT, overall_timeout=timeout)
+    valid, detail = t.verify(run.sent)
+    if run.errors:
+        valid, detail = False, f"{len(run.errors)} errors, first: {run.errors[0]}; {detail}"
+    return LatencyRecord(t.name, size_kb, conc, run.sent, len(run.errors), run.elapsed,
+                         percentile(run.total, 50), percentile(run.total, 99),
+                         percentile(run.commit, 50), percentile(run.commit, 99), valid, detail)
+
+
+def report(results: Results, cells: list[tuple[int, int]], names: list[str]) -> str:
+    out = [machine_line(), ""]
+    rates: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    by_repeat: dict[tuple[str, int, int, int], float] = {}
+    invalid = [r for r in results.runs if not r.valid]
+    for r in results.runs:
+        if r.valid:
+            rates[(r.target, r.size_kb, r.concurrency)].append(r.rate)
+            by_repeat[(r.target, r.size_kb, r.concurrency, r.repeat)] = r.rate
+    paired = "backupmx" in names and "postfix" in names
+    headers = ["size x conc"] + [f"{n} msg/s min / median / max" for n in names]
+    if paired:
+        headers.append("backupmx/postfix paired, median (min-max)")
+    elif "backupmx" not in names:
+        headers.append("backupmx")
+    rows = []
+    cell_ratios = []
+    for size, conc in cells:
+        row = [f"{size} KB x {conc}"] + [fmt_triple(rates[(n, size, conc)]) for n in names]
+        if paired:
+            ratios = [by_repeat[("backupmx", s, c, rep)] / rate for (tgt, s, c, rep), rate in by_repeat.items()
+                      if tgt == "postfix" and (s, c) == (size, conc) and ("backupmx", s, c, rep) in by_repeat]
+            lo, mid, hi = summary(ratios)
+            row.append(f"{fmt(mid, 2)} ({fmt(lo, 2)}-{fmt(hi, 2)})" if ratios else "-")
+            if ratios:
+                cell_ratios.append(mid)
+        elif "backupmx" not in names:
+            row.append("pending")
+        rows.append(row)
+    out.append("Accept rate, one message per session (smtp-source), valid runs only:")
+    out.append(table(headers, rows))
+    if cell_ratios:
+        out.append(f"\ngeometric mean of the per-cell median ratios backupmx/postfix: {geomean(cell_ratios):.2f}")
+    if results.latency:
+        out.append("\nPer-message latency (bench/latency.py, one message per session), milliseconds:")
+        lrows = []
+        for r in results.latency:
+            lrows.append([f"{r.size_kb} KB x {r.concurrency}", r.target, str(r.sent),
+                          fmt(r.total_p50 * 1000, 1), fmt(r.total_p99 * 1000, 1),
+                          fmt(r.commit_p50 * 1000, 1), fmt(r.commit_p99 * 1000, 1),
+                          fmt(r.sent / r.elapsed if r.elapsed else 0.0),
+                          "ok" if r.valid else "INVALID"])
+        out.append(table(["size x conc", "server", "msgs", "total p50", "total p99", "commit p50",
+                          "commit p99", "msg/s", "check"], lrows))
+    if invalid:
+        out.append("\nINVALID runs (not counted):")
+        out.extend(f"  {r.target} {r.size_kb} KB x {r.concurrency} repeat {r.repeat}: {r.detail}" for r in invalid)
+    bad_lat = [r for r in results.latency if not r.valid]
+    out.extend(f"  latency {r.target} {r.size_kb} KB x {r.concurrency}: {r.detail}" for r in bad_lat)
+    if results.pending:
+        out.append(f"\nbackupmx: pending ({results.pending})")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, help="messages per run (default 1000; --quick 200)")
+    ap.add_argument("--repeat", type=int, help="repeats per cell (default 5; --quick 2)")
+    ap.add_argument("--cells", default="5x1,5x10,5x50,100x1,100x10,100x50",
+                    help="SIZE_KBxCONCURRENCY list (default %(default)s)")
+    ap.add_argument("--latency-concurrency", default="50",
+                    help="concurrency list for the latency client, empty = skip (default %(default)s)")
+    ap.add_argument("--latency-messages", type=int, help="messages per latency run (default = --messages)")
+    ap.add_argument("--quick", action="store_true", help="fewer messages and repeats")
+    ap.add_argument("--only", choices=["postfix", "backupmx"], help="measure one server only")
+    ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run before it is killed")
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    args = ap.parse_args(argv)
+    messages = args.messages or (200 if args.quick else 1000)
+    repeat = args.repeat or (2 if args.quick else 5)
+    cells = parse_cells(args.cells)
+    lat_conc = [int(c) for c in args.latency_concurrency.split(",") if c.strip()]
+    lat_messages = args.latency_messages or messages
+    for reason in (tools_unavailable_reason(), postfix_unavailable_reason() if args.only != "backupmx" else None):
+        if reason:
+            print(f"cannot run: {reason}", file=sys.stderr)
+            return 2
+
+    results = Results(machine=machine(), args={"messages": messages, "repeat": repeat, "cells": args.cells,
+                                                "latency_concurrency": lat_conc, "latency_messages": lat_messages})
+    print(machine_line(), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bmx-bench-accept-"))
+    targets: list[Target] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        if args.only != "backupmx":
+            pf = stack.enter_context(PostfixInstance("backup", domain="example.test"))
+            targets.append(PostfixTarget(pf))
+        if args.only != "postfix":
+            node = stack.enter_context(BackupmxNode(work / "backupmx", domains={"example.test": free_port()}))
+            try:
+                node.start()
+                targets.append(BackupmxTarget(node))
+            except BackupmxUnavailable as e:
+                results.pending = str(e).splitlines()[0]
+                print(f"backupmx: pending ({results.pending})", flush=True)
+        if not targets:
+            return 2
+        started = time.monotonic()
+        for rep in range(repeat):
+            for size, conc in cells:
+                order = targets if rep % 2 == 0 else list(reversed(targets))
+                for t in order:
+                    rec = throughput_run(t, size, conc, rep, messages, args.run_timeout)
+                    results.runs.append(rec)
+                    print(f"[{time.monotonic() - started:7.1f}s] repeat {rep + 1}/{repeat} {size:>3} KB x {conc:>2} "
+                          f"{t.name:<8} {rec.rate:8.1f} msg/s  {'ok' if rec.valid else 'INVALID: ' + rec.detail}",
+                          flush=True)
+        for size in sorted({s for s, _ in cells}):
+            for conc in lat_conc:
+                for t in targets:
+                    lrec = latency_run(t, size, conc, lat_messages, args.run_timeout)
+                    results.latency.append(lrec)
+                    print(f"[{time.monotonic() - started:7.1f}s] latency {size:>3} KB x {conc:>2} {t.name:<8} "
+                          f"p50 {lrec.total_p50 * 1000:.1f} ms p99 {lrec.total_p99 * 1000:.1f} ms "
+                          f"{'ok' if lrec.valid else 'INVALID: ' + lrec.detail}", flush=True)
+    print()
+    print(report(results, cells, [t.name for t in targets]))
+    if args.json:
+        args.json.write_text(json.dumps(asdict(results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

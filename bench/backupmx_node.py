@@ -1,0 +1,202 @@
+"""Runs the real `backupmx serve` for the benchmarks: writes a TOML config (one protected domain,
+example.test, whose primary is a loopback port), starts `.venv/bin/backupmx serve --config FILE` in its
+own session, waits until its port greets 220, reads its memory from /proc, runs `backupmx queue ...`,
+and always stops it (SIGTERM, then SIGKILL). Fails with BackupmxUnavailable when serve does not start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.support.ports import free_port, wait_for_smtp
+
+from bench.figures import proc_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def backupmx_command() -> list[str]:
+    exe = REPO / ".venv" / "bin" / "backupmx"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", "backupmx.cli"]
+
+
+class BackupmxUnavailable(RuntimeError):
+    """`backupmx serve` did not come up (not written yet, or broken): its log says why."""
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_toml(sections: Mapping[str, Any]) -> str:
+    out: list[str] = []
+    for name, body in sections.items():
+        items = body if isinstance(body, list) else [body]
+        for item in items:
+            out.append(f"[[{name}]]" if isinstance(body, list) else f"[{name}]")
+            out.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+            out.append("")
+    text = "\n".join(out)
+    tomllib.loads(text)  # what we write must parse
+    return text
+
+
+class BackupmxNode:
+    """One `backupmx serve` with its own data directory under `workdir`.
+
+    domains: {name: primary port on 127.0.0.1}; recipients = "any" for each.
+    server/delivery/extra: added to or overriding the generated sections.
+    """
+
+    def __init__(self, workdir: Path, *, domains: Mapping[str, int], port: int | None = None,
+                 server: Mapping[str, Any] | None = None, delivery: Mapping[str, Any] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.data_dir = workdir / "data"
+        self.config_path = workdir / "backupmx.toml"
+        self.log_path = workdir / "serve.log"
+        sections: dict[str, Any] = {
+            "server": {
+                "hostname": "backup.test",
+                "listen": [f"{self.host}:{self.port}"],
+                "data_dir": str(self.data_dir),
+                # one client address runs all the load: lift the per-IP cap as Postfix does for
+                # $mynetworks (smtpd_client_event_limit_exceptions)
+                "max_connections_per_ip": 1000,
+                "max_connections": 1000,
+                **(server or {}),
+            },
+            "domains": [{"name": name, "primary": [f"127.0.0.1:{p}"], "recipients": "any"}
+                        for name, p in domains.items()],
+            "delivery": dict(delivery or {}),
+            "admin": {"listen": ""},
+            "log": {"maillog": str(workdir / "mail.log")},
+        }
+        if not sections["delivery"]:
+            del sections["delivery"]
+        for k, v in (extra or {}).items():
+            sections[k] = v
+        self.config_path.write_text(render_toml(sections))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self, *, timeout: float = 60.0) -> float:
+        """Start and wait for the 220 greeting; returns the seconds it took."""
+        if self.proc is not None and self.proc.poll() is None:
+            return 0.0
+        started = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*backupmx_command(), "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise BackupmxUnavailable(
+                    f"backupmx serve exited {self.proc.returncode}: {self.last_log_line()}\n{self.log_tail()}")
+            try:
+                wait_for_smtp(self.host, self.port, timeout=min(1.0, max(0.05, deadline - time.monotonic())),
+                              interval=0.02)
+                return time.perf_counter() - started
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    self.kill()
+                    raise BackupmxUnavailable(f"backupmx serve gave no 220 within {timeout:g}s: "
+                                              f"{self.last_log_line()}\n{self.log_tail()}") from None
+
+    def stop(self, *, timeout: float = 60.0) -> int | None:
+        """SIGTERM (graceful), SIGKILL after `timeout`. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def reset(self) -> None:
+        """Stop, throw the spool away, start again: an empty queue for the next run."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.start()
+
+    def __enter__(self) -> BackupmxNode:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.stop(timeout=30)
+        finally:
+            self.kill()
+
+    # -- observation -----------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None and self.proc.poll() is None, "serve is not running"
+        return self.proc.pid
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS/VmHWM/... of the serve process, KiB."""
+        return proc_status(self.pid)
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except FileNotFoundError:
+            return ""
+
+    def last_log_line(self) -> str:
+        lines = [ln for ln in self.log_tail().splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else "(no output)"
+
+    def cli(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+        """`backupmx <args> --config FILE`."""
+        res = subprocess.run([*backupmx_command(), *args, "--config", str(self.config_path)],
+                             capture_output=True, text=True, timeout=timeout, cwd=str(self.workdir))
+        if res.returncode != 0:
+            raise RuntimeError(f"backupmx {' '.join(args)} exited {res.returncode}: {res.stderr[-2000:]}")
+        return res
+
+    def queue_count(self) -> int:
+        return int(self.cli("queue", "count").stdout.strip())
+
+    def wait_queue_count(self, count: int, *, timeout: float = 60.0, interval: float = 0.2) -> int:
+        deadline = time.monotonic() + timeout
+        n = self.queue_count()
+        while n != count and time.monotonic() < deadline:
+            time.sleep(interval)
+            n = self.queue_count()
+        return n
