@@ -1,0 +1,92 @@
+"""`backupmx check DOMAIN`: an audit of a domain's MX setup that anyone can run from anywhere.
+
+It reads DNS (dnsview.py), talks SMTP to every MX address without sending mail (smtpview.py), judges
+what it saw with pure rules (rules.py) and returns a `CheckReport` (report.py) that renders as text or
+JSON; `report.exit_code` is 1 when any mark is a fail. With a config it also checks this node's own
+view. Nothing is raised for what the audit finds; `ValueError` only for a bad domain or nameserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from datetime import UTC, datetime
+
+from backupmx.audit.dnsview import gather_dns, make_resolver, normalize_domain, parse_nameserver
+from backupmx.audit.report import CheckReport, Level, Mark, Role, SmtpProbe, render_json, render_text
+from backupmx.audit.rules import dns_marks, node_marks, site_marks, smtp_marks
+from backupmx.audit.smtpview import probe, probe_settings
+from backupmx.config import Config
+
+MAX_PARALLEL_SESSIONS = 8
+
+__all__ = ["CheckReport", "Level", "Mark", "parse_nameserver", "render_json", "render_text", "run_check"]
+
+
+async def run_check(
+    domain: str,
+    *,
+    nameserver: str | None = None,
+    config: Config | None = None,
+    smtp_port: int = 25,
+    timeout: float = 10.0,
+    cafile: str | None = None,
+    helo: str | None = None,
+) -> CheckReport:
+    """Audit `domain`.
+
+    nameserver: "IP", "IP:PORT" or "[IPv6]:PORT"; else `config.dns.nameservers`; else the system resolver.
+    config: this node's configuration: adds the node.* checks, and its server.hostname is the EHLO name.
+    smtp_port: where to talk SMTP on every MX address (25 on the internet; tests use others).
+    timeout: bounds every DNS lookup and every SMTP step (connect, each reply, the TLS handshake).
+    cafile: trust only these CA certificates for STARTTLS (default: the system's trust store).
+    helo: the EHLO name (default: server.hostname of the config, else this machine's FQDN).
+    """
+    started, t0 = datetime.now(UTC), time.monotonic()
+    name = normalize_domain(domain)
+    nameservers = [nameserver] if nameserver else list(config.dns.nameservers) if config else []
+    resolver, described = make_resolver(nameservers, timeout)
+    view = await gather_dns(name, resolver, described)
+    ehlo_name = helo or (config.server.hostname if config else await _local_fqdn(timeout))
+    settings = probe_settings(name, port=smtp_port, helo=ehlo_name, timeout=timeout, cafile=cafile)
+    targets: dict[tuple[str, str], Role] = {}
+    for r in view.mx:
+        for ip in r.host.ips:
+            targets.setdefault((r.host.name, ip), r.role)
+    gate = asyncio.Semaphore(MAX_PARALLEL_SESSIONS)
+
+    async def one(host: str, ip: str, role: Role) -> SmtpProbe:
+        async with gate:
+            return await probe(host, ip, role, settings)
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(host, ip, role)) for (host, ip), role in targets.items()]
+    probes = tuple(t.result() for t in tasks)
+    now = datetime.now(UTC)
+    marks = [*dns_marks(view), *site_marks(view)]
+    if config is not None:
+        marks.extend(node_marks(view, config))
+    for p in probes:
+        marks.extend(smtp_marks(p, now))
+    return CheckReport(
+        domain=name,
+        dns=view,
+        smtp=probes,
+        marks=tuple(marks),
+        smtp_port=smtp_port,
+        started_at=started,
+        duration_s=time.monotonic() - t0,
+        node=config.server.hostname if config else None,
+        config_source=config.source if config else None,
+    )
+
+
+async def _local_fqdn(timeout: float) -> str:
+    """socket.getfqdn() may wait on DNS; do not let it hold the audit up."""
+    try:
+        async with asyncio.timeout(min(timeout, 3.0)):
+            name = await asyncio.to_thread(socket.getfqdn)
+    except TimeoutError:
+        name = socket.gethostname()
+    return name or "localhost"
