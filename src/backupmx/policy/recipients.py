@@ -2,7 +2,7 @@
 (550 5.1.1) and the *sender's* MTA bounces: no backscatter.
 
 Each domain has a RecipientDirectory: "any" accepts everyone; a list in the config or "file:PATH" (one
-address, or an `@domain` wildcard, per line; `#` comments) accepts only those, matched without regard
+address, or an `@domain` wildcard, per line; `#` starts a comment line, words after the address are ignored) accepts only those, matched without regard
 to case; "verify" (asking the primary) is a seam for later and accepts everyone for now. A directory
 answers True, False or None ("cannot tell right now"); None follows the domain's `unknown_while_down`.
 `<postmaster@domain>` is always accepted. A recipient file is re-read when its mtime, size or inode
@@ -62,6 +62,7 @@ class _AddressSet:
             entry = raw.strip()
             if not entry or entry.startswith("#"):
                 continue
+            entry = entry.split()[0]  # "alice@x.test   # a note": the address is the first word
             if entry.startswith("<") and entry.endswith(">"):
                 entry = entry[1:-1]
             if entry.startswith("@"):

@@ -317,6 +317,8 @@ class SmtpConnection:
 
     # -- decisions ---------------------------------------------------------------------------------
     def accept(self, reply: Reply | None = None) -> None:
+        if isinstance(self._pending, DataComplete) and reply is None:
+            raise ProtocolUsageError("the end of DATA needs an explicit reply")
         ev = self._take_pending()
         if isinstance(ev, Hello):
             self.helo = ev.name
@@ -336,8 +338,7 @@ class SmtpConnection:
             self._start_data()
             self._reply(reply or R_DATA_GO)
         elif isinstance(ev, DataComplete):
-            if reply is None:
-                raise ProtocolUsageError("the end of DATA needs an explicit reply")
+            assert reply is not None
             self._end_transaction()
             self._reply(reply)
 
@@ -414,8 +415,9 @@ class SmtpConnection:
         nl = buf.find(b"\n", 0, LINE_LIMIT_PATH + 1)
         if nl < 0:
             if len(buf) > LINE_LIMIT_PATH:
-                buf.clear()  # memory stays bounded however long the line
+                # memory stays bounded however long the line: drop it up to its end (or all we have)
                 self._discarding_line = True
+                return self._next_line()
             return None
         line = bytes(buf[:nl])
         del buf[: nl + 1]

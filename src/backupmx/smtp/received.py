@@ -19,7 +19,7 @@ from email.utils import format_datetime
 
 from backupmx.smtp.address import is_helo_name
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_]")
 
 
 def safe_helo(name: str) -> str:
