@@ -2,12 +2,13 @@
 (550 5.1.1) and the *sender's* MTA bounces: no backscatter.
 
 Each domain has a RecipientDirectory: "any" accepts everyone; a list in the config or "file:PATH" (one
-address, or an `@domain` wildcard, per line; `#` starts a comment line, words after the address are ignored) accepts only those, matched without regard
-to case; "verify" (asking the primary) is a seam for later and accepts everyone for now. A directory
-answers True, False or None ("cannot tell right now"); None follows the domain's `unknown_while_down`.
-`<postmaster@domain>` is always accepted. A recipient file is re-read when its mtime, size or inode
-changes (looked at most once a second) or on `reload()` (SIGHUP); a file that cannot be read later
-keeps the last good list; one that cannot be read at start is a ConfigError.
+address, or an `@domain` wildcard, per line; `#` starts a comment line; words after the address are
+ignored) accepts only those, matched without regard to case; "verify" (asking the primary) is a seam for
+later and accepts everyone for now. A directory answers True, False or None ("cannot tell right now");
+None follows the domain's `unknown_while_down`. `<postmaster@domain>` is always accepted. A recipient
+file is re-read when its mtime, size or inode changes (looked at most once a second) or on `reload()`
+(SIGHUP); a file that cannot be read later keeps the last good list; one that cannot be read at start is
+a ConfigError.
 """
 
 from __future__ import annotations

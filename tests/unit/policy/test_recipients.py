@@ -38,7 +38,8 @@ async def test_static_list() -> None:
 
 
 async def test_any_and_verify_accept_everyone() -> None:
-    chk = RecipientCheck([DomainConfig(name="a.test", recipients="any"), DomainConfig(name="v.test", recipients="verify")])
+    chk = RecipientCheck([DomainConfig(name="a.test", recipients="any"),
+                          DomainConfig(name="v.test", recipients="verify")])
     assert (await verdict(chk, "whoever@a.test"))[0] is Action.CONTINUE
     assert (await verdict(chk, "whoever@v.test"))[0] is Action.CONTINUE
     assert isinstance(chk.directory("V.TEST"), AnyRecipient)
