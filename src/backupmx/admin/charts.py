@@ -138,7 +138,8 @@ def rates_chart(points: Sequence[SeriesPoint], outages: Sequence[OutagePeriod], 
     delivered = [sum(p.delivered for p in b) / bucket_minutes if b else None for b in buckets]
     top = nice_ceiling(max((v for v in arrived + delivered if v is not None), default=0))
     body = _outage_rects(outages, start, now, 100)
-    for cls, series in (("c-arrived", arrived), ("c-delivered", delivered)):
+    # deliveries first: arrivals, dashed, stay visible on top where the two lines meet
+    for cls, series in (("c-delivered", delivered), ("c-arrived", arrived)):
         d = _line(series, top, bucket_minutes)
         if d:
             body.append(f'<path class="{cls}" d="{d}" vector-effect="non-scaling-stroke"/>')

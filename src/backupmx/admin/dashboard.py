@@ -173,6 +173,7 @@ class Dashboard:
                 "timeline": charts.outage_timeline(outages, now=now,
                                                    down_now=d.primary.state is DestinationState.DOWN),
                 "depth": charts.depth_chart(points, outages, now=now),
+                "rates": charts.rates_chart(points, outages, now=now),
             })
         return self._render(request, "overview.html", title="Overview", cards=cards, refresh=30, **chrome)
 
@@ -214,7 +215,8 @@ class Dashboard:
         detail = await self.ops.message_detail(request.match_info["id"])
         chrome = await self._chrome()
         m = detail.message
-        return self._render(request, "message.html", title=f"Message {m.id}", m=m, detail=detail,
+        subject = next((v for k, v in detail.headers if k.lower() == "subject"), "")
+        return self._render(request, "message.html", title=f"Message {m.id}", m=m, detail=detail, subject=subject,
                             has_queued=any(r.state is RecipientState.QUEUED for r in m.recipients),
                             has_held=any(r.state is RecipientState.HELD for r in m.recipients), **chrome)
 
