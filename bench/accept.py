@@ -191,19 +191,19 @@ def report(results: Results, cells: list[tuple[int, int]], names: list[str]) -> 
     if results.latency:
         out.append("\nPer-message latency (bench/latency.py, one message per session), milliseconds:")
         lrows = []
-        for r in results.latency:
-            lrows.append([f"{r.size_kb} KB x {r.concurrency}", r.target, str(r.sent),
-                          fmt(r.total_p50 * 1000, 1), fmt(r.total_p99 * 1000, 1),
-                          fmt(r.commit_p50 * 1000, 1), fmt(r.commit_p99 * 1000, 1),
-                          fmt(r.sent / r.elapsed if r.elapsed else 0.0),
-                          "ok" if r.valid else "INVALID"])
+        for lr in results.latency:
+            lrows.append([f"{lr.size_kb} KB x {lr.concurrency}", lr.target, str(lr.sent),
+                          fmt(lr.total_p50 * 1000, 1), fmt(lr.total_p99 * 1000, 1),
+                          fmt(lr.commit_p50 * 1000, 1), fmt(lr.commit_p99 * 1000, 1),
+                          fmt(lr.sent / lr.elapsed if lr.elapsed else 0.0),
+                          "ok" if lr.valid else "INVALID"])
         out.append(table(["size x conc", "server", "msgs", "total p50", "total p99", "commit p50",
                           "commit p99", "msg/s", "check"], lrows))
     if invalid:
         out.append("\nINVALID runs (not counted):")
         out.extend(f"  {r.target} {r.size_kb} KB x {r.concurrency} repeat {r.repeat}: {r.detail}" for r in invalid)
-    bad_lat = [r for r in results.latency if not r.valid]
-    out.extend(f"  latency {r.target} {r.size_kb} KB x {r.concurrency}: {r.detail}" for r in bad_lat)
+    bad_lat = [lr for lr in results.latency if not lr.valid]
+    out.extend(f"  latency {lr.target} {lr.size_kb} KB x {lr.concurrency}: {lr.detail}" for lr in bad_lat)
     if results.pending:
         out.append(f"\nbackupmx: pending ({results.pending})")
     return "\n".join(out)
