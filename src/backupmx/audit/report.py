@@ -294,11 +294,13 @@ def render_text(report: CheckReport) -> str:
         if marks:
             out.append("")
             out.append(title)
-            out.extend(_mark_lines(marks))
+            out.extend(_mark_lines(marks, implied=report.domain))
     for probe in report.smtp:
         out.append("")
         out.extend(_probe_lines(probe))
-        out.extend(_mark_lines([m for m in report.marks if m.check.startswith("smtp.") and m.subject == probe.label]))
+        probe_marks = [m for m in report.marks if m.check.startswith("smtp.") and m.subject == probe.label]
+        if probe_marks:
+            out.extend(_mark_lines(probe_marks, implied=probe.label))
     other = [m for m in report.marks if not m.check.startswith(("mx.", "site.", "node.", "smtp."))]
     if other:
         out.append("")
@@ -363,11 +365,13 @@ def _probe_lines(p: SmtpProbe) -> list[str]:
     return out
 
 
-def _mark_lines(marks: list[Mark]) -> list[str]:
+def _mark_lines(marks: list[Mark], implied: str = "") -> list[str]:
+    """One line per mark (and one for its hint); the subject is left out where the section names it."""
     width = max(len(m.check) for m in marks)
     out = []
     for m in marks:
-        out.append(f"  {_TAG[m.level]} {m.check.ljust(width)}  {m.subject}: {m.text}")
+        about = "" if m.subject == implied else f"{m.subject}: "
+        out.append(f"  {_TAG[m.level]} {m.check.ljust(width)}  {about}{m.text}")
         if m.hint and m.level.rank >= Level.WARN.rank:
             out.append(f"  {' ' * 6} {' ' * width}  -> {m.hint}")
     return out

@@ -26,6 +26,14 @@ CERT_EXPIRY_WARNING = timedelta(days=14)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+CHECK_IDS = (
+    "mx.records", "mx.count", "mx.address", "mx.distinct",
+    "site.backup", "site.ns", "site.mx-zone",
+    "node.domain", "node.mx",
+    "smtp.connect", "smtp.ehlo", "smtp.starttls", "smtp.tls-cert", "smtp.null-sender",
+    "smtp.postmaster", "smtp.unknown-user", "smtp.relay", "smtp.session",
+)
+
 
 def network(ip: str, prefixes: dict[int, int] = NEAR_PREFIX) -> IPNetwork:
     addr = ipaddress.ip_address(ip)
@@ -209,17 +217,19 @@ def _mx_zone_marks(view: DnsView) -> list[Mark]:
         held = ", ".join(names)
         if not ips:
             why = zv.error if zv and zv.error else "no nameserver address"
-            marks.append(Mark("site.mx-zone", Level.WARN, zone, f"holds {held}; its nameservers are unknown ({why})",
+            marks.append(Mark("site.mx-zone", Level.WARN, zone,
+                              f"the zone {zone} holds {held}; its nameservers are unknown ({why})",
                               f"check the NS records of {zone}"))
             continue
         nets = {network(ip) for ip in ips}
         if len(nets) == 1:
             marks.append(Mark("site.mx-zone", Level.WARN, zone,
-                              f"holds {held}, and all its nameservers are in {next(iter(nets))}: when that network "
-                              "fails, senders cannot resolve these MX names",
+                              f"the zone {zone} holds {held}, and all its nameservers are in {next(iter(nets))}: "
+                              "when that network fails, senders cannot resolve these MX names",
                               f"add a nameserver for {zone} in another network"))
         else:
-            marks.append(Mark("site.mx-zone", Level.OK, zone, f"holds {held}; served from {len(nets)} networks"))
+            marks.append(Mark("site.mx-zone", Level.OK, zone,
+                              f"the zone {zone} holds {held}; served from {len(nets)} networks"))
     return marks
 
 

@@ -8,12 +8,14 @@ sent DATA and ended every session with RSET and QUIT.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backupmx.audit import run_check
+from backupmx.audit import render_text, run_check
 from backupmx.audit.report import CheckReport, Level
 from backupmx.config import config_from_dict
 from tests.unit.audit.lab import KNOWN_USERS, STD_NS, Lab, Pki, problems
@@ -44,6 +46,14 @@ async def audit(lab: Lab, domain: str, **kw: Any) -> CheckReport:
     return report
 
 
+def capture(name: str, report: CheckReport) -> None:
+    """BACKUPMX_CAPTURE_DIR=DIR keeps the text report of a case: docs/check.md shows two of them."""
+    target = os.environ.get("BACKUPMX_CAPTURE_DIR")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / f"{name}.txt").write_text(render_text(report))
+
+
 def subject(host: str, ip: str) -> str:
     return f"{host} [{ip}]"
 
@@ -54,6 +64,7 @@ async def test_healthy_setup_has_no_warning_and_no_failure(pki: Pki) -> None:
     lab.mx("mx2.healthy.test", "127.2.0.1", domains={"healthy.test"})
     with lab:
         report = await audit(lab, "healthy.test")
+    capture("healthy", report)
     assert report.pairs() == HEALTHY
     assert problems(report) == set()
     assert report.exit_code == 0 and report.strict_exit_code == 0
@@ -346,6 +357,7 @@ async def test_worst_case(pki: Pki) -> None:
     lab = worst_lab(pki)
     with lab:
         report = await audit(lab, "worst.test", config=node_config("backup.elsewhere.test", ["example.test"]))
+    capture("worst", report)
     assert problems(report) == WORST_PROBLEMS
     assert report.exit_code == 1
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from backupmx.audit import rules
 from backupmx.audit.report import (
     Address,
     CertInfo,
@@ -20,7 +23,7 @@ from backupmx.audit.report import (
     TlsInfo,
     ZoneView,
 )
-from backupmx.audit.rules import distance, dns_marks, node_marks, site_marks, smtp_marks
+from backupmx.audit.rules import CHECK_IDS, distance, dns_marks, node_marks, site_marks, smtp_marks
 from backupmx.config import config_from_dict
 from backupmx.reply import Reply
 
@@ -187,3 +190,11 @@ def test_smtp_marks(changes: dict[str, Any], expected: set[tuple[str, Level]]) -
     assert {(m.check, m.level) for m in found if m.level is not OK} == expected
     assert all(m.subject == "mx.example.test [192.0.2.1]" for m in found)
     assert all(m.hint for m in found if m.level in (WARN, FAIL))
+
+
+def test_every_check_id_is_listed_and_explained() -> None:
+    source = Path(rules.__file__).read_text()
+    assert set(re.findall(r'Mark\("([a-z.-]+)"', source)) == set(CHECK_IDS)
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "check.md").read_text()
+    missing = [cid for cid in CHECK_IDS if f"| `{cid}` |" not in docs]
+    assert missing == []
