@@ -8,6 +8,8 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,10 +86,32 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "postfix": postfix}
 
 
+def fsync_ms(directory: str | None = None, rounds: int = 100) -> tuple[float, float]:
+    """(p50, p99) milliseconds of write(4 KiB) + fsync in `directory` (default: the temp dir): what
+    one durable commit costs on this disk at best."""
+    fd, path = tempfile.mkstemp(dir=directory)
+    times = []
+    try:
+        for _ in range(rounds):
+            os.write(fd, b"x" * 4096)
+            t = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return percentile(times, 50), percentile(times, 99)
+
+
 def machine_line() -> str:
+    """The machine, its disk's fsync latency, and its load average now (other work on it makes
+    figures noisy)."""
     m = machine()
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    p50, p99 = fsync_ms()
     return (f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
-            f"Python {m['python']}, Postfix {m['postfix']}")
+            f"Python {m['python']}, Postfix {m['postfix']}; fsync 4 KiB p50 {p50:.2f} ms p99 {p99:.2f} ms; "
+            f"load average {load}")
 
 
 def proc_status(pid: int) -> dict[str, int]:
