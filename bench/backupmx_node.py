@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.support.ports import free_port, wait_for_smtp
+from tests.support.watchdog import Watchdog
 
 from bench.figures import proc_status
 
@@ -99,6 +100,7 @@ class BackupmxNode:
             sections[k] = v
         self.config_path.write_text(render_toml(sections))
         self.proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, timeout: float = 60.0) -> float:
@@ -112,6 +114,8 @@ class BackupmxNode:
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
                 start_new_session=True,
             )
+        # if this script dies (SIGKILL), serve dies too
+        self._watchdog = Watchdog('kill -9 -- "-$1"', str(self.proc.pid))
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -138,6 +142,7 @@ class BackupmxNode:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._disarm()
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -145,6 +150,12 @@ class BackupmxNode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        self._disarm()
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+            self._watchdog = None
 
     def reset(self) -> None:
         """Stop, throw the spool away, start again: an empty queue for the next run."""

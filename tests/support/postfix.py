@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.ports import free_port, wait_for_smtp
+from tests.support.watchdog import Watchdog
 
 SBIN = Path("/usr/sbin")
 POSTFIX = SBIN / "postfix"
@@ -62,28 +63,6 @@ def tools_unavailable_reason() -> str | None:
         if not os.access(tool, os.X_OK):
             return f"{tool} is missing (apt-get install postfix)"
     return None
-
-
-class _Watchdog:
-    """A tiny `sh` that waits for EOF on its stdin, then runs a cleanup command. We hold the pipe's write
-    end, so if this Python process dies without cleaning up (SIGKILL, pytest killed), the peer is still
-    stopped. `disarm()` ends it without cleanup after a normal stop."""
-
-    def __init__(self, script: str, *args: str) -> None:
-        self._proc = subprocess.Popen(
-            ["/bin/sh", "-c", f"cat >/dev/null; {script}", "watchdog", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,  # not killed with our process group by a ^C
-        )
-
-    def disarm(self) -> None:
-        """The peer was stopped normally: end the watchdog without running its cleanup."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGKILL)  # sh and its cat
-        if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-        self._proc.wait(timeout=5)
 
 
 def _run(argv: Sequence[str | Path], *, timeout: float = 30.0, check: bool = True,
@@ -196,7 +175,7 @@ class PostfixInstance:
         self.mail_dir = self.root / "mail"
         self.maillog = self.root / "maillog"
         self.master_pid: int | None = None
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
         self._closed = False
         self._write_config()
 
@@ -307,7 +286,7 @@ class PostfixInstance:
         if self.running:
             return self
         if self._watchdog is None:
-            self._watchdog = _Watchdog(
+            self._watchdog = Watchdog(
                 f'{POSTFIX} -c "$1" stop; sleep 2; rm -rf "$2"', str(self.config_dir), str(self.root))
         for attempt in range(3):
             res = self._postfix("start", timeout=timeout, check=False)
@@ -370,7 +349,11 @@ class PostfixInstance:
                 self._watchdog = None
 
     def __enter__(self) -> PostfixInstance:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -510,7 +493,7 @@ class SmtpSink:
         listen = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.argv = [*argv, *extra_args, listen, str(backlog)]
         self.proc: subprocess.Popen[bytes] | None = None
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
 
     def start(self, *, timeout: float = 10.0) -> SmtpSink:
         if self.proc is not None and self.proc.poll() is None:
@@ -518,7 +501,7 @@ class SmtpSink:
         with open(self.counter_file, "wb") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
-        self._watchdog = _Watchdog('kill -9 "$1"; sleep 1; rm -rf "$2"', str(self.proc.pid), str(self.workdir))
+        self._watchdog = Watchdog('kill -9 "$1"; sleep 1; rm -rf "$2"', str(self.proc.pid), str(self.workdir))
         try:
             wait_for_smtp(self.host, self.port, timeout=timeout)
         except TimeoutError:
@@ -584,7 +567,11 @@ class SmtpSink:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> SmtpSink:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -642,6 +629,10 @@ def smtp_source(host: str, port: int, *, messages: int = 1, sessions: int = 1, s
         proc.kill()
         out, _ = proc.communicate(timeout=10)
         timed_out = True
+    except BaseException:  # ^C: it has its own session, so it would not get the SIGINT
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
     elapsed = time.perf_counter() - started
     return SmtpSourceResult(returncode=proc.returncode, elapsed=elapsed, messages=messages,
                             sessions=sessions, size_bytes=size, output=out.decode(errors="replace"),
