@@ -300,6 +300,7 @@ class PostfixInstance:
                                f"--- maillog:\n{self.log()[-3000:]}")
         pid_file = self.queue_dir / "pid" / "master.pid"
         self.master_pid = int(pid_file.read_text().split()[0])
+        self._fixed_port = True  # from now on this is the instance's address, also after a restart
         try:
             wait_for_smtp(self.host, self.port, timeout=timeout)
         except TimeoutError:

@@ -121,3 +121,15 @@ def _unavailable() -> str | None:
     from tests.support.postfix import postfix_unavailable_reason
 
     return postfix_unavailable_reason()
+
+
+def test_primary_goes_down_and_comes_back_on_its_port(postfix_primary: PostfixInstance) -> None:
+    pf = postfix_primary
+    port = pf.port
+    pf.stop()
+    assert not is_listening(pf.host, port)
+    pf.start()
+    assert pf.port == port
+    with smtplib.SMTP(pf.host, pf.port, timeout=10) as c:
+        assert c.sendmail("bob@sender.test", ["bob@example.test"], MESSAGE) == {}
+    assert len(pf.wait_for_messages("bob", 1)) == 1
