@@ -342,10 +342,10 @@ def _probe_lines(p: SmtpProbe) -> list[str]:
         out.append(f"  skipped   {p.skipped}")
         return out
     if p.banner:
-        out.append(f"  banner    {_one_line(p.banner)}")
+        out.append(f"  banner    {short_reply(p.banner)}")
     if p.ehlo:
         ext = " ".join(p.extensions)
-        out.append(f"  ehlo      {p.ehlo.code} {ext}" if p.ehlo.is_positive else f"  ehlo      {_one_line(p.ehlo)}")
+        out.append(f"  ehlo      {p.ehlo.code} {ext}" if p.ehlo.is_positive else f"  ehlo      {short_reply(p.ehlo)}")
     if p.tls:
         out.append(f"  tls       {p.tls.version} {p.tls.cipher}")
         if p.tls.cert:
@@ -357,9 +357,9 @@ def _probe_lines(p: SmtpProbe) -> list[str]:
     for t in p.rcpts:
         sender = f"<{t.mail_from}>"
         if t.reply is not None:
-            out.append(f"  rcpt      {t.rcpt}: {_one_line(t.reply)}")
+            out.append(f"  rcpt      {t.rcpt}: {short_reply(t.reply)}")
         elif t.mail_reply is not None and not t.mail_reply.is_positive:
-            out.append(f"  mail      MAIL FROM:{sender}: {_one_line(t.mail_reply)}")
+            out.append(f"  mail      MAIL FROM:{sender}: {short_reply(t.mail_reply)}")
     if p.error:
         out.append(f"  error     {p.error}")
     return out
@@ -377,11 +377,14 @@ def _mark_lines(marks: list[Mark], implied: str = "") -> list[str]:
     return out
 
 
-def _one_line(reply: Reply) -> str:
-    text = " / ".join(line for line in reply.lines() if line)
-    if len(text) > 160:
-        text = text[:157] + "..."
-    return f"{reply.code} {reply.status} {text}".replace("  ", " ") if reply.status else f"{reply.code} {text}"
+def short_reply(reply: Reply | None, limit: int = 160) -> str:
+    """A reply on one line, "550 5.1.1 User unknown", cut at `limit` characters."""
+    if reply is None:
+        return "no reply"
+    text = " ".join(line for line in reply.lines() if line)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return " ".join(x for x in (str(reply.code), reply.status, text) if x)
 
 
 def _reply_json(reply: Reply | None) -> dict[str, Any] | None:

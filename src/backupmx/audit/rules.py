@@ -16,7 +16,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from backupmx.audit.report import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe
+from backupmx.audit.report import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe, short_reply
 from backupmx.config import Config
 from backupmx.reply import Reply
 
@@ -97,7 +97,7 @@ def _address_marks(domain: str, hosts: Sequence[Host]) -> list[Mark]:
     for h in hosts:
         if not h.addresses:
             marks.append(Mark("mx.address", Level.FAIL, h.name, f"no address: {h.error}; senders skip this MX",
-                              "give the MX name an A (and AAAA) record; an MX must name a host, not an address"))
+                              "give the MX name an A (and AAAA) record, or remove the MX record"))
         elif h.cname:
             marks.append(Mark("mx.address", Level.WARN, h.name,
                               f"is an alias (CNAME to {h.cname}); RFC 2181 §10.3 forbids it and some senders skip it",
@@ -407,9 +407,4 @@ def _rcpt_marks(p: SmtpProbe) -> list[Mark]:
 
 
 def _short(reply: Reply | None) -> str:
-    if reply is None:
-        return "no reply"
-    text = " ".join(line for line in reply.lines() if line)
-    if len(text) > 100:
-        text = text[:97] + "..."
-    return " ".join(x for x in (str(reply.code), reply.status, text) if x)
+    return short_reply(reply, limit=100)
