@@ -301,8 +301,8 @@ class _Session(asyncio.Protocol):
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not subclasses of asyncio.Transport, so no isinstance check here
+        self._transport = cast(asyncio.Transport, transport)
         self.client_ip, self.client_port = _client_ip(transport.get_extra_info("peername"))
         refusal = self.server._admit(self, self.client_ip)
         if refusal is not None:
