@@ -63,9 +63,14 @@ def dns_marks(view: DnsView) -> list[Mark]:
     if view.mx_error or not view.mx:
         why = view.mx_error or "empty answer"
         if why == "no MX record":
-            why = "no MX record: senders fall back to the domain's own address, one host and no backup"
-        return [Mark("mx.records", Level.FAIL, d, why,
-                     "publish MX records: the primary at a low preference (10), the backup higher (20)")]
+            return [Mark("mx.records", Level.FAIL, d,
+                         "no MX record: senders fall back to the domain's own address, one host and no backup",
+                         "publish MX records: the primary at a low preference (10), the backup higher (20)")]
+        if "NXDOMAIN" in why:
+            return [Mark("mx.records", Level.FAIL, d, f"the domain {why}", "check the name, and its delegation")]
+        return [Mark("mx.records", Level.FAIL, d,
+                     f"the MX lookup failed ({why}): senders that see the same cannot find any MX and keep retrying",
+                     "check the domain's nameservers, and the resolver used here (--nameserver)")]
     listing = ", ".join(f"{r.preference} {r.host.name}" for r in view.mx)
     marks = [Mark("mx.records", Level.OK, d, f"{len(view.mx)} MX record(s): {listing}")]
     hosts = _unique_hosts(view)

@@ -21,7 +21,7 @@ from aiosmtpd.controller import Controller
 
 from backupmx.audit import CheckReport, run_check
 from backupmx.audit.report import Level
-from backupmx.config import Config
+from backupmx.config import Config, config_from_dict
 from tests.support.dnsserver import DnsServer, ZoneSpec, merge_zones
 
 DNS_ONE, DNS_TWO = "ns1.dns-one.test.", "ns2.dns-two.test."
@@ -204,10 +204,37 @@ class Lab:
                 assert cmds[-2:] == ["RSET", "QUIT"], (m.name, peer, cmds)
 
 
-def pairs(report: CheckReport) -> set[tuple[str, Level]]:
-    return report.pairs()
-
-
 def problems(report: CheckReport) -> set[tuple[str, Level, str]]:
     """(check, level, subject) of every mark that is not ok."""
     return {(m.check, m.level, m.subject) for m in report.marks if m.level is not Level.OK}
+
+
+# --- cases shared by the lab tests and the CLI tests -------------------------------------------------
+def zone(mx: list[str], hosts: dict[str, str], ns: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """A case's zone: MX records, A records of the hosts, NS (the two shared nameservers by default)."""
+    spec: dict[str, Any] = {"@": {"NS": ns or STD_NS, "MX": mx} if mx else {"NS": ns or STD_NS}}
+    for name, ip in hosts.items():
+        spec[name] = {"A": ip}
+    spec.update(extra)
+    return spec
+
+
+def two_mx(domain: str, backup_ip: str = "127.2.0.1", **extra: Any) -> dict[str, Any]:
+    return {domain: zone(["10 mx1", "20 mx2"], {"mx1": "127.1.0.1", "mx2": backup_ip}, **extra)}
+
+
+def node_config(hostname: str, domains: list[str], lab: Lab | None = None, **domain_kw: Any) -> Config:
+    raw: dict[str, Any] = {"server": {"hostname": hostname}, "domains": [{"name": d, **domain_kw} for d in domains]}
+    if lab is not None:
+        raw["dns"] = {"nameservers": [lab.dns.nameserver]}
+    return config_from_dict(raw, source="lab.toml")
+
+
+def worst_lab(pki: Pki) -> Lab:
+    """Everything at once: the backup shares the primary's /24, offers no STARTTLS, accepts unknown users
+    and relays; the domain's nameservers sit in the primary's network too."""
+    ns = ["ns1.worst.test.", "ns2.worst.test."]
+    lab = Lab(pki, two_mx("worst.test", "127.1.0.2", ns=ns, ns1={"A": "127.1.0.53"}, ns2={"A": "127.1.0.54"}))
+    lab.mx("mx1.worst.test", "127.1.0.1", domains={"worst.test"})
+    lab.mx("mx2.worst.test", "127.1.0.2", domains={"worst.test"}, tls=None, users=None, open_relay=True)
+    return lab

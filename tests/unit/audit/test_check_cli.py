@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from backupmx.cli import main
-from tests.unit.audit.lab import Lab, Pki
-from tests.unit.audit.test_check_lab import two_mx, worst_lab
+from tests.unit.audit.lab import Lab, Pki, two_mx, worst_lab
 
 
 def healthy_lab(pki: Pki, tls: str = "ca") -> Lab:

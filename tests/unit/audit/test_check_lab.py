@@ -17,27 +17,13 @@ import pytest
 
 from backupmx.audit import render_text, run_check
 from backupmx.audit.report import CheckReport, Level
-from backupmx.config import config_from_dict
-from tests.unit.audit.lab import KNOWN_USERS, STD_NS, Lab, Pki, problems
+from tests.unit.audit.lab import KNOWN_USERS, Lab, Pki, node_config, problems, two_mx, worst_lab, zone
 
 OK, INFO, WARN, FAIL = Level.OK, Level.INFO, Level.WARN, Level.FAIL
 SMTP_OK = {("smtp.connect", OK), ("smtp.ehlo", OK), ("smtp.starttls", OK), ("smtp.tls-cert", OK),
            ("smtp.postmaster", OK), ("smtp.unknown-user", OK), ("smtp.relay", OK)}
 HEALTHY = {("mx.records", OK), ("mx.count", OK), ("mx.address", OK), ("mx.distinct", OK),
            ("site.backup", OK), ("site.ns", OK), ("site.mx-zone", OK)} | SMTP_OK
-
-
-def zone(mx: list[str], hosts: dict[str, str], ns: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    """A case's zone: MX records, A records of the hosts, NS (the two shared nameservers by default)."""
-    spec: dict[str, Any] = {"@": {"NS": ns or STD_NS, "MX": mx} if mx else {"NS": ns or STD_NS}}
-    for name, ip in hosts.items():
-        spec[name] = {"A": ip}
-    spec.update(extra)
-    return spec
-
-
-def two_mx(domain: str, backup_ip: str = "127.2.0.1", **extra: Any) -> dict[str, Any]:
-    return {domain: zone(["10 mx1", "20 mx2"], {"mx1": "127.1.0.1", "mx2": backup_ip}, **extra)}
 
 
 async def audit(lab: Lab, domain: str, **kw: Any) -> CheckReport:
@@ -292,13 +278,6 @@ async def test_equal_preferences_judge_each_host_against_the_others(pki: Pki) ->
 
 
 # --- this node's view (--config) --------------------------------------------------------------------
-def node_config(hostname: str, domains: list[str], lab: Lab | None = None, **domain_kw: Any) -> Any:
-    raw: dict[str, Any] = {"server": {"hostname": hostname}, "domains": [{"name": d, **domain_kw} for d in domains]}
-    if lab is not None:
-        raw["dns"] = {"nameservers": [lab.dns.nameserver]}
-    return config_from_dict(raw, source="lab.toml")
-
-
 @pytest.mark.parametrize(
     ("hostname", "domains", "expected"),
     [
@@ -329,16 +308,6 @@ async def test_config_nameservers_are_used_without_nameserver(pki: Pki) -> None:
     assert report.dns.resolver == lab.dns.nameserver
     assert report.pairs() == HEALTHY | {("node.domain", OK), ("node.mx", OK)}
     assert lab.dns.queried("viacfg.test", "MX") >= 1
-
-
-def worst_lab(pki: Pki) -> Lab:
-    """Everything at once: the backup shares the primary's /24, offers no STARTTLS, accepts unknown users
-    and relays; the domain's nameservers sit in the primary's network too."""
-    ns = ["ns1.worst.test.", "ns2.worst.test."]
-    lab = Lab(pki, two_mx("worst.test", "127.1.0.2", ns=ns, ns1={"A": "127.1.0.53"}, ns2={"A": "127.1.0.54"}))
-    lab.mx("mx1.worst.test", "127.1.0.1", domains={"worst.test"})
-    lab.mx("mx2.worst.test", "127.1.0.2", domains={"worst.test"}, tls=None, users=None, open_relay=True)
-    return lab
 
 
 WORST_PROBLEMS = {
