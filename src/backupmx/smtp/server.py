@@ -309,7 +309,7 @@ class _Session(asyncio.Protocol):
         if refusal is not None:
             self.server._n.connections_refused += 1
             self.server.maillog.event("reject", stage="connect", client=self.client_ip, reply=str(refusal))
-            transport.write(refusal.to_bytes())
+            self._transport.write(refusal.to_bytes())
             transport.close()
             self._conn.send_and_close(refusal)
             self._conn.data_to_send()
