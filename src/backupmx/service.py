@@ -10,6 +10,7 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from backupmx.clock import Clock, SystemClock
@@ -59,10 +60,23 @@ class Service:
         self.health: Any = None
         self.engine: Any = None
         self.admin: Any = None
+        self.resolver: Any = None
         self.checks: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A long-running part; if it dies, the failure is logged (the SMTP side keeps accepting)."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._part_done)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _part_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped: %r", task.get_name(), task.exception())
+
     async def start(self) -> None:
+        from backupmx.delivery.route import RouteResolver
         from backupmx.delivery.scheduler import DeliveryEngine
         from backupmx.monitor.probe import HealthMonitor
         from backupmx.policy.domains import build_checks
@@ -70,14 +84,16 @@ class Service:
 
         cfg = self.cfg
         self.spool = await open_spool(cfg, clock=self.clock)
-        self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog)
-        self.engine = DeliveryEngine(cfg, self.spool, self.health, self.clock, self.maillog)
+        self.resolver = RouteResolver(cfg)
+        self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)
+        self.engine = DeliveryEngine(cfg, self.spool, self.clock, self.maillog, self.health, self.resolver)
         self.checks = build_checks(cfg)
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
                                clock=self.clock, tls_context=tls_context(cfg))
         self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
-        await self.health.start()
-        await self.engine.start()
+        await self.health.open()  # an outage declared before a restart is still declared
+        self._spawn(self.health.run(), "health monitor")
+        self._spawn(self.engine.run(), "delivery engine")
         await self.smtp.start()
         if cfg.admin.listen:
             await self._start_admin()
@@ -91,6 +107,7 @@ class Service:
             from backupmx.admin.api import AdminServer
         except ImportError:  # the admin listener is optional while it is being built
             return
+        assert self.spool is not None
         self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock)
         await self.admin.start()
 
@@ -114,9 +131,14 @@ class Service:
         if self.admin is not None:
             await self.admin.stop()
         if self.engine is not None:
-            await self.engine.stop(grace=grace)
+            await self.engine.stop()
         if self.health is not None:
-            await self.health.stop()
+            self.health.stop()
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:  # a delivery still running past the grace: its lease expires, no loss
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self.spool is not None:
             await self.spool.close()
         log.info("stopped")
