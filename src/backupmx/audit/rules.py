@@ -371,7 +371,11 @@ def _rcpt_marks(p: SmtpProbe) -> list[Mark]:
     marks: list[Mark] = []
     t = p.rcpt("postmaster")
     if t is not None:
-        if t.reply is None:
+        if t.reply is None and t.mail_reply is not None and t.mail_reply.is_transient:
+            marks.append(Mark("smtp.postmaster", Level.WARN, s,
+                              f"MAIL FROM:<{t.mail_from}> deferred ({_short(t.mail_reply)}): no mail gets in for now",
+                              "fine if it passes; a lasting 4xx at MAIL turns every sender away"))
+        elif t.reply is None:
             marks.append(Mark("smtp.postmaster", Level.FAIL, s,
                               f"MAIL FROM:<{t.mail_from}> refused ({_short(t.mail_reply)}): no mail gets in",
                               "accept MAIL FROM from any sender at this stage"))

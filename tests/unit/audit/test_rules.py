@@ -172,6 +172,10 @@ def rcpt(kind: str, code: int) -> RcptTest:
         ({"tls": None, "tls_error": "wrong version number"}, {("smtp.starttls", FAIL)}),
         ({"rcpts": (rcpt("postmaster", 450),)}, {("smtp.postmaster", WARN)}),
         ({"rcpts": (rcpt("postmaster", 550),)}, {("smtp.postmaster", FAIL)}),
+        ({"rcpts": (RcptTest("postmaster", "", "postmaster@example.test", Reply(451, "4.3.0", "later"), None),)},
+         {("smtp.postmaster", WARN)}),
+        ({"rcpts": (RcptTest("postmaster", "", "postmaster@example.test", Reply(550, "5.7.1", "no"), None),)},
+         {("smtp.postmaster", FAIL)}),
         ({"rcpts": (rcpt("unknown", 450),)}, set()),  # a deferral makes no backscatter
         ({"rcpts": (rcpt("unknown", 250),)}, {("smtp.unknown-user", WARN)}),
         ({"rcpts": (rcpt("unknown", 250),), "role": Role.PRIMARY}, {("smtp.unknown-user", INFO)}),
