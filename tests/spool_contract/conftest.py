@@ -19,6 +19,7 @@ from backupmx.model import QueueId
 from backupmx.spool import Spool
 from backupmx.spool.sqlite import SqliteSpool
 from tests.spool_contract.samples import T0
+from tests.support.postgres import postgres_backend, postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 class Backend(Protocol):
@@ -72,10 +73,18 @@ class SqliteBackend:
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "sqlite": SqliteBackend,
 }
+# Backends that need a server: name -> the fixture that gives the Backend (it skips, with the reason,
+# where the server cannot run). tests/support/postgres.py starts one PostgreSQL per session.
+SERVER_BACKENDS: dict[str, str] = {
+    "postgres": "postgres_backend",
+}
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=sorted([*BACKENDS, *SERVER_BACKENDS]))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param in SERVER_BACKENDS:
+        found: Backend = request.getfixturevalue(SERVER_BACKENDS[request.param])
+        return found
     return BACKENDS[request.param](tmp_path / "data")
 
 
