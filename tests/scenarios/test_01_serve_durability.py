@@ -14,9 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from backupmx.spool.sqlite import SqliteSpool
 
 from backupmx.model import QueueId
+from backupmx.spool.sqlite import SqliteSpool
 from tests.support.serve import ServeProcess
 
 QUEUED_RE = re.compile(r"queued as ([0-9A-Z]+)")
