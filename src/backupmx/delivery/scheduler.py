@@ -30,7 +30,7 @@ from typing import Protocol
 
 from backupmx.clock import Clock
 from backupmx.config import Config
-from backupmx.delivery.backoff import clock_went_back, next_attempt_at
+from backupmx.delivery.backoff import clamp_due, clock_went_back, next_attempt_at
 from backupmx.delivery.bounce import DsnAction, DsnRecipient, build_dsn, dsn_owed
 from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, TransactionResult
 from backupmx.delivery.retention import RetentionPolicy
@@ -157,6 +157,7 @@ class DeliveryEngine:
         self._stopping = False
         self._tg: asyncio.TaskGroup | None = None
         self._last_sweep = float("-inf")
+        self._jump_flushed_at: float | None = None
         self._totals = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "held": 0, "dsns": 0}
         monitor.subscribe(self._on_state)
 
@@ -255,11 +256,17 @@ class DeliveryEngine:
         now = self._clock.now()
         due = await self._spool.next_due_at()
         if clock_went_back(due, now, maximum=self._d.retry_max):
-            log.warning("the clock went backwards: making the queue due again")
-            await self._spool.flush(None, now=now)
-            return 0.0
+            # due times (and leases) computed before the jump lie far ahead: make the queue due again,
+            # once per jump; our own leases come right at the next renewal
+            last = self._jump_flushed_at
+            if last is None or now < last or now - last > self._d.retry_max.total_seconds():
+                log.warning("the clock went backwards: making the queue due again")
+                await self._spool.flush(None, now=now)
+                self._jump_flushed_at = now
+                return 0.0
         if due is None or (due <= now and claimed == 0):
             return POLL  # nothing, or only what we cannot take now (DOWN, window full)
+        due = clamp_due(due, now, maximum=self._d.retry_max)
         return min(max(due - now, 0.0), POLL)
 
     async def _wait(self, timeout: float, *, real: bool = False) -> None:
@@ -577,7 +584,14 @@ class DeliveryEngine:
         jobs = list(dest.queue)
         dest.queue.clear()
         label = relay or "none"
-        for job in jobs:
+        for n, job in enumerate(jobs):
+            if not self._deliverable(dest.domain):
+                # the monitor has just declared the destination DOWN: no attempt is counted for the rest
+                rest = jobs[n:]
+                for j in rest:
+                    self._jobs.discard(j)
+                await self._spool.release([j.claim for j in rest])
+                return
             try:
                 outcomes = tuple(outcome for _ in job.claim.recipients)
                 result = TransactionResult(outcomes, label, relay.rsplit(":", 1)[0] if relay else "", False,

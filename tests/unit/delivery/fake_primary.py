@@ -104,6 +104,7 @@ class _SMTP(SMTP):
         self._primary = primary
         self.dsn_mail: dict[str, str] = {}
         self.dsn_rcpt: dict[str, dict[str, str]] = {}
+        self._mailer = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._primary._session_started()
@@ -111,9 +112,14 @@ class _SMTP(SMTP):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._primary._session_ended()
+        if self._mailer:
+            self._primary._mail_session_ended()
         super().connection_lost(exc)
 
     async def smtp_MAIL(self, arg: str) -> None:
+        if not self._mailer:
+            self._mailer = True
+            self._primary._mail_session_started()
         if self._primary.dsn and arg:
             arg, self.dsn_mail = _split_params(arg, ("RET", "ENVID"))
         await super().smtp_MAIL(arg)
@@ -150,6 +156,10 @@ class Primary:
         self.active = 0
         self.max_active = 0
         self.active_history: list[int] = []
+        self.mail_sessions = 0  # sessions that sent MAIL: deliveries, not probes
+        self.mail_active = 0
+        self.mail_max = 0
+        self.mail_history: list[int] = []
         self.delivered_event = asyncio.Event()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -162,6 +172,16 @@ class Primary:
 
     def _session_ended(self) -> None:
         self.active -= 1
+
+    def _mail_session_started(self) -> None:
+        """A session that sent MAIL (a delivery, not a health probe)."""
+        self.mail_sessions += 1
+        self.mail_active += 1
+        self.mail_max = max(self.mail_max, self.mail_active)
+        self.mail_history.append(self.mail_active)
+
+    def _mail_session_ended(self) -> None:
+        self.mail_active -= 1
 
     async def start(self, port: int = 0) -> Primary:
         loop = asyncio.get_running_loop()

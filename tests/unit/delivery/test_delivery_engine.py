@@ -258,7 +258,7 @@ async def test_smtputf8_without_support_bounces_5_6_7(tmp_path: Path, sink: Prim
 
 
 async def test_primary_unreachable_defers_everything_no_dsn(tmp_path: Path, sink: Primary) -> None:
-    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", sink)
+    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", sink, delivery={"down_after": 10})
     ids = [await h.put("a@example.com") for _ in range(5)]
     await h.engine.run_once()
     for qid in ids:
@@ -267,6 +267,17 @@ async def test_primary_unreachable_defers_everything_no_dsn(tmp_path: Path, sink
         assert "refused" in (r.last_reply or "").lower()
     assert await h.dsns() == []
     assert h.monitor.status("example.com").consecutive_failures >= 1  # fed by deliveries
+    await h.close()
+
+
+async def test_going_down_mid_round_spends_no_more_attempts(tmp_path: Path) -> None:
+    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", delivery={"down_after": 1,
+                                                                        "concurrency_initial": 1})
+    ids = [await h.put("a@example.com") for _ in range(5)]
+    await h.engine.run_once()
+    assert not h.monitor.is_deliverable("example.com")  # the refused connection declared it DOWN
+    attempts = [(await h.rcpt(q)).attempts for q in ids]
+    assert attempts == [0, 0, 0, 0, 0]  # released, not deferred: nothing counted
     await h.close()
 
 
