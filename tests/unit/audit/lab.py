@@ -134,7 +134,7 @@ def pick_port(addresses: list[str], tries: int = 100) -> int:
         socks: list[socket.socket] = []
         try:
             for addr in addresses:
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
                 socks.append(s)
                 s.bind((addr, port))
         except OSError:

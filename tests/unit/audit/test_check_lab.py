@@ -9,6 +9,7 @@ sent DATA and ended every session with RSET and QUIT.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,26 @@ async def test_dns_timeout_is_a_failure_within_the_timeout(pki: Pki) -> None:
     assert report.pairs() == {("mx.records", FAIL)}
     assert "timeout" in report.marks[0].text
     assert elapsed < 5
+
+
+async def test_ipv6_addresses_are_listed_and_probed(pki: Pki) -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    lab = Lab(pki, two_mx("v6.test", mx2={"A": "127.2.0.1", "AAAA": "::1"}))
+    lab.mx("mx1.v6.test", "127.1.0.1", domains={"v6.test"})
+    lab.mx("mx2.v6.test", "127.2.0.1", domains={"v6.test"})
+    lab.mx("mx2.v6.test", "::1", domains={"v6.test"})
+    with lab:
+        report = await audit(lab, "v6.test")
+    assert report.pairs() == HEALTHY
+    backup = next(r for r in report.dns.mx if r.host.name == "mx2.v6.test")
+    assert backup.host.ips == ("127.2.0.1", "::1")
+    assert sorted((p.host, p.address) for p in report.smtp) == [
+        ("mx1.v6.test", "127.1.0.1"), ("mx2.v6.test", "127.2.0.1"), ("mx2.v6.test", "::1")]
+    assert "[ ok ] smtp.relay" in render_text(report) and "mx2.v6.test [::1]" in render_text(report)
 
 
 async def test_equal_preferences_judge_each_host_against_the_others(pki: Pki) -> None:
