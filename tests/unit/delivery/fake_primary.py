@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -139,7 +142,9 @@ class _SMTP(SMTP):
 
 
 class Primary:
-    def __init__(self, *, dsn: bool = False, smtputf8: bool = True, hostname: str = "primary.test") -> None:
+    def __init__(self, *, dsn: bool = False, smtputf8: bool = True, hostname: str = "primary.test",
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        self.tls_context = tls_context
         self.dsn = dsn
         self.smtputf8 = smtputf8
         self.hostname = hostname
@@ -189,7 +194,8 @@ class Primary:
 
         def factory() -> _SMTP:
             return _SMTP(self, handler, hostname=self.hostname, enable_SMTPUTF8=self.smtputf8,
-                         decode_data=False, data_size_limit=100_000_000, loop=loop)
+                         decode_data=False, data_size_limit=100_000_000, loop=loop,
+                         tls_context=self.tls_context)
 
         self._server = await loop.create_server(factory, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -260,3 +266,15 @@ def closed_port() -> int:
     port = int(s.getsockname()[1])
     s.close()
     return port
+
+
+def self_signed(directory: Path, name: str = "primary.test") -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for `name` and 127.0.0.1 (openssl CLI), and a server context."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"],
+        check=True, capture_output=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return cert, ctx

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from backupmx.model import (
     RecipientState,
 )
 from backupmx.reply import Reply
-from tests.unit.delivery.fake_primary import BlackHole, Greeter, Primary, closed_port
+from tests.unit.delivery.fake_primary import BlackHole, Greeter, Primary, closed_port, self_signed
 
 BODY = (b"Received: from client.test\r\nSubject: dots\r\n\r\n.leading dot\r\n..two dots\r\n"
         b"middle . dot\r\n.\r\nlast line\r\n")
@@ -286,3 +287,50 @@ async def test_large_body_flow_control(primary: Primary) -> None:
     result = await asyncio.wait_for(s.deliver(env(rs), rs, body), 30)
     assert isinstance(result.outcomes[0], Delivered)
     assert primary.received[0].content == body
+
+
+def _tls(**kw: object) -> RelaySettings:
+    return RelaySettings(local_hostname="backup.test", connect_timeout=2.0, command_timeout=2.0,
+                         data_timeout=5.0, **kw)  # type: ignore[arg-type]
+
+
+async def test_starttls_opportunistic(tmp_path: Path) -> None:
+    _, ctx = self_signed(tmp_path)
+    p = await Primary(tls_context=ctx).start()
+    try:
+        s = await RelaySession.open([target(p)], _tls(tls_verify=False))  # self-signed is fine
+        assert s.tls
+        rs = rcpts("a@example.com")
+        assert isinstance((await s.deliver(env(rs), rs, BODY)).outcomes[0], Delivered)
+        assert p.received[0].content == BODY
+    finally:
+        await p.stop()
+
+
+async def test_tls_verify_rejects_untrusted_certificate(tmp_path: Path) -> None:
+    _, ctx = self_signed(tmp_path)
+    p = await Primary(tls_context=ctx).start()
+    try:
+        with pytest.raises(ConnectFailed) as info:
+            await RelaySession.open([target(p)], _tls(tls_verify=True))
+        assert info.value.reply.status == "4.7.5" and info.value.reply.code == 451  # deferred, never bounced
+        assert p.received == []
+    finally:
+        await p.stop()
+
+
+async def test_tls_verify_with_trusted_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, ctx = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    p = await Primary(tls_context=ctx).start()
+    try:
+        s = await RelaySession.open([target(p)], _tls(tls_verify=True))
+        assert s.tls
+    finally:
+        await p.stop()
+
+
+async def test_tls_verify_requires_starttls(primary: Primary) -> None:
+    with pytest.raises(ConnectFailed) as info:
+        await RelaySession.open([target(primary)], _tls(tls_verify=True))
+    assert info.value.reply.status == "4.7.4"

@@ -169,3 +169,27 @@ async def test_mx_port_for_tests() -> None:
     cfg = config_from_dict({"server": {"hostname": "b.test", "listen": ["127.0.0.1:2525"]}})
     r = RouteResolver(cfg, dns, mx_port=2600)
     assert (await r.resolve("sender.example")).targets[0].port == 2600
+
+
+async def test_real_dns_server_with_port() -> None:
+    """dnspython against `[dns] nameservers = ["IP:PORT"]` (the test DNS server), then a SERVFAIL."""
+    from tests.support.dnsserver import DnsServer
+
+    zones = {"example.test": {"@": {"MX": ["10 mx1", "20 backup"]}, "mx1": {"A": "127.0.0.1"},
+                              "backup": {"A": "192.0.2.99"}},
+             "sender.test": {"@": {"A": "127.0.0.2"}}}
+    with DnsServer(zones, host="127.0.0.1") as dns:
+        cfg = config_from_dict({"server": {"hostname": "backup.example.test", "listen": ["0.0.0.0:2999"]},
+                                "domains": [{"name": "example.test"}],
+                                "dns": {"nameservers": [dns.nameserver], "timeout": "2s"}})
+        r = RouteResolver(cfg)
+        route = await r.resolve("example.test")
+        assert route.source is RouteSource.MX
+        assert route.targets == (Target("mx1.example.test", 25, "127.0.0.1"),)
+        implicit = await r.resolve("sender.test")  # no MX: the domain's own address
+        assert implicit.source is RouteSource.IMPLICIT and implicit.targets[0].address == "127.0.0.2"
+        nx = await r.resolve("nowhere.example.test")
+        assert nx.failure is not None and nx.failure.status == "5.1.2"
+        dns.fail("example.test", "MX")
+        again = await r.resolve("example.test")
+        assert again.source is RouteSource.CACHED and again.targets == route.targets
