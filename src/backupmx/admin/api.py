@@ -49,7 +49,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null on our own forms
     "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                                 "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
 }
@@ -351,7 +351,8 @@ class Api:
 
 
 def _actor(request: web.Request) -> str:
-    return "dashboard" if request.get("session") else "api"
+    """Who acted, for the audit line: a script with the token, or someone in the dashboard."""
+    return "api" if request.headers.get("Authorization") else "dashboard"
 
 
 # --- the listener ---------------------------------------------------------------------------------
@@ -486,7 +487,6 @@ class AdminServer:
             return await handler(request)
         nonce = auth.session_nonce(request.cookies.get(COOKIE))
         if nonce is not None:
-            request["session"] = nonce
             if request.method not in SAFE_METHODS:
                 if not _same_origin(request):
                     return _error(403, "cross-origin request refused")

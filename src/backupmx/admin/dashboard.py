@@ -118,7 +118,7 @@ class Dashboard:
 
     # -- rendering -------------------------------------------------------------------------------
     def _render(self, request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
-        nonce = request.get("session")
+        nonce = self.auth.session_nonce(request.cookies.get(COOKIE))
         ctx.setdefault("outages", [])
         ctx.setdefault("guard_total", 0)
         ctx.setdefault("refresh", 0)
