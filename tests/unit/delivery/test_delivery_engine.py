@@ -420,3 +420,28 @@ async def test_reroute(tmp_path: Path, primary: Primary) -> None:
         await h.close()
     finally:
         await other.stop()
+
+
+async def test_backlog_at_one_primary_does_not_starve_another(tmp_path: Path, primary: Primary) -> None:
+    from backupmx.config import config_from_dict
+
+    fast = await Primary(hostname="fast.test").start()
+    try:
+        primary.data_delay = 0.02
+        cfg = config_from_dict({
+            "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2999"]},
+            "domains": [{"name": "example.com", "primary": [primary.hostport]},
+                        {"name": "other.com", "primary": [fast.hostport]}],
+            "delivery": {"window": 10, "concurrency_initial": 1, "concurrency_max": 1},
+        })
+        h = await Harness(tmp_path, cfg).open()
+        for _ in range(50):
+            await h.put("a@example.com")
+        await h.put("b@other.com")  # arrives last, behind a backlog of 50
+        await h.engine.run_once()
+        order = [str(f["to"]) for f in h.events.named("delivered")]
+        assert len(order) == 51
+        assert order.index("<b@other.com>") < 20  # not after the whole backlog
+        await h.close()
+    finally:
+        await fast.stop()
