@@ -159,6 +159,8 @@ class DeliveryEngine:
         self._last_sweep = float("-inf")
         self._jump_flushed_at: float | None = None
         self._totals = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "held": 0, "dsns": 0}
+        for name in sorted(config.domain_names):
+            self._dest(name)  # every protected destination shows in statistics(), even before mail
         monitor.subscribe(self._on_state)
 
     # -- public API ----------------------------------------------------------------------------------
@@ -237,8 +239,8 @@ class DeliveryEngine:
         self._kick.clear()  # a kick from here on (a worker finishing, a wake) ends the next wait early
         now = self._clock.now()
         for domain in sorted(self._flush_pending):
-            self._flush_pending.discard(domain)
             n = await self._spool.flush(domain, now=now)
+            self._flush_pending.discard(domain)  # only once done: a failed flush is tried again
             log.info("%s left DOWN: %d recipients made due", domain, n)
         if now - self._last_sweep >= SWEEP_INTERVAL:
             self._last_sweep = now
