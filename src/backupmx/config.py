@@ -124,6 +124,9 @@ class DomainConfig(_Frozen):
     unknown_while_down: Literal["defer", "accept", "reject"] = "accept"
     tls_verify: bool = False
     probe_rcpt: str | None = None  # a known-good address the health probe may RCPT to (then RSET)
+    # recipients = "verify": how long an answer of the primary is trusted (frozen while it is DOWN)
+    verify_positive_ttl: Duration = timedelta(days=30)
+    verify_negative_ttl: Duration = timedelta(days=1)
 
     @field_validator("name")
     @classmethod
@@ -162,6 +165,13 @@ class DomainConfig(_Frozen):
             raise ValueError('must be "any", "verify", "file:PATH" or a list of addresses')
         return v
 
+    @field_validator("verify_positive_ttl", "verify_negative_ttl")
+    @classmethod
+    def _ttl_at_least_1s(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
     @property
     def primary_hosts(self) -> list[tuple[str, int]] | None:
         """None when the primary is the domain's MX hosts ranked better than us."""
@@ -198,6 +208,32 @@ class DeliveryConfig(_Frozen):
         return v
 
 
+class PolicyConfig(_Frozen):
+    """Anti-abuse and the trust hand-off to the primary (docs/edge.md)."""
+
+    rate_limit: int = Field(0, ge=0)  # messages (MAIL commands) per minute per client IP; 0 = no limit
+    rate_burst: int = Field(0, ge=0)  # messages a client may send at once; 0 = the same as rate_limit
+    dnsbl: tuple[str, ...] = ()  # DNS blocklist zones, e.g. ["zen.spamhaus.org"]
+    spf: bool = False  # check SPF, add Authentication-Results (RFC 8601) for the primary
+    authserv_id: str = ""  # the authserv-id of that header; empty = server.hostname
+
+    @field_validator("dnsbl", mode="before")
+    @classmethod
+    def _dnsbl_list(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("dnsbl")
+    @classmethod
+    def _dnsbl_zones(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for zone in v:
+            z = zone.strip().lower().rstrip(".")
+            if not z or any(c.isspace() for c in z) or "@" in z or ".." in z:
+                raise ValueError(f"{zone!r} is not a DNS zone such as zen.spamhaus.org")
+            out.append(z)
+        return tuple(out)
+
+
 class AdminConfig(_Frozen):
     listen: str | None = "127.0.0.1:8025"
     token_file: Path | None = None
@@ -224,6 +260,7 @@ class Config(_Frozen):
     delivery: DeliveryConfig = DeliveryConfig()
     admin: AdminConfig = AdminConfig()
     dns: DnsConfig = DnsConfig()
+    policy: PolicyConfig = PolicyConfig()
     log: LogConfig = LogConfig()
     spool: SpoolConfig = SpoolConfig()
     source: str = "<defaults>"  # the file this came from, for messages
