@@ -212,6 +212,20 @@ class Spool(Protocol):
 
     async def outages(self, domain: str | None = None, *, since: float = 0.0) -> list[OutagePeriod]: ...
 
+    # -- shared state for the other parts (canary results, drill requests and reports) ---------------
+    async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        """The value under (namespace, key), or None (also when it has expired)."""
+        ...
+
+    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
+                     now: float | None = None) -> None:
+        """Set (namespace, key) to `value`, committed (every node of a shared spool sees it)."""
+        ...
+
+    async def kv_delete(self, namespace: str, key: str) -> bool:
+        """Remove (namespace, key); True when it existed."""
+        ...
+
 
 __all__ = [
     "BodyBuffer",

@@ -12,7 +12,7 @@ import sqlite3
 
 from backupmx.errors import SpoolUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # A recipient is "pending" (the message still needs us) while QUEUED or HELD.
 _PENDING = "('queued','held')"
@@ -174,7 +174,21 @@ BEGIN
 END;
 """
 
-_MIGRATIONS: dict[int, str] = {1: _V1}
+# Shared state for the other parts of backupmx (canary results, drill requests and reports): one row per
+# (namespace, key), the same table as PostgreSQL's (pg_schema.py).
+_V2 = """
+CREATE TABLE IF NOT EXISTS kv (
+    namespace  TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      BLOB NOT NULL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2}
 
 
 def user_version(conn: sqlite3.Connection) -> int:

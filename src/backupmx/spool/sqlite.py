@@ -797,9 +797,11 @@ class SqliteSpool:
 
     async def purge(self, *, before: float, limit: int = 10_000) -> int:
         """Delete up to `limit` finished messages (every recipient delivered/bounced/expired) whose last
-        change is older than `before`. Returns how many were deleted."""
+        change is older than `before`, and expired shared state (kv). Returns how many were deleted."""
+        now = self.clock.now()
 
         def op(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM kv WHERE expires_at <= ?", (now,))
             ids = [row[0] for row in conn.execute(
                 "SELECT m.id FROM messages m WHERE m.pending = 0 AND m.corrupt_reason IS NULL"
                 " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.updated_at >= ?)"
@@ -977,6 +979,37 @@ class SqliteSpool:
             return [OutagePeriod(row[0], row[1], row[2]) for row in conn.execute(sql, params)]
 
         return await self._read(fn)
+
+
+    # -- shared state for the other parts of backupmx --------------------------------------------------------
+    async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        now = self.clock.now()
+
+        def fn(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT value FROM kv WHERE namespace = ? AND key = ?"
+                               " AND (expires_at IS NULL OR expires_at > ?)", (namespace, key, now)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._read(fn)
+
+    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
+                     now: float | None = None) -> None:
+        t = self._now(now)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO kv (namespace, key, value, updated_at, updated_by, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at,"
+                " updated_by = excluded.updated_by, expires_at = excluded.expires_at",
+                (namespace, key, bytes(value), t, self.node, expires_at))
+
+        await self._write(op)
+
+    async def kv_delete(self, namespace: str, key: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)).rowcount > 0
+
+        return await self._write(op)
 
 
 class _BodyDamaged(Exception):
