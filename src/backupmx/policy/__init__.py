@@ -83,6 +83,34 @@ class Check(Protocol):
     async def check(self, stage: Stage, session: SessionInfo, address: str | None) -> Verdict: ...
 
 
+class HeaderFilter(Protocol):
+    """Rewrites the incoming message while it streams in (in practice: fields of its header section).
+    `feed` returns what may be stored now; `finish`, at the end of DATA, whatever it still holds."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What a HeaderStamp adds to one message: whole header fields (each ending in CRLF) written at the
+    top, above our Received header, and an optional filter over the incoming message."""
+
+    headers: bytes = b""
+    filter: HeaderFilter | None = None
+
+
+class HeaderStamp(Protocol):
+    """Asked once per message when DATA is accepted (before 354), with the envelope known; the fields
+    it returns are prepended to the stored message (the Authentication-Results of SPF, spf.py). A stamp
+    that raises is logged and skipped: it never costs a message."""
+
+    name: str
+
+    async def stamp(self, session: SessionInfo) -> Stamp: ...
+
+
 async def run_checks(checks: Sequence[Check], stage: Stage, session: SessionInfo,
                      address: str | None = None) -> Verdict:
     """Ask each check for `stage` in order; the first verdict other than CONTINUE wins."""
