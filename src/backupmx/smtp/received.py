@@ -1,6 +1,7 @@
 """The one header we write: `Received:` (RFC 5321 §4.4), prepended to the stored message.
 
     Received: from <helo> (<ip-literal> [<ip>])
+    <TAB>(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256 bits))      only after STARTTLS
     <TAB>by <hostname> (backupmx <node>) with ESMTP[S] id <QUEUEID>
     <TAB>for <rcpt>; <RFC 5322 date>
 
@@ -47,8 +48,18 @@ def protocol_name(*, extended: bool, tls: bool, smtputf8: bool) -> str:
     return base + ("S" if tls else "")
 
 
+def tls_comment(version: str | None, cipher: str | None, bits: int | None) -> str:
+    """`using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256 bits)`, in the habit of Postfix."""
+    text = f"using {_safe_token(version or 'TLS')}"
+    if cipher:
+        text += f" with cipher {_safe_token(cipher)}"
+        if bits:
+            text += f" ({int(bits)} bits)"
+    return text
+
+
 def received_header(*, helo: str, client_ip: str, hostname: str, node: str, protocol: str,
-                    queue_id: str, recipients: list[str], when: float) -> bytes:
+                    queue_id: str, recipients: list[str], when: float, tls: str | None = None) -> bytes:
     try:
         shown_ip = str(ipaddress.ip_address(client_ip))
     except ValueError:
@@ -56,6 +67,7 @@ def received_header(*, helo: str, client_ip: str, hostname: str, node: str, prot
     date = format_datetime(datetime.fromtimestamp(when, UTC))
     lines = [
         f"Received: from {safe_helo(helo)} ({address_literal(client_ip)} [{shown_ip}])",
+        *([f"\t({tls})"] if tls else []),
         f"\tby {_safe_token(hostname)} (backupmx {_safe_token(node)}) with {protocol} id {queue_id}",
     ]
     if len(recipients) == 1:

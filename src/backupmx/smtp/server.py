@@ -32,7 +32,7 @@ from backupmx.config import Config, parse_hostport
 from backupmx.errors import SpoolFullError
 from backupmx.maillog import MailLog
 from backupmx.model import Envelope, QueueId, new_queue_id
-from backupmx.policy import Check, SessionInfo, Stage, Verdict, run_checks
+from backupmx.policy import Check, HeaderFilter, HeaderStamp, SessionInfo, Stage, Verdict, run_checks
 from backupmx.reply import DISK_FULL, SHUTTING_DOWN, SPOOL_FAILED, Reply
 from backupmx.smtp.protocol import (
     CLOSED,
@@ -50,7 +50,7 @@ from backupmx.smtp.protocol import (
     StartTls,
     State,
 )
-from backupmx.smtp.received import protocol_name, received_header
+from backupmx.smtp.received import protocol_name, received_header, tls_comment
 from backupmx.spool import Spool
 from backupmx.spool.body import BodyBuffer
 
@@ -110,14 +110,17 @@ class _Data:
     queue_id: QueueId
     body: BodyBuffer
     failed: Reply | None = None
+    filters: tuple[HeaderFilter, ...] = ()  # from the header stamps, applied to every chunk
 
 
 class SmtpServer:
     def __init__(self, *, config: Config, spool: Spool, checks: Sequence[Check], maillog: MailLog,
-                 clock: Clock, tls_context: ssl.SSLContext | None = None) -> None:
+                 clock: Clock, tls_context: ssl.SSLContext | None = None,
+                 stamps: Sequence[HeaderStamp] = ()) -> None:
         self.cfg = config
         self.spool = spool
         self.checks = list(checks)
+        self.stamps = list(stamps)  # header fields prepended above our Received (policy.HeaderStamp)
         self.maillog = maillog
         self.clock = clock
         self.on_queued: Callable[[QueueId, frozenset[str]], None] | None = None
@@ -299,6 +302,7 @@ class _Session(asyncio.Protocol):
         self._deadline = 0.0
         self._queued = 0
         self._rejected = 0
+        self._tls_info: str | None = None  # "using TLSv1.3 with cipher ..." for the Received header
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -565,17 +569,35 @@ class _Session(asyncio.Protocol):
             return
         tx = self._conn.transaction
         assert tx is not None
+        stamped, filters = await self._stamp()
         now = srv.clock.now()
         qid = new_queue_id(now)  # chosen before storing: the Received header names it
         body = BodyBuffer(srv._tmp_dir)
-        self._data = _Data(qid, body)
+        self._data = _Data(qid, body, filters=filters)
         header = received_header(
             helo=self._conn.helo or "", client_ip=self.client_ip, hostname=srv.cfg.server.hostname,
             node=srv.cfg.server.node, protocol=protocol_name(extended=self._conn.extended, tls=self._conn.tls,
                                                              smtputf8=tx.params.smtputf8),
-            queue_id=qid, recipients=[r.address for r in tx.recipients], when=now)
-        self._write_body(header)
+            queue_id=qid, recipients=[r.address for r in tx.recipients], when=now,
+            tls=self._tls_info if self._conn.tls else None)
+        self._write_body(stamped + header)
         self._conn.accept()
+
+    async def _stamp(self) -> tuple[bytes, tuple[HeaderFilter, ...]]:
+        """Header fields from the stamps (Authentication-Results, ...), and their filters. A failing
+        stamp is logged and skipped: it never costs a message."""
+        fields: list[bytes] = []
+        filters: list[HeaderFilter] = []
+        for stamp in self.server.stamps:
+            try:
+                got = await stamp.stamp(self._info)
+            except Exception:
+                log.exception("header stamp %s failed for %s", getattr(stamp, "name", stamp), self.client_ip)
+                continue
+            fields.append(got.headers)
+            if got.filter is not None:
+                filters.append(got.filter)
+        return b"".join(fields), tuple(filters)
 
     def _write_body(self, data: bytes) -> None:
         d = self._data
@@ -589,7 +611,21 @@ class _Session(asyncio.Protocol):
             d.failed = DISK_FULL if full else SPOOL_FAILED
 
     def _on_chunk(self, ev: DataChunk) -> None:
-        self._write_body(ev.data)
+        data = ev.data
+        if self._data is not None:
+            for f in self._data.filters:
+                data = f.feed(data)
+        self._write_body(data)
+
+    def _finish_filters(self) -> None:
+        """The end of DATA: what the stamps' filters still hold goes into the body, in chain order."""
+        d = self._data
+        if d is None or not d.filters:
+            return
+        tail = b""
+        for f in d.filters:
+            tail = (f.feed(tail) if tail else b"") + f.finish()
+        self._write_body(tail)
 
     def _on_data_rejected(self, ev: DataRejected) -> None:
         if self._data is not None:
@@ -603,6 +639,7 @@ class _Session(asyncio.Protocol):
         data = self._data
         tx = conn.transaction
         assert data is not None and tx is not None
+        self._finish_filters()
         self._data = None
         handed_over = False
         try:
@@ -678,6 +715,13 @@ class _Session(asyncio.Protocol):
             raise _SessionEnd
         self._transport = transport
         self._conn.tls_established()
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            self._tls_info = tls_comment(ssl_object.version(), cipher[0] if cipher else None,
+                                         cipher[2] if cipher else None)
+        else:
+            self._tls_info = tls_comment(None, None, None)
         self.server._n.tls_sessions += 1
         self._info.tls = True
         self._info.helo = ""
