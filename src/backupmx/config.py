@@ -254,9 +254,43 @@ class SpoolConfig(_Frozen):
     url: str | None = None  # postgresql://... for many nodes; None = SQLite in server.data_dir
 
 
+class CanaryConfig(_Frozen):
+    """One `[[canary]]` entry (none = off): every `interval` a marked message for `to` goes through this node's
+    own SMTP listener, queue and relay to the domain's primary; not delivered within `deadline` while the
+    primary is up = "backup path broken" (backupmx.monitor.canary)."""
+
+    domain: str
+    to: str  # the canary mailbox at the primary; an address in `domain`
+    mail_from: str = ""  # the envelope sender; "" is the null sender <> (nobody ever gets a bounce)
+    interval: Duration = timedelta(minutes=15)
+    deadline: Duration = timedelta(minutes=5)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        return v.strip().lower().rstrip(".")
+
+    @field_validator("interval", "deadline")
+    @classmethod
+    def _at_least_1s(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        v = v.strip().removeprefix("<").removesuffix(">")
+        local, at, domain = v.rpartition("@")
+        if not at or not local or not domain or " " in v:
+            raise ValueError("must be an address such as canary@example.com")
+        return f"{local}@{domain.lower()}"
+
+
 class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     domains: tuple[DomainConfig, ...] = ()
+    canary: tuple[CanaryConfig, ...] = ()  # [[canary]], one per protected domain at most
     delivery: DeliveryConfig = DeliveryConfig()
     admin: AdminConfig = AdminConfig()
     dns: DnsConfig = DnsConfig()
@@ -310,6 +344,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: delivery.retry_max: must not be shorter than delivery.retry_min")
     if cfg.delivery.retention_cap < cfg.delivery.retention:
         raise ConfigError(f"{source}: delivery.retention_cap: must not be shorter than delivery.retention")
+    for i, c in enumerate(cfg.canary):
+        where = f"{source}: canary[{i}]"
+        d = cfg.domain(c.domain)
+        if d is None:
+            raise ConfigError(f"{where}.domain: {c.domain} is not one of the [[domains]]")
+        if c.to.rpartition("@")[2] != d.name:
+            raise ConfigError(f"{where}.to: {c.to} is not an address in {d.name}")
+        if d.accept == "when_primary_down":
+            raise ConfigError(f"{where}.domain: {d.name} accepts mail only while its primary is down, "
+                              "so the canary could never pass this node's listener")
+        if [x.domain for x in cfg.canary].count(c.domain) > 1:
+            raise ConfigError(f"{where}.domain: {c.domain} has more than one [[canary]]")
     if (cfg.server.tls_cert is None) != (cfg.server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert: tls_cert and tls_key go together")
     return cfg
