@@ -216,7 +216,10 @@ class Dashboard:
         chrome = await self._chrome()
         m = detail.message
         subject = next((v for k, v in detail.headers if k.lower() == "subject"), "")
+        waiting = {d.domain for d in chrome["snap"].domains
+                   if d.primary.state is DestinationState.DOWN and not d.reroute}
         return self._render(request, "message.html", title=f"Message {m.id}", m=m, detail=detail, subject=subject,
+                            waiting_domains=waiting,
                             has_queued=any(r.state is RecipientState.QUEUED for r in m.recipients),
                             has_held=any(r.state is RecipientState.HELD for r in m.recipients), **chrome)
 

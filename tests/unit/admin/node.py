@@ -28,12 +28,13 @@ from backupmx.spool.sqlite import SqliteSpool
 from tests.unit.admin.harness import TOKEN
 
 
-def node_config(tmp: Path, primaries: dict[str, str], *, delivery: dict[str, Any] | None = None) -> Config:
+def node_config(tmp: Path, primaries: dict[str, str], *, delivery: dict[str, Any] | None = None,
+                hostname: str = "backup.test") -> Config:
     token_file = tmp / "admin-token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     raw: dict[str, Any] = {
-        "server": {"hostname": "backup.test", "listen": ["127.0.0.1:0"], "data_dir": str(tmp / "data"),
+        "server": {"hostname": hostname, "listen": ["127.0.0.1:0"], "data_dir": str(tmp / "data"),
                    "min_free_disk": "1MB"},
         "domains": [{"name": d, "primary": [p]} for d, p in primaries.items()],
         "delivery": {"retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", "probe_timeout": "2s",
@@ -80,16 +81,17 @@ class Node:
 
 @asynccontextmanager
 async def running_node(tmp: Path, primaries: dict[str, str], *, alerts: Sequence[dict[str, Any]] = (),
-                       delivery: dict[str, Any] | None = None, sample_interval: float = 60.0) -> AsyncIterator[Node]:
-    cfg = node_config(tmp, primaries, delivery=delivery)
+                       delivery: dict[str, Any] | None = None, sample_interval: float = 60.0,
+                       hostname: str = "backup.test") -> AsyncIterator[Node]:
+    cfg = node_config(tmp, primaries, delivery=delivery, hostname=hostname)
     clock = SystemClock()
     out = io.StringIO()
-    maillog = MailLog(out, node="backup.test")
-    spool = SqliteSpool(cfg.server.data_dir, node="backup.test", clock=clock)
+    maillog = MailLog(out, node=hostname)
+    spool = SqliteSpool(cfg.server.data_dir, node=hostname, clock=clock)
     await spool.open()
     resolver = RouteResolver(cfg)
     monitor = HealthMonitor(cfg, spool, clock, maillog, resolver)
-    engine = DeliveryEngine(cfg, spool, clock, maillog, monitor, resolver, owner="backup.test")
+    engine = DeliveryEngine(cfg, spool, clock, maillog, monitor, resolver, owner=hostname)
     smtp = SmtpServer(config=cfg, spool=spool, checks=build_checks(cfg), maillog=maillog, clock=clock)
     smtp.on_queued = lambda _qid, _domains: engine.wake()
     manager: AlertManager | None = None
