@@ -31,7 +31,7 @@ from backupmx.clock import Clock
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import SpoolFullError
 from backupmx.maillog import MailLog
-from backupmx.model import Envelope, QueueId, new_queue_id
+from backupmx.model import Envelope, MessageKind, QueueId, new_queue_id
 from backupmx.policy import Check, HeaderFilter, HeaderStamp, SessionInfo, Stage, Verdict, run_checks
 from backupmx.reply import DISK_FULL, SHUTTING_DOWN, SPOOL_FAILED, Reply
 from backupmx.smtp.protocol import (
@@ -124,6 +124,9 @@ class SmtpServer:
         self.maillog = maillog
         self.clock = clock
         self.on_queued: Callable[[QueueId, frozenset[str]], None] | None = None
+        # Before the commit, may return the envelope with another kind (the canary marks its own messages,
+        # backupmx.monitor.canary); it must not raise for ordinary input and must leave the body as it is.
+        self.classify: Callable[[Envelope, BodyBuffer], Envelope] | None = None
         self._tls_context = tls_context
         s = config.server
         self._idle = s.idle_timeout.total_seconds()
@@ -658,6 +661,11 @@ class _Session(asyncio.Protocol):
                 sender=tx.sender, recipients=tuple(tx.recipients), body_type=tx.params.body_type,
                 smtputf8=tx.params.smtputf8, ret=tx.params.ret, envid=tx.params.envid,
                 client_ip=self.client_ip, client_helo=conn.helo or "")
+            if srv.classify is not None:
+                try:
+                    envelope = srv.classify(envelope, data.body)
+                except Exception:
+                    log.exception("classifying %s failed: stored as user mail", data.queue_id)
             put = asyncio.ensure_future(srv.spool.put_with_id(data.queue_id, envelope, data.body))
             try:
                 # COMMIT POINT: once put_with_id returns, the message is on stable storage and ours.
@@ -687,6 +695,7 @@ class _Session(asyncio.Protocol):
             srv.maillog.event(
                 "queued", data.queue_id, client=self.client_ip, helo=conn.helo or "",
                 size=size, nrcpt=len(tx.recipients), to=",".join(f"<{r.address}>" for r in tx.recipients),
+                kind=None if envelope.kind is MessageKind.USER else envelope.kind.value,
                 **{"from": f"<{tx.sender}>"})
             if srv.on_queued is not None:
                 try:
