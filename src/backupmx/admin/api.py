@@ -398,7 +398,7 @@ class AdminServer:
         self._loopback = is_loopback(host)
         self.auth = AdminAuth(load_token(self.config))
         await asyncio.to_thread(self.series.open)
-        await self.ops.restore_reroutes()
+        await self.ops.sync_reroutes()
         app = self.build_app()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -413,8 +413,22 @@ class AdminServer:
         sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname() if sockets else (host, port)
         self._bound = (str(bound[0]), int(bound[1]))
-        self._sampler_task = asyncio.create_task(self.sampler.run(), name="admin-sampler")
+        self._sampler_task = asyncio.create_task(self._every_minute(), name="admin-sampler")
         log.info("admin listener on %s (dashboard, /api/, /metrics)", self.url)
+
+    async def _every_minute(self) -> None:
+        """The chart sample and the reroute sync, at each interval boundary, until cancelled."""
+        interval = self.sampler.interval
+        while True:
+            now = self.clock.now()
+            await self.clock.sleep(interval - (now % interval) or interval)
+            for job in (self.sampler.sample, self.ops.sync_reroutes):
+                try:
+                    await job()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # charts and syncing must never take the node down
+                    log.warning("admin: %s failed: %s", job.__name__, e)
 
     async def stop(self) -> None:
         if self._sampler_task is not None:

@@ -14,13 +14,11 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from backupmx.admin.mailevents import HistoryEntry, MessageHistory
@@ -36,6 +34,7 @@ from backupmx.spool import OutagePeriod, QueueFilter, Spool, SpoolStats
 log = logging.getLogger("backupmx.admin")
 
 GUARD_REASON = "recovery-guard"
+REROUTE_NS = "admin.reroute"  # spool key/value namespace: domain -> JSON list of "host:port"
 HEADER_LIMIT = 64 * 1024
 _QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{14}$")
 
@@ -262,7 +261,6 @@ class Operations:
         self.history = history or MessageHistory()
         self.domain_names = tuple(d.name for d in config.domains)
         self._reroutes: dict[str, tuple[str, ...]] = {}
-        self._reroute_file = config.server.data_dir / "reroutes.json"
 
     # -- reading ---------------------------------------------------------------------------------
     def health_snapshot(self) -> dict[str, DestinationStatus]:
@@ -473,9 +471,11 @@ class Operations:
             raise ActionError("delivery is not running on this node")
         targets = parse_reroute_hosts(hosts)
         self._refuse_ourselves(targets)
+        labels = tuple(format_hostport(h, p) for h, p in targets)
+        # saved first: a reroute the spool does not know would silently end at the next restart
+        await self.spool.kv_put(REROUTE_NS, d, json.dumps(list(labels)).encode(), now=self.clock.now())
         await _maybe_await(self.engine.set_reroute(d, targets))
-        self._reroutes[d] = tuple(format_hostport(h, p) for h, p in targets)
-        self._save_reroutes()
+        self._reroutes[d] = labels
         self._audit("rerouted", None, actor, domain=d, to=",".join(self._reroutes[d]))
         released = 0
         if release_held:
@@ -488,44 +488,41 @@ class Operations:
         d = self.require_domain(domain)
         if self.engine is None:
             raise ActionError("delivery is not running on this node")
+        await self.spool.kv_delete(REROUTE_NS, d)
         was = self._reroutes.pop(d, None)
         await _maybe_await(self.engine.set_reroute(d, None))
-        self._save_reroutes()
         self._audit("reroute-cleared", None, actor, domain=d)
         await self._wake(d)
         return was is not None
 
-    async def restore_reroutes(self) -> None:
-        """Reapply the reroutes saved before a restart (a restart must not silently undo one)."""
-        try:
-            saved = json.loads(self._reroute_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+    async def sync_reroutes(self) -> None:
+        """Apply the reroutes kept in the spool to this node's engine: at start (a restart must not
+        silently undo a reroute) and every minute (with a shared spool, a reroute set on one node reaches
+        the others)."""
+        if self.engine is None:
             return
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable, reroutes not restored: %s", self._reroute_file, e)
-            return
-        if not isinstance(saved, dict) or self.engine is None:
-            return
-        for domain, hosts in saved.items():
-            if domain not in self.domain_names:
-                continue
+        for domain in self.domain_names:
             try:
-                targets = parse_reroute_hosts(hosts)
-            except ActionError as e:
-                log.warning("%s: %s: %s", self._reroute_file, domain, e)
+                raw = await self.spool.kv_get(REROUTE_NS, domain)
+            except Exception as e:
+                log.warning("reading the reroute of %s failed: %s", domain, e)
+                continue
+            targets: list[tuple[str, int]] | None = None
+            if raw is not None:
+                try:
+                    targets = parse_reroute_hosts(json.loads(raw))
+                except (ValueError, ActionError) as e:
+                    log.warning("the saved reroute of %s is unreadable, ignored: %s", domain, e)
+            labels = tuple(format_hostport(h, p) for h, p in targets) if targets else None
+            if labels == self._reroutes.get(domain):
                 continue
             await _maybe_await(self.engine.set_reroute(domain, targets))
-            self._reroutes[domain] = tuple(format_hostport(h, p) for h, p in targets)
-            log.warning("reroute restored: %s -> %s", domain, ", ".join(self._reroutes[domain]))
-
-    def _save_reroutes(self) -> None:
-        tmp = self._reroute_file.with_suffix(".tmp")
-        try:
-            self._reroute_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({d: list(h) for d, h in self._reroutes.items()}), encoding="utf-8")
-            os.replace(tmp, self._reroute_file)
-        except OSError as e:
-            log.error("%s: cannot save reroutes (they hold until a restart): %s", self._reroute_file, e)
+            if labels:
+                self._reroutes[domain] = labels
+                log.warning("reroute in force: %s -> %s", domain, ", ".join(labels))
+            else:
+                self._reroutes.pop(domain, None)
+                log.warning("reroute of %s ended", domain)
 
     def _refuse_ourselves(self, targets: Sequence[tuple[str, int]]) -> None:
         """Never reroute into our own SMTP listener: the mail would loop back into the queue."""
@@ -574,11 +571,3 @@ def destination_concurrency(stats: object) -> dict[str, int]:
                 out[name] = value
                 break
     return out
-
-
-def message_domains(m: MessageRecord) -> list[str]:
-    return sorted({r.domain for r in m.recipients})
-
-
-def data_path(config: Config, name: str) -> Path:
-    return config.server.data_dir / name

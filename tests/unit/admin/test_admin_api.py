@@ -214,13 +214,14 @@ async def test_reroute_sets_the_engine_flushes_and_undoes(tmp_path: Path) -> Non
             assert r.state is RecipientState.QUEUED and r.next_attempt_at <= time.time()
         status = await h.get_json("/api/domains/example.test")
         assert status["reroute"] == ["127.0.0.1:2600", "[::1]:2601"]
-        saved = json.loads((h.config.server.data_dir / "reroutes.json").read_text())
-        assert saved == {"example.test": ["127.0.0.1:2600", "[::1]:2601"]}
+        saved = await h.spool.kv_get("admin.reroute", "example.test")
+        assert saved is not None and json.loads(saved) == ["127.0.0.1:2600", "[::1]:2601"]
 
         undo = await h.call("DELETE", "/api/domains/example.test/reroute")
         assert undo == {"domain": "example.test", "reroute": None, "was_rerouted": True}
         assert h.engine.reroutes["example.test"] is None
         assert (await h.get_json("/api/domains/example.test"))["reroute"] is None
+        assert await h.spool.kv_get("admin.reroute", "example.test") is None
 
 
 async def test_reroute_refuses_bad_hosts_and_our_own_listener(tmp_path: Path) -> None:
@@ -241,6 +242,19 @@ async def test_a_reroute_survives_a_restart(tmp_path: Path) -> None:
     async with running_admin(tmp_path) as h2:
         assert h2.engine.reroutes == {"other.test": [("10.0.0.7", 25)]}
         assert (await h2.get_json("/api/domains/other.test"))["reroute"] == ["10.0.0.7:25"]
+
+
+async def test_a_reroute_reaches_another_node_of_the_same_spool(tmp_path: Path) -> None:
+    cfg_b = admin_config(tmp_path / "data", smtp_listen="127.0.0.1:2526")
+    async with running_admin(tmp_path) as a, running_admin(tmp_path / "b", config=cfg_b) as b:
+        await a.call("PUT", "/api/domains/example.test/reroute", json={"hosts": ["10.0.0.8:2525"]})
+        assert b.engine.reroutes == {}
+        await b.server.ops.sync_reroutes()  # what node B's minute loop does
+        assert b.engine.reroutes == {"example.test": [("10.0.0.8", 2525)]}
+        await a.call("DELETE", "/api/domains/example.test/reroute")
+        await b.server.ops.sync_reroutes()
+        assert b.engine.reroutes == {"example.test": None}
+        assert (await b.get_json("/api/domains/example.test"))["reroute"] is None
 
 
 async def test_actions_need_delivery_for_reroute(tmp_path: Path) -> None:
