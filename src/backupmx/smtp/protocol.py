@@ -242,7 +242,7 @@ class SmtpConnection:
         self._pending: Event | None = None
         self._discarding_line = False
         # DATA scanner state
-        self._data_prefix = 0  # virtual CRLF bytes still to drop from the first chunk
+        self._data_start = False  # nothing of this message's content handed out yet
         self._data_size = 0
         self._data_error: Reply | None = None
         self._in_headers = True
@@ -652,14 +652,13 @@ class SmtpConnection:
     # -- DATA --------------------------------------------------------------------------------------
     def _start_data(self) -> None:
         self.state = State.DATA
-        # The CRLF that ended the DATA command starts the first line: with it in front, the one
-        # terminator search below also finds ".<CRLF>" right after the 354 (an empty message).
-        self._buf[0:0] = CRLF
-        self._data_prefix = 2
+        # The CRLF that ended the DATA command starts the first line: ".<CRLF>" right at the start is
+        # the end (an empty message) and a dot there is a stuffed dot, like after any other CRLF.
+        self._data_start = True
         self._data_size = 0
         self._data_error = None
         self._in_headers = True
-        self._hdr_tail = CRLF  # the first header line starts right after the virtual CRLF
+        self._hdr_tail = CRLF  # the first header line starts right after that CRLF
         self._received = 0
         self._data_done = False
 
@@ -668,6 +667,13 @@ class SmtpConnection:
             self._data_done = False
             return self._finish_data()
         buf = self._buf
+        if self._data_start:
+            if buf[:3] == b".\r\n":
+                del buf[:3]
+                self._data_start = False
+                return self._finish_data()
+            if len(buf) < 3 and b".\r\n".startswith(buf):
+                return NEED_DATA
         end = buf.find(_TERMINATOR)
         if end >= 0:
             cut = end + 2  # the CRLF before the dot belongs to the last line
@@ -679,12 +685,17 @@ class SmtpConnection:
                 cut -= 2
             elif cut >= 1 and buf[cut - 1] == 13:
                 cut -= 1
-            if cut <= self._data_prefix:
+            if cut <= 0:
                 return NEED_DATA
             rest_from = cut
-        region = bytes(buf[:cut])
+        if self._data_error is not None:
+            chunk = b""  # refused already: read to the end, keep nothing
+        else:
+            with memoryview(buf) as view:
+                region = bytes(view[:cut])
+            chunk = self._scan(region)
+        self._data_start = False
         del buf[:rest_from]
-        chunk = self._scan(region)
         if end < 0:
             return DataChunk(chunk) if chunk else NEED_DATA
         if chunk:
@@ -694,13 +705,10 @@ class SmtpConnection:
 
     def _scan(self, region: bytes) -> bytes:
         """Undo dot-stuffing, check for bare CR/LF/NUL, size and hop count; returns content to emit."""
+        if self._data_start and region[:1] == b".":
+            region = region[1:]  # a stuffed dot on the first line
         if b"\r\n." in region:
             region = region.replace(b"\r\n.", b"\r\n")
-        if self._data_prefix:
-            region = region[self._data_prefix:]
-            self._data_prefix = 0
-        if self._data_error is not None:
-            return b""
         crlf = region.count(b"\r\n")
         if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
             self._data_error = R_BARE_NEWLINE
@@ -717,11 +725,22 @@ class SmtpConnection:
         return region
 
     def _count_received(self, region: bytes) -> None:
-        text = self._hdr_tail + region.lower()
-        end = text.find(b"\r\n\r\n")
-        if end >= 0:
-            text = text[: end + 2]
+        # Find the end of the header section on the raw bytes (it may straddle the previous chunk), then
+        # lower-case and count only the header part: a big body is never copied here.
+        tail = self._hdr_tail
+        joint = tail[-3:]
+        j = (joint + region[:3]).find(b"\r\n\r\n")
+        if j >= 0:
+            header = region[: max(0, j + 2 - len(joint))]
             self._in_headers = False
+        else:
+            e = region.find(b"\r\n\r\n")
+            if e >= 0:
+                header = region[: e + 2]
+                self._in_headers = False
+            else:
+                header = region
+        text = tail + header.lower()
         self._received += text.count(_RECEIVED)
         self._hdr_tail = text[-(len(_RECEIVED) - 1):]
 

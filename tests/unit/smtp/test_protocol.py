@@ -106,7 +106,7 @@ def _unstuff(stuffed: bytes) -> bytes:
 
 def test_chunk_boundaries_anywhere_give_the_same_message() -> None:
     rng = random.Random(5321)
-    alphabet = [b"a", b".", b"\r\n", b"..", b"\r\n.", b"Received: x", b" "]
+    alphabet = [b"a", b".", b"\r\n", b"..", b"\r\n.", b"Received: x", b" ", b"\r\nRECEIVED:", b"\r\n\r\n"]
     for _ in range(300):
         parts = [rng.choice(alphabet) for _ in range(rng.randint(0, 40))]
         raw = b"".join(parts) + b"\r\n"
@@ -123,6 +123,9 @@ def test_chunk_boundaries_anywhere_give_the_same_message() -> None:
             h.feed(wire[pos:pos + step])
             pos += step
         assert [s.body for s in h.stored] == [expected], raw
+        head = (b"\r\n" + expected).split(b"\r\n\r\n", 1)[0].lower()
+        done = h.of(DataComplete)[0]
+        assert isinstance(done, DataComplete) and done.received_headers == head.count(b"\r\nreceived:"), raw
 
 
 def test_bytewise_feed_of_smuggling_still_rejected() -> None:
