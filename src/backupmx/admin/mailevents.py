@@ -140,7 +140,7 @@ class MailTally:
 
     def listener(self, event: str, fields: dict[str, object]) -> None:
         kind = EVENT_KINDS.get(event)
-        if kind is None:
+        if kind is None or "via" in fields:  # an operator's action (admin audit line), not mail flow
             return
         reason = reason_class(fields)
         if kind is MailEvent.ACCEPTED:
