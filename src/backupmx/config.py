@@ -7,6 +7,7 @@ The key names documented in the README are a contract: add keys, never rename wi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import tomllib
@@ -287,6 +288,123 @@ class CanaryConfig(_Frozen):
         return f"{local}@{domain.lower()}"
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ContinuityConfig(_Frozen):
+    """The emergency inbox (backupmx.continuity): recipients read their held mail during a long outage.
+    Off by default; opens per domain while an outage is declared or the operator opened it by hand."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8026"  # its own listener, never the admin one
+    base_url: str | None = None  # the public address put in sign-in links; default http://<listen>
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    secret_file: Path | None = None  # signing key; default data_dir/continuity.key (share it between nodes)
+    link_ttl: Duration = timedelta(hours=24)  # a sign-in link works once, within this time
+    session_ttl: Duration = timedelta(hours=12)  # a signed-in browser, never past the grant
+    grant_default: Duration = timedelta(days=7)  # `access grant` without --expires
+    grant_max: Duration = timedelta(days=90)
+    smarthost: str | None = None  # "host:port" for `access grant --notify`; never a protected primary
+    notify_from: str | None = None  # envelope and From: of those notices; default postmaster@<hostname>
+    audit_log: Path | None = None  # default data_dir/continuity-audit.log
+    timezone: str = "UTC"  # dates in the inbox, e.g. "Asia/Seoul"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_ok(cls, v: str) -> str:
+        try:
+            parse_hostport(v, default_port=8026)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not host:port") from e
+        return v
+
+    @field_validator("smarthost")
+    @classmethod
+    def _smarthost_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            host, _ = parse_hostport(v, default_port=25)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not host:port") from e
+        if not host:
+            raise ValueError(f"{v!r} is not host:port")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", v):
+            raise ValueError("must be an http:// or https:// address such as https://mail-backup.example.com")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_ok(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"{v!r} is not a time zone such as \"UTC\" or \"Asia/Seoul\"") from e
+        return v
+
+    @field_validator("link_ttl", "session_ttl", "grant_default", "grant_max")
+    @classmethod
+    def _at_least_1s(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, default_port=8026)
+
+    @property
+    def public_url(self) -> str:
+        """Where sign-in links point: base_url, or the listener itself."""
+        if self.base_url:
+            return self.base_url
+        host, port = self.listen_address
+        scheme = "https" if self.tls_cert else "http"
+        if host in ("0.0.0.0", "::", ""):
+            host = "localhost"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _check_continuity(cfg: Config, source: str) -> None:
+    c = cfg.continuity
+    if (c.tls_cert is None) != (c.tls_key is None):
+        raise ConfigError(f"{source}: continuity.tls_cert: tls_cert and tls_key go together")
+    if not c.enabled:
+        return
+    host, _ = c.listen_address
+    https = c.tls_cert is not None or (c.base_url or "").startswith("https://")
+    if not _is_loopback(host) and not https:
+        raise ConfigError(f"{source}: continuity.listen: {c.listen} is not a loopback address; set "
+                          "continuity.tls_cert and tls_key, or serve it behind an HTTPS proxy and set "
+                          "continuity.base_url = \"https://...\"")
+    if c.grant_default > c.grant_max:
+        raise ConfigError(f"{source}: continuity.grant_default: must not be longer than continuity.grant_max")
+    if c.smarthost:
+        target = parse_hostport(c.smarthost, default_port=25)
+        for d in cfg.domains:
+            hosts = d.primary_hosts or []
+            if any(h.lower() == target[0].lower() and p == target[1] for h, p in hosts):
+                raise ConfigError(f"{source}: continuity.smarthost: {c.smarthost} is the primary of {d.name}; "
+                                  "sign-in links must not go through the protected primary")
+
+
 class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     domains: tuple[DomainConfig, ...] = ()
@@ -297,6 +415,7 @@ class Config(_Frozen):
     policy: PolicyConfig = PolicyConfig()
     log: LogConfig = LogConfig()
     spool: SpoolConfig = SpoolConfig()
+    continuity: ContinuityConfig = ContinuityConfig()
     source: str = "<defaults>"  # the file this came from, for messages
 
     def domain(self, name: str) -> DomainConfig | None:
@@ -358,6 +477,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
             raise ConfigError(f"{where}.domain: {c.domain} has more than one [[canary]]")
     if (cfg.server.tls_cert is None) != (cfg.server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert: tls_cert and tls_key go together")
+    _check_continuity(cfg, source)
     return cfg
 
 
