@@ -52,7 +52,7 @@ def unavailable_reason() -> str | None:
         except KeyError:
             return "running as root and there is no 'postgres' user to run the server as"
     try:
-        import asyncpg  # noqa: F401
+        import asyncpg  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         return "asyncpg is not installed (pip install asyncpg)"
     return None
@@ -245,22 +245,32 @@ def wait_until_accepting(server: PostgresServer, timeout: float = 15.0) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the whole session (skips where it cannot run)."""
+# Each fixture is defined under a name of its own (`*_fixture`) and registered under the short name, so a
+# test module can import `postgres_url_fixture` (marked noqa F401) and still take `postgres_url` as a
+# parameter without shadowing the import. The short names are aliases, for conftest.py files.
+_SERVER = pytest.StashKey[PostgresServer]()
+
+
+@pytest.fixture(scope="session", name="postgres_server")
+def postgres_server_fixture(request: pytest.FixtureRequest) -> PostgresServer:
+    """One PostgreSQL server for the whole session (skips where it cannot run). Every module that imports
+    this fixture gets its own copy of the definition, so the server itself is kept in the session's
+    stash and stopped when the session ends."""
+    server = request.config.stash.get(_SERVER, None)
+    if server is not None:
+        return server
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
     server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    request.config.add_cleanup(server.close)
+    server.start()
+    request.config.stash[_SERVER] = server
+    return server
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+@pytest.fixture(name="postgres_url")
+def postgres_url_fixture(postgres_server: PostgresServer) -> Iterator[str]:
     """A fresh, empty database on the session's server, emptied (and kept for reuse) afterwards."""
     if not postgres_server.running():  # a test that stopped it and failed before starting it again
         postgres_server.start()
@@ -271,7 +281,12 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         postgres_server.recycle_database(url)
 
 
-@pytest.fixture
-def postgres_backend(postgres_server: PostgresServer, postgres_url: str) -> PostgresBackend:
+@pytest.fixture(name="postgres_backend")
+def postgres_backend_fixture(postgres_server: PostgresServer, postgres_url: str) -> PostgresBackend:
     """The contract suite's "postgres" backend: a PostgresSpool on a fresh database."""
     return PostgresBackend(postgres_server, postgres_url)
+
+
+postgres_server = postgres_server_fixture
+postgres_url = postgres_url_fixture
+postgres_backend = postgres_backend_fixture

@@ -588,7 +588,7 @@ class PostgresSpool:
         self._writer: _Writer | None = None
         self._pool: Any = None
         self._open_lock = asyncio.Lock()
-        self._node_seen_at = 0.0
+        self._node_seen_at: float | None = None
 
     # -- connections ---------------------------------------------------------------------------------
     def _server_settings(self) -> dict[str, str]:
@@ -618,7 +618,6 @@ class PostgresSpool:
                 conn = await self._connect()
                 await migrate(conn)
                 await self._check_settings(conn)
-                await self._register_node(conn)
                 await self._reap_uploads(conn, self.clock.now())
                 self._pool = await asyncpg.create_pool(
                     self.url, min_size=0, max_size=self.pool_size, max_inactive_connection_lifetime=60.0,
@@ -631,6 +630,19 @@ class PostgresSpool:
             writer = _Writer(self._connect)
             writer.start(conn)
             self._writer = writer
+
+    async def migrate(self) -> tuple[int, int]:
+        """Create or upgrade the schema without opening the spool: (version before, version after)."""
+        try:
+            conn = await self._connect()
+        except Exception as exc:
+            raise map_error(exc) from exc
+        try:
+            return await migrate(conn)
+        except Exception as exc:
+            raise map_error(exc) from exc
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         async with self._open_lock:
@@ -650,21 +662,6 @@ class PostgresSpool:
             value = await conn.fetchval("SELECT current_setting($1)", name)
             if value == unsafe:
                 log.warning("spool: PostgreSQL %s = %s: an acknowledged message can be lost in a crash", name, value)
-
-    async def _register_node(self, conn: Connection) -> None:
-        now = self.clock.now()
-        host = socket.gethostname()
-        other = await conn.fetchrow("SELECT host, pid, seen_at FROM nodes WHERE name = $1", self.node)
-        if other is not None and other["host"] != host and now - other["seen_at"] < 120:
-            log.warning("spool: node name %r is also used by %s (seen %.0fs ago): leases of two nodes with one "
-                        "name are one lease; give each node its own server.node_name",
-                        self.node, other["host"], now - other["seen_at"])
-        await conn.execute(
-            "INSERT INTO nodes (name, host, pid, version, started_at, seen_at) VALUES ($1, $2, $3, $4, $5, $5)"
-            " ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
-            " version = excluded.version, started_at = excluded.started_at, seen_at = excluded.seen_at",
-            self.node, host, os.getpid(), __version__, now)
-        self._node_seen_at = now
 
     async def _reap_uploads(self, conn: Connection, now: float) -> int:
         """Remove bodies uploaded by a node that died before their message was committed."""
@@ -860,10 +857,26 @@ class PostgresSpool:
         return await self._write(op)
 
     async def _touch_node(self, conn: Connection, now: float) -> None:
-        if abs(now - self._node_seen_at) < NODE_SEEN_INTERVAL:
+        """A node is what claims mail (not a CLI command on the same spool): registered at its first
+        claim, then seen again every NODE_SEEN_INTERVAL."""
+        if self._node_seen_at is not None and abs(now - self._node_seen_at) < NODE_SEEN_INTERVAL:
             return
+        first = self._node_seen_at is None
         self._node_seen_at = now
-        await conn.execute("UPDATE nodes SET seen_at = $2 WHERE name = $1", self.node, now)
+        if not first:
+            await conn.execute("UPDATE nodes SET seen_at = $2 WHERE name = $1", self.node, now)
+            return
+        host = socket.gethostname()
+        other = await conn.fetchrow("SELECT host, seen_at FROM nodes WHERE name = $1", self.node)
+        if other is not None and other["host"] != host and abs(now - other["seen_at"]) < 4 * NODE_SEEN_INTERVAL:
+            log.warning("spool: node name %r is also used on %s (seen %.0fs ago): two nodes with one name share "
+                        "their leases; give each node its own server.node_name", self.node, other["host"],
+                        now - other["seen_at"])
+        await conn.execute(
+            "INSERT INTO nodes (name, host, pid, version, started_at, seen_at) VALUES ($1, $2, $3, $4, $5, $5)"
+            " ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+            " version = excluded.version, started_at = excluded.started_at, seen_at = excluded.seen_at",
+            self.node, host, os.getpid(), __version__, now)
 
     async def renew(self, claims: Sequence[Claim], *, now: float, lease_seconds: float) -> None:
         keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
