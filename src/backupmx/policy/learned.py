@@ -1,0 +1,140 @@
+"""What backupmx has learned about recipients of `recipients = "verify"` domains: the primary's answers
+to RCPT probes, addresses deliveries succeeded to, and the operator's own entries.
+
+Kept in the spool's shared key-value table (namespace "learned", key "domain/local-part", case-folded;
+the Spool contract's kv_get/kv_put/kv_delete), so it survives restarts and every node of a PostgreSQL
+spool sees what one node learned. An entry carries its own *logical* expiry (the verify TTLs); the
+row's physical expiry in the kv table is later by `keep` (default: delivery.retention_cap), because
+while a primary is DOWN the learned set is frozen and must outlive its TTLs. Entries added by the
+operator never expire. Storage errors are raised as they come (the verifier treats them as "cannot tell").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from backupmx.policy.domains import domain_of
+
+NAMESPACE = "learned"
+
+
+class Source:
+    PROBE = "probe"  # the primary answered a RCPT probe
+    DELIVERED = "delivered"  # the primary took a message for the address
+    OPERATOR = "operator"  # `backupmx recipients add`
+    IMPORT = "import"  # `backupmx recipients import`
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedRecipient:
+    address: str  # local@domain as first seen (the key is case-folded)
+    known: bool  # True: the primary accepts it; False: it said 550 5.1.1
+    source: str  # Source.*
+    learned_at: float
+    expires_at: float | None  # logical expiry; None = until removed (operator entries)
+
+    def fresh(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+
+def learned_key(address: str) -> str:
+    """"Alice@Example.TEST" -> "example.test/alice"."""
+    local, _, domain = address.rpartition("@")
+    return f"{domain.lower()}/{local.casefold()}"
+
+
+def _encode(entry: LearnedRecipient) -> bytes:
+    return json.dumps({"a": entry.address, "k": entry.known, "s": entry.source, "at": entry.learned_at,
+                       "exp": entry.expires_at}, separators=(",", ":")).encode()
+
+
+def _decode(raw: bytes) -> LearnedRecipient | None:
+    try:
+        d = json.loads(raw)
+        exp = d.get("exp")
+        return LearnedRecipient(str(d["a"]), bool(d["k"]), str(d.get("s", "")), float(d["at"]),
+                                None if exp is None else float(exp))
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged row is as good as none: the address is asked again
+
+
+class KvStore(Protocol):
+    """The part of the Spool contract this module needs."""
+
+    async def kv_get(self, namespace: str, key: str) -> bytes | None: ...
+
+    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
+                     now: float | None = None) -> None: ...
+
+    async def kv_delete(self, namespace: str, key: str) -> bool: ...
+
+
+@runtime_checkable
+class KvListing(Protocol):
+    """PostgresSpool has it; listing is only for the CLI."""
+
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str = "",
+                      limit: int = 1000) -> Sequence[Any]: ...
+
+
+class LearnedRecipients:
+    """The learned set over a spool's kv table."""
+
+    def __init__(self, kv: KvStore, *, keep: float = 90 * 86400.0) -> None:
+        self._kv = kv
+        self._keep = keep
+
+    async def get(self, address: str) -> LearnedRecipient | None:
+        raw = await self._kv.kv_get(NAMESPACE, learned_key(address))
+        return None if raw is None else _decode(raw)
+
+    async def put(self, entry: LearnedRecipient) -> None:
+        physical = None if entry.expires_at is None else entry.expires_at + self._keep
+        await self._kv.kv_put(NAMESPACE, learned_key(entry.address), _encode(entry), expires_at=physical,
+                              now=entry.learned_at)
+
+    async def delete(self, address: str) -> bool:
+        return await self._kv.kv_delete(NAMESPACE, learned_key(address))
+
+    async def list(self, domain: str, *, after: str = "", limit: int = 1000) -> list[LearnedRecipient]:
+        """A page of the domain's entries in key order, after the address `after` (for paging)."""
+        prefix = f"{domain.lower()}/"
+        start = learned_key(after) if after else ""
+        rows: Sequence[Any]
+        if isinstance(self._kv, KvListing):
+            rows = [(i.key, i.value) for i in await self._kv.kv_list(NAMESPACE, prefix=prefix, after=start,
+                                                                        limit=limit)]
+        else:
+            path = getattr(self._kv, "path", None)
+            if not isinstance(path, Path):
+                raise NotImplementedError("this spool cannot list its kv table")
+            rows = await asyncio.to_thread(_sqlite_kv_list, path, prefix, start, limit)
+        out: list[LearnedRecipient] = []
+        for _key, value in rows:
+            entry = _decode(bytes(value))
+            if entry is not None and domain_of(entry.address) == domain.lower():
+                out.append(entry)
+        return out
+
+
+def _sqlite_kv_list(path: Path, prefix: str, after: str, limit: int) -> list[tuple[str, bytes]]:
+    """SqliteSpool's kv table read directly (read-only), for as long as its contract has no kv_list.
+    Expired rows are included: the CLI shows what is stored; the entry's own expiry says the rest."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn.execute("PRAGMA query_only = 1")
+        rows = conn.execute(
+            "SELECT key, value FROM kv WHERE namespace = ? AND key > ? AND substr(key, 1, ?) = ?"
+            " ORDER BY key LIMIT ?", (NAMESPACE, max(after, prefix), len(prefix), prefix, max(0, limit)))
+        return [(str(k), bytes(v)) for k, v in rows]
+    finally:
+        conn.close()
+
+
+__all__ = ["NAMESPACE", "KvStore", "LearnedRecipient", "LearnedRecipients", "Source", "learned_key"]
