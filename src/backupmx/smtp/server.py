@@ -294,6 +294,7 @@ class _Session(asyncio.Protocol):
         self.client_ip = ""
         self.client_port = 0
         self._transport: asyncio.Transport | None = None
+        self._tls_context = server._tls_context  # fixed for the session: what EHLO offered is what we do
         self._conn = SmtpConnection(server._protocol_config())
         self._info = SessionInfo(client_ip="")
         self._waiter: asyncio.Future[_Wake] | None = None
@@ -340,7 +341,9 @@ class _Session(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         self.wake(_Wake.EOF)
-        return None
+        # A client that half-closes after pipelining its commands still gets its replies: keep the
+        # transport open for writing (not possible, nor needed, under TLS).
+        return not self._conn.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
@@ -426,6 +429,8 @@ class _Session(asyncio.Protocol):
             elif isinstance(ev, Hello):
                 await self._on_hello(ev)
             elif isinstance(ev, Rejected):
+                tx = conn.transaction
+                self._info.sender = tx.sender if tx is not None else None
                 self._log_reject(_STAGE_OF.get(ev.command, Stage.CONNECT), ev.reply, "protocol",
                                  argument=ev.argument)
             elif isinstance(ev, StartTls):
@@ -511,9 +516,11 @@ class _Session(asyncio.Protocol):
         self._rejected += 1
         self.server._n.rejected += 1
         info = self._info
+        tx = self._conn.transaction
+        sender = tx.sender if tx is not None else info.sender if stage is Stage.MAIL else None
         self.server.maillog.event(
             "reject", stage=stage.value, client=self.client_ip, helo=info.helo or None,
-            sender=None if info.sender is None else f"<{info.sender}>",
+            sender=None if sender is None else f"<{sender}>",
             recipient=None if recipient is None else f"<{recipient}>",
             command=argument[:200] if argument else None, reply=str(reply), reason=reason or None)
 
@@ -710,7 +717,7 @@ class _Session(asyncio.Protocol):
 
     async def _start_tls(self) -> None:
         self._flush()
-        ctx = self.server._tls_context
+        ctx = self._tls_context
         if ctx is None or self._transport is None:
             raise _SessionEnd
         loop = asyncio.get_running_loop()

@@ -99,6 +99,17 @@ async def test_smuggling_over_the_wire_stores_nothing(make_server: MakeServer, e
     assert r.server.statistics().accepted == 0
 
 
+async def test_half_closing_client_still_gets_its_replies(make_server: MakeServer) -> None:
+    r = await make_server()
+    c = await Client.connect(r.port)
+    await c.send(b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+                 b"Subject: x\r\n\r\nhalf-closed\r\n.\r\nQUIT\r\n")
+    c.writer.write_eof()
+    rest = (await c.read_to_close()).decode()
+    assert "250 2.0.0 Ok: queued as " in rest and rest.endswith("221 2.0.0 Bye\r\n"), rest
+    assert len(await stored(r)) == 1
+
+
 async def test_relay_denied_and_unknown_user_store_nothing(make_server: MakeServer) -> None:
     r = await make_server(domains=[{"name": "example.test", "recipients": ["alice@example.test"]}])
     c = await Client.connect(r.port)
