@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 import time
@@ -102,15 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands that live with their feature: (module, function adding its parser). One line each; a
+# feature whose module is missing simply has no subcommand.
+SUBCOMMAND_HOOKS: tuple[tuple[str, str], ...] = (
+    ("backupmx.monitor.check", "add_check_parser"),
+    ("backupmx.spool.cli", "add_spool_parser"),
+)
+
+
 def _optional_hooks() -> list[Callable[[Any], None]]:
-    """Subcommands that live with their feature (audit, drill, ...), registered if present."""
     hooks: list[Callable[[Any], None]] = []
-    try:
-        from backupmx.monitor.check import add_check_parser
-    except ImportError:
-        pass
-    else:
-        hooks.append(add_check_parser)
+    for module_name, function in SUBCOMMAND_HOOKS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        hooks.append(getattr(module, function))
     return hooks
 
 
