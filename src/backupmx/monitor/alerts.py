@@ -29,18 +29,44 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from backupmx.clock import Clock
-from backupmx.config import Config, Duration, Size, parse_hostport
 from backupmx.errors import ConfigError
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus
 from backupmx.spool import SpoolStats
 
+if TYPE_CHECKING:
+    from backupmx.config import Config
+
 log = logging.getLogger("backupmx.alerts")
+
+
+# config.py holds `alerts: tuple[AlertConfig, ...]`, so this module must not import config.py while it
+# loads (either may be imported first): its parsers are reached through these thin wrappers.
+def _duration(value: object) -> timedelta:
+    from backupmx.config import parse_duration
+
+    return parse_duration(value)
+
+
+def _size(value: object) -> int:
+    from backupmx.config import parse_size
+
+    return parse_size(value)
+
+
+def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
+    from backupmx.config import parse_hostport as parse
+
+    return parse(value, default_port)
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+Size = Annotated[int, BeforeValidator(_size)]
 
 STATE_FILE = "alerts-state.json"
 QUEUE_LIMIT = 1000  # notices waiting per destination; beyond it the oldest is dropped (and logged)
@@ -423,8 +449,8 @@ class AlertManager:
             key = (Condition.FREE_DISK, "")
             threshold = a.free_disk_below if key not in dest.active else a.free_disk_below / LEVEL_HYSTERESIS
             change(Condition.FREE_DISK, "", free < threshold,
-                   f"free disk on {self.node} is {_size(free)} (alert below {_size(a.free_disk_below)})",
-                   f"free disk on {self.node} is back to {_size(free)}", free_bytes=free)
+                   f"free disk on {self.node} is {_bytes(free)} (alert below {_bytes(a.free_disk_below)})",
+                   f"free disk on {self.node} is back to {_bytes(free)}", free_bytes=free)
         return notices
 
     # -- sending ----------------------------------------------------------------------------------
@@ -586,7 +612,7 @@ def _span(seconds: float | None) -> str:
     return f"{sec}s"
 
 
-def _size(n: float) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
