@@ -35,7 +35,7 @@ def blocked(client_ip: str) -> Reply:
     return Reply(554, "5.7.1", f"Service unavailable; Client host [{client_ip}] blocked")
 
 
-def configure(resolver: dns.resolver.Resolver, config: DnsConfig) -> None:
+def configure(resolver: dns.resolver.BaseResolver, config: DnsConfig) -> None:
     """Point a dnspython resolver (sync or async) at `[dns] nameservers` ("IP" or "IP:PORT")."""
     if config.nameservers:
         servers: list[str | dns.nameserver.Nameserver] = []
