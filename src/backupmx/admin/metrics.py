@@ -128,5 +128,5 @@ class Metrics:
         self.registry.register(self.collector)
 
     async def render(self) -> bytes:
-        self.collector.snapshot = await self.ops.snapshot()
+        self.collector.snapshot = await self.ops.snapshot(guard=False)  # no scan of held mail per scrape
         return bytes(generate_latest(self.registry))

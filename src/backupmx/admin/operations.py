@@ -34,6 +34,7 @@ from backupmx.spool import OutagePeriod, QueueFilter, Spool, SpoolStats
 log = logging.getLogger("backupmx.admin")
 
 GUARD_REASON = "recovery-guard"
+GUARD_COUNT_TTL = 5.0  # seconds a count of guard holds is reused
 REROUTE_NS = "admin.reroute"  # spool key/value namespace: domain -> JSON list of "host:port"
 HEADER_LIMIT = 64 * 1024
 _QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{14}$")
@@ -261,6 +262,7 @@ class Operations:
         self.history = history or MessageHistory()
         self.domain_names = tuple(d.name for d in config.domains)
         self._reroutes: dict[str, tuple[str, ...]] = {}
+        self._guard_cache: tuple[float, dict[str, int]] | None = None
 
     # -- reading ---------------------------------------------------------------------------------
     def health_snapshot(self) -> dict[str, DestinationStatus]:
@@ -309,11 +311,13 @@ class Operations:
             log.warning("reading metrics series failed: %s", e)
             return []
 
-    async def guard_holds(self, domain: str | None = None, *, limit: int = 200) -> list[GuardHold]:
-        """Recipients HELD by the recovery guard (awaiting review), oldest message first, at most `limit`."""
+    async def guard_holds(self, domain: str | None = None, *, limit: int = 200, max_pages: int = 100
+                          ) -> list[GuardHold]:
+        """Recipients HELD by the recovery guard (awaiting review), oldest message first, at most `limit`,
+        looking at no more than `max_pages` pages of 200 held messages."""
         out: list[GuardHold] = []
         after: QueueId | None = None
-        for _ in range(100):  # bounded: 100 pages of 200 held messages
+        for _ in range(max_pages):
             page = await self.spool.list_messages(QueueFilter(domain=domain, state=RecipientState.HELD),
                                                   limit=200, after=after)
             for m in page:
@@ -329,18 +333,25 @@ class Operations:
         return out
 
     async def _guard_counts(self) -> dict[str, int]:
+        """Guard holds per domain among the first 2000 held messages (the spool counts holds, not their
+        reasons), remembered for a few seconds so that page loads do not rescan."""
+        now = self.clock.now()
+        if self._guard_cache is not None and 0 <= now - self._guard_cache[0] < GUARD_COUNT_TTL:
+            return self._guard_cache[1]
         counts: dict[str, int] = {}
-        for g in await self.guard_holds(limit=10_000):
+        for g in await self.guard_holds(limit=100_000, max_pages=10):
             counts[g.recipient.domain] = counts.get(g.recipient.domain, 0) + 1
+        self._guard_cache = (now, counts)
         return counts
 
-    async def snapshot(self) -> NodeSnapshot:
-        """Everything about the node, read once: spool stats, health, rates, disk, sessions."""
+    async def snapshot(self, *, guard: bool = True) -> NodeSnapshot:
+        """Everything about the node, read once: spool stats, health, rates, disk, sessions (and, unless
+        `guard` is False, the recovery-guard holds per domain)."""
         stats = await self.spool.stats()
         now = self.clock.now()
         health = self.health_snapshot()
         conc = self.concurrency()
-        guard = await self._guard_counts() if stats.recipients_by_state.get("held") else {}
+        guard_counts = await self._guard_counts() if guard and stats.recipients_by_state.get("held") else {}
         points = await self.series_points(hours=0.5)
         by_domain = {d.domain: d for d in stats.domains}
         reports = []
@@ -352,7 +363,7 @@ class Operations:
             status = health[name]
             reroute = self._reroutes.get(name)
             reports.append(DomainReport(
-                domain=name, primary=status, queued=queued, held=held, guard_held=guard.get(name, 0),
+                domain=name, primary=status, queued=queued, held=held, guard_held=guard_counts.get(name, 0),
                 messages_pending=ds.messages_pending if ds else 0,
                 oldest_pending_at=ds.oldest_pending_at if ds else None, rates=r,
                 drain_eta_seconds=drain_eta(queued, held, r, status.state, reroute is not None),
@@ -542,6 +553,7 @@ class Operations:
             log.warning("waking delivery for %s failed: %s", domain or "all domains", e)
 
     def _audit(self, event: str, queue_id: str | None, actor: str, **fields: object) -> None:
+        self._guard_cache = None  # every action may change what awaits review
         self.maillog.event(event, queue_id, via=actor, **fields)
         log.info("admin action: %s %s by %s %s", event, queue_id or "", actor,
                  " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
