@@ -12,6 +12,8 @@ Python): it ends only at `<CRLF>.<CRLF>` (the CRLF of the DATA line counts, so `
 whole message rejected after the real end (550 5.5.2, the SMTP-smuggling defence: a fake ending never
 ends anything, and what follows it stays body text); the size limit is enforced while streaming (excess
 discarded, read to the end, 552 5.3.4); `Received:` headers are counted (554 5.4.6 above the limit).
+Content lines longer than 1000 octets and 8-bit bytes without BODY=8BITMIME are accepted and kept
+as sent (byte-exact beats folding; RELIABILITY.md #41/#45 leave this to policy).
 Memory is bounded: command lines by the line limit, DATA by what the caller does with DataChunk events.
 
 Misuse of the API (calling next_event while a decision is pending, deciding twice) raises

@@ -99,6 +99,49 @@ async def test_smuggling_over_the_wire_stores_nothing(make_server: MakeServer, e
     assert r.server.statistics().accepted == 0
 
 
+async def test_helo_injection_gives_one_received_header(make_server: MakeServer) -> None:
+    r = await make_server()
+    c = await Client.connect(r.port)
+    assert await c.cmd(b"HELO foo\rX-Injected: yes") == "501 5.5.2 Invalid hostname"
+    assert await c.cmd("EHLO not_a;valid(name)") == "250 DSN"  # accepted, but shown sanitised
+    qid = qid_of(await c.send_mail(b"Subject: x\r\n\r\nbody\r\n"))
+    await c.close()
+    body = (await stored(r))[qid][1]
+    head = body.split(b"\r\n\r\n", 1)[0]
+    assert body.count(b"Received:") == 1 and b"X-Injected" not in body
+    assert head.startswith(b"Received: from not_a_valid_name_ ([127.0.0.1] [127.0.0.1])\r\n\tby mx.test")
+    assert all(ln.startswith((b"Received:", b"\t", b"Subject:")) for ln in head.split(b"\r\n"))
+
+
+async def test_eight_bit_body_and_long_lines_stored_as_sent(make_server: MakeServer) -> None:
+    r = await make_server()
+    body = "Subject: caf\u00e9\r\n\r\n".encode() + b"\xff\xfe 8-bit \x80\r\n" + b"L" * 5000 + b"\r\n"
+    c = await Client.connect(r.port)
+    await c.ehlo()
+    qid = qid_of(await c.send_mail(body))  # no BODY=8BITMIME: accepted (RELIABILITY.md #45 policy)
+    await c.close()
+    assert (await stored(r))[qid][1].endswith(body)
+
+
+async def test_ipv6_listener(make_server: MakeServer) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    r = await make_server(server={"listen": ["[::1]:0"]})
+    host, port = r.server.bound[0]
+    assert host == "::1"
+    c = await Client.connect(port, host="::1")
+    await c.ehlo()
+    qid = qid_of(await c.send_mail(BODY))
+    await c.close()
+    body = (await stored(r))[qid][1]
+    assert body.startswith(b"Received: from client.test ([IPv6:::1] [::1])\r\n")
+
+
 async def test_half_closing_client_still_gets_its_replies(make_server: MakeServer) -> None:
     r = await make_server()
     c = await Client.connect(r.port)
