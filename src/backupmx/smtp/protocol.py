@@ -280,11 +280,12 @@ class SmtpConnection:
         self.transaction = None
 
     # -- calls from the transport ------------------------------------------------------------------
-    def greet(self, banner: Reply) -> bool:
-        """Send the banner. False (and 554, closed) when the client talked before it."""
+    def greet(self, banner: Reply, *, reject_early_talkers: bool = True) -> bool:
+        """Send the banner. False (and 554, closed) when the client talked before it and
+        `reject_early_talkers` (the transport passes False when it did not hold the banner back)."""
         if self.state is not State.GREETING:
             raise ProtocolUsageError("greet() twice")
-        if self.talked_early:
+        if self.talked_early and reject_early_talkers:
             self._reply(R_PREGREET)
             self._close()
             return False

@@ -386,8 +386,8 @@ class _Session(asyncio.Protocol):
                                          "pregreet")
                     elif wake is _Wake.EOF:
                         return
-                conn.greet(SHUTTING_DOWN if srv._stopping else
-                           Reply(220, "", f"{srv.cfg.server.hostname} ESMTP"))
+                conn.greet(SHUTTING_DOWN if srv._stopping else Reply(220, "", f"{srv.cfg.server.hostname} ESMTP"),
+                           reject_early_talkers=srv._greeting_delay > 0)
             await self._pump()
         except _SessionEnd:
             pass

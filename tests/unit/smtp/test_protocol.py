@@ -13,6 +13,7 @@ from backupmx.smtp.protocol import (
     NEED_DATA,
     DataComplete,
     DataRejected,
+    Hello,
     MailFrom,
     ProtocolConfig,
     ProtocolUsageError,
@@ -534,6 +535,13 @@ def test_talked_before_greeting() -> None:
     assert c.greet(Reply(220, "", "mx.test ESMTP")) is False
     assert c.data_to_send() == b"554 5.5.1 Protocol error: talked before greeting\r\n"
     assert c.next_event() is CLOSED
+
+
+def test_early_talk_tolerated_when_the_banner_was_not_held_back() -> None:
+    c = SmtpConnection(ProtocolConfig(hostname="mx.test"))
+    c.receive_data(b"EHLO fast.test\r\n")
+    assert c.greet(Reply(220, "", "mx.test ESMTP"), reject_early_talkers=False) is True
+    assert isinstance(c.next_event(), Hello)
 
 
 def test_api_misuse_raises() -> None:

@@ -351,6 +351,15 @@ async def test_greeting_delay(make_server: MakeServer) -> None:
     assert any(f.get("reason") == "pregreet" for f in r.events_named("reject"))
 
 
+async def test_pipelined_ehlo_without_greeting_delay_is_fine(make_server: MakeServer) -> None:
+    r = await make_server()
+    c = await Client.connect(r.port, banner=False)
+    await c.send(b"EHLO fast.test\r\n")  # may arrive before the banner is written
+    assert (await c.reply()).startswith("220 ")
+    assert await c.reply() == "250 DSN"
+    await c.close()
+
+
 async def test_policy_error_is_temporary(make_server: MakeServer) -> None:
     class Broken:
         name = "broken"
