@@ -1,0 +1,547 @@
+"""The drill: `backupmx drill DOMAIN --for 10m` holds delivery for DOMAIN on the running node as if its primary
+were down (SMTP keeps accepting), then releases it, waits for what was accepted in the window to leave, and
+writes a report: start, end, accepted in the window (a warning when zero: no sender used the backup),
+delivered, still held, bounced. `backupmx drill --report` and `backupmx status` show the last one.
+
+How the CLI reaches `serve`: through the spool's kv, so it works with or without the admin listener and on a
+shared PostgreSQL spool. The CLI writes a request under ("drill", "request/NODE/DOMAIN") that expires after a
+minute; the `DrillRunner` inside `serve` looks for requests for its own node every second, takes one, answers
+under ("drill", "ack/ID"), and keeps the report under ("drill", "report/DOMAIN"). The hold is
+`HealthMonitor.force_down`: the outage is declared like a real one (the primary-down alert is part of the drill)
+and ends with `clear_force`, which probes at once. On a shared spool only this node holds; others deliver.
+A `serve` stopped during a drill releases first; the report says "interrupted".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from backupmx.clock import Clock
+from backupmx.config import Config, load_config, parse_duration
+from backupmx.errors import ConfigError, SpoolError
+from backupmx.maillog import MailLog
+from backupmx.model import MessageKind, QueueId, RecipientState
+from backupmx.monitor import DestinationState, DestinationStatus
+from backupmx.spool import Spool
+
+log = logging.getLogger("backupmx.drill")
+
+KV_NAMESPACE = "drill"
+POLL = 1.0  # how often `serve` looks for requests, and for mail leaving after the release
+REQUEST_TTL = 60.0  # a request nobody took is void after this (a `serve` started later must not act on it)
+ACK_TIMEOUT = 15.0  # how long the CLI waits for `serve` to take the request
+DEFAULT_SETTLE = 300.0  # after the release, how long to wait for the window's mail to be delivered
+LISTED = 50  # recipients not delivered, named in the report
+
+
+def request_key(node: str, domain: str) -> str:
+    return f"request/{node}/{domain}"
+
+
+def report_key(domain: str) -> str:
+    return f"report/{domain}"
+
+
+def ack_key(drill_id: str) -> str:
+    return f"ack/{drill_id}"
+
+
+class DrillState(StrEnum):
+    RUNNING = "running"  # the window is open: delivery for the domain is held
+    SETTLING = "settling"  # released; waiting for the window's mail to be delivered
+    DONE = "done"
+    INTERRUPTED = "interrupted"  # serve stopped (or failed) during the drill; delivery was released
+
+
+@dataclass(frozen=True, slots=True)
+class DrillRequest:
+    id: str
+    domain: str
+    node: str
+    action: str  # "start" | "stop"
+    window: float = 0.0  # seconds
+    settle: float = DEFAULT_SETTLE
+    requested_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "domain": self.domain, "node": self.node, "action": self.action,
+                "window": self.window, "settle": self.settle, "requested_at": self.requested_at}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> DrillRequest:
+        return cls(str(d["id"]), str(d["domain"]), str(d["node"]), str(d["action"]), float(d.get("window", 0)),
+                   float(d.get("settle", DEFAULT_SETTLE)), float(d.get("requested_at", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class DrillReport:
+    id: str
+    domain: str
+    node: str
+    state: DrillState
+    started_at: float
+    window: float  # seconds asked for
+    ends_at: float  # when the window closes (as planned)
+    ended_at: float | None = None  # when delivery was released
+    finished_at: float | None = None
+    accepted_messages: int = 0  # user messages with a recipient in the domain, accepted during the window
+    accepted: int = 0  # their recipients in the domain
+    delivered: int = 0
+    held: int = 0  # still queued or held when the report was written
+    bounced: int = 0  # bounced or expired (a DSN went to the sender)
+    not_delivered: tuple[dict[str, Any], ...] = ()  # up to LISTED: id, address, state, last_reply
+    warnings: tuple[str, ...] = ()
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Finished, and everything accepted in the window was delivered."""
+        return self.state is DrillState.DONE and self.held == 0 and self.bounced == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "domain": self.domain, "node": self.node, "state": self.state.value,
+                "ok": self.ok, "started_at": self.started_at, "window": self.window, "ends_at": self.ends_at,
+                "ended_at": self.ended_at, "finished_at": self.finished_at,
+                "accepted_messages": self.accepted_messages, "accepted": self.accepted,
+                "delivered": self.delivered, "held": self.held, "bounced": self.bounced,
+                "not_delivered": list(self.not_delivered), "warnings": list(self.warnings), "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> DrillReport:
+        def opt(k: str) -> float | None:
+            v = d.get(k)
+            return None if v is None else float(v)
+
+        return cls(str(d["id"]), str(d["domain"]), str(d["node"]), DrillState(d["state"]), float(d["started_at"]),
+                   float(d["window"]), float(d["ends_at"]), opt("ended_at"), opt("finished_at"),
+                   int(d.get("accepted_messages", 0)), int(d.get("accepted", 0)), int(d.get("delivered", 0)),
+                   int(d.get("held", 0)), int(d.get("bounced", 0)), tuple(d.get("not_delivered") or ()),
+                   tuple(d.get("warnings") or ()), str(d.get("detail") or ""))
+
+
+async def read_report(spool: Spool, domain: str) -> DrillReport | None:
+    """The last drill of `domain` (any node), or None."""
+    raw = await spool.kv_get(KV_NAMESPACE, report_key(domain))
+    if raw is None:
+        return None
+    try:
+        return DrillReport.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError):
+        log.warning("the drill report of %s is unreadable", domain)
+        return None
+
+
+# --- inside serve ------------------------------------------------------------------------------------
+class DrillHealth(Protocol):
+    """What a drill needs of the health monitor (backupmx.monitor.probe.HealthMonitor)."""
+
+    def snapshot(self) -> Mapping[str, DestinationStatus]: ...
+    async def force_down(self, domain: str, reason: str) -> None: ...
+    async def clear_force(self, domain: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Running:
+    request: DrillRequest
+    stop: asyncio.Event
+    queued: list[QueueId] = field(default_factory=list)  # accepted for the domain while the window is open
+    collecting: bool = True
+
+
+class DrillRunner:
+    """Inside `serve`: takes drill requests for this node from the spool's kv and runs them.
+    `await run()` until `stop()`; tests may call `start_drill()` directly."""
+
+    def __init__(self, config: Config, spool: Spool, health: DrillHealth, maillog: MailLog, clock: Clock,
+                 *, poll: float = POLL) -> None:
+        self._config = config
+        self._node = config.server.node
+        self._spool = spool
+        self._health = health
+        self._maillog = maillog
+        self._clock = clock
+        self._poll = poll
+        self._running: dict[str, _Running] = {}
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        maillog.subscribe(self._on_event)
+
+    def _on_event(self, event: str, fields: dict[str, object]) -> None:
+        """The mail log's `queued` events name what the listener accepted (called where it logs)."""
+        if event != "queued" or not self._running:
+            return
+        qid = fields.get("queue_id")
+        to = str(fields.get("to", "")).lower()
+        for domain, r in self._running.items():
+            if r.collecting and isinstance(qid, str) and f"@{domain}>" in to:
+                r.queued.append(QueueId(qid))
+
+    def running(self) -> dict[str, DrillRequest]:
+        return {d: r.request for d, r in self._running.items()}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self._stopping = False
+        await self._recover()
+        try:
+            while not self._stopping:
+                for d in self._config.domains:
+                    try:
+                        await self._take_request(d.name)
+                    except SpoolError as e:
+                        log.warning("drill: cannot read requests for %s: %s", d.name, e)
+                await self._sleep(self._poll, self._wake)
+        finally:
+            for r in self._running.values():
+                r.stop.set()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for r in self._running.values():
+            r.stop.set()
+
+    async def _recover(self) -> None:
+        """A report this node left running or settling belongs to a drill a stop or crash cut short."""
+        for d in self._config.domains:
+            try:
+                rep = await read_report(self._spool, d.name)
+                if rep is not None and rep.node == self._node and rep.state in (DrillState.RUNNING,
+                                                                               DrillState.SETTLING):
+                    await self._save(replace(rep, state=DrillState.INTERRUPTED, finished_at=self._clock.now(),
+                                             detail="serve stopped during the drill; counts are from before"))
+            except SpoolError as e:
+                log.warning("drill: cannot look at the last drill of %s: %s", d.name, e)
+
+    async def _sleep(self, seconds: float, event: asyncio.Event) -> None:
+        if event.is_set() or seconds <= 0:
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        if event is self._wake and not self._stopping:
+            self._wake.clear()
+
+    # -- requests ----------------------------------------------------------------------------------
+    async def _take_request(self, domain: str) -> None:
+        raw = await self._spool.kv_get(KV_NAMESPACE, request_key(self._node, domain))
+        if raw is None:
+            return
+        if not await self._spool.kv_delete(KV_NAMESPACE, request_key(self._node, domain)):
+            return  # taken meanwhile
+        try:
+            req = DrillRequest.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError):
+            log.warning("drill: unreadable request for %s dropped", domain)
+            return
+        if req.action == "stop":
+            r = self._running.get(domain)
+            if r is None:
+                await self._ack(req, False, f"no drill of {domain} is running on {self._node}")
+            else:
+                r.stop.set()
+                await self._ack(req, True, f"drill {r.request.id} of {domain} ends now")
+            return
+        refusal = self.start_drill(req)
+        await self._ack(req, refusal is None, refusal or f"drill {req.id} of {domain} started")
+
+    async def _ack(self, req: DrillRequest, accepted: bool, detail: str) -> None:
+        doc = json.dumps({"id": req.id, "accepted": accepted, "detail": detail, "node": self._node}).encode()
+        await self._spool.kv_put(KV_NAMESPACE, ack_key(req.id), doc, expires_at=self._clock.now() + 3600)
+
+    def start_drill(self, req: DrillRequest) -> str | None:
+        """Start the drill in the background; a refusal's reason, or None."""
+        domain = req.domain
+        if self._config.domain(domain) is None:
+            return f"{domain} is not a protected domain of this node"
+        if domain in self._running:
+            return f"a drill of {domain} is already running ({self._running[domain].request.id})"
+        st = self._health.snapshot().get(domain)
+        if st is not None and st.state is DestinationState.DOWN:
+            return f"the primary of {domain} is down: the backup is in real use, this is no time for a drill"
+        if self._stopping:
+            return "serve is stopping"
+        r = _Running(req, asyncio.Event())
+        self._running[domain] = r
+        task = asyncio.create_task(self._drill(r), name=f"drill {domain}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
+    # -- one drill ---------------------------------------------------------------------------------
+    async def _drill(self, r: _Running) -> None:
+        req = r.request
+        domain = req.domain
+        started = self._clock.now()
+        report = DrillReport(req.id, domain, self._node, DrillState.RUNNING, started, req.window,
+                             started + req.window)
+        forced = False
+        try:
+            await self._save(report)
+            await self._health.force_down(domain, f"drill {req.id}")
+            forced = True
+            self._maillog.event("drill-started", None, domain=domain, drill=req.id,
+                                window=f"{req.window:g}s", until=_iso(report.ends_at))
+            while not r.stop.is_set() and self._clock.now() < report.ends_at:
+                await self._sleep(min(self._poll, report.ends_at - self._clock.now()), r.stop)
+            r.collecting = False
+            ended = self._clock.now()
+            await self._health.clear_force(domain)
+            forced = False
+            early = " (stopped early)" if ended < report.ends_at else ""
+            self._maillog.event("drill-released", None, domain=domain, drill=req.id, accepted=len(r.queued),
+                                held_for=f"{ended - started:.0f}s{early}")
+            report = replace(report, state=DrillState.SETTLING, ended_at=ended,
+                             accepted_messages=len(r.queued))
+            await self._save(report)
+            settle_until = ended + req.settle
+            while True:
+                report = await self._count(report, r.queued)
+                if report.held == 0 or self._clock.now() >= settle_until or self._stopping:
+                    break
+                await self._sleep(min(self._poll, settle_until - self._clock.now()), self._wake)
+            state = DrillState.INTERRUPTED if self._stopping and report.held else DrillState.DONE
+            report = replace(report, state=state, finished_at=self._clock.now(),
+                             warnings=_warnings(report, req.settle),
+                             detail="serve stopped while the window's mail was leaving" if state is
+                             DrillState.INTERRUPTED else report.detail)
+            await self._save(report)
+            self._maillog.event("drill-finished", None, domain=domain, drill=req.id, result=report.state.value,
+                                accepted=report.accepted, delivered=report.delivered, held=report.held,
+                                bounced=report.bounced, ok="yes" if report.ok else "no")
+        except Exception as e:
+            log.exception("drill %s of %s failed", req.id, domain)
+            report = replace(report, state=DrillState.INTERRUPTED, finished_at=self._clock.now(),
+                             detail=f"the drill failed: {type(e).__name__}: {e}")
+            try:
+                await self._save(report)
+            except SpoolError:
+                log.exception("drill: cannot save the report of %s", req.id)
+        finally:
+            r.collecting = False
+            if forced:  # never leave a domain held down by a drill
+                try:
+                    await self._health.clear_force(domain)
+                except Exception:
+                    log.exception("drill %s: releasing %s failed", req.id, domain)
+            self._running.pop(domain, None)
+
+    async def _count(self, report: DrillReport, ids: list[QueueId]) -> DrillReport:
+        """Where the window's mail for the domain is now (user mail only: no canaries, no DSNs)."""
+        domain = report.domain
+        messages = accepted = delivered = held = bounced = 0
+        listed: list[dict[str, Any]] = []
+        for qid in ids:
+            rec = await self._spool.get(qid)
+            if rec is None or rec.kind is not MessageKind.USER:
+                continue
+            mine = [x for x in rec.recipients if x.domain == domain]
+            if not mine:
+                continue
+            messages += 1
+            for x in mine:
+                accepted += 1
+                if x.state is RecipientState.DELIVERED:
+                    delivered += 1
+                    continue
+                if x.state in (RecipientState.BOUNCED, RecipientState.EXPIRED):
+                    bounced += 1
+                else:
+                    held += 1
+                if len(listed) < LISTED:
+                    listed.append({"id": rec.id, "address": x.address, "state": x.state.value,
+                                   "held_reason": x.held_reason, "last_reply": x.last_reply})
+        return replace(report, accepted_messages=messages, accepted=accepted, delivered=delivered, held=held,
+                       bounced=bounced, not_delivered=tuple(listed))
+
+    async def _save(self, report: DrillReport) -> None:
+        await self._spool.kv_put(KV_NAMESPACE, report_key(report.domain), json.dumps(report.to_json()).encode())
+
+
+def _warnings(report: DrillReport, settle: float) -> tuple[str, ...]:
+    d = report.domain
+    out: list[str] = []
+    if report.accepted == 0:
+        out.append(f"no mail for {d} was accepted during the window: no sender used this backup MX (are the MX "
+                   f"records in place? `backupmx check {d}`), or the window was too short for the traffic")
+    if report.held:
+        out.append(f"{report.held} recipient(s) still waiting {settle:g}s after the release: "
+                   f"`backupmx queue list --domain {d}`")
+    if report.bounced:
+        out.append(f"{report.bounced} recipient(s) bounced after the release (the primary refused them)")
+    return tuple(out)
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def add_drill_parser(subparsers: Any) -> None:
+    """Registers `drill` on the CLI's subparsers (`argparse._SubParsersAction`)."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "drill", help="hold a domain's delivery for a while as if its primary were down, then verify",
+        description="Ask the running `backupmx serve` (same --config) to hold delivery for DOMAIN for the given "
+        "time as if its primary were down (mail is still accepted), then release it and check that everything "
+        "accepted meanwhile was delivered. --report shows the last drill of each domain.")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
+    p.add_argument("domain", nargs="?", metavar="DOMAIN")
+    p.add_argument("--for", dest="window", metavar="DURATION", help="how long to hold, e.g. 10m (at least 1s)")
+    p.add_argument("--settle", metavar="DURATION", default=f"{DEFAULT_SETTLE:g}s",
+                   help="after the release, how long to wait for the held mail to be delivered (default 5m)")
+    p.add_argument("--wait", action="store_true", help="wait for the drill to finish and print its report")
+    p.add_argument("--stop", action="store_true", help="end DOMAIN's running drill now")
+    p.add_argument("--report", action="store_true", help="print the last drill (of DOMAIN, or of every domain)")
+    p.add_argument("--json", action="store_true", help="JSON instead of text")
+    p.set_defaults(handler=drill_command)
+
+
+def drill_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    domain = args.domain.strip().lower().rstrip(".") if args.domain else None
+    if domain is not None and cfg.domain(domain) is None:
+        raise ConfigError(f"drill: {domain} is not one of the [[domains]] in {cfg.source}")
+    if args.report:
+        return asyncio.run(_with_spool(cfg, lambda spool: _cmd_report(spool, cfg, domain, as_json=args.json)))
+    if domain is None:
+        raise ConfigError("drill: give a DOMAIN (or --report)")
+    if args.stop:
+        req = DrillRequest(_new_id(), domain, cfg.server.node, "stop", requested_at=time.time())
+        return asyncio.run(_with_spool(cfg, lambda spool: _cmd_request(spool, req, wait=False, as_json=args.json)))
+    if not args.window:
+        raise ConfigError("drill: --for DURATION is needed (e.g. --for 10m)")
+    window, settle = _duration("--for", args.window), _duration("--settle", args.settle)
+    req = DrillRequest(_new_id(), domain, cfg.server.node, "start", window, settle, time.time())
+    return asyncio.run(_with_spool(cfg, lambda spool: _cmd_request(spool, req, wait=args.wait, as_json=args.json)))
+
+
+def _duration(flag: str, text: str) -> float:
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except ValueError as e:
+        raise ConfigError(f"drill: {flag}: {e}") from None
+    if seconds < 1:
+        raise ConfigError(f"drill: {flag}: must be at least 1s")
+    return seconds
+
+
+def _new_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+async def _with_spool(cfg: Config, fn: Any) -> int:
+    from backupmx.service import open_spool
+
+    spool = await open_spool(cfg)
+    try:
+        result: int = await fn(spool)
+        return result
+    finally:
+        await spool.close()
+
+
+async def _cmd_request(spool: Spool, req: DrillRequest, *, wait: bool, as_json: bool) -> int:
+    key = request_key(req.node, req.domain)
+    await spool.kv_put(KV_NAMESPACE, key, json.dumps(req.to_json()).encode(), expires_at=time.time() + REQUEST_TTL)
+    ack = await _wait_ack(spool, req.id, ACK_TIMEOUT)
+    if ack is None and await spool.kv_delete(KV_NAMESPACE, key):
+        print(f"backupmx drill: no `backupmx serve` with node name {req.node} took the request within "
+              f"{ACK_TIMEOUT:g}s: is it running with this configuration?", file=sys.stderr)
+        return EXIT_FAIL
+    if ack is None:  # taken just now: the answer follows
+        ack = await _wait_ack(spool, req.id, ACK_TIMEOUT)
+    if ack is None or not ack.get("accepted"):
+        why = ack.get("detail") if ack else "serve took the request but did not answer"
+        print(f"backupmx drill: refused: {why}", file=sys.stderr)
+        return EXIT_FAIL
+    if req.action == "stop" or not wait:
+        if as_json:
+            print(json.dumps(ack, indent=1))
+        else:
+            print(ack.get("detail", "ok"))
+            if req.action == "start":
+                print(f"delivery for {req.domain} is held until {_iso(req.requested_at + req.window)}; "
+                      f"then `backupmx drill --report {req.domain}`")
+        return EXIT_OK
+    # --wait: the window, the settling, and a margin for the last polls
+    deadline = time.monotonic() + req.window + req.settle + 30
+    report: DrillReport | None = None
+    while time.monotonic() < deadline:
+        report = await read_report(spool, req.domain)
+        if report is not None and report.id == req.id and report.state in (DrillState.DONE, DrillState.INTERRUPTED):
+            break
+        await asyncio.sleep(0.5)
+    if report is None or report.id != req.id:
+        print(f"backupmx drill: no report for drill {req.id} yet; see `backupmx drill --report`", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(report.to_json(), indent=1) if as_json else render_report(report), end="" if not as_json else "\n")
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+async def _wait_ack(spool: Spool, drill_id: str, timeout: float) -> dict[str, Any] | None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        raw = await spool.kv_get(KV_NAMESPACE, ack_key(drill_id))
+        if raw is not None:
+            doc: dict[str, Any] = json.loads(raw)
+            return doc
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def _cmd_report(spool: Spool, cfg: Config, domain: str | None, *, as_json: bool) -> int:
+    names = [domain] if domain else [d.name for d in cfg.domains]
+    reports = {n: await read_report(spool, n) for n in names}
+    if as_json:
+        print(json.dumps({"drills": {n: r.to_json() if r else None for n, r in reports.items()}}, indent=1))
+        return EXIT_OK
+    for n, r in reports.items():
+        print(render_report(r) if r else f"{n}: no drill yet (`backupmx drill {n} --for 10m`)\n", end="")
+    return EXIT_OK
+
+
+def render_report(r: DrillReport) -> str:
+    verdict = "ok: everything accepted in the window was delivered" if r.ok else r.state.value
+    if r.state is DrillState.DONE and not r.ok:
+        verdict = "NOT OK: mail from the window was not delivered"
+    end = _iso(r.ended_at) if r.ended_at else f"{_iso(r.ends_at)} (planned)"
+    lines = [f"drill of {r.domain} on {r.node} ({r.id}): {verdict}",
+             f"  window     {_iso(r.started_at)} .. {end} ({r.window:g}s asked)"]
+    if r.finished_at:
+        lines.append(f"  finished   {_iso(r.finished_at)}")
+    lines += [f"  accepted   {r.accepted_messages} message(s), {r.accepted} recipient(s) in {r.domain}",
+              f"  delivered  {r.delivered}", f"  held       {r.held}", f"  bounced    {r.bounced}"]
+    for x in r.not_delivered:
+        lines.append(f"    {x.get('id')} <{x.get('address')}> {x.get('state')}: {x.get('last_reply') or '-'}")
+    lines += [f"  warning: {w}" for w in r.warnings]
+    if r.detail:
+        lines.append(f"  note: {r.detail}")
+    return "\n".join(lines) + "\n"
+
+
+def _iso(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+__all__ = ["DrillReport", "DrillRequest", "DrillRunner", "DrillState", "add_drill_parser", "read_report",
+           "render_report"]
