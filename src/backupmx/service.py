@@ -61,6 +61,8 @@ class Service:
         self.engine: Any = None
         self.admin: Any = None
         self.resolver: Any = None
+        self.canary: Any = None  # [[canary]] (monitor/canary.py)
+        self.drills: Any = None  # `backupmx drill` requests (monitor/drill.py)
         self.checks: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -91,12 +93,18 @@ class Service:
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
                                clock=self.clock, tls_context=tls_context(cfg))
         self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
+        if cfg.canary:
+            from backupmx.monitor.canary import Canary
+
+            self.canary = Canary(cfg, self.spool, self.health, self.maillog, self.clock, self.smtp)
+            self.smtp.classify = self.canary.classify  # the listener stores our own canaries as kind canary
         await self.health.open()  # an outage declared before a restart is still declared
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
         await self.smtp.start()
         if cfg.admin.listen:
             await self._start_admin()
+        await self._start_proofs()
         addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
         log.info("ready: smtp=%s%s node=%s domains=%s", addrs, admin, cfg.server.node,
@@ -110,6 +118,19 @@ class Service:
         assert self.spool is not None
         self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock)
         await self.admin.start()
+
+    async def _start_proofs(self) -> None:
+        """The drill runner (always) and the canary (with [[canary]]), once the listener is bound."""
+        from backupmx.monitor.drill import DrillRunner
+
+        assert self.spool is not None
+        self.drills = DrillRunner(self.cfg, self.spool, self.health, self.maillog, self.clock)
+        self._spawn(self.drills.run(), "drills")
+        if self.canary is not None:
+            await self.canary.open()
+            if self.admin is not None:
+                self.admin.metrics.registry.register(self.canary.collector())
+            self._spawn(self.canary.run(), "canary")
 
     def reload(self) -> None:
         """SIGHUP: re-read recipient files and the TLS certificate; the rest needs a restart."""
@@ -126,6 +147,9 @@ class Service:
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop accepting (421), finish what is in flight, give back leases, close the spool."""
+        for proof in (self.canary, self.drills):  # a running drill releases its domain first
+            if proof is not None:
+                proof.stop()
         if self.smtp is not None:
             await self.smtp.stop(grace=grace)
         if self.admin is not None:
