@@ -25,7 +25,7 @@ from backupmx.admin.mailevents import HistoryEntry, MessageHistory
 from backupmx.admin.timeseries import Rates, SeriesPoint, SeriesStore, rates
 from backupmx.clock import Clock
 from backupmx.config import Config, parse_hostport
-from backupmx.errors import NotFound
+from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import MessageRecord, QueueId, RecipientRecord, RecipientState
 from backupmx.monitor import DestinationState, DestinationStatus
@@ -402,7 +402,12 @@ class Operations:
 
     async def message_detail(self, queue_id: str) -> MessageDetail:
         m = await self.message(queue_id)
-        head = await self._read_head(m.id)
+        try:
+            head = await self._read_head(m.id)
+        except NotFound:
+            raise
+        except SpoolError as e:  # a damaged body: the spool has set it aside; show the envelope anyway
+            return MessageDetail(m, [("", f"(the stored message is damaged: {e})")], "", self.history.of(m.id))
         return MessageDetail(m, split_headers(head), head.decode("utf-8", "replace"), self.history.of(m.id))
 
     async def _read_head(self, queue_id: QueueId) -> bytes:

@@ -321,3 +321,17 @@ async def test_queue_ids_come_back_in_api_order(tmp_path: Path) -> None:
 
 def test_aiohttp_is_the_one_we_built_against() -> None:
     assert int(aiohttp.__version__.split(".")[0]) == 3
+
+
+async def test_a_damaged_message_still_shows_its_envelope(tmp_path: Path) -> None:
+    import sqlite3
+
+    async with running_admin(tmp_path) as h:
+        qid = await put(h.spool, ["a@example.test"])
+        db = sqlite3.connect(h.config.server.data_dir / "spool.db")
+        with db:  # same length, other bytes: the checksum no longer matches
+            db.execute("UPDATE bodies SET data = zeroblob(length(data)) WHERE message_id = ?", (qid,))
+        db.close()
+        doc = await h.get_json(f"/api/queue/{qid}")
+        assert doc["recipients"][0]["address"] == "a@example.test"
+        assert "damaged" in doc["headers"][0][1]
