@@ -1,0 +1,256 @@
+"""`backupmx recipients list|add|remove|import`: see and edit what backupmx knows about recipients.
+
+For `recipients = "verify"` domains this is the learned set in the spool (policy/learned.py): what the
+primary answered to RCPT probes, what deliveries taught, and the operator's own entries, which never
+expire unless given `--ttl`. `add --unknown` remembers an address as refused (550 5.1.1). Domains with
+a list or a `file:` are shown read-only (edit the config or the file; a file is re-read on change or
+SIGHUP). Works while `serve` runs (it opens the spool beside it, as `queue` does). Errors are one line on
+stderr: exit 2 for usage or configuration, 1 for a failed action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from backupmx.config import Config, DomainConfig, load_config, parse_duration
+from backupmx.errors import ConfigError
+from backupmx.policy.domains import domain_of
+from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+PAGE = 500
+
+Command = Callable[[argparse.Namespace, Config, LearnedRecipients], Awaitable[int]]
+
+
+def add_recipients_parser(sub: Any) -> None:
+    rec = sub.add_parser("recipients", help="see and edit the recipients backupmx knows (verify domains)")
+    rsub = rec.add_subparsers(dest="recipients_command", metavar="ACTION")
+
+    p = rsub.add_parser("list", help="learned and configured recipients, per domain")
+    _config_arg(p)
+    p.add_argument("domain", nargs="?", help="only this domain")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(handler=_run(cmd_list))
+
+    p = rsub.add_parser("add", help="remember addresses of a verify domain as known (or --unknown)")
+    _config_arg(p)
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--unknown", action="store_true", help="remember them as refused (550 5.1.1) instead")
+    p.add_argument("--ttl", help="forget them after this long (\"30d\"); default: never")
+    p.set_defaults(handler=_run(cmd_add))
+
+    p = rsub.add_parser("remove", help="forget addresses (they are asked of the primary again)")
+    _config_arg(p)
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.set_defaults(handler=_run(cmd_remove))
+
+    p = rsub.add_parser("import", help="remember every address of a file (one per line) as known")
+    _config_arg(p)
+    p.add_argument("file", help="one address (or a bare local part, with --domain) per line; # comments")
+    p.add_argument("--domain", help="the domain of bare local parts")
+    p.add_argument("--ttl", help="forget them after this long; default: never")
+    p.set_defaults(handler=_run(cmd_import))
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
+
+
+def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        cfg = load_config(args.config)
+
+        async def go() -> int:
+            from backupmx.service import open_spool
+
+            spool = await open_spool(cfg)
+            try:
+                store = LearnedRecipients(spool, keep=cfg.delivery.retention_cap.total_seconds())
+                return await fn(args, cfg, store)
+            finally:
+                await spool.close()
+
+        return asyncio.run(go())
+
+    return run
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _mode(d: DomainConfig) -> str:
+    if isinstance(d.recipients, tuple):
+        return "list"
+    return "file" if d.recipients.startswith("file:") else d.recipients
+
+
+def _verify_domain(cfg: Config, address: str) -> DomainConfig:
+    if "@" not in address or not address.rpartition("@")[0]:
+        raise ConfigError(f"{address!r} is not an address (local@domain)")
+    domain = domain_of(address)
+    d = cfg.domain(domain)
+    if d is None:
+        raise ConfigError(f"{domain} is not a domain of {cfg.source}")
+    if d.recipients != "verify":
+        where = d.recipients if isinstance(d.recipients, str) else "the list in the config"
+        raise ConfigError(f"{domain} does not learn recipients (recipients = {where}); edit that instead")
+    return d
+
+
+def _normal(address: str) -> str:
+    """"<Dave@V.Test>" -> "Dave@v.test": the domain lower-cased, the local part as given."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    return f"{local}@{domain.lower()}" if at else address
+
+
+def _expiry(ttl: str | None, now: float) -> float | None:
+    if not ttl:
+        return None
+    try:
+        return now + parse_duration(ttl).total_seconds()
+    except ValueError as e:
+        raise ConfigError(f"--ttl: {e}") from None
+
+
+def _entry_json(e: LearnedRecipient, now: float) -> dict[str, Any]:
+    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": _iso(e.learned_at),
+            "expires_at": _iso(e.expires_at), "fresh": e.fresh(now)}
+
+
+async def _all(store: LearnedRecipients, domain: str) -> list[LearnedRecipient]:
+    out: list[LearnedRecipient] = []
+    after = ""
+    for _ in range(1_000_000 // PAGE):  # bounded: a million entries at most
+        page = await store.list(domain, after=after, limit=PAGE)
+        out.extend(page)
+        if len(page) < PAGE:
+            break
+        after = page[-1].address
+    return out
+
+
+async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
+    domains = list(cfg.domains)
+    if args.domain:
+        d = cfg.domain(args.domain)
+        if d is None:
+            raise ConfigError(f"{args.domain} is not a domain of {cfg.source}")
+        domains = [d]
+    now = time.time()
+    doc: dict[str, Any] = {}
+    for d in domains:
+        mode = _mode(d)
+        item: dict[str, Any] = {"recipients": mode}
+        if mode == "verify":
+            item["learned"] = [_entry_json(e, now) for e in await _all(store, d.name)]
+        elif mode == "list":
+            item["entries"] = list(d.recipients)
+        elif mode == "file":
+            path = Path(str(d.recipients)[5:])
+            item["file"] = str(path)
+            try:
+                item["entries"] = [ln.split()[0] for ln in path.read_text(encoding="utf-8", errors="replace")
+                                   .splitlines() if ln.strip() and not ln.strip().startswith("#")]
+            except OSError as e:
+                item["error"] = f"cannot read: {e.strerror}"
+        doc[d.name] = item
+    if args.json:
+        print(json.dumps({"domains": doc}, indent=1))
+        return EXIT_OK
+    for name, item in doc.items():
+        mode = item["recipients"]
+        if mode == "verify":
+            learned = item["learned"]
+            print(f"{name}: verify, {len(learned)} learned")
+            for row in learned:
+                state = "known  " if row["known"] else "unknown"
+                until = row["expires_at"] or "never"
+                stale = "" if row["fresh"] else "  (stale: asked again while the primary is up)"
+                print(f"  {state} {row['address']:40s} {row['source']:9s} since {row['learned_at']}"
+                      f"  until {until}{stale}")
+        elif mode == "any":
+            print(f"{name}: any (every address is accepted)")
+        elif mode == "list":
+            print(f"{name}: list in the config, {len(item['entries'])} entries")
+            for entry in item["entries"]:
+                print(f"  {entry}")
+        else:
+            if "error" in item:
+                print(f"{name}: file {item['file']}: {item['error']}")
+                continue
+            print(f"{name}: file {item['file']}, {len(item['entries'])} entries")
+            for entry in item["entries"]:
+                print(f"  {entry}")
+    return EXIT_OK
+
+
+async def cmd_add(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
+    now = time.time()
+    expires = _expiry(args.ttl, now)
+    addresses = [_normal(a) for a in args.addresses]
+    for address in addresses:
+        _verify_domain(cfg, address)
+    for address in addresses:
+        await store.put(LearnedRecipient(address, not args.unknown, Source.OPERATOR, now, expires))
+    what = "unknown" if args.unknown else "known"
+    print(f"remembered {len(args.addresses)} address(es) as {what}")
+    return EXIT_OK
+
+
+async def cmd_remove(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
+    removed = 0
+    addresses = [_normal(a) for a in args.addresses]
+    for address in addresses:
+        _verify_domain(cfg, address)
+    for address in addresses:
+        if await store.delete(address):
+            removed += 1
+        else:
+            print(f"backupmx: recipients remove: {address} was not known", file=sys.stderr)
+    print(f"forgot {removed} address(es)")
+    return EXIT_OK if removed == len(args.addresses) else EXIT_FAIL
+
+
+async def cmd_import(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise ConfigError(f"{args.file}: cannot read: {e.strerror}") from None
+    now = time.time()
+    expires = _expiry(args.ttl, now)
+    addresses: list[str] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        word = _normal(line.split()[0])
+        if word.startswith("@"):
+            print(f"backupmx: {args.file}:{lineno}: {word}: wildcards are for recipient files; skipped",
+                  file=sys.stderr)
+            continue
+        if "@" not in word:
+            if not args.domain:
+                raise ConfigError(f"{args.file}:{lineno}: {word!r} has no domain; give --domain")
+            word = f"{word}@{args.domain}"
+        try:
+            _verify_domain(cfg, word)
+        except ConfigError as e:
+            raise ConfigError(f"{args.file}:{lineno}: {e}") from None
+        addresses.append(word)
+    for address in addresses:
+        await store.put(LearnedRecipient(address, True, Source.IMPORT, now, expires))
+    print(f"imported {len(addresses)} address(es)")
+    return EXIT_OK
+
+
+__all__ = ["add_recipients_parser"]
