@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 SUBCOMMAND_HOOKS: tuple[tuple[str, str], ...] = (
     ("backupmx.monitor.check", "add_check_parser"),
     ("backupmx.spool.cli", "add_spool_parser"),
+    ("backupmx.recipients_cli", "add_recipients_parser"),
     ("backupmx.monitor.drill", "add_drill_parser"),
     ("backupmx.status", "add_status_parser"),
 )
