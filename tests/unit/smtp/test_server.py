@@ -82,6 +82,30 @@ async def test_whole_session_pipelined_in_one_packet(make_server: MakeServer) ->
     assert msgs[ids[0]][0].sender == ""
 
 
+async def test_pipelined_batch_answered_in_one_write(make_server: MakeServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from backupmx.smtp.protocol import SmtpConnection
+
+    writes: list[bytes] = []
+    original = SmtpConnection.data_to_send
+
+    def recording(self: SmtpConnection) -> bytes:
+        out = original(self)
+        if out:
+            writes.append(out)
+        return out
+
+    monkeypatch.setattr(SmtpConnection, "data_to_send", recording)
+    r = await make_server()
+    c = await Client.connect(r.port)
+    await c.send(b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\n" +
+                 b"".join(b"RCPT TO:<u%d@example.test>\r\n" % i for i in range(5)) + b"DATA\r\n")
+    assert (await c.replies(8))[-1].startswith("354 ")
+    await c.close()
+    batch = [w for w in writes if b"354 " in w]
+    assert batch and batch[0].startswith(b"250-mx.test") and batch[0].count(b"250 2.1.5") == 5
+
+
 @pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\r\n.\r\r\n",
                                     b"\r\n\x00.\r\n"], ids=repr)
 async def test_smuggling_over_the_wire_stores_nothing(make_server: MakeServer, ending: bytes) -> None:
