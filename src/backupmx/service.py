@@ -64,6 +64,8 @@ class Service:
         self.canary: Any = None  # [[canary]] (monitor/canary.py)
         self.drills: Any = None  # `backupmx drill` requests (monitor/drill.py)
         self.checks: list[Any] = []
+        self.stamps: list[Any] = []  # header fields above our Received: SPF's Authentication-Results
+        self.verifier: Any = None  # recipients = "verify" (policy/verify.py)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -89,9 +91,10 @@ class Service:
         self.resolver = RouteResolver(cfg)
         self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)
         self.engine = DeliveryEngine(cfg, self.spool, self.clock, self.maillog, self.health, self.resolver)
-        self.checks = build_checks(cfg)
+        self.checks = build_checks(cfg) + self._edge_checks()
+        self.stamps = self._edge_stamps()
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
-                               clock=self.clock, tls_context=tls_context(cfg))
+                               clock=self.clock, tls_context=tls_context(cfg), stamps=self.stamps)
         self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
         if cfg.canary:
             from backupmx.monitor.canary import Canary
@@ -109,6 +112,36 @@ class Service:
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
         log.info("ready: smtp=%s%s node=%s domains=%s", addrs, admin, cfg.server.node,
                  ",".join(d.name for d in cfg.domains))
+
+    def _edge_checks(self) -> list[Any]:
+        """After relay control and recipient lists: DNSBL (connect), message rate (MAIL), the
+        when_primary_down gate and recipient verification (RCPT). See docs/edge.md."""
+        from backupmx.policy.dnsbl import DnsblCheck
+        from backupmx.policy.learned import LearnedRecipients
+        from backupmx.policy.ratelimit import MessageRateLimit
+        from backupmx.policy.verify import PrimaryGate, RecipientVerifier, SmtpRcptProber, VerifyCheck
+
+        cfg = self.cfg
+        checks: list[Any] = [c for c in (DnsblCheck.from_config(cfg), MessageRateLimit.from_config(cfg)) if c]
+        gate = PrimaryGate(cfg.domains, self.health)
+        if gate.active:
+            checks.append(gate)
+        if any(d.recipients == "verify" for d in cfg.domains):
+            assert self.spool is not None
+            store = LearnedRecipients(self.spool, keep=cfg.delivery.retention_cap.total_seconds())
+            self.verifier = RecipientVerifier(
+                cfg.domains, store, SmtpRcptProber.from_config(cfg, self.resolver), self.health, self.clock,
+                maillog=self.maillog, probe_wait=2 * cfg.delivery.probe_timeout.total_seconds() + 1)
+            self.maillog.subscribe(self.verifier.on_maillog)  # deliveries teach known addresses
+            self._spawn(self.verifier.run(), "recipient learning")
+            checks.append(VerifyCheck(cfg.domains, self.verifier))
+        return checks
+
+    def _edge_stamps(self) -> list[Any]:
+        from backupmx.policy.spf import SpfStamp
+
+        stamp = SpfStamp.from_config(self.cfg)
+        return [stamp] if stamp is not None else []
 
     async def _start_admin(self) -> None:
         try:
@@ -158,6 +191,10 @@ class Service:
             await self.engine.stop()
         if self.health is not None:
             self.health.stop()
+        if self.verifier is not None:
+            self.verifier.stop()  # writes what the last deliveries taught, then ends
+        for stamp in self.stamps:
+            stamp.close()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:  # a delivery still running past the grace: its lease expires, no loss
