@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(q)
     q.add_argument("id")
     q.set_defaults(handler=_q(cmd_queue_delete))
+    _add_queue_export(qsub)
 
     for hook in _optional_hooks():
         hook(sub)
@@ -111,7 +112,17 @@ SUBCOMMAND_HOOKS: tuple[tuple[str, str], ...] = (
     ("backupmx.recipients_cli", "add_recipients_parser"),
     ("backupmx.monitor.drill", "add_drill_parser"),
     ("backupmx.status", "add_status_parser"),
+    ("backupmx.continuity.cli", "add_parsers"),  # access, continuity
 )
+
+
+def _add_queue_export(qsub: Any) -> None:
+    """`queue export` lives with the emergency inbox (backupmx.continuity), registered if present."""
+    try:
+        from backupmx.continuity.cli import add_queue_export
+    except ImportError:
+        return
+    add_queue_export(qsub)
 
 
 def _optional_hooks() -> list[Callable[[Any], None]]:
