@@ -66,6 +66,7 @@ class Service:
         self.checks: list[Any] = []
         self.stamps: list[Any] = []  # header fields above our Received: SPF's Authentication-Results
         self.verifier: Any = None  # recipients = "verify" (policy/verify.py)
+        self.continuity: Any = None  # [continuity]: the emergency inbox's own listener
         self._tasks: list[asyncio.Task[None]] = []
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -107,6 +108,8 @@ class Service:
         await self.smtp.start()
         if cfg.admin.listen:
             await self._start_admin()
+        if cfg.continuity.enabled:
+            await self._start_continuity()
         await self._start_proofs()
         addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
@@ -152,6 +155,13 @@ class Service:
         self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock)
         await self.admin.start()
 
+    async def _start_continuity(self) -> None:
+        from backupmx.continuity.inbox import ContinuityServer
+
+        assert self.spool is not None
+        self.continuity = ContinuityServer(self.cfg, self.spool, self.health, self.clock)
+        await self.continuity.start()
+
     async def _start_proofs(self) -> None:
         """The drill runner (always) and the canary (with [[canary]]), once the listener is bound."""
         from backupmx.monitor.drill import DrillRunner
@@ -187,6 +197,8 @@ class Service:
             await self.smtp.stop(grace=grace)
         if self.admin is not None:
             await self.admin.stop()
+        if self.continuity is not None:
+            await self.continuity.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.health is not None:
