@@ -252,6 +252,10 @@ class SmtpConnection:
         self._received = 0
         self._data_done = False
 
+    def __repr__(self) -> str:
+        return (f"<SmtpConnection {self.state.name} helo={self.helo!r} tls={self.tls} "
+                f"pending={type(self._pending).__name__ if self._pending else None} buffered={len(self._buf)}>")
+
     # -- input / output ----------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         if self.state in (State.CLOSED, State.TLS_PENDING):

@@ -576,6 +576,12 @@ def test_end_of_data_needs_explicit_reply_and_refusal_ends_transaction() -> None
     assert c.data_to_send().endswith(b"451 4.3.0 try later\r\n")
 
 
+def test_repr_shows_the_state() -> None:
+    h = Harness()
+    h.ehlo()
+    assert repr(h.conn) == "<SmtpConnection READY helo='client.test' tls=False pending=None buffered=0>"
+
+
 def test_send_and_close() -> None:
     h = Harness()
     h.conn.send_and_close(Reply(421, "4.4.2", "mx.test Error: timeout exceeded"))
