@@ -290,7 +290,7 @@ class Api:
         domain = request.query.get("domain") or None
         if domain:
             domain = self.ops.require_domain(domain)
-        holds = await self.ops.guard_holds(domain)
+        holds = await self.ops.guard_holds(domain, max_pages=10)
         return _json({"holds": [{"id": g.message.id, "address": g.recipient.address, "domain": g.recipient.domain,
                                  "sender": g.message.envelope.sender, "received_at": iso(g.message.received_at),
                                  "last_reply": g.recipient.last_reply, "held_at": iso(g.recipient.updated_at or None)}

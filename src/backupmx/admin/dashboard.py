@@ -227,7 +227,7 @@ class Dashboard:
         domain = request.query.get("domain") or None
         if domain:
             domain = self.ops.require_domain(domain)
-        holds = await self.ops.guard_holds(domain)
+        holds = await self.ops.guard_holds(domain, max_pages=10)
         chrome = await self._chrome()
         per_domain: dict[str, int] = {}
         for g in holds:

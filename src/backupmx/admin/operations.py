@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -34,7 +35,10 @@ from backupmx.spool import OutagePeriod, QueueFilter, Spool, SpoolStats
 log = logging.getLogger("backupmx.admin")
 
 GUARD_REASON = "recovery-guard"
-GUARD_COUNT_TTL = 5.0  # seconds a count of guard holds is reused
+GUARD_COUNT_TTL = 15.0  # seconds a count of guard holds is reused (actions forget it at once)
+# Does the spool's QueueFilter select by held_reason? Until it does, guard holds are found by reading held
+# messages page by page, a bounded number of pages.
+_FILTER_KNOWS_REASON = "held_reason" in {f.name for f in dataclasses.fields(QueueFilter)}
 REROUTE_NS = "admin.reroute"  # spool key/value namespace: domain -> JSON list of "host:port"
 HEADER_LIMIT = 64 * 1024
 _QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{14}$")
@@ -317,9 +321,12 @@ class Operations:
         looking at no more than `max_pages` pages of 200 held messages."""
         out: list[GuardHold] = []
         after: QueueId | None = None
+        wanted: dict[str, Any] = {"domain": domain, "state": RecipientState.HELD}
+        if _FILTER_KNOWS_REASON:  # the spool can select the guard's holds itself: no scan of other holds
+            wanted["held_reason"] = GUARD_REASON
+        flt = QueueFilter(**wanted)
         for _ in range(max_pages):
-            page = await self.spool.list_messages(QueueFilter(domain=domain, state=RecipientState.HELD),
-                                                  limit=200, after=after)
+            page = await self.spool.list_messages(flt, limit=200, after=after)
             for m in page:
                 for r in m.recipients:
                     if (r.state is RecipientState.HELD and r.held_reason == GUARD_REASON
@@ -333,13 +340,13 @@ class Operations:
         return out
 
     async def _guard_counts(self) -> dict[str, int]:
-        """Guard holds per domain among the first 2000 held messages (the spool counts holds, not their
+        """Guard holds per domain among the oldest 1000 held messages (the spool counts holds, not their
         reasons), remembered for a few seconds so that page loads do not rescan."""
         now = self.clock.now()
         if self._guard_cache is not None and 0 <= now - self._guard_cache[0] < GUARD_COUNT_TTL:
             return self._guard_cache[1]
         counts: dict[str, int] = {}
-        for g in await self.guard_holds(limit=100_000, max_pages=10):
+        for g in await self.guard_holds(limit=100_000, max_pages=5):
             counts[g.recipient.domain] = counts.get(g.recipient.domain, 0) + 1
         self._guard_cache = (now, counts)
         return counts
