@@ -28,6 +28,10 @@ from typing import Protocol
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
+from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
+from bench.figures import fmt, fmt_triple, geomean, machine, machine_line, percentile, summary, table
+from bench.latency import latency
+from bench.signals import exit_on_sigterm
 from tests.support.ports import free_port
 from tests.support.postfix import (
     PostfixInstance,
@@ -35,10 +39,6 @@ from tests.support.postfix import (
     smtp_source,
     tools_unavailable_reason,
 )
-
-from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
-from bench.figures import fmt, fmt_triple, geomean, machine, machine_line, percentile, summary, table
-from bench.latency import latency
 
 RECIPIENT = "alice@example.test"
 SENDER = "sender@source.test"
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run before it is killed")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     messages = args.messages or (200 if args.quick else 1000)
     repeat = args.repeat or (2 if args.quick else 5)
     cells = parse_cells(args.cells)

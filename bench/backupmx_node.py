@@ -18,10 +18,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from bench.figures import proc_status
 from tests.support.ports import free_port, wait_for_smtp
 from tests.support.watchdog import Watchdog
-
-from bench.figures import proc_status
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,6 +29,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
+from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
+from bench.figures import fmt, machine, machine_line, table
+from bench.signals import exit_on_sigterm
 from tests.support.ports import free_port
 from tests.support.postfix import (
     PostfixInstance,
@@ -37,9 +40,6 @@ from tests.support.postfix import (
     smtp_source,
     tools_unavailable_reason,
 )
-
-from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
-from bench.figures import fmt, machine, machine_line, table
 
 RECIPIENT = "alice@example.test"
 LOAD_SESSIONS = 20
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for each load and each drain")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     n = args.messages or (2000 if args.quick else 20000)
     for reason in (tools_unavailable_reason(), postfix_unavailable_reason() if args.only != "backupmx" else None):
         if reason:

@@ -21,10 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from tests.support.ports import free_port
-
 from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
 from bench.figures import machine, machine_line, table
+from bench.signals import exit_on_sigterm
+from tests.support.ports import free_port
 
 
 def make_message(size: int, i: int) -> bytes:
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=3, help="messages, one after the other (default %(default)s)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     size = int(args.size_mb * 1024 * 1024)
     print(machine_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bmx-bench-large-"))

@@ -27,12 +27,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from tests.support.ports import free_port
-from tests.support.postfix import SmtpSink, tools_unavailable_reason
-
 from bench.backupmx_node import BackupmxNode, BackupmxUnavailable, backupmx_command
 from bench.drain import watch_drain
 from bench.figures import fmt, machine, machine_line, table
+from bench.signals import exit_on_sigterm
+from tests.support.ports import free_port
+from tests.support.postfix import SmtpSink, tools_unavailable_reason
 
 HELD_DOMAIN = "example.test"  # its primary stays down
 SLICE_DOMAIN = "slice.test"  # its primary comes back (smtp-sink)
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound for the start and for the drain")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     n = args.messages or (20_000 if args.quick else 1_000_000)
     slice_n = min(n, args.slice if args.slice is not None else (2_000 if args.quick else 100_000))
     reason = tools_unavailable_reason()
