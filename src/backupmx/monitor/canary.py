@@ -331,7 +331,6 @@ class Canary:
                 d.last_success_at, d.last_latency = st.last_success_at, st.last_latency
 
     async def run(self) -> None:
-        self._stopping = False
         async with asyncio.TaskGroup() as tg:
             for name in self._domains:
                 tg.create_task(self._loop(name), name=f"canary {name}")

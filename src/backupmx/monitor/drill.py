@@ -40,7 +40,7 @@ log = logging.getLogger("backupmx.drill")
 KV_NAMESPACE = "drill"
 POLL = 1.0  # how often `serve` looks for requests, and for mail leaving after the release
 REQUEST_TTL = 60.0  # a request nobody took is void after this (a `serve` started later must not act on it)
-ACK_TIMEOUT = 15.0  # how long the CLI waits for `serve` to take the request
+ACK_TIMEOUT = 10.0  # how long the CLI waits for `serve` to take the request
 DEFAULT_SETTLE = 300.0  # after the release, how long to wait for the window's mail to be delivered
 LISTED = 50  # recipients not delivered, named in the report
 
@@ -193,7 +193,6 @@ class DrillRunner:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        self._stopping = False
         await self._recover()
         try:
             while not self._stopping:
