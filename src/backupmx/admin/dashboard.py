@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 from urllib.parse import urlencode
 
@@ -25,7 +26,7 @@ from backupmx.admin.operations import ActionError, Operations
 from backupmx.model import QueueId, RecipientState
 from backupmx.monitor import DestinationState
 
-STATIC_DIR = __file__.rsplit("/", 1)[0] + "/static"
+STATIC_DIR = Path(__file__).parent / "static"
 PAGE_SIZE = 50
 
 
