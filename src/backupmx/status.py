@@ -114,7 +114,8 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
         entry = live.domains.get(name) if isinstance(live, Live) else None
         if entry is not None:
             p = entry["primary"]
-            primary = {"state": p["state"], "since": p["since"], "outage_since": entry["outage"]["since"],
+            primary = {"state": p["state"], "since": _iso(_parse(p["since"])),
+                       "outage_since": _iso(_parse(entry["outage"]["since"])),
                        "last_error": p.get("last_error"), "source": "serve"}
         elif name in open_outages:
             primary = {"state": "down", "since": _iso(open_outages[name]), "outage_since": _iso(open_outages[name]),
@@ -192,7 +193,7 @@ def _canary_text(c: dict[str, Any] | None, now: float) -> str:
     when = f"{_iso(at)} ({_span(now - at)} ago)"
     outcome = CanaryOutcome(last["outcome"])
     if outcome is CanaryOutcome.DELIVERED:
-        text = f"delivered in {last['latency']:.1f}s at {when}: {last.get('reply') or ''}".rstrip(": ")
+        text = f"delivered in {last['latency']:.2f}s at {when}: {last.get('reply') or ''}".rstrip(": ")
     elif outcome is CanaryOutcome.FAILED:
         text = f"FAILED at {when}: {last.get('detail')}" + (f": {last['reply']}" if last.get("reply") else "")
     else:
