@@ -61,12 +61,16 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class QueueFilter:
+    """Which messages to list. The recipient filters (domain, recipient, state, held_reason) must all
+    match the same recipient; the message is listed whole."""
+
     domain: str | None = None
     recipient: str | None = None  # substring, case-insensitive
     sender: str | None = None  # substring, case-insensitive
     state: RecipientState | None = None
     pending_only: bool = True  # only messages with a recipient not yet delivered/bounced/expired
     kind: str | None = None
+    held_reason: str | None = None  # a recipient HELD for this reason ("operator", "recovery-guard")
 
 
 @dataclass(frozen=True, slots=True)

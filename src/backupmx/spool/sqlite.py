@@ -858,6 +858,9 @@ class SqliteSpool:
         if flt.state is not None:
             rc.append("r.state = ?")
             params.append(RecipientState(flt.state).value)
+        if flt.held_reason is not None:
+            rc.append("r.state = 'held' AND r.held_reason = ?")
+            params.append(flt.held_reason)
         if rc:
             where.append(f"EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND {' AND '.join(rc)})")
         index = "INDEXED BY messages_pending" if flt.pending_only else ""
