@@ -12,10 +12,11 @@ import re
 import socket
 import tomllib
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backupmx.errors import ConfigError
 
@@ -405,6 +406,77 @@ def _check_continuity(cfg: Config, source: str) -> None:
                                   "sign-in links must not go through the protected primary")
 
 
+class Condition(StrEnum):
+    PRIMARY_DOWN = "primary_down"  # per domain: an outage is declared (the primary is DOWN); ends when it leaves DOWN
+    OUTAGE_LONG = "outage_long"  # per domain: the declared outage is older than outage_longer_than
+    HELD_MAIL = "held_mail"  # per domain: recipients waiting (queued + held) above held_above
+    OLDEST_MESSAGE = "oldest_message"  # per domain: the oldest waiting message is older than oldest_older_than
+    FREE_DISK = "free_disk"  # the node: free space on the data directory below free_disk_below
+    DELIVERY_FAILING = "delivery_failing"  # per domain: the primary answers, but refuses or fails deliveries
+
+
+class AlertConfig(BaseModel):
+    """One `[[alerts]]` entry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["webhook", "email"]
+    name: str = ""  # for logs and the notice; defaults to the kind and target
+    on: tuple[Condition, ...] = tuple(Condition)  # the conditions this destination wants
+    interval: Duration = timedelta(seconds=30)  # how often conditions are evaluated (the smallest wins)
+    # webhook: a JSON POST
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. {Authorization = "Bearer ..."}
+    # email: through a smarthost, never through a protected primary
+    smarthost: str | None = None  # "host:port"
+    mail_from: str | None = None
+    to: tuple[str, ...] = ()
+    # delivery of the notice itself
+    timeout: Duration = timedelta(seconds=10)
+    attempts: int = Field(6, ge=1, le=20)
+    retry_min: Duration = timedelta(seconds=2)
+    retry_max: Duration = timedelta(minutes=5)
+    # thresholds
+    outage_longer_than: Duration = timedelta(hours=1)
+    held_above: int = Field(1000, ge=0)
+    oldest_older_than: Duration = timedelta(days=2)
+    free_disk_below: Size = 1_000_000_000
+    delivery_failures: int = Field(5, ge=1)  # failures (not "primary unreachable") since the last success ...
+    failure_window: Duration = timedelta(minutes=15)  # ... within this window
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _on_list(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("interval", "timeout", "retry_min", "retry_max", "failure_window")
+    @classmethod
+    def _at_least_1s(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> AlertConfig:
+        if self.kind == "webhook":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError("a webhook needs url = \"http(s)://...\"")
+        else:
+            if not self.smarthost or not self.mail_from or not self.to:
+                raise ValueError("an email alert needs smarthost, mail_from and to")
+            try:
+                parse_hostport(self.smarthost)
+            except ValueError as e:
+                raise ValueError(f"smarthost: {self.smarthost!r} is not host:port") from e
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must not be shorter than retry_min")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"webhook {self.url}" if self.kind == "webhook" else f"email via {self.smarthost}")
+
+
 class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     domains: tuple[DomainConfig, ...] = ()
@@ -416,6 +488,7 @@ class Config(_Frozen):
     log: LogConfig = LogConfig()
     spool: SpoolConfig = SpoolConfig()
     continuity: ContinuityConfig = ContinuityConfig()
+    alerts: tuple[AlertConfig, ...] = ()  # [[alerts]] (backupmx.monitor.alerts)
     source: str = "<defaults>"  # the file this came from, for messages
 
     def domain(self, name: str) -> DomainConfig | None:

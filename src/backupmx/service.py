@@ -67,6 +67,7 @@ class Service:
         self.stamps: list[Any] = []  # header fields above our Received: SPF's Authentication-Results
         self.verifier: Any = None  # recipients = "verify" (policy/verify.py)
         self.continuity: Any = None  # [continuity]: the emergency inbox's own listener
+        self.alerts: Any = None  # [[alerts]] (monitor/alerts.py)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -102,12 +103,20 @@ class Service:
 
             self.canary = Canary(cfg, self.spool, self.health, self.maillog, self.clock, self.smtp)
             self.smtp.classify = self.canary.classify  # the listener stores our own canaries as kind canary
+        if cfg.alerts:
+            from backupmx.monitor.alerts import AlertManager
+
+            self.alerts = AlertManager(cfg.alerts, config=cfg, spool=self.spool, health=self.health,
+                                       clock=self.clock, maillog=self.maillog)
+            self.health.subscribe(self.alerts.on_health_change)
         await self.health.open()  # an outage declared before a restart is still declared
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
         await self.smtp.start()
         if cfg.admin.listen:
             await self._start_admin()
+        if self.alerts is not None:
+            await self.alerts.start()
         if cfg.continuity.enabled:
             await self._start_continuity()
         await self._start_proofs()
@@ -147,12 +156,11 @@ class Service:
         return [stamp] if stamp is not None else []
 
     async def _start_admin(self) -> None:
-        try:
-            from backupmx.admin.api import AdminServer
-        except ImportError:  # the admin listener is optional while it is being built
-            return
+        from backupmx.admin.api import AdminServer
+
         assert self.spool is not None
-        self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock)
+        self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock,
+                                 alerts=self.alerts)
         await self.admin.start()
 
     async def _start_continuity(self) -> None:
@@ -197,6 +205,8 @@ class Service:
             await self.smtp.stop(grace=grace)
         if self.admin is not None:
             await self.admin.stop()
+        if self.alerts is not None:
+            await self.alerts.stop()
         if self.continuity is not None:
             await self.continuity.stop()
         if self.engine is not None:
