@@ -100,7 +100,7 @@ def add_parsers(sub: Any) -> None:
         p = csub.add_parser(name, help=helptext)
         _config_arg(p)
         p.add_argument("domain")
-        p.set_defaults(handler=_run(cmd_gate), mode=name)
+        p.set_defaults(handler=_run(cmd_gate), mode={"close": "closed"}.get(name, name))
     p = csub.add_parser("status", help="each domain's inbox: open or closed, and why")
     _config_arg(p)
     p.add_argument("--json", action="store_true")

@@ -91,17 +91,19 @@ def clean_text(value: str, limit: int = 998) -> str:
 
 
 def _header(msg: Message, name: str) -> str:
+    raw = _raw_header(msg, name)
+    if any("\udc80" <= ch <= "\udcff" for ch in raw):  # raw 8-bit bytes: the parser would lose them
+        return clean_text(raw)
     try:
         value = msg.get(name)
     except Exception:  # a header the parser cannot make sense of
         value = None
     if value is None:
-        raw = _raw_header(msg, name)
         return clean_text(raw) if raw else ""
     try:
         return clean_text(str(value))
     except Exception:
-        return clean_text(_raw_header(msg, name))
+        return clean_text(raw)
 
 
 def _raw_header(msg: Message, name: str) -> str:
@@ -270,10 +272,10 @@ def parse_message(body: bytes) -> ParsedMessage:
         data = _payload(part)
         is_att = _is_attachment(part)
         if not is_att and ctype == "text/plain" and text is None:
-            text = _decode_bytes(data, part.get_content_charset())
+            text = _decode_bytes(data, part.get_content_charset()).replace("\r\n", "\n")
             continue
         if not is_att and ctype == "text/html" and html is None:
-            html = _decode_bytes(data, part.get_content_charset())
+            html = _decode_bytes(data, part.get_content_charset()).replace("\r\n", "\n")
             continue
         cid = (part.get("Content-ID") or "").strip().strip("<>").strip() or None
         if cid and ctype in INLINE_IMAGE_TYPES and len(data) <= INLINE_IMAGE_MAX and \
