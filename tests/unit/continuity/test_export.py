@@ -37,10 +37,10 @@ async def test_per_recipient_mailboxes_with_identical_bodies(spool: SqliteSpool,
     res = await export(spool, Selection(domain="example.test"), Format.MBOX, tmp_path / "mbox")
     assert (res.messages, res.copies) == (2, 3)
     alice = mailbox.mbox(tmp_path / "mbox" / "alice@example.test.mbox", create=False)
-    assert [alice.get_bytes(k) for k in alice] == [bodies[q1], bodies[q2]]
+    assert [alice.get_bytes(k) for k in alice.iterkeys()] == [bodies[q1], bodies[q2]]
     assert alice[0].get_from().startswith("bob@else.test ")
     bob = mailbox.mbox(tmp_path / "mbox" / "bob@example.test.mbox", create=False)
-    assert [bob.get_bytes(k) for k in bob] == [bodies[q1]]
+    assert [bob.get_bytes(k) for k in bob.iterkeys()] == [bodies[q1]]
     assert not (tmp_path / "mbox" / "carol@other.test.mbox").exists()
     with pytest.raises(ExportError, match="exists"):
         await export(spool, Selection(domain="example.test"), Format.MBOX, tmp_path / "mbox")
@@ -70,7 +70,7 @@ async def test_maildir_and_eml_resume(spool: SqliteSpool, tmp_path: Path) -> Non
         again = await export(spool, Selection(recipient="alice@example.test"), fmt, dest)
         assert (again.copies, again.skipped) == (0, 3)
     md = mailbox.Maildir(tmp_path / "maildir" / "alice@example.test", create=False)
-    assert sorted(md.get_bytes(k) for k in md) == sorted([await spool.read_body(q) for q in ids])
+    assert sorted(md.get_bytes(k) for k in md.iterkeys()) == sorted([await spool.read_body(q) for q in ids])
     assert not list((tmp_path / "maildir" / "alice@example.test" / "tmp").iterdir())
     emls = sorted((tmp_path / "eml" / "alice@example.test").glob("*.eml"))
     assert [p.stem for p in emls] == sorted(ids)
