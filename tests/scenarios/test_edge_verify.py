@@ -174,3 +174,21 @@ def test_verify_with_postfix_primary(tmp_path: Path) -> None:
             assert rcpt(node, "bob@ours.test") == OK
             assert rcpt(node, "mallory@ours.test") == unknown("mallory@ours.test")
             assert set(learned(node, "ours.test")) == {"alice@ours.test", "bob@ours.test", "mallory@ours.test"}
+
+
+def test_accept_only_when_primary_down(tmp_path: Path, primary: AiosmtpdPrimary) -> None:
+    gate = "450 4.3.2 Temporarily not accepting mail for this domain, try again later"
+    node = ServeProcess(tmp_path / "node", domains=[
+        {"name": "ours.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any",
+         "accept": "when_primary_down"}], delivery=DELIVERY)
+    with node:
+        node.start()
+        assert wait_for(lambda: rcpt(node, "alice@ours.test") == gate, timeout=10)  # UP: go to the primary
+        rejects = maillog_events(node.log(), "reject")
+        assert any("when_primary_down" in ln for ln in rejects)
+        primary.stop()
+        wait_event(node, "outage-declared")
+        assert rcpt(node, "alice@ours.test") == OK  # DOWN: the backup takes the mail
+        primary.start()
+        wait_event(node, "primary-back")
+        assert wait_for(lambda: rcpt(node, "alice@ours.test") == gate, timeout=10)  # UP again
