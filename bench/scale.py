@@ -48,8 +48,15 @@ def make_body(qid: str, i: int, domain: str, size: int) -> bytes:
     return head + line * max(1, (size - len(head)) // len(line))
 
 
-async def fill_spool(data_dir: Path, n: int, slice_n: int, size: int, batch: int) -> float:
-    """Put n messages (the last slice_n for SLICE_DOMAIN); returns seconds."""
+def in_slice(i: int, n: int, slice_n: int) -> bool:
+    """Spread the slice evenly over the fill, so a fill cut short keeps the proportion."""
+    return slice_n > 0 and (i * slice_n) // n != ((i + 1) * slice_n) // n
+
+
+async def fill_spool(data_dir: Path, n: int, slice_n: int, size: int, batch: int,
+                     budget: float) -> tuple[int, int, float]:
+    """Put up to n messages, slice_n of them for SLICE_DOMAIN, within `budget` seconds.
+    Returns (messages put, of which in the slice, seconds)."""
     from backupmx.model import Envelope, Recipient, new_queue_id
     from backupmx.spool.body import BodyBuffer
     from backupmx.spool.sqlite import SqliteSpool
@@ -57,28 +64,37 @@ async def fill_spool(data_dir: Path, n: int, slice_n: int, size: int, batch: int
     spool = SqliteSpool(data_dir, node=NODE)
     await spool.open()
     started = time.perf_counter()
+    done = sliced = 0
     try:
         async def put(i: int) -> None:
-            domain = SLICE_DOMAIN if i >= n - slice_n else HELD_DOMAIN
+            domain = SLICE_DOMAIN if in_slice(i, n, slice_n) else HELD_DOMAIN
             qid = new_queue_id()
             env = Envelope(sender="sender@source.test", recipients=(Recipient(f"user{i}@{domain}"),),
                            client_ip="127.0.0.1", client_helo="source.test")
             with BodyBuffer.from_bytes(make_body(qid, i, domain, size)) as body:
                 await spool.put_with_id(qid, env, body)
 
-        done = 0
         next_report = 50_000
+        last_report = started
         while done < n:
             k = min(batch, n - done)
+            t_batch = time.perf_counter()
             await asyncio.gather(*(put(done + j) for j in range(k)))
+            sliced += sum(1 for j in range(k) if in_slice(done + j, n, slice_n))
             done += k
-            if done >= next_report or done == n:
-                el = time.perf_counter() - started
-                print(f"  filled {done:,}/{n:,} in {el:.0f}s ({done / el:,.0f} puts/s)", flush=True)
-                next_report += 50_000
+            now = time.perf_counter()
+            if done >= next_report or done == n or now - last_report > 60:
+                print(f"  filled {done:,}/{n:,} in {now - started:.0f}s: {done / (now - started):,.0f} puts/s "
+                      f"overall, {k / (now - t_batch):,.0f} puts/s in the last batch", flush=True)
+                while next_report <= done:
+                    next_report += 50_000
+                last_report = now
+            if now - started > budget and done < n:
+                print(f"  fill budget of {budget:g}s spent: stopping at {done:,} messages", flush=True)
+                break
     finally:
         await spool.close()
-    return time.perf_counter() - started
+    return done, sliced, time.perf_counter() - started
 
 
 @dataclass
@@ -152,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where the spool goes (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep --workdir; a later run reuses its spool")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after start before the 2nd RSS reading")
+    ap.add_argument("--fill-budget", type=float, default=3600.0,
+                    help="seconds the fill may take; it stops there and the rest runs with what is queued")
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound for the start and for the drain")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -172,15 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         node = BackupmxNode(work / "node", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
                             delivery={"probe_interval": "1s"})
         spec = {"messages": n, "slice": slice_n, "size_kb": args.size_kb}
-        if marker.exists() and json.loads(marker.read_text()) == spec:
+        kept = json.loads(marker.read_text()) if marker.exists() else {}
+        if kept.get("spec") == spec:
             print(f"reusing the filled spool in {node.data_dir}", flush=True)
+            fig.messages, fig.slice = kept["messages"], kept["slice"]
         else:
             marker.unlink(missing_ok=True)
             shutil.rmtree(node.data_dir, ignore_errors=True)
             print(f"filling the spool: {n:,} messages of {args.size_kb:g} KB ...", flush=True)
-            fig.fill_seconds = asyncio.run(
-                fill_spool(node.data_dir, n, slice_n, int(args.size_kb * 1024), args.batch))
-            marker.write_text(json.dumps(spec))
+            fig.messages, fig.slice, fig.fill_seconds = asyncio.run(fill_spool(
+                node.data_dir, n, slice_n, int(args.size_kb * 1024), args.batch, args.fill_budget))
+            marker.write_text(json.dumps({"spec": spec, "messages": fig.messages, "slice": fig.slice}))
+        held = fig.messages - fig.slice
         fig.spool_bytes = sum(p.stat().st_size for p in node.data_dir.glob("spool.db*"))
 
         with node:
@@ -199,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             fig.queue_list_first_page_s, _ = timed_cli(node, "queue", "list", "--limit", "100")
             with SmtpSink("127.0.0.1", slice_port) as sink:
                 fig.slice_first_s, fig.slice_all_at_primary_s, fig.slice_done_s = watch_drain(
-                    sink, slice_n, lambda: max(0, node.queue_count() - (n - slice_n)),
+                    sink, fig.slice, lambda: max(0, node.queue_count() - held),
                     timeout=args.timeout, queue_poll=0.5)
-                fig.slice_sink_count = sink.wait_messages(slice_n, timeout=5)
+                fig.slice_sink_count = sink.wait_messages(fig.slice, timeout=5)
             fig.queue_count_after = node.queue_count()
             mem = node.memory()
             fig.rss_hwm_kib, fig.rss_end_kib = mem["VmHWM"], mem["VmRSS"]
@@ -212,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(machine_line())
-    print(f"\nbackupmx with {n:,} queued messages of {args.size_kb:g} KB (spool {fig.spool_bytes / 1e9:.2f} GB), "
-          f"`{' '.join(backupmx_command())}`:")
+    if fig.messages < n:
+        print(f"\nNOTE: the fill stopped at {fig.messages:,} of {n:,} messages (--fill-budget)")
+    print(f"\nbackupmx with {fig.messages:,} queued messages of {args.size_kb:g} KB "
+          f"(spool {fig.spool_bytes / 1e9:.2f} GB), `{' '.join(backupmx_command())}`:")
     print(table(["figure", "value"], fig.rows()))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), **asdict(fig)}, indent=1))
