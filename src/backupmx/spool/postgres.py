@@ -461,29 +461,6 @@ async def _mark_corrupt(conn: Connection, qid: str, reason: str, now: float) -> 
     log.error("spool: set aside %s as corrupt: %s", qid, reason)
 
 
-def _outcome_state(u: RecipientUpdate, current: RecipientState,
-                   held_reason: str | None) -> tuple[RecipientState, str | None, float | None]:
-    """(new state, held reason, next_attempt_at or None to keep) for one outcome.
-
-    The mail really went out on Delivered, so that wins over an operator's hold placed during the
-    attempt; a Deferred outcome never turns a HELD recipient back into QUEUED."""
-    outcome = u.outcome
-    if isinstance(outcome, Delivered):
-        return RecipientState.DELIVERED, None, None
-    if isinstance(outcome, Bounced):
-        return RecipientState.BOUNCED, None, None
-    if u.expire:
-        return RecipientState.EXPIRED, None, None
-    if outcome is None:
-        raise _Clean(SpoolError(f"{u.message_id}[{u.index}]: an update needs an outcome or expire=True"))
-    if outcome.guard_hold:
-        reason = held_reason if current is RecipientState.HELD else "recovery-guard"
-        return RecipientState.HELD, reason, u.next_attempt_at
-    if current is RecipientState.HELD:
-        return RecipientState.HELD, held_reason, u.next_attempt_at
-    return RecipientState.QUEUED, None, u.next_attempt_at
-
-
 _CLAIM_ANY = """
 WITH due AS (
     SELECT r.message_id, r.idx FROM recipients r
@@ -521,20 +498,53 @@ FROM due WHERE r.message_id = due.message_id AND r.idx = due.idx
 RETURNING r.message_id, r.idx, r.next_attempt_at
 """
 
+# One round trip records a batch of outcomes: lock the recipients, check that `owner` holds every lease
+# (else nothing is written: LeaseLost), and set the new states. What a Deferred does to a HELD recipient
+# depends on its current state, so that part is decided here, on the locked row (see _outcome_kind).
 _RECORD = """
+WITH u AS (
+    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[], $5::bool[], $6::text[], $7::bool[])
+        AS u(qid, idx, kind, next_at, attempted, reply, delay)
+), cur AS (
+    SELECT r.message_id, r.idx, r.lease_owner FROM recipients r JOIN u ON r.message_id = u.qid AND r.idx = u.idx
+    ORDER BY r.message_id, r.idx
+    FOR UPDATE OF r
+), lost AS (
+    SELECT count(*) AS n FROM u LEFT JOIN cur ON cur.message_id = u.qid AND cur.idx = u.idx
+    WHERE cur.lease_owner IS DISTINCT FROM $8
+)
 UPDATE recipients r SET
-    state = u.state,
-    held_reason = u.held,
-    next_attempt_at = coalesce(u.next_at, r.next_attempt_at),
+    state = CASE u.kind WHEN 'delivered' THEN 'delivered' WHEN 'bounced' THEN 'bounced' WHEN 'expired' THEN 'expired'
+                        WHEN 'guard' THEN 'held'
+                        WHEN 'deferred' THEN CASE r.state WHEN 'held' THEN 'held' ELSE 'queued' END END,
+    held_reason = CASE WHEN u.kind IN ('guard', 'deferred') AND r.state = 'held' THEN r.held_reason
+                       WHEN u.kind = 'guard' THEN 'recovery-guard' END,
+    next_attempt_at = CASE WHEN u.kind IN ('guard', 'deferred') THEN u.next_at ELSE r.next_attempt_at END,
     attempts = r.attempts + CASE WHEN u.attempted THEN 1 ELSE 0 END,
     last_attempt_at = CASE WHEN u.attempted THEN $9 ELSE r.last_attempt_at END,
     last_reply = CASE WHEN u.attempted THEN u.reply ELSE r.last_reply END,
     delay_notified = r.delay_notified OR u.delay,
     lease_owner = NULL, lease_until = NULL, updated_at = $9
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[], $6::bool[], $7::text[], $8::bool[])
-    AS u(qid, idx, state, held, next_at, attempted, reply, delay)
-WHERE r.message_id = u.qid AND r.idx = u.idx
+FROM u
+WHERE r.message_id = u.qid AND r.idx = u.idx AND r.lease_owner = $8 AND (SELECT n FROM lost) = 0
 """
+
+
+def _outcome_kind(u: RecipientUpdate) -> str:
+    """What an update does: "delivered" | "bounced" | "expired" | "guard" | "deferred" (_RECORD applies it).
+
+    The mail really went out on Delivered, so that wins over an operator's hold placed during the
+    attempt; a Deferred outcome never turns a HELD recipient back into QUEUED; a guard hold keeps an
+    operator's reason when the recipient was already held."""
+    if isinstance(u.outcome, Delivered):
+        return "delivered"
+    if isinstance(u.outcome, Bounced):
+        return "bounced"
+    if u.expire:
+        return "expired"
+    if u.outcome is None:
+        raise _Clean(SpoolError(f"{u.message_id}[{u.index}]: an update needs an outcome or expire=True"))
+    return "guard" if u.outcome.guard_hold else "deferred"
 
 
 def _target(message_id: QueueId | None, domain: str | None, params: list[Any]) -> str:
@@ -922,24 +932,19 @@ class PostgresSpool:
 
         async def op(conn: Connection) -> list[QueueId]:
             if updates:
-                rows = await conn.fetch(
-                    "SELECT r.message_id, r.idx, r.state, r.lease_owner, r.held_reason FROM recipients r"
-                    " JOIN unnest($1::text[], $2::int[]) AS k(qid, idx) ON r.message_id = k.qid AND r.idx = k.idx"
-                    " ORDER BY r.message_id, r.idx FOR UPDATE OF r",
-                    [u.message_id for u in updates], [u.index for u in updates])
-                current = {(r["message_id"], r["idx"]): r for r in rows}
-                cols: list[list[Any]] = [[] for _ in range(8)]
-                for u in updates:
-                    row = current.get((u.message_id, u.index))
-                    if row is None or row["lease_owner"] != owner:
-                        raise _Clean(LeaseLost(f"{u.message_id}[{u.index}]: lease no longer held by {owner}"))
-                    state, held, next_at = _outcome_state(u, RecipientState(row["state"]), row["held_reason"])
-                    for col, value in zip(cols, (u.message_id, u.index, state.value, held, next_at,
-                                                 u.outcome is not None,
-                                                 str(u.outcome.reply) if u.outcome is not None else None,
-                                                 u.delay_notified), strict=True):
-                        col.append(value)
-                await conn.execute(_RECORD, *cols, now)
+                keys = {(u.message_id, u.index) for u in updates}
+                kinds = [_outcome_kind(u) for u in updates]
+                status = await conn.execute(
+                    _RECORD, [u.message_id for u in updates], [u.index for u in updates], kinds,
+                    [u.next_attempt_at for u in updates], [u.outcome is not None for u in updates],
+                    [str(u.outcome.reply) if u.outcome is not None else None for u in updates],
+                    [u.delay_notified for u in updates], owner, now)
+                done = _count(status)
+                if done != len(keys):
+                    lost = LeaseLost(f"{updates[0].message_id}...: a lease is no longer held by {owner}")
+                    if done == 0:
+                        raise _Clean(lost)  # nothing written
+                    raise lost
             ids: list[QueueId] = []
             for m in new_messages:
                 qid = new_queue_id(now)
@@ -1128,6 +1133,9 @@ class PostgresSpool:
         if flt.state is not None:
             params.append(RecipientState(flt.state).value)
             rc.append(f"r.state = ${len(params)}")
+        if flt.held_reason is not None:
+            params.append(flt.held_reason)
+            rc.append(f"r.state = 'held' AND r.held_reason = ${len(params)}")
         if rc:
             where.append(f"EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND {' AND '.join(rc)})")
         params.append(max(0, limit))
