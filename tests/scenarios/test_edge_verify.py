@@ -169,11 +169,22 @@ def test_verify_with_postfix_primary(tmp_path: Path) -> None:
             assert rcpt(node, "alice@ours.test") == OK
             assert rcpt(node, "mallory@ours.test") == unknown("mallory@ours.test")
             assert rcpt(node, "zoe@ours.test") == OK  # never seen, unknown_while_down = "accept"
+            with EdgeClient(node.port) as c:  # accepted while down: the primary will decide
+                c.cmd("EHLO client.test")
+                assert c.send_mail(b"Subject: hi zoe\r\n\r\nwelcome\r\n", rcpts=("zoe@ours.test",))[-1].startswith(
+                    "250 2.0.0 Ok: queued as")
             node.kill()  # even a SIGKILL keeps what was learned (committed when learned)
             node.start()
             assert rcpt(node, "bob@ours.test") == OK
             assert rcpt(node, "mallory@ours.test") == unknown("mallory@ours.test")
             assert set(learned(node, "ours.test")) == {"alice@ours.test", "bob@ours.test", "mallory@ours.test"}
+            # zoe's mailbox is created meanwhile; the primary comes back and takes the held message:
+            # the delivery teaches the backup that zoe exists
+            pf.add_users("zoe")
+            pf.start()
+            wait_event(node, "delivered")
+            assert pf.wait_for_messages("zoe", 1)
+            assert wait_for(lambda: learned(node, "ours.test").get("zoe@ours.test") == (True, "delivered"))
 
 
 def test_accept_only_when_primary_down(tmp_path: Path, primary: AiosmtpdPrimary) -> None:

@@ -335,7 +335,6 @@ class RecipientVerifier:
         written before returning."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._stopping = False
         while True:
             await self.flush()
             if self._stopping:
