@@ -12,7 +12,7 @@ import sqlite3
 
 from backupmx.errors import SpoolUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # A recipient is "pending" (the message still needs us) while QUEUED or HELD.
 _PENDING = "('queued','held')"
@@ -188,7 +188,72 @@ CREATE TABLE IF NOT EXISTS kv (
 ) WITHOUT ROWID;
 """
 
-_MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2}
+# Version 3:
+# - the counting triggers again, their subqueries pinned to the primary key (message_id, idx): with no
+#   statistics the planner preferred rcpt_domain_due (domain, state) and scanned a domain's whole queue on
+#   every insert, so a put cost O(queue length). The unary "+" keeps a column out of index choice;
+# - messages.finished_at (when the last recipient became final), so purge finds old finished mail by index;
+# - recipients (domain, message_id), so listing one domain pages through that domain only, and the held
+#   recipients by message (a partial index: nothing to maintain for queued mail), for the held lists.
+_V3 = f"""
+ALTER TABLE messages ADD COLUMN finished_at REAL;
+UPDATE messages SET finished_at = (SELECT max(r.updated_at) FROM recipients r WHERE r.message_id = messages.id)
+    WHERE pending = 0;
+CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished_at) WHERE pending = 0;
+CREATE INDEX IF NOT EXISTS rcpt_domain_msg ON recipients(domain, message_id);
+CREATE INDEX IF NOT EXISTS rcpt_held ON recipients(message_id, held_reason) WHERE state = 'held';
+
+DROP TRIGGER IF EXISTS rcpt_ins;
+DROP TRIGGER IF EXISTS rcpt_del;
+DROP TRIGGER IF EXISTS rcpt_upd_pending;
+
+CREATE TRIGGER rcpt_ins AFTER INSERT ON recipients
+BEGIN
+    INSERT INTO rcpt_counts(domain, state, n) VALUES (new.domain, new.state, 1)
+        ON CONFLICT(domain, state) DO UPDATE SET n = n + 1;
+    INSERT INTO dom_pending(domain, messages)
+        SELECT new.domain, 1
+        WHERE new.state IN {_PENDING} AND NOT EXISTS (
+            SELECT 1 FROM recipients r WHERE r.message_id = new.message_id AND +r.domain = new.domain
+            AND +r.state IN {_PENDING} AND r.idx != new.idx)
+        ON CONFLICT(domain) DO UPDATE SET messages = messages + 1;
+END;
+
+CREATE TRIGGER rcpt_del AFTER DELETE ON recipients
+BEGIN
+    UPDATE rcpt_counts SET n = n - 1 WHERE domain = old.domain AND state = old.state;
+    UPDATE dom_pending SET messages = messages - 1
+        WHERE domain = old.domain AND old.state IN {_PENDING} AND NOT EXISTS (
+            SELECT 1 FROM recipients r WHERE r.message_id = old.message_id AND +r.domain = old.domain
+            AND +r.state IN {_PENDING});
+    UPDATE messages SET pending = EXISTS (
+            SELECT 1 FROM recipients r WHERE r.message_id = old.message_id AND +r.state IN {_PENDING}),
+            finished_at = old.updated_at
+        WHERE id = old.message_id AND old.state IN {_PENDING};
+END;
+
+CREATE TRIGGER rcpt_upd_pending AFTER UPDATE OF state ON recipients
+WHEN (old.state IN {_PENDING}) != (new.state IN {_PENDING})
+BEGIN
+    UPDATE dom_pending SET messages = messages - 1
+        WHERE domain = new.domain AND old.state IN {_PENDING} AND NOT EXISTS (
+            SELECT 1 FROM recipients r WHERE r.message_id = new.message_id AND +r.domain = new.domain
+            AND +r.state IN {_PENDING});
+    INSERT INTO dom_pending(domain, messages)
+        SELECT new.domain, 1
+        WHERE new.state IN {_PENDING} AND NOT EXISTS (
+            SELECT 1 FROM recipients r WHERE r.message_id = new.message_id AND +r.domain = new.domain
+            AND +r.state IN {_PENDING} AND r.idx != new.idx)
+        ON CONFLICT(domain) DO UPDATE SET messages = messages + 1;
+    -- finished_at means something only once pending = 0 (final states are final: it is set last then).
+    UPDATE messages SET pending = EXISTS (
+            SELECT 1 FROM recipients r WHERE r.message_id = new.message_id AND +r.state IN {_PENDING}),
+            finished_at = new.updated_at
+        WHERE id = new.message_id;
+END;
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3}
 
 
 def user_version(conn: sqlite3.Connection) -> int:
@@ -208,12 +273,23 @@ def migrate(conn: sqlite3.Connection) -> None:
                 f"spool schema version {current} is newer than this backupmx understands ({SCHEMA_VERSION})")
         for version in range(current + 1, SCHEMA_VERSION + 1):
             for statement in _split(_MIGRATIONS[version]):
-                conn.execute(statement)
+                _execute_idempotent(conn, statement)
             conn.execute(f"PRAGMA user_version = {version}")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        raise
+
+
+def _execute_idempotent(conn: sqlite3.Connection, statement: str) -> None:
+    """Run one migration statement; ADD COLUMN of a column that exists is a no-op, like the
+    IF NOT EXISTS of the other statements (a half-migrated or hand-repaired file migrates again)."""
+    try:
+        conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if "ADD COLUMN" in statement.upper() and "duplicate column name" in str(exc):
+            return
         raise
 
 

@@ -69,6 +69,7 @@ _DEFAULT_FILTER = QueueFilter()
 _PENDING = ("queued", "held")
 
 _MSG_COLS = "id, sender, kind, size, received_at, envelope_json, corrupt_reason"
+_MSG_COLS_M = ", ".join(f"m.{c.strip()}" for c in _MSG_COLS.split(","))
 _RCPT_COLS = ("message_id, idx, address, domain, state, attempts, next_attempt_at, last_attempt_at, "
               "last_reply, held_reason, notify, orcpt, delay_notified, updated_at")
 
@@ -359,10 +360,10 @@ def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, 
     if written != size:
         raise SpoolError(f"body of {qid} is {written} bytes, declared {size}")
     conn.execute(
-        "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (qid, envelope.sender, envelope.kind.value, size, now, json.dumps(envelope.to_json()),
-         _crc_text(crc), 1 if envelope.recipients else 0),
+         _crc_text(crc), 1 if envelope.recipients else 0, None if envelope.recipients else now),
     )
     conn.executemany(
         "INSERT INTO recipients(message_id, idx, address, domain, state, next_attempt_at, notify, orcpt,"
@@ -727,28 +728,34 @@ class SqliteSpool:
         now = self.clock.now()
 
         def fn(conn: sqlite3.Connection) -> float | None:
-            doms = None if domains is None else [d.lower() for d in domains]
-            best: float | None = None
-            where_dom = ""
-            params: list[Any] = []
+            doms = None if domains is None else list(dict.fromkeys(d.lower() for d in domains))
+            candidates: list[float] = []
+            # Unleased (or lease run out): the first in next_attempt_at order. Leased rows are skipped
+            # in index order; there are few (bounded by the nodes' active windows).
+            unleased = "(lease_until IS NULL OR lease_until <= ?)"
+            if doms is None:
+                row = conn.execute(
+                    "SELECT next_attempt_at FROM recipients INDEXED BY rcpt_due WHERE state = 'queued'"
+                    f" AND {unleased} ORDER BY next_attempt_at LIMIT 1", (now,)).fetchone()
+                candidates += [row[0]] if row else []
+            else:
+                for d in doms:
+                    row = conn.execute(
+                        "SELECT next_attempt_at FROM recipients INDEXED BY rcpt_domain_due WHERE domain = ?"
+                        f" AND state = 'queued' AND {unleased} ORDER BY next_attempt_at LIMIT 1",
+                        (d, now)).fetchone()
+                    candidates += [row[0]] if row else []
+            # Leased: due again when the lease runs out (if no outcome is recorded before).
+            where_dom, params = "", []
             if doms is not None:
-                if not doms:
-                    return None
                 where_dom = f" AND domain IN ({','.join('?' * len(doms))})"
-                params = list(doms)
-            # Unleased (or lease expired): the first by next_attempt_at.
-            row = conn.execute(
-                "SELECT min(next_attempt_at) FROM recipients WHERE state = 'queued'"
-                " AND (lease_until IS NULL OR lease_until <= ?)" + where_dom, [now, *params]).fetchone()
-            if row[0] is not None:
-                best = row[0]
-            # Leased: due again when the lease runs out (if never recorded).
+                params = doms
             row = conn.execute(
                 "SELECT min(max(next_attempt_at, lease_until)) FROM recipients INDEXED BY rcpt_leased"
                 " WHERE lease_until > ? AND state = 'queued'" + where_dom, [now, *params]).fetchone()
-            if row[0] is not None and (best is None or row[0] < best):
-                best = row[0]
-            return best
+            if row[0] is not None:
+                candidates.append(row[0])
+            return min(candidates, default=None)
 
         return await self._read(fn)
 
@@ -774,20 +781,19 @@ class SqliteSpool:
     async def hold(self, message_id: QueueId | None, *, reason: str = "operator",
                    domain: str | None = None, now: float | None = None) -> int:
         t = self._now(now)
-        where, params = _target(message_id, domain)
+        where, params = _target("queued", message_id, domain)
         return await self._update_recipients("state = 'held', held_reason = ?, updated_at = ?", [reason, t],
-                                             f"state = 'queued'{where}", params)
+                                             where, params)
 
     async def release_held(self, message_id: QueueId | None, *, domain: str | None = None,
                            reason: str | None = None, now: float | None = None) -> int:
         t = self._now(now)
-        where, params = _target(message_id, domain)
+        where, params = _target("held", message_id, domain)
         if reason is not None:
             where += " AND held_reason = ?"
             params.append(reason)
         return await self._update_recipients(
-            "state = 'queued', held_reason = NULL, next_attempt_at = ?, updated_at = ?", [t, t],
-            f"state = 'held'{where}", params)
+            "state = 'queued', held_reason = NULL, next_attempt_at = ?, updated_at = ?", [t, t], where, params)
 
     async def delete(self, message_id: QueueId) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -799,9 +805,9 @@ class SqliteSpool:
 
     async def flush(self, domain: str | None = None, *, now: float | None = None) -> int:
         t = self._now(now)
-        where, params = _target(None, domain)
+        where, params = _target("queued", None, domain)
         return await self._update_recipients("next_attempt_at = ?, updated_at = ?", [t, t],
-                                             f"state = 'queued' AND next_attempt_at > ?{where}", [t, *params])
+                                             f"{where} AND next_attempt_at > ?", [*params, t])
 
     async def purge(self, *, before: float, limit: int = 10_000) -> int:
         """Delete up to `limit` finished messages (every recipient delivered/bounced/expired) whose last
@@ -811,9 +817,8 @@ class SqliteSpool:
         def op(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM kv WHERE expires_at <= ?", (now,))
             ids = [row[0] for row in conn.execute(
-                "SELECT m.id FROM messages m WHERE m.pending = 0 AND m.corrupt_reason IS NULL"
-                " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.updated_at >= ?)"
-                " ORDER BY m.id LIMIT ?", (before, limit))]
+                "SELECT id FROM messages INDEXED BY messages_finished WHERE pending = 0 AND finished_at < ?"
+                " AND corrupt_reason IS NULL ORDER BY finished_at LIMIT ?", (before, limit))]
             for qid in ids:
                 conn.execute("DELETE FROM recipients WHERE message_id = ?", (qid,))
                 conn.execute("DELETE FROM bodies WHERE message_id = ?", (qid,))
@@ -838,34 +843,55 @@ class SqliteSpool:
 
     async def list_messages(self, flt: QueueFilter = _DEFAULT_FILTER, *, limit: int = 100,
                             after: QueueId | None = None) -> list[MessageRecord]:
-        where = ["m.id > ?"]
-        params: list[Any] = [after or ""]
+        # Message-level conditions, on m.
+        mwhere: list[str] = []
+        mparams: list[Any] = []
         if flt.pending_only:
-            where.append("m.pending = 1")
+            mwhere.append("m.pending = 1")
         if flt.kind is not None:
-            where.append("m.kind = ?")
-            params.append(str(flt.kind))
+            mwhere.append("m.kind = ?")
+            mparams.append(str(flt.kind))
         if flt.sender is not None:
-            where.append("instr(lower(m.sender), ?) > 0")
-            params.append(flt.sender.lower())
-        rc: list[str] = []
+            mwhere.append("instr(lower(m.sender), ?) > 0")
+            mparams.append(flt.sender.lower())
+        # Recipient-level conditions, all on the same recipient r.
+        rwhere: list[str] = []
+        rparams: list[Any] = []
         if flt.domain is not None:
-            rc.append("r.domain = ?")
-            params.append(flt.domain.lower())
+            rwhere.append("+r.domain = ?")
+            rparams.append(flt.domain.lower())
         if flt.recipient is not None:
-            rc.append("instr(lower(r.address), ?) > 0")
-            params.append(flt.recipient.lower())
+            rwhere.append("instr(lower(r.address), ?) > 0")
+            rparams.append(flt.recipient.lower())
         if flt.state is not None:
-            rc.append("r.state = ?")
-            params.append(RecipientState(flt.state).value)
+            rwhere.append("+r.state = ?")
+            rparams.append(RecipientState(flt.state).value)
         if flt.held_reason is not None:
-            rc.append("r.state = 'held' AND r.held_reason = ?")
-            params.append(flt.held_reason)
-        if rc:
-            where.append(f"EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND {' AND '.join(rc)})")
-        index = "INDEXED BY messages_pending" if flt.pending_only else ""
-        sql = f"SELECT {_MSG_COLS} FROM messages m {index} WHERE {' AND '.join(where)} ORDER BY m.id LIMIT ?"
-        params.append(max(0, limit))
+            rwhere.append("+r.state = 'held' AND r.held_reason = ?")
+            rparams.append(flt.held_reason)
+        lim = max(0, limit)
+        held = flt.held_reason is not None or flt.state == RecipientState.HELD
+        if flt.domain is not None or held:
+            # Page through the matching recipients in message order (an index per case), joining each
+            # to its message: cost follows the page, not the queue, however rare the match.
+            if flt.domain is not None:
+                drive = "INDEXED BY rcpt_domain_msg"
+                rwhere[0] = "r.domain = ?"
+            else:
+                drive = "INDEXED BY rcpt_held"
+                rwhere.append("r.state = 'held'")
+            where = " AND ".join(["r.message_id > ?", *rwhere, *mwhere])
+            sql = (f"SELECT {_MSG_COLS_M} FROM recipients r {drive} CROSS JOIN messages m ON m.id = r.message_id"
+                   f" WHERE {where} GROUP BY r.message_id ORDER BY r.message_id LIMIT ?")
+            params = [after or "", *rparams, *mparams, lim]
+        else:
+            conds = ["m.id > ?", *mwhere]
+            if rwhere:
+                same = " AND ".join(rwhere)
+                conds.append(f"EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND {same})")
+            index = "INDEXED BY messages_pending" if flt.pending_only else ""
+            sql = f"SELECT {_MSG_COLS_M} FROM messages m {index} WHERE {' AND '.join(conds)} ORDER BY m.id LIMIT ?"
+            params = [after or "", *mparams, *rparams, lim]
 
         def fn(conn: sqlite3.Connection) -> list[tuple[MessageRecord, str | None]]:
             rows = conn.execute(sql, params).fetchall()  # one page, bounded by `limit`
@@ -1027,14 +1053,17 @@ class _BodyDamaged(Exception):
     pass
 
 
-def _target(message_id: QueueId | None, domain: str | None) -> tuple[str, list[Any]]:
-    where = ""
+def _target(state: str, message_id: QueueId | None, domain: str | None) -> tuple[str, list[Any]]:
+    """WHERE for recipients in `state` of one message and/or one domain. With a message named, the
+    other columns get a unary "+" so the planner takes the primary key, not the (domain, state) index."""
+    pin = "+" if message_id is not None else ""
+    where = f"{pin}state = '{state}'"
     params: list[Any] = []
     if message_id is not None:
         where += " AND message_id = ?"
         params.append(message_id)
     if domain is not None:
-        where += " AND domain = ?"
+        where += f" AND {pin}domain = ?"
         params.append(domain.lower())
     return where, params
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from backupmx.model import Envelope, Recipient
 from backupmx.spool import BodyBuffer
+from backupmx.spool.schema import SCHEMA_VERSION
 from backupmx.spool.sqlite import SqliteSpool
 
 
@@ -29,5 +30,5 @@ async def test_a_version_1_spool_is_migrated_and_keeps_its_mail(tmp_path: Path) 
     finally:
         await spool.close()
     conn = sqlite3.connect(tmp_path / "spool.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
