@@ -64,7 +64,7 @@ DB_NAME = "spool.db"
 MAX_GROUP = 256  # operations per transaction; more wait for the next group
 READ_POOL = 4  # idle reader connections kept open
 LIST_CORRUPT_LIMIT = 10_000
-UPDATE_CHUNK = 5_000  # recipients per transaction in operator-wide updates (hold all, flush...)
+UPDATE_CHUNK = 2_000  # recipients per transaction in operator-wide updates (hold all, flush...)
 _DEFAULT_FILTER = QueueFilter()
 _PENDING = ("queued", "held")
 
