@@ -79,6 +79,24 @@ async def test_disk_full_raises_spool_full_and_recovers(small_fs: Path) -> None:
     assert check_integrity(data_dir / "spool.db") == []
 
 
+async def test_a_put_too_large_for_the_disk_fails_alone(small_fs: Path, tmp_path: Path) -> None:
+    spool = SqliteSpool(small_fs / "data", clock=FakeClock(T0))
+    await spool.open()
+    try:
+        big = os.urandom(6_000_000)  # the file system has 3 MB
+        for _ in range(2):
+            smalls = [spool.put(_env(), BodyBuffer.from_bytes(b"small %d" % i)) for i in range(20)]
+            results = await asyncio.gather(*smalls[:10], spool.put(_env(), BodyBuffer.from_bytes(big, tmp_path)),
+                                           *smalls[10:], return_exceptions=True)
+            assert isinstance(results[10], SpoolFullError)
+            assert all(isinstance(r, str) for i, r in enumerate(results) if i != 10), results
+        assert await spool.count_pending() == 40
+        assert spool.statistics().failed_operations == 2
+    finally:
+        await spool.close()
+    assert check_integrity(small_fs / "data" / "spool.db") == []
+
+
 async def test_locked_past_the_timeout_raises_unavailable_and_stores_nothing(tmp_path: Path) -> None:
     spool = SqliteSpool(tmp_path, clock=FakeClock(T0), busy_timeout=0.2)
     await spool.open()
