@@ -206,7 +206,7 @@ class _Writer:
             raise
         return self._conn
 
-    async def _run_group(self, group: list[_Op], attempt: int = 0) -> None:
+    async def _run_group(self, group: list[_Op], attempt: int = 0, *, fresh: bool = False) -> None:
         self.groups += 1
         self.largest_group = max(self.largest_group, len(group))
         try:
@@ -234,6 +234,11 @@ class _Writer:
         if failure is not None:
             assert failed_at is not None
             await self._abort(conn, tx, failure)
+            if _connection_lost(failure) and not fresh and not isinstance(failure, TimeoutError):
+                # The connection died while idle (a database restart, a failover, a firewall): nothing of
+                # this group was committed, so it runs once more on a new connection.
+                await self._run_group(group, attempt, fresh=True)
+                return
             if _connection_lost(failure) or _sqlstate(failure).startswith(_OVERLOAD_SQLSTATES):
                 # The database is away or overloaded: the others would fail the same way.
                 for op in group:
@@ -242,7 +247,7 @@ class _Writer:
             if _sqlstate(failure) in _RETRY_SQLSTATES and attempt < GROUP_RETRIES:
                 self.split_groups += 1
                 await asyncio.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
-                await self._run_group(group, attempt + 1)
+                await self._run_group(group, attempt + 1, fresh=fresh)
                 return
             # This operation failed after writing: it fails alone, the rest run again without it.
             self._finish(group[failed_at], False, map_error(failure))
@@ -800,13 +805,18 @@ class PostgresSpool:
         pool = self._pool
         if pool is None:
             raise SpoolUnavailable("spool is not open")
-        try:
-            async with pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
-                return await fn(conn)
-        except SpoolError:
-            raise
-        except Exception as exc:
-            raise map_error(exc) from exc
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire(timeout=self.connect_timeout + self.command_timeout) as conn:
+                    return await fn(conn)
+            except SpoolError:
+                raise
+            except Exception as exc:
+                # A pooled connection that died while idle: the upload was not committed, write it again.
+                if attempt == 1 and _connection_lost(exc) and not isinstance(exc, TimeoutError):
+                    continue
+                raise map_error(exc) from exc
+        raise SpoolUnavailable("spool unavailable")  # not reached
 
     async def _drop_upload(self, qid: QueueId) -> None:
         """Best effort: remove the upload of a put that failed (else it is reaped after an hour)."""

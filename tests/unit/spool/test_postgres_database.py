@@ -105,6 +105,29 @@ async def test_while_the_database_is_stopped_writes_fail_fast_and_nothing_is_los
         await spool.close()
 
 
+async def test_connections_killed_while_idle_are_replaced_without_an_error(postgres_url: str) -> None:
+    """A failover, a server restart or a firewall ends idle sessions: the next put, large put and read
+    run on new connections, and the caller never sees it."""
+    spool = PostgresSpool(postgres_url, node="idle")
+    await spool.open()
+    try:
+        await spool.put(env("a@a.example"), BodyBuffer.from_bytes(b"one"))
+        await spool.read_body(await spool.put(env("a@a.example"), BodyBuffer.from_bytes(b"two")))
+        conn = await raw(postgres_url)
+        try:
+            killed = await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                         " WHERE application_name = 'backupmx idle'")
+        finally:
+            await conn.close()
+        assert killed >= 2  # the writer and a pooled reader
+        await asyncio.sleep(0.2)
+        await spool.put(env("b@a.example"), BodyBuffer.from_bytes(b"three"))
+        await spool.put(env("c@a.example"), BodyBuffer.from_bytes(b"f" * 2_000_000))
+        assert await spool.count_pending() == 4
+    finally:
+        await spool.close()
+
+
 async def test_the_database_crashing_mid_group_fails_the_group_and_keeps_what_committed(
         postgres_server: PostgresServer, postgres_url: str) -> None:
     spool = PostgresSpool(postgres_url, node="n1", connect_timeout=3)
