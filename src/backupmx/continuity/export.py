@@ -11,11 +11,12 @@ error rather than a silent double. Nothing in the spool changes. Errors: ExportE
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,6 +28,8 @@ from backupmx.model import MessageKind, MessageRecord, QueueId
 from backupmx.spool import QueueFilter, Spool
 
 PAGE = 500
+PREFETCH = 16  # small messages read ahead of the one being written
+PREFETCH_MAX_SIZE = 256 * 1024  # bigger ones are streamed in their turn, never held whole
 OPEN_FILES = 64  # mbox files kept open at once (a domain may have thousands of recipients)
 _FROM_LINE = re.compile(rb"(?m)^(>*From )")
 
@@ -182,83 +185,138 @@ async def export(spool: Spool, sel: Selection, fmt: Format, dest: Path, *,
         raise ExportError("give --recipient ADDRESS or --domain DOMAIN")
     dest.mkdir(parents=True, exist_ok=True)
     result = ExportResult()
-    mboxes = _MboxFiles(dest) if fmt is Format.MBOX else None
+    writer = _Writer(dest, fmt, result)
+    # Small bodies are read a few messages ahead (each spool read is a thread hop); big ones are
+    # streamed chunk by chunk when their turn comes. Memory: at most PREFETCH small bodies at once.
+    window: deque[tuple[MessageRecord, list[str], asyncio.Task[list[bytes]] | None]] = deque()
     try:
         async for m, targets in _messages(spool, sel):
-            try:
-                written = await _write_one(spool, m, targets, fmt, dest, mboxes, result)
-            except NotFound:  # delivered and purged since the page was read
-                result.skipped += 1
-                continue
-            result.messages += 1
-            result.bytes += written
-            if progress is not None:
-                progress.update(result.messages, result.bytes)
+            task = asyncio.create_task(_slurp(spool, m.id)) if m.size <= PREFETCH_MAX_SIZE else None
+            window.append((m, targets, task))
+            if len(window) > PREFETCH:
+                await _one(spool, writer, *window.popleft(), progress)
+        while window:
+            await _one(spool, writer, *window.popleft(), progress)
     finally:
-        if mboxes is not None:
-            mboxes.close()
+        for _, _, task in window:
+            if task is not None:
+                task.cancel()
+        writer.close()
     if progress is not None:
         progress.finish(result, dest)
     return result
 
 
-async def _write_one(spool: Spool, m: MessageRecord, targets: list[str], fmt: Format, dest: Path,
-                     mboxes: _MboxFiles | None, result: ExportResult) -> int:
-    """One message into each target's mailbox from one streamed read; returns bytes read. A Maildir or
-    .eml file appears under its final name only once complete (written in tmp/, then renamed)."""
-    outs: list[BinaryIO] = []
-    pending: list[tuple[Path, Path]] = []  # (temporary, final)
-    complete = False
+async def _slurp(spool: Spool, message_id: QueueId) -> list[bytes]:
+    return [chunk async for chunk in spool.iter_body(message_id)]
+
+
+async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _one(spool: Spool, writer: _Writer, m: MessageRecord, targets: list[str],
+               task: asyncio.Task[list[bytes]] | None, progress: Progress | None) -> None:
+    result = writer.result
     try:
-        for addr in targets:
-            if fmt is Format.MBOX:
-                assert mboxes is not None
-                f, path = mboxes.get(addr)
-                outs.append(f)
-                result.mailboxes[addr] = path
-                continue
-            box = dest / mailbox_name(addr)
-            if fmt is Format.MAILDIR:
+        body = _replay(await task) if task is not None else spool.iter_body(m.id)
+        written = await writer.write(m, targets, body)
+    except NotFound:  # delivered and purged since the page was read
+        result.skipped += 1
+        return
+    result.messages += 1
+    result.bytes += written
+    if progress is not None:
+        progress.update(result.messages, result.bytes)
+
+
+class _Writer:
+    """Puts one message into each target's mailbox. A Maildir or .eml file appears under its final
+    name only once complete (written to a temporary name, then renamed)."""
+
+    def __init__(self, dest: Path, fmt: Format, result: ExportResult) -> None:
+        self.dest = dest
+        self.fmt = fmt
+        self.result = result
+        self.mboxes = _MboxFiles(dest) if fmt is Format.MBOX else None
+        self.present: dict[str, set[str]] = {}  # mailbox -> names already there (Maildir, eml)
+
+    def close(self) -> None:
+        if self.mboxes is not None:
+            self.mboxes.close()
+
+    def _box(self, address: str) -> tuple[Path, set[str]]:
+        """The recipient's directory, made once, with the names it already holds."""
+        box = self.dest / mailbox_name(address)
+        present = self.present.get(address)
+        if present is None:
+            present = set()
+            if self.fmt is Format.MAILDIR:
                 for sub in ("tmp", "new", "cur"):
                     (box / sub).mkdir(parents=True, exist_ok=True)
-                name = f"{int(m.received_at)}.{m.id}.backupmx"
-                final, tmp = box / "new" / name, box / "tmp" / name
-                done = final.exists() or any((box / "cur").glob(f"{name}:*"))
+                for sub in ("new", "cur"):
+                    present.update(name.split(":", 1)[0] for name in os.listdir(box / sub))
             else:
                 box.mkdir(parents=True, exist_ok=True)
-                final, tmp = box / f"{m.id}.eml", box / f".{m.id}.eml.tmp"
-                done = final.exists()
-            result.mailboxes[addr] = box
-            if done:
-                result.skipped += 1
-                continue
-            outs.append(open(tmp, "wb"))  # noqa: SIM115 (closed below)
-            pending.append((tmp, final))
-        if not outs:
-            return 0
-        total = await _stream(spool, m, outs, mbox=fmt is Format.MBOX)
-        result.copies += len(outs)
-        complete = True
-        return total
-    finally:
-        if fmt is not Format.MBOX:
-            for f in outs:
-                f.close()
-            for tmp, final in pending:
-                if complete:
-                    os.replace(tmp, final)
+                present.update(os.listdir(box))
+            self.present[address] = present
+        return box, present
+
+    async def write(self, m: MessageRecord, targets: list[str], body: AsyncIterator[bytes]) -> int:
+        result = self.result
+        outs: list[BinaryIO] = []
+        pending: list[tuple[Path, Path]] = []  # (temporary, final)
+        complete = False
+        try:
+            for addr in targets:
+                if self.mboxes is not None:
+                    f, path = self.mboxes.get(addr)
+                    outs.append(f)
+                    result.mailboxes[addr] = path
+                    continue
+                box, present = self._box(addr)
+                result.mailboxes[addr] = box
+                if self.fmt is Format.MAILDIR:
+                    name = f"{int(m.received_at)}.{m.id}.backupmx"
+                    final, tmp = box / "new" / name, box / "tmp" / name
                 else:
-                    tmp.unlink(missing_ok=True)
+                    name = f"{m.id}.eml"
+                    final, tmp = box / name, box / f".{name}.tmp"
+                if name in present:
+                    result.skipped += 1
+                    continue
+                present.add(name)
+                outs.append(open(tmp, "wb"))  # noqa: SIM115 (closed below)
+                pending.append((tmp, final))
+            if not outs:
+                return 0
+            total = await _stream(m, body, outs, mbox=self.mboxes is not None)
+            result.copies += len(outs)
+            complete = True
+            return total
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self.mboxes is None:
+                for f in outs:
+                    f.close()
+                for tmp, final in pending:
+                    if complete:
+                        os.replace(tmp, final)
+                    else:
+                        tmp.unlink(missing_ok=True)
 
 
-async def _stream(spool: Spool, m: MessageRecord, outs: list[BinaryIO], *, mbox: bool) -> int:
+async def _stream(m: MessageRecord, body: AsyncIterator[bytes], outs: list[BinaryIO], *, mbox: bool) -> int:
     total = 0
     carry = b""
     last = b"\n"
     if mbox:
         for f in outs:
             f.write(from_line(m))
-    async for chunk in spool.iter_body(m.id):
+    async for chunk in body:
         total += len(chunk)
         if mbox:  # quote whole lines only: a "From " may straddle two chunks
             data = carry + chunk

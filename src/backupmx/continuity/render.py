@@ -282,6 +282,8 @@ def parse_message(body: bytes) -> ParsedMessage:
                 inline_total + len(data) <= INLINE_TOTAL_MAX:
             inline[cid] = f"data:{ctype};base64,{b64encode(data).decode('ascii')}"
             inline_total += len(data)
+            if not is_att:
+                continue  # shown in the HTML where it belongs, not listed as an attachment
         try:
             raw_name = part.get_filename()
         except Exception:
