@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from backupmx.model import Bounced, Delivered, MessageKind, QueueId, RecipientState
 from backupmx.reply import Reply
 from backupmx.spool import NewMessage, QueueFilter, RecipientUpdate, Spool
-from tests.spool_contract.conftest import Backend
 from tests.spool_contract.samples import T0, body, envelope
 
 OK = Reply(250, "2.0.0", "Ok")
@@ -55,10 +52,7 @@ async def test_filters(spool: Spool) -> None:
     assert await ids(QueueFilter(state=RecipientState.QUEUED, domain="a.example")) == [a]
 
 
-async def test_filter_by_held_reason_and_same_recipient(spool: Spool, backend: Backend,
-                                                        request: pytest.FixtureRequest) -> None:
-    if backend.name == "postgres":  # QueueFilter.held_reason is newer than PostgresSpool's filter
-        request.applymarker(pytest.mark.xfail(reason="PostgresSpool: QueueFilter.held_reason not yet applied"))
+async def test_filter_by_held_reason_and_same_recipient(spool: Spool) -> None:
     a = await spool.put(envelope("x@a.example", "y@b.example"), body(b"x"))
     b = await spool.put(envelope("z@a.example"), body(b"x"))
     await spool.hold(a, domain="b.example", reason="recovery-guard")

@@ -168,6 +168,7 @@ class _Writer:
                 self._run_group(group)
             except BaseException as exc:  # never let the writer die with callers waiting
                 log.exception("spool writer: unexpected failure")
+                self._reset_conn()  # closing rolls back whatever the group had begun
                 for op in group:
                     self._finish(op, False, map_error(exc))
         if self._conn is not None:
@@ -450,8 +451,14 @@ class SqliteSpool:
         return conn
 
     def _open_sync(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Mail is private: the directories 0700 when we create them, the database 0600 (SQLite gives
+        # its -wal and -shm files the database's mode).
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
         conn = self._connect()
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]

@@ -213,11 +213,17 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         await SqliteSpool(tmp_path).open()
 
 
-async def test_wal_and_full_sync(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path)
+async def test_wal_and_private_files(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    spool = SqliteSpool(data_dir)
     await spool.open()
+    await spool.put(_env(), BodyBuffer.from_bytes(b"x"))
+    for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
+        assert (data_dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert spool.tmp_dir.stat().st_mode & 0o777 == 0o700
     await spool.close()
-    conn = sqlite3.connect(tmp_path / "spool.db")
+    conn = sqlite3.connect(data_dir / "spool.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
 
