@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,31 +50,40 @@ def user_mail(primary: Primary) -> list[tuple[str, list[str], bytes]]:
     return primary.received(lambda m: not is_canary(m))
 
 
+def api(node: ServeProcess, path: str) -> Any:
+    """The running node's admin API (quicker than a CLI process while a window is open)."""
+    token = (node.data_dir / "admin.token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{node.admin_port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
 def test_mail_sent_during_the_window_is_held_then_delivered_and_counted(tmp_path: Path, primary: Primary) -> None:
     with drill_node(tmp_path, primary) as node:
         node.start()
         wait_until("the primaries up", lambda: primary_up(node))
-        out = node.cli("drill", "example.test", "--for", "5s", "--settle", "20s").stdout
+        out = node.cli("drill", "example.test", "--for", "10s", "--settle", "20s").stdout
         assert "started" in out and "held until" in out
         ids = [send(node.port, make_body(i), ["alice@example.test", "bob@example.test"]) for i in range(3)]
         ids.append(send(node.port, make_body(9), ["carol@other.test"]))  # another domain: not held
         wait_until("the other domain's mail", lambda: len(user_mail(primary)) == 1)
         assert user_mail(primary)[0][1] == ["carol@other.test"]
-        during = status(node)
-        assert during["domains"][0]["primary"]["state"] == "down"  # held as if the primary were down
-        assert during["domains"][0]["waiting"]["messages"] == 3
-        assert during["domains"][0]["drill"]["state"] == "running"
-        assert during["domains"][1]["primary"]["state"] == "up"
-        assert node.queue_count() == 3
+        during = {d["domain"]: d for d in api(node, "/api/domains")["domains"]}
+        assert during["example.test"]["primary"]["state"] == "down"  # held as if the primary were down
+        assert "forced down: drill" in during["example.test"]["primary"]["last_error"]
+        assert during["example.test"]["messages_pending"] == 3
+        assert during["other.test"]["primary"]["state"] == "up"
         time.sleep(1.0)
         assert len(user_mail(primary)) == 1  # still held
+        assert report(node)["state"] == "running"
 
         rep = wait_until("the report", lambda: (r := report(node))["state"] == "done" and r, timeout=30)
         assert rep["ok"] is True
         counts = (rep["accepted_messages"], rep["accepted"], rep["delivered"], rep["held"], rep["bounced"])
         assert counts == (3, 6, 6, 0, 0)
         assert rep["warnings"] == [] and rep["not_delivered"] == []
-        assert 4.5 <= rep["ended_at"] - rep["started_at"] < 8
+        assert 9.5 <= rep["ended_at"] - rep["started_at"] < 13
         delivered = user_mail(primary)
         assert len(delivered) == 4 and node.queue_count() == 0
         assert sorted(r for m in delivered for r in m[1]) == ["alice@example.test"] * 3 + ["bob@example.test"] * 3 + [
@@ -115,7 +125,7 @@ def test_stop_ends_the_window_early_and_a_second_drill_is_refused(tmp_path: Path
         started = time.monotonic()
         assert "ends now" in node.cli("drill", "example.test", "--stop").stdout
         rep = wait_until("the report", lambda: (r := report(node))["state"] == "done" and r, timeout=30)
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 60  # the window was 10 minutes
         assert (rep["accepted"], rep["delivered"], rep["held"]) == (1, 1, 0) and rep["ok"]
         assert len(user_mail(primary)) == 1
         stop_again = node.cli("drill", "example.test", "--stop", check=False)
@@ -131,7 +141,7 @@ def test_sigterm_during_a_drill_releases_the_domain_first(tmp_path: Path, primar
         send(node.port, make_body(1))
         started = time.monotonic()
         assert node.terminate() == 0
-        assert time.monotonic() - started < 10  # no wait for the window, nor for the stop grace
+        assert time.monotonic() - started < 25  # no wait for the window, nor for the 30s stop grace
         rep = report(node)
         assert rep["state"] in ("done", "interrupted") and rep["ended_at"] is not None
         node.start()
