@@ -31,7 +31,7 @@ from backupmx.clock import Clock
 from backupmx.config import Config, load_config, parse_duration
 from backupmx.errors import ConfigError, SpoolError
 from backupmx.maillog import MailLog
-from backupmx.model import MessageKind, QueueId, RecipientState
+from backupmx.model import MessageKind, MessageRecord, QueueId, RecipientState
 from backupmx.monitor import DestinationState, DestinationStatus
 from backupmx.spool import Spool
 
@@ -313,8 +313,9 @@ class DrillRunner:
                              accepted_messages=len(r.queued))
             await self._save(report)
             settle_until = ended + req.settle
+            finished: dict[QueueId, MessageRecord | None] = {}
             while True:
-                report = await self._count(report, r.queued)
+                report = await self._count(report, r.queued, finished)
                 if report.held == 0 or self._clock.now() >= settle_until or self._stopping:
                     break
                 await self._sleep(min(self._poll, settle_until - self._clock.now()), self._wake)
@@ -344,18 +345,28 @@ class DrillRunner:
                     log.exception("drill %s: releasing %s failed", req.id, domain)
             self._running.pop(domain, None)
 
-    async def _count(self, report: DrillReport, ids: list[QueueId]) -> DrillReport:
-        """Where the window's mail for the domain is now (user mail only: no canaries, no DSNs)."""
+    async def _count(self, report: DrillReport, ids: list[QueueId],
+                     finished: dict[QueueId, MessageRecord | None]) -> DrillReport:
+        """Where the window's mail for the domain is now (user mail only: no canaries, no DSNs). Messages
+        that are done with the domain go into `finished` and are not read again on the next call."""
         domain = report.domain
         messages = accepted = delivered = held = bounced = 0
         listed: list[dict[str, Any]] = []
         for qid in ids:
-            rec = await self._spool.get(qid)
-            if rec is None or rec.kind is not MessageKind.USER:
+            if qid in finished:
+                rec = finished[qid]
+            else:
+                rec = await self._spool.get(qid)
+                if rec is None or rec.kind is not MessageKind.USER:
+                    finished[qid] = rec = None
+            if rec is None:
                 continue
             mine = [x for x in rec.recipients if x.domain == domain]
             if not mine:
+                finished[qid] = None
                 continue
+            if all(x.state.is_final for x in mine):
+                finished[qid] = rec
             messages += 1
             for x in mine:
                 accepted += 1
