@@ -156,6 +156,7 @@ class InboxApp:
         return resp
 
     def _secure_headers(self, request: web.Request, resp: web.StreamResponse) -> None:
+        resp.headers["Server"] = "backupmx"  # not which Python or aiohttp
         for k, v in SECURITY_HEADERS.items():
             resp.headers.setdefault(k, v)
         if not request.path.startswith("/static/"):
@@ -307,7 +308,7 @@ class InboxApp:
         base = self.message_url(rec.id, session.address)
         self.audit.write(self.clock.now(), "view", actor=self._actor(request), address=session.address, id=rec.id)
         return self._render(request, "message.html", session=session, banner=self._banner(state), m=rec,
-                            p=parsed, base=base, show_html=show_html, remote_blocked=remote,
+                            p=parsed, base=base, show_html=show_html, remote_blocked=remote, compact_banner=True,
                             received=datetime.fromtimestamp(rec.received_at, UTC))
 
     async def frame(self, request: web.Request) -> web.Response:

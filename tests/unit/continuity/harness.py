@@ -92,8 +92,8 @@ class Inbox:
 
 @asynccontextmanager
 async def running_inbox(tmp: Path, *, sanitize: Sanitizer = safe_html, clock: Clock | None = None,
-                        **continuity: Any) -> AsyncIterator[Inbox]:
-    cfg = continuity_config(tmp, **continuity)
+                        domains: Sequence[str] = DOMAINS, **continuity: Any) -> AsyncIterator[Inbox]:
+    cfg = continuity_config(tmp, domains=domains, **continuity)
     clock = clock or SystemClock()
     spool = SqliteSpool(cfg.server.data_dir, node="backup.test", clock=clock)
     await spool.open()

@@ -42,4 +42,4 @@ def test_dates_and_sizes() -> None:
     assert Translator("en").datetime(when, UTC) == "24 Nov 2026 13:05 UTC"
     assert Translator("en").date(None, UTC) == "—"
     assert [Translator.size(n) for n in (999, 1500, 2_500_000)] == ["999 B", "2 KB", "2.5 MB"]
-    assert Translator("ko").count(3) == "보관 중인 메일 3통" and Translator("en").count(1) == "1 message held for you"
+    assert Translator("ko").count(3) == "3통" and Translator("en").count(1) == "1 message"
