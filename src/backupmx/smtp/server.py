@@ -58,7 +58,10 @@ log = logging.getLogger("backupmx.smtp")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections")
 CHECK_FAILED = Reply(451, "4.3.0", "Error: internal error, try again later")
-READ_HIGH_WATER = 4 * 1024 * 1024  # input buffered while a decision is awaited; beyond it, stop reading
+# Input buffered before the session task has looked at it; beyond it, stop reading until the task waits
+# for input again. Also during DATA: one event-loop turn may hand us 32 reads of 256 KiB (libuv), and
+# every byte buffered here is copied again by the scanner, so this bounds a large message's footprint.
+READ_HIGH_WATER = 1024 * 1024
 DISK_CHECK_INTERVAL = 1.0
 STOP_HARD_EXTRA = 10.0  # after the grace time, how long a commit in progress may still take
 TLS_HANDSHAKE_TIMEOUT = 60.0
@@ -331,10 +334,9 @@ class _Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._conn.receive_data(data)
         w = self._waiter
-        if w is not None:
-            if not w.done():
-                w.set_result(_Wake.INPUT)
-        elif self._conn.buffered > READ_HIGH_WATER and not self._reading_paused and self._transport:
+        if w is not None and not w.done():
+            w.set_result(_Wake.INPUT)
+        if self._conn.buffered > READ_HIGH_WATER and not self._reading_paused and self._transport:
             self._reading_paused = True
             self._transport.pause_reading()
 
