@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupmx.config import Config, load_config
-from backupmx.monitor.canary import CanaryOutcome, CanaryStatus, read_status
-from backupmx.monitor.drill import DrillReport, read_report
+from backupmx.monitor.canary import CanaryOutcome, CanaryStatus, read_status, span_text
+from backupmx.monitor.drill import DrillReport, read_report, utc_text
 from backupmx.spool import Spool
 
 API_TIMEOUT = 3.0
@@ -174,7 +174,7 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  primary     {p['state']}{since}{err}{src}")
         w = d["waiting"]
         held = f", {w['recipients_held']} recipient(s) held" if w["recipients_held"] else ""
-        oldest = f", oldest {_span(w['oldest_age_seconds'])}" if w["oldest_age_seconds"] is not None else ""
+        oldest = f", oldest {span_text(w['oldest_age_seconds'])}" if w["oldest_age_seconds"] is not None else ""
         lines.append(f"  waiting     {w['messages']} message(s){held}{oldest}")
         lines.append(f"  canary      {_canary_text(d['canary'], now)}")
         lines.append(f"  last drill  {_drill_text(d['drill'])}")
@@ -190,7 +190,7 @@ def _canary_text(c: dict[str, Any] | None, now: float) -> str:
     if last is None:
         return "on, none judged yet"
     at = last["finished_at"]
-    when = f"{_iso(at)} ({_span(now - at)} ago)"
+    when = f"{_iso(at)} ({span_text(now - at)} ago)"
     outcome = CanaryOutcome(last["outcome"])
     if outcome is CanaryOutcome.DELIVERED:
         text = f"delivered in {last['latency']:.2f}s at {when}: {last.get('reply') or ''}".rstrip(": ")
@@ -216,7 +216,7 @@ def _drill_text(r: dict[str, Any] | None) -> str:
 
 
 def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return None if t is None else utc_text(t)
 
 
 def _parse(text: str | None) -> float | None:
@@ -233,19 +233,7 @@ def _parse(text: str | None) -> float | None:
 
 def _ago(now: float, text: str) -> str:
     t = _parse(text)
-    return "?" if t is None else _span(now - t)
-
-
-def _span(seconds: float | None) -> str:
-    s = int(max(0.0, seconds or 0.0))
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m}m"
-    return f"{m}m {sec}s" if m else f"{sec}s"
+    return "?" if t is None else span_text(now - t)
 
 
 __all__ = ["add_status_parser", "collect", "render", "status_command"]

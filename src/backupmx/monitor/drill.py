@@ -299,7 +299,7 @@ class DrillRunner:
             await self._health.force_down(domain, f"drill {req.id}")
             forced = True
             self._maillog.event("drill-started", None, domain=domain, drill=req.id,
-                                window=f"{req.window:g}s", until=_iso(report.ends_at))
+                                window=f"{req.window:g}s", until=utc_text(report.ends_at))
             while not r.stop.is_set() and self._clock.now() < report.ends_at:
                 await self._sleep(min(self._poll, report.ends_at - self._clock.now()), r.stop)
             r.collecting = False
@@ -488,7 +488,7 @@ async def _cmd_request(spool: Spool, req: DrillRequest, *, wait: bool, as_json: 
         else:
             print(ack.get("detail", "ok"))
             if req.action == "start":
-                print(f"delivery for {req.domain} is held until {_iso(req.requested_at + req.window)}; "
+                print(f"delivery for {req.domain} is held until {utc_text(req.requested_at + req.window)}; "
                       f"then `backupmx drill --report {req.domain}`")
         return EXIT_OK
     # --wait: the window, the settling, and a margin for the last polls
@@ -532,11 +532,11 @@ def render_report(r: DrillReport) -> str:
     verdict = "ok: everything accepted in the window was delivered" if r.ok else r.state.value
     if r.state is DrillState.DONE and not r.ok:
         verdict = "NOT OK: mail from the window was not delivered"
-    end = _iso(r.ended_at) if r.ended_at else f"{_iso(r.ends_at)} (planned)"
+    end = utc_text(r.ended_at) if r.ended_at else f"{utc_text(r.ends_at)} (planned)"
     lines = [f"drill of {r.domain} on {r.node} ({r.id}): {verdict}",
-             f"  window     {_iso(r.started_at)} .. {end} ({r.window:g}s asked)"]
+             f"  window     {utc_text(r.started_at)} .. {end} ({r.window:g}s asked)"]
     if r.finished_at:
-        lines.append(f"  finished   {_iso(r.finished_at)}")
+        lines.append(f"  finished   {utc_text(r.finished_at)}")
     lines += [f"  accepted   {r.accepted_messages} message(s), {r.accepted} recipient(s) in {r.domain}",
               f"  delivered  {r.delivered}", f"  held       {r.held}", f"  bounced    {r.bounced}"]
     for x in r.not_delivered:
@@ -547,11 +547,10 @@ def render_report(r: DrillReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _iso(t: float | None) -> str:
-    if t is None:
-        return "-"
+def utc_text(t: float) -> str:
+    """A time for people and logs: "2026-11-24 10:15:01Z"."""
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 __all__ = ["DrillReport", "DrillRequest", "DrillRunner", "DrillState", "add_drill_parser", "read_report",
-           "render_report"]
+           "render_report", "utc_text"]
