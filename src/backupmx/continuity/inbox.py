@@ -359,6 +359,10 @@ class InboxApp:
         try:
             async for chunk in chunks:
                 await resp.write(chunk)
+        except (SpoolError, ConnectionResetError) as e:
+            # the status line is gone: the reader sees a download shorter than its Content-Length
+            log.error("continuity: %s.eml stopped after the headers: %s", rec.id, e)
+            return resp
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
