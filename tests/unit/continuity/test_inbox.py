@@ -340,3 +340,19 @@ async def test_over_tls_the_cookie_is_secure_and_hsts_is_sent(tmp_path: Path) ->
             assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
             assert r.headers["Strict-Transport-Security"].startswith("max-age=")
             assert r.headers["Server"] == "backupmx"
+
+
+async def test_a_long_list_pages_newest_first(tmp_path: Path) -> None:
+    async with running_inbox(tmp_path) as inbox:
+        inbox.open()
+        ids = [await put(inbox.spool, ["alice@example.test"], mail.plain(subject=f"number {i}")) for i in range(120)]
+        alice = await inbox.sign_in("alice@example.test")
+        seen: list[str] = []
+        for page in (1, 2, 3):
+            async with alice.get(inbox.url + f"/?page={page}") as r:
+                html = await r.text()
+            assert "120 messages" in html and f"Page {page}" in html
+            seen += [u.split("/")[2] for u in urls(html)]
+        assert seen == list(reversed(ids))
+        async with alice.get(inbox.url + "/?page=99") as r:  # past the end: the last page
+            assert [u.split("/")[2] for u in urls(await r.text())] == list(reversed(ids))[100:]
