@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.support.ports import free_port
+from tests.support.watchdog import Watchdog
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 START_TIMEOUT = 30.0
@@ -95,6 +96,7 @@ class PostgresServer:
             pw = pwd.getpwnam("postgres")
             os.chown(self.socket_dir, pw.pw_uid, pw.pw_gid)
         self._counter = itertools.count(1)
+        self._watchdog: Watchdog | None = None
         self._free: list[str] = []  # databases emptied after a test, ready for the next one
         self._initialized = False
 
@@ -119,6 +121,9 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         if not self._initialized:
             self.initdb()
+        if self._watchdog is None:  # if this process dies without close(), the server goes with it
+            self._watchdog = Watchdog('kill -9 "$(head -n 1 "$1/postmaster.pid")"; sleep 1; rm -rf "$2"',
+                                      str(self.data), str(self.dir))
         self._tool("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", str(int(START_TIMEOUT)),
                    "-o", f"-p {self.port}", "start", timeout=START_TIMEOUT + 10)
         return self
@@ -141,6 +146,9 @@ class PostgresServer:
         with contextlib.suppress(Exception):
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+            self._watchdog = None
 
     def log(self) -> str:
         try:
