@@ -206,7 +206,41 @@ class _Writer:
             raise
         return self._conn
 
-    async def _run_group(self, group: list[_Op], attempt: int = 0, *, fresh: bool = False) -> None:
+    async def _run_group(self, group: list[_Op]) -> None:
+        """Run `group` in one transaction and commit; retried, split or failed as the failure says.
+        A loop, not recursion: a group of MAX_GROUP operations that each fail stays shallow."""
+        attempt = 0  # deadlock / serialization retries
+        fresh = False  # already retried on a new connection
+        while group:
+            outcome = await self._try_group(group)
+            if outcome is None:
+                return  # committed (or every operation finished)
+            failed_at, failure = outcome
+            if _connection_lost(failure) and not fresh and not isinstance(failure, TimeoutError):
+                # The connection died while idle (a database restart, a failover, a firewall): nothing of
+                # this group was committed, so it runs once more on a new connection.
+                fresh = True
+                continue
+            if _connection_lost(failure) or _sqlstate(failure).startswith(_OVERLOAD_SQLSTATES):
+                # The database is away or overloaded: the others would fail the same way.
+                for op in group:
+                    self._finish(op, False, map_error(failure))
+                return
+            if _sqlstate(failure) in _RETRY_SQLSTATES and attempt < GROUP_RETRIES:
+                attempt += 1
+                self.split_groups += 1
+                await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)
+                continue
+            # This operation failed after writing: it fails alone, the rest run again without it.
+            self._finish(group[failed_at], False, map_error(failure))
+            group = group[:failed_at] + group[failed_at + 1:]
+            if group:
+                self.split_groups += 1
+
+    async def _try_group(self, group: list[_Op]) -> tuple[int, BaseException] | None:
+        """One transaction for `group`. None when every operation is finished (committed, or failed by a
+        commit that cannot be retried); else (index of the operation that failed, its exception), with
+        the transaction rolled back and nothing finished."""
         self.groups += 1
         self.largest_group = max(self.largest_group, len(group))
         try:
@@ -214,48 +248,22 @@ class _Writer:
         except Exception as exc:
             for op in group:
                 self._finish(op, False, map_error(exc))
-            return
+            return None
         results: list[tuple[bool, Any]] = []
         tx = conn.transaction()
-        failed_at: int | None = None
-        failure: BaseException | None = None
         try:
             await tx.start()
-            for i, op in enumerate(group):
-                try:
-                    results.append((True, await op.fn(conn)))
-                except _Clean as clean:
-                    results.append((False, clean.error))
-                except Exception as exc:
-                    failed_at, failure = i, exc
-                    break
-        except Exception as exc:  # BEGIN itself failed
-            failed_at, failure = 0, exc
-        if failure is not None:
-            assert failed_at is not None
-            await self._abort(conn, tx, failure)
-            if _connection_lost(failure) and not fresh and not isinstance(failure, TimeoutError):
-                # The connection died while idle (a database restart, a failover, a firewall): nothing of
-                # this group was committed, so it runs once more on a new connection.
-                await self._run_group(group, attempt, fresh=True)
-                return
-            if _connection_lost(failure) or _sqlstate(failure).startswith(_OVERLOAD_SQLSTATES):
-                # The database is away or overloaded: the others would fail the same way.
-                for op in group:
-                    self._finish(op, False, map_error(failure))
-                return
-            if _sqlstate(failure) in _RETRY_SQLSTATES and attempt < GROUP_RETRIES:
-                self.split_groups += 1
-                await asyncio.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
-                await self._run_group(group, attempt + 1, fresh=fresh)
-                return
-            # This operation failed after writing: it fails alone, the rest run again without it.
-            self._finish(group[failed_at], False, map_error(failure))
-            rest = group[:failed_at] + group[failed_at + 1:]
-            if rest:
-                self.split_groups += 1
-                await self._run_group(rest)
-            return
+        except Exception as exc:
+            await self._abort(conn, tx, exc)
+            return 0, exc
+        for i, op in enumerate(group):
+            try:
+                results.append((True, await op.fn(conn)))
+            except _Clean as clean:
+                results.append((False, clean.error))
+            except Exception as exc:
+                await self._abort(conn, tx, exc)
+                return i, exc
         has_put = any(op.is_put and ok for op, (ok, _) in zip(group, results, strict=True))
         if has_put:
             fault_point("spool.before_commit")
@@ -265,19 +273,20 @@ class _Writer:
             await self._abort(conn, tx, exc)
             if len(group) > 1 and not _connection_lost(exc):
                 self.split_groups += 1
-                for op in group:
+                for op in group:  # each alone: one bad operation does not take the others down
                     await self._run_group([op])
             else:
                 # A connection lost inside COMMIT leaves it unknown whether it committed: the callers
                 # get an error (451) and a message may exist twice later, but never zero times.
                 for op in group:
                     self._finish(op, False, map_error(exc))
-            return
+            return None
         self.commits += 1
         if has_put:
             fault_point("spool.after_commit")
         for op, (ok, value) in zip(group, results, strict=True):
             self._finish(op, ok, value)
+        return None
 
     async def _abort(self, conn: Connection, tx: Any, exc: BaseException) -> None:
         if _connection_lost(exc):

@@ -154,6 +154,26 @@ async def test_the_database_crashing_mid_group_fails_the_group_and_keeps_what_co
         await spool.close()
 
 
+async def test_a_group_where_many_operations_fail_commits_all_the_others(postgres_url: str) -> None:
+    spool = PostgresSpool(postgres_url, node="n1")
+    await spool.open()
+    try:
+        bodies = [BodyBuffer.from_bytes(b"body %d" % i) for i in range(256)]
+        for b in bodies[1::2]:
+            b.close()  # reading it fails inside the group's transaction, after the others wrote
+        before = spool.statistics()
+        results = await asyncio.gather(*(spool.put(env(f"u{i}@a.example"), b) for i, b in enumerate(bodies)),
+                                       return_exceptions=True)
+        good = list(results[::2])
+        assert all(isinstance(r, str) for r in good) and all(isinstance(r, Exception) for r in results[1::2])
+        assert spool.statistics().puts - before.puts == 128
+        for i, qid in enumerate(good):
+            assert await spool.read_body(qid) == b"body %d" % (2 * i)
+        assert await spool.count_pending() == 128
+    finally:
+        await spool.close()
+
+
 async def test_an_upload_left_by_a_dead_node_is_removed(postgres_url: str) -> None:
     clock = FakeClock(T0)
     spool = PostgresSpool(postgres_url, node="n1", clock=clock)
