@@ -254,6 +254,10 @@ class LogConfig(_Frozen):
 
 class SpoolConfig(_Frozen):
     url: str | None = None  # postgresql://... for many nodes; None = SQLite in server.data_dir
+    # finished messages (every recipient delivered/bounced/expired) stay this long for `queue show`,
+    # the dashboard and audits, then they are purged
+    keep_finished: Duration = timedelta(days=7)
+    purge_interval: Duration = timedelta(hours=1)
 
 
 class CanaryConfig(_Frozen):

@@ -69,6 +69,7 @@ class Service:
         self.continuity: Any = None  # [continuity]: the emergency inbox's own listener
         self.alerts: Any = None  # [[alerts]] (monitor/alerts.py)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A long-running part; if it dies, the failure is logged (the SMTP side keeps accepting)."""
@@ -112,6 +113,7 @@ class Service:
         await self.health.open()  # an outage declared before a restart is still declared
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
+        self._spawn(self._purge_loop(), "purge")
         await self.smtp.start()
         if cfg.admin.listen:
             await self._start_admin()
@@ -124,6 +126,20 @@ class Service:
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
         log.info("ready: smtp=%s%s node=%s domains=%s", addrs, admin, cfg.server.node,
                  ",".join(d.name for d in cfg.domains))
+
+    async def _purge_loop(self) -> None:
+        """Deletes finished messages older than spool.keep_finished, in bounded batches."""
+        keep = self.cfg.spool.keep_finished.total_seconds()
+        every = self.cfg.spool.purge_interval.total_seconds()
+        assert self.spool is not None
+        while not self._stopping.is_set():
+            try:
+                while await self.spool.purge(before=self.clock.now() - keep, limit=10_000) == 10_000:
+                    await asyncio.sleep(0)
+            except Exception:  # a purge that fails now is tried again later; it never stops mail
+                log.exception("purging finished messages failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=every)
 
     def _edge_checks(self) -> list[Any]:
         """After relay control and recipient lists: DNSBL (connect), message rate (MAIL), the
@@ -198,6 +214,7 @@ class Service:
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop accepting (421), finish what is in flight, give back leases, close the spool."""
+        self._stopping.set()
         for proof in (self.canary, self.drills):  # a running drill releases its domain first
             if proof is not None:
                 proof.stop()
