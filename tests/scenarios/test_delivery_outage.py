@@ -6,11 +6,14 @@ Every wait is bounded; probe_interval is 1 s, so recovery must show within 2 s."
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from backupmx.clock import SystemClock
 from backupmx.model import RecipientState
@@ -188,6 +191,56 @@ async def test_clock_jumping_back_does_not_freeze_retries(tmp_path: Path) -> Non
             primary.rcpt_rule = None
             clock.offset = -86400.0  # a day back: the stored due time is now a day ahead
             await until(lambda: len(primary.received) == 1, 10)
+            await until(lambda: h.engine.statistics().delivered == 1, 5)
+            assert (await h.get(qid)).recipients[0].state is RecipientState.DELIVERED
+    finally:
+        await primary.stop()
+
+
+async def test_lease_longer_than_retry_max_is_not_a_clock_jump(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`delivery.lease` (15m by default) may be longer than `retry_max`: a recipient in flight is due
+    again only when its lease runs out, and that is no sign of a clock that went backwards."""
+    primary = await Primary().start()
+    primary.data_delay = 1.5  # in flight over several passes of the engine
+    h = await harness(tmp_path, primary.hostport, lease="60s", retry_max="3s", data_timeout="10s")
+    flushes: list[str | None] = []
+    flush = h.spool.flush
+
+    async def spy(domain: str | None = None, *, now: float | None = None) -> int:
+        flushes.append(domain)
+        return await flush(domain, now=now)
+
+    h.spool.flush = spy  # type: ignore[method-assign]
+    await h.put("a@example.com")
+    try:
+        with caplog.at_level(logging.WARNING, logger="backupmx.delivery"):
+            async with running(h):
+                await until(lambda: primary.data_started == 1, 5)
+                await until(lambda: h.engine.statistics().delivered == 1, 5)
+        assert "clock went backwards" not in caplog.text
+        assert flushes == []  # nothing made due again
+    finally:
+        await primary.stop()
+
+
+async def test_clock_jumping_back_less_than_the_lease_is_seen(tmp_path: Path) -> None:
+    """A lease longer than `retry_max` does not hide a jump: the engine sees its clock read earlier
+    than at its last pass, even when the stored due times alone could be a lease running out."""
+    primary = await Primary().start()
+    primary.rcpt_rule = lambda a: "451 4.3.0 later"
+    clock = JumpClock()
+    h = Harness(tmp_path, make_config(primary.hostport, delivery={
+        **FAST, "retry_min": "10s", "retry_max": "10s", "lease": "60s"}), clock=clock)
+    await h.open()
+    qid = await h.put("a@example.com")
+    try:
+        async with running(h):
+            await until(lambda: h.engine.statistics().deferred >= 1, 5)
+            primary.rcpt_rule = None
+            await asyncio.sleep(0.3)  # a pass or two at the old time
+            clock.offset = -40.0  # the retry, ~10 s ahead, now looks ~50 s ahead: within the lease
+            await until(lambda: len(primary.received) == 1, 8)
             await until(lambda: h.engine.statistics().delivered == 1, 5)
             assert (await h.get(qid)).recipients[0].state is RecipientState.DELIVERED
     finally:

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from backupmx.clock import Clock
 from backupmx.config import Config
-from backupmx.delivery.backoff import clamp_due, clock_went_back, next_attempt_at
+from backupmx.delivery.backoff import JITTER, clamp_due, clock_went_back, next_attempt_at
 from backupmx.delivery.bounce import DsnAction, DsnRecipient, build_dsn, dsn_owed
 from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, TransactionResult
 from backupmx.delivery.retention import RetentionPolicy
@@ -158,6 +158,9 @@ class DeliveryEngine:
         self._tg: asyncio.TaskGroup | None = None
         self._last_sweep = float("-inf")
         self._jump_flushed_at: float | None = None
+        self._last_pass_at: float | None = None  # the clock at the last pass, to see it go backwards
+        # how far ahead a stored due time may lie: a backoff, or the lease of a recipient in flight
+        self._due_horizon = max(self._d.retry_max.total_seconds() * (1.0 + JITTER), self._lease) + 1.0
         self._totals = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "held": 0, "dsns": 0}
         for name in sorted(config.domain_names):
             self._dest(name)  # every protected destination shows in statistics(), even before mail
@@ -257,19 +260,29 @@ class DeliveryEngine:
     async def _sleep_time(self, claimed: int) -> float:
         now = self._clock.now()
         due = await self._spool.next_due_at()
-        if clock_went_back(due, now, maximum=self._d.retry_max):
+        if self._clock_went_back(due, now, self._last_pass_at):
             # due times (and leases) computed before the jump lie far ahead: make the queue due again,
             # once per jump; our own leases come right at the next renewal
             last = self._jump_flushed_at
-            if last is None or now < last or now - last > self._d.retry_max.total_seconds():
+            if last is None or now < last or now - last > self._due_horizon:
                 log.warning("the clock went backwards: making the queue due again")
-                await self._spool.flush(None, now=now)
-                self._jump_flushed_at = now
+                await self._spool.flush(None, now=now)  # if this fails, the next pass sees the jump again
+                self._jump_flushed_at = self._last_pass_at = now
                 return 0.0
+        self._last_pass_at = now
         if due is None or (due <= now and claimed == 0):
             return POLL  # nothing, or only what we cannot take now (DOWN, window full)
         due = clamp_due(due, now, maximum=self._d.retry_max)
         return min(max(due - now, 0.0), POLL)
+
+    def _clock_went_back(self, due: float | None, now: float, seen: float | None) -> bool:
+        """Seen: the clock reads earlier than at the last pass by more than any backoff. Inferred (a jump
+        while we were not running): the earliest due time lies further ahead than anything we store
+        could put it. That is a backoff (up to `retry_max` + jitter) or, for a recipient in flight, the
+        end of its lease (up to `lease` ahead, which may be the longer: next_due_at counts it)."""
+        if seen is not None and clock_went_back(seen, now, maximum=self._d.retry_max):
+            return True
+        return due is not None and due > now + self._due_horizon
 
     async def _wait(self, timeout: float, *, real: bool = False) -> None:
         if timeout <= 0:
