@@ -64,6 +64,7 @@ DB_NAME = "spool.db"
 MAX_GROUP = 256  # operations per transaction; more wait for the next group
 READ_POOL = 4  # idle reader connections kept open
 LIST_CORRUPT_LIMIT = 10_000
+WHOLE_BODY_MAX = 1 << 20  # read_body reads bodies up to this size in one go
 UPDATE_CHUNK = 2_000  # recipients per transaction in operator-wide updates (hold all, flush...)
 _DEFAULT_FILTER = QueueFilter()
 _PENDING = ("queued", "held")
@@ -677,6 +678,22 @@ class SqliteSpool:
         return await self._write(op, puts=len(new_messages))
 
     async def read_body(self, message_id: QueueId) -> bytes:
+        # An ordinary body in one read (one thread hop, one snapshot) instead of two or more: this is
+        # on the delivery path of every message. Anything unusual (missing, corrupt, large, damaged)
+        # goes the streaming way, which sets aside and raises exactly as before.
+        def whole(conn: sqlite3.Connection) -> bytes | None:
+            meta = conn.execute("SELECT size, checksum, corrupt_reason FROM messages WHERE id = ?",
+                                (message_id,)).fetchone()
+            if meta is None or meta["corrupt_reason"] is not None or int(meta["size"]) > WHOLE_BODY_MAX:
+                return None
+            row = conn.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchone()
+            if row is None or len(row[0]) != int(meta["size"]) or _crc_text(zlib.crc32(row[0])) != meta["checksum"]:
+                return None
+            return bytes(row[0])
+
+        data = await self._read(whole)
+        if data is not None:
+            return data
         return b"".join([chunk async for chunk in self.iter_body(message_id)])
 
     async def iter_body(self, message_id: QueueId, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
