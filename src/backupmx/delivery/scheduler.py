@@ -197,7 +197,7 @@ class DeliveryEngine:
                                 t["bounced"], t["expired"], t["held"], t["dsns"], MappingProxyType(dests))
 
     async def run(self) -> None:
-        self._stopping = False
+        """Until `stop()`; a `stop()` that came first is not lost (run returns at once)."""
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -223,7 +223,6 @@ class DeliveryEngine:
     async def run_once(self) -> int:
         """Claim and deliver everything due now; return the number of recipients given an outcome."""
         before = sum(self._totals[k] for k in ("delivered", "deferred", "bounced", "expired", "held"))
-        self._stopping = False
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self._last_sweep = float("-inf")

@@ -222,6 +222,8 @@ class AlertManager:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._parts: list[asyncio.Task[None]] = []  # the evaluator and the senders, while run() runs
+        self._stopping = False  # sticky: a stop() before run() makes run() return at once
         self._load_state()
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -420,18 +422,26 @@ class AlertManager:
                 await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     async def run(self) -> None:
+        """Evaluate and send until `stop()` (or cancellation); after a `stop()`, returns at once."""
+        if self._stopping:
+            return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            for dest in self._dests:
-                tg.create_task(self._sender(dest))
-            tg.create_task(self._evaluator())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._parts = [tg.create_task(self._sender(dest)) for dest in self._dests]
+                self._parts.append(tg.create_task(self._evaluator()))
+        finally:
+            self._parts = []
 
     async def start(self) -> None:
-        if self._task is None and self._dests:
+        if self._task is None and self._dests and not self._stopping:
             self._task = asyncio.create_task(self.run(), name="alerts")
 
     async def stop(self) -> None:
+        self._stopping = True
+        for part in self._parts:  # a run() awaited directly (not through start) ends too
+            part.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

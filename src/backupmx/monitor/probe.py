@@ -200,9 +200,9 @@ class HealthMonitor:
                     dest.recovered_at = p.ended_at
 
     async def run(self) -> None:
-        """Probe every destination every probe_interval until `stop()` or cancellation."""
+        """Probe every destination every probe_interval until `stop()` or cancellation. A `stop()` that
+        came first is not lost: `run()` then returns at once."""
         await self.open()
-        self._stopping = False
         while not self._stopping:
             now = self._clock.now()
             due = [d for d in self._dests.values() if d.next_probe_at <= now]
@@ -221,6 +221,8 @@ class HealthMonitor:
         self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
+        if self._stopping:
+            return  # a stop() during the probes: its wake-up must not be cleared away
         self._wake.clear()
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         waker = asyncio.ensure_future(self._wake.wait())
