@@ -14,7 +14,7 @@ from typing import Any
 from backupmx.errors import SpoolUnavailable
 
 SCHEMA = "backupmx"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATION_LOCK = 0x62_6D78_7370_6F6F  # "bmxspoo": one advisory lock id for every migration
 
 # A recipient is "pending" (the message still needs us) while QUEUED or HELD.
@@ -259,7 +259,52 @@ CREATE TRIGGER dom_count AFTER INSERT OR DELETE OR UPDATE OF pending ON msg_doma
     FOR EACH ROW EXECUTE FUNCTION dom_count();
 """
 
-_MIGRATIONS: dict[int, str] = {1: _V1}
+# v2: messages.finished_at (when the last recipient became final, from its updated_at), so purge finds old
+# finished mail by index instead of scanning every finished message for its recipients' times.
+_V2 = f"""
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS finished_at double precision;
+UPDATE messages m SET finished_at = coalesce(
+        (SELECT max(r.updated_at) FROM recipients r WHERE r.message_id = m.id), m.received_at)
+    WHERE m.pending_rcpts = 0 AND m.finished_at IS NULL;
+DROP INDEX IF EXISTS messages_finished;
+CREATE INDEX IF NOT EXISTS messages_finished_at ON messages (finished_at, id)
+    WHERE pending_rcpts = 0 AND corrupt_reason IS NULL;
+
+CREATE OR REPLACE FUNCTION rcpt_upd() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {SCHEMA}, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
+                   WHERE o.state <> n.state) THEN
+        RETURN NULL;  -- leases, attempts, replies: no counter moves
+    END IF;
+    WITH c AS (
+        SELECT o.message_id, o.domain, o.state AS old_state, n.state AS new_state, n.updated_at,
+               CASE WHEN (o.state IN {_PENDING}) = (n.state IN {_PENDING}) THEN 0
+                    WHEN n.state IN {_PENDING} THEN 1 ELSE -1 END AS d
+        FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
+        WHERE o.state <> n.state
+    ), counts AS (
+        INSERT INTO rcpt_counts (shard, domain, state, n)
+            SELECT shard(), domain, state, sum(d) FROM (
+                SELECT domain, old_state AS state, -1 AS d FROM c
+                UNION ALL
+                SELECT domain, new_state, 1 FROM c) x
+            GROUP BY domain, state
+            ON CONFLICT (shard, domain, state) DO UPDATE SET n = rcpt_counts.n + excluded.n
+    ), per_domain AS (
+        UPDATE msg_domains md SET pending = md.pending + x.d
+            FROM (SELECT message_id, domain, sum(d) AS d FROM c GROUP BY message_id, domain) x
+            WHERE md.message_id = x.message_id AND md.domain = x.domain AND x.d <> 0
+    )
+    UPDATE messages m SET pending_rcpts = m.pending_rcpts + x.d,
+                          finished_at = CASE WHEN m.pending_rcpts + x.d = 0 THEN x.at END
+        FROM (SELECT message_id, sum(d) AS d, max(updated_at) AS at FROM c GROUP BY message_id) x
+        WHERE m.id = x.message_id AND x.d <> 0;
+    RETURN NULL;
+END $$;
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2}
 
 
 async def schema_version(conn: Any) -> int:

@@ -70,6 +70,7 @@ GROUP_RETRIES = 3  # a group that hit a deadlock or serialization failure is run
 DOWN_BACKOFF = 1.0  # after a failed connect, fail writes at once for this long
 UPLOAD_STALE_SECONDS = 3600.0  # uploads older than this belong to a node that died
 NODE_SEEN_INTERVAL = 15.0
+PURGE_BATCH = 500  # finished messages deleted per write
 LIST_CORRUPT_LIMIT = 10_000
 _DEFAULT_FILTER = QueueFilter()
 _PENDING = (RecipientState.QUEUED.value, RecipientState.HELD.value)
@@ -390,8 +391,8 @@ def _count(status: str) -> int:
 _INSERT_MESSAGE = """
 WITH m AS (
     INSERT INTO messages (id, sender, kind, size, received_at, received_by, envelope_json, checksum, chunks,
-                          pending_rcpts)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                          pending_rcpts, finished_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $28)
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ), r AS (
@@ -451,6 +452,7 @@ async def _insert_message(conn: Connection, qid: str, envelope: Envelope, body: 
     for r in recipients:
         per_domain[r.domain] = per_domain.get(r.domain, 0) + (1 if r.state.value in _PENDING else 0)
     pending = sum(per_domain.values())
+    finished_at = None if pending else max((r.updated_at for r in recipients), default=received_at)
     row = await conn.fetchrow(
         _INSERT_MESSAGE, qid, envelope.sender, envelope.kind.value, body.size, received_at, node,
         json.dumps(envelope.to_json()), _crc_text(body.crc), body.chunks, pending,
@@ -461,7 +463,7 @@ async def _insert_message(conn: Connection, qid: str, envelope: Envelope, body: 
         [",".join(r.notify) if r.notify else None for r in recipients], [r.orcpt for r in recipients],
         [r.delay_notified for r in recipients], [r.updated_at for r in recipients],
         list(per_domain), list(per_domain.values()),
-        body.inline or [], body.inline is None,
+        body.inline or [], body.inline is None, finished_at,
     )
     if row["inserted"] == 0:
         raise _Clean(SpoolError(f"queue ID {qid} is already taken"))
@@ -1101,20 +1103,31 @@ class PostgresSpool:
 
     async def purge(self, *, before: float, limit: int = 10_000) -> int:
         """Delete up to `limit` finished messages (every recipient delivered/bounced/expired) whose last
-        change is older than `before`, bodies included; also stale uploads and expired shared state."""
+        change is older than `before`, bodies included; also stale uploads and expired shared state.
+        In batches of PURGE_BATCH, each its own write, so accepts are never held up for long; messages
+        another node is purging at the same moment are skipped, not waited for."""
         now = self.clock.now()
+        total = 0
 
-        async def op(conn: Connection) -> int:
+        async def op(conn: Connection, batch: int) -> int:
             ids = [r["id"] for r in await conn.fetch(
-                "SELECT m.id FROM messages m WHERE m.pending_rcpts = 0 AND m.corrupt_reason IS NULL"
-                " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.updated_at >= $1)"
-                " ORDER BY m.id LIMIT $2", before, max(0, limit))]
-            deleted = await self._delete_messages(conn, ids) if ids else 0
+                "SELECT id FROM messages WHERE pending_rcpts = 0 AND corrupt_reason IS NULL AND finished_at < $1"
+                " ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED", before, batch)]
+            return await self._delete_messages(conn, ids) if ids else 0
+
+        while total < limit:
+            batch = min(PURGE_BATCH, limit - total)
+            deleted = await self._write(lambda conn, b=batch: op(conn, b))  # type: ignore[misc]
+            total += deleted
+            if deleted < batch:
+                break
+
+        async def housekeeping(conn: Connection) -> None:
             await self._reap_uploads(conn, now)
             await conn.execute("DELETE FROM kv WHERE expires_at <= $1", now)
-            return deleted
 
-        return await self._write(op)
+        await self._write(housekeeping)
+        return total
 
     # -- reading -------------------------------------------------------------------------------------
     async def get(self, message_id: QueueId) -> MessageRecord | None:

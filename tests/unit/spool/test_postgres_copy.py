@@ -17,6 +17,7 @@ from backupmx.reply import Reply
 from backupmx.spool import BodyBuffer, NewMessage, RecipientUpdate, Spool
 from backupmx.spool.cli import add_spool_parser
 from backupmx.spool.copy import CopyProgress, copy_spool
+from backupmx.spool.pg_schema import SCHEMA_VERSION
 from backupmx.spool.postgres import PostgresSpool
 from backupmx.spool.sqlite import SqliteSpool
 from tests.support.postgres import postgres_server_fixture, postgres_url_fixture  # noqa: F401 (fixtures)
@@ -149,9 +150,9 @@ def test_the_commands(postgres_url: str, tmp_path: Path, capsys: pytest.CaptureF
     config.write_text(f'[server]\nnode_name = "mx2"\ndata_dir = "{tmp_path / "data"}"\n\n'
                       f'[spool]\nurl = "{postgres_url}"\n')
     assert run_cli("spool", "migrate", "--config", str(config)) == 0
-    assert "migrated from version 0 to 1" in capsys.readouterr().out
+    assert f"migrated from version 0 to {SCHEMA_VERSION}" in capsys.readouterr().out
     assert run_cli("spool", "migrate", "--config", str(config)) == 0
-    assert "up to date (version 1)" in capsys.readouterr().out
+    assert f"up to date (version {SCHEMA_VERSION})" in capsys.readouterr().out
 
     async def fill_sqlite() -> dict[QueueId, bytes]:
         src = SqliteSpool(tmp_path / "old", clock=FakeClock(T0))

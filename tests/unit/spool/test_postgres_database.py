@@ -13,8 +13,9 @@ import pytest
 
 from backupmx.clock import FakeClock
 from backupmx.errors import SpoolUnavailable
-from backupmx.model import Envelope, Recipient
-from backupmx.spool import BodyBuffer
+from backupmx.model import Delivered, Envelope, Recipient
+from backupmx.reply import Reply
+from backupmx.spool import BodyBuffer, RecipientUpdate, pg_schema
 from backupmx.spool.pg_schema import SCHEMA_VERSION
 from backupmx.spool.postgres import UPLOAD_STALE_SECONDS, PostgresSpool
 from tests.support.postgres import (  # noqa: F401 (fixtures)
@@ -48,6 +49,36 @@ async def test_the_schema_is_versioned_and_migrated_once(postgres_url: str) -> N
 
 async def test_a_fresh_database_is_migrated_by_the_command(postgres_url: str) -> None:
     assert await PostgresSpool(postgres_url).migrate() == (0, SCHEMA_VERSION)
+
+
+async def test_a_version_1_spool_is_migrated_with_its_mail(postgres_url: str) -> None:
+    """v1 -> v2 (messages.finished_at, backfilled): a queue written under v1 opens under v2 intact."""
+    clock = FakeClock(T0)
+    spool = PostgresSpool(postgres_url, node="n1", clock=clock)
+    await spool.open()
+    done = await spool.put(env("a@a.example"), BodyBuffer.from_bytes(b"done"))
+    waiting = await spool.put(env("b@a.example"), BodyBuffer.from_bytes(b"waiting"))
+    await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=1)
+    await spool.record("n1", [RecipientUpdate(done, 0, Delivered(Reply(250, "2.0.0", "ok")))], now=T0 + 5)
+    await spool.close()
+    conn = await raw(postgres_url)
+    try:  # back to what version 1 left: no finished_at, v1's trigger and index
+        await conn.execute("ALTER TABLE messages DROP COLUMN finished_at")
+        await conn.execute(pg_schema._MIGRATIONS[1])
+        await conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    finally:
+        await conn.close()
+    assert await PostgresSpool(postgres_url).migrate() == (1, SCHEMA_VERSION)
+    spool = PostgresSpool(postgres_url, node="n1", clock=clock)
+    await spool.open()
+    try:
+        assert await spool.purge(before=T0 + 5) == 0  # finished at T0 + 5: not before it
+        assert await spool.purge(before=T0 + 6) == 1
+        assert await spool.get(done) is None
+        assert await spool.read_body(waiting) == b"waiting"
+        assert await spool.count_pending() == 1
+    finally:
+        await spool.close()
 
 
 async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
