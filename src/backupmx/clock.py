@@ -1,5 +1,6 @@
 """Time, injected. Everything that schedules asks a Clock, so tests can jump ahead with FakeClock
-instead of sleeping. Wall time is float seconds since the epoch (what the spool stores)."""
+instead of sleeping. Wall time is float seconds since the epoch (what the spool stores).
+`wait_event_or_timeout` is the one "sleep until the timer runs out or someone wakes us" of every loop."""
 
 from __future__ import annotations
 
@@ -40,3 +41,26 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         self._now += max(0.0, seconds)
         await asyncio.sleep(0)
+
+
+async def wait_event_or_timeout(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds` on `clock`, or less if `event` is set meanwhile; True when the event is set.
+
+    An event already set returns at once; `seconds <= 0` only yields to the loop once. The event is not
+    cleared: the caller owns it (clear it before deciding to sleep, so a wake-up in between is not lost).
+    The timer is `clock.sleep`, so under FakeClock the wait ends after one turn of the loop with time moved
+    on by `seconds`, exactly as a plain `clock.sleep` would."""
+    if event.is_set():
+        return True
+    if seconds <= 0:
+        await asyncio.sleep(0)
+        return event.is_set()
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    waker = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, waker):
+            task.cancel()
+        await asyncio.gather(sleeper, waker, return_exceptions=True)
+    return event.is_set()

@@ -28,7 +28,7 @@ from random import Random
 from types import MappingProxyType
 from typing import Protocol
 
-from backupmx.clock import Clock
+from backupmx.clock import Clock, SystemClock, wait_event_or_timeout
 from backupmx.config import Config
 from backupmx.delivery.backoff import JITTER, clamp_due, clock_went_back, next_attempt_at
 from backupmx.delivery.bounce import DsnAction, DsnRecipient, build_dsn, dsn_owed
@@ -56,6 +56,7 @@ MAX_RCPTS_PER_TRANSACTION = 100  # RFC 5321 §4.5.3.1.8: a server must accept at
 SWEEP_INTERVAL = 60.0  # how often DOWN destinations are checked for expiry and delay notices
 SWEEP_BATCH = 500
 OUTAGE_CACHE_TTL = 30.0
+_REAL_CLOCK = SystemClock()  # run_once waits for workers in real time, whatever clock the engine has
 
 
 class Monitor(Protocol):
@@ -284,19 +285,7 @@ class DeliveryEngine:
         return due is not None and due > now + self._due_horizon
 
     async def _wait(self, timeout: float, *, real: bool = False) -> None:
-        if timeout <= 0:
-            await asyncio.sleep(0)
-            return
-        if self._kick.is_set():
-            return
-        sleeper = asyncio.ensure_future(asyncio.sleep(timeout) if real else self._clock.sleep(timeout))
-        waker = asyncio.ensure_future(self._kick.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await wait_event_or_timeout(_REAL_CLOCK if real else self._clock, self._kick, timeout)
 
     def _deliverable(self, domain: str) -> bool:
         return domain in self._reroutes or self._monitor.is_deliverable(domain)

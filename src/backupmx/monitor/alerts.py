@@ -30,7 +30,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Protocol
 
-from backupmx.clock import Clock
+from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import AlertConfig, Condition, Config, parse_hostport
 from backupmx.errors import ConfigError
 from backupmx.maillog import MailLog
@@ -412,14 +412,7 @@ class AlertManager:
             except Exception:
                 log.exception("alerts: evaluation failed")
             self._wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(self.interval))
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (sleeper, waker):
-                    t.cancel()
-                await asyncio.gather(sleeper, waker, return_exceptions=True)
+            await wait_event_or_timeout(self.clock, self._wake, self.interval)
 
     async def run(self) -> None:
         """Evaluate and send until `stop()` (or cancellation); after a `stop()`, returns at once."""

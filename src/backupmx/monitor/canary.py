@@ -38,7 +38,7 @@ import aiosmtplib
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from backupmx.clock import Clock
+from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import CanaryConfig, Config
 from backupmx.errors import SpoolError
 from backupmx.maillog import MailLog
@@ -356,14 +356,7 @@ class Canary:
         if self._stopping:
             return
         self._wake.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await wait_event_or_timeout(self._clock, self._wake, seconds)
 
     def _primary_up(self, domain: str) -> bool:
         try:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from backupmx.clock import Clock
+from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import Config, load_config, parse_duration
 from backupmx.errors import ConfigError, SpoolError
 from backupmx.maillog import MailLog
@@ -229,14 +229,7 @@ class DrillRunner:
     async def _sleep(self, seconds: float, event: asyncio.Event) -> None:
         if event.is_set() or seconds <= 0:
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await wait_event_or_timeout(self._clock, event, seconds)
         if event is self._wake and not self._stopping:
             self._wake.clear()
 

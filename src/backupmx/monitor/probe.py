@@ -20,7 +20,7 @@ from typing import Protocol
 
 import aiosmtplib
 
-from backupmx.clock import Clock
+from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import Config
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus
@@ -224,14 +224,7 @@ class HealthMonitor:
         if self._stopping:
             return  # a stop() during the probes: its wake-up must not be cleared away
         self._wake.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await wait_event_or_timeout(self._clock, self._wake, seconds)
 
     # -- probing -----------------------------------------------------------------------------------
     async def probe_now(self, domain: str) -> DestinationStatus:
