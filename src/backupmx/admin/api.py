@@ -40,6 +40,7 @@ from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId, RecipientState
 from backupmx.spool import QueueFilter, Spool
+from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
 log = logging.getLogger("backupmx.admin")
 
@@ -390,8 +391,7 @@ class AdminServer:
 
     @property
     def url(self) -> str:
-        host, port = self.bound
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return site_url("http", *self.bound)
 
     async def start(self) -> None:
         host, port = listen_address(self.config)  # ConfigError on a non-loopback listener without a token
@@ -399,20 +399,7 @@ class AdminServer:
         self.auth = AdminAuth(load_token(self.config))
         await asyncio.to_thread(self.series.open)
         await self.ops.sync_reroutes()
-        app = self.build_app()
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        server = site._server  # aiohttp exposes the bound sockets only here
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname() if sockets else (host, port)
-        self._bound = (str(bound[0]), int(bound[1]))
+        self._runner, self._bound = await start_site(self.build_app(), host, port)
         self._sampler_task = asyncio.create_task(self._every_minute(), name="admin-sampler")
         log.info("admin listener on %s (dashboard, /api/, /metrics)", self.url)
 
@@ -461,10 +448,7 @@ class AdminServer:
     async def _headers_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = await handler(request)
         if not resp.prepared:
-            for k, v in SECURITY_HEADERS.items():
-                resp.headers.setdefault(k, v)
-            if not request.path.startswith("/static/"):
-                resp.headers.setdefault("Cache-Control", "no-store")
+            set_security_headers(request, resp, SECURITY_HEADERS)
         return resp
 
     def _errors_mw(self, dashboard: Any) -> Any:
@@ -502,7 +486,7 @@ class AdminServer:
         nonce = auth.session_nonce(request.cookies.get(COOKIE))
         if nonce is not None:
             if request.method not in SAFE_METHODS:
-                if not _same_origin(request):
+                if not same_origin(request):
                     return _error(403, "cross-origin request refused")
                 presented = request.headers.get("X-CSRF-Token")
                 if presented is None and request.content_type == "application/x-www-form-urlencoded":
@@ -516,15 +500,6 @@ class AdminServer:
         if request.method in SAFE_METHODS:
             raise web.HTTPSeeOther(f"/login?next={request.rel_url.path_qs if path != '/' else '/'}")
         return _error(401, "log in first")
-
-
-def _same_origin(request: web.Request) -> bool:
-    """Browsers send Origin on cross-site POSTs; SameSite=Strict already withholds the cookie there."""
-    origin = request.headers.get("Origin")
-    if not origin or origin == "null":
-        return origin is None
-    host = origin.split("://", 1)[-1].rstrip("/")
-    return host == request.host
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from backupmx.continuity.tokens import SECRET_FILE, LinkRefused, Refusal, Signer
 from backupmx.errors import NotFound, SpoolError
 from backupmx.model import MessageKind, MessageRecord, QueueId
 from backupmx.spool import QueueFilter, Spool
+from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
 log = logging.getLogger("backupmx.continuity")
 
@@ -157,10 +158,7 @@ class InboxApp:
 
     def _secure_headers(self, request: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Server"] = "backupmx"  # not which Python or aiohttp
-        for k, v in SECURITY_HEADERS.items():
-            resp.headers.setdefault(k, v)
-        if not request.path.startswith("/static/"):
-            resp.headers.setdefault("Cache-Control", "no-store")
+        set_security_headers(request, resp, SECURITY_HEADERS)
         if request.secure:
             resp.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
 
@@ -396,7 +394,7 @@ class InboxApp:
                             until=datetime.fromtimestamp(until, UTC))
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
-        if not _same_origin(request):
+        if not same_origin(request):
             raise _Page(403, "notice.html", heading="error_title", body="bad_request")
         form = await request.post()
         token = form.get("t")
@@ -425,7 +423,7 @@ class InboxApp:
         form = await request.post()
         csrf = form.get("csrf")
         if session is not None:
-            if not _same_origin(request) or not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str)
+            if not same_origin(request) or not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str)
                                                                       else None):
                 raise _Page(403, "notice.html", heading="error_title", body="bad_request", session=session)
             await self.access.end_session(session)
@@ -433,16 +431,6 @@ class InboxApp:
         resp = self._render(request, "notice.html", heading="signed_out", body=None)
         resp.del_cookie(COOKIE, path="/")
         return resp
-
-
-def _same_origin(request: web.Request) -> bool:
-    """Browsers send Origin on POSTs; a cross-site one is refused (SameSite=Strict is the other guard)."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True
-    if origin == "null":
-        return False
-    return origin.split("://", 1)[-1].rstrip("/") == request.host
 
 
 def content_disposition(filename: str) -> str:
@@ -480,9 +468,7 @@ class ContinuityServer:
 
     @property
     def url(self) -> str:
-        host, port = self.bound
-        scheme = "https" if self.config.continuity.tls_cert else "http"
-        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+        return site_url("https" if self.config.continuity.tls_cert else "http", *self.bound)
 
     def _tls(self) -> ssl.SSLContext | None:
         c = self.config.continuity
@@ -495,19 +481,7 @@ class ContinuityServer:
 
     async def start(self) -> None:
         host, port = self.config.continuity.listen_address
-        self._runner = web.AppRunner(self.app.build(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=self._tls())
-        try:
-            await site.start()
-        except OSError:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        server = site._server  # aiohttp exposes the bound sockets only here
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname() if sockets else (host, port)
-        self._bound = (str(bound[0]), int(bound[1]))
+        self._runner, self._bound = await start_site(self.app.build(), host, port, ssl_context=self._tls())
         log.info("continuity: emergency inbox listening on %s (public address %s)", self.url,
                  self.config.continuity.public_url)
 
