@@ -8,12 +8,11 @@ thing and exits. Errors are one line on stderr and a non-zero exit (2 for usage 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +21,7 @@ from backupmx.config import Config, load_config
 from backupmx.errors import BackupMXError, ConfigError
 from backupmx.model import MessageRecord, QueueId, RecipientState
 from backupmx.spool import QueueFilter, Spool
+from backupmx.spool_command import config_arg, with_spool
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -51,19 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the SMTP server, delivery and admin listener in the foreground")
-    _config_arg(serve)
+    config_arg(serve)
     serve.set_defaults(handler=cmd_serve)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
     check = config_sub.add_parser("check", help="validate a configuration file")
-    _config_arg(check)
+    config_arg(check)
     check.set_defaults(handler=cmd_config_check)
 
     queue = sub.add_parser("queue", help="see and act on held mail")
     qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION")
     q = qsub.add_parser("list", help="list queued messages (like mailq)")
-    _config_arg(q)
+    config_arg(q)
     q.add_argument("--json", action="store_true", help="one JSON document")
     q.add_argument("--domain")
     q.add_argument("--recipient")
@@ -71,32 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--state", choices=[s.value for s in RecipientState])
     q.add_argument("--all", action="store_true", help="include messages already delivered/bounced")
     q.add_argument("--limit", type=int, default=0, help="at most this many messages (0 = all)")
-    q.set_defaults(handler=_q(cmd_queue_list))
+    q.set_defaults(handler=with_spool(cmd_queue_list))
     q = qsub.add_parser("show", help="one message: envelope, headers, per-recipient state")
-    _config_arg(q)
+    config_arg(q)
     q.add_argument("id")
     q.add_argument("--json", action="store_true")
     q.add_argument("--body", action="store_true", help="print the whole stored message")
-    q.set_defaults(handler=_q(cmd_queue_show))
+    q.set_defaults(handler=with_spool(cmd_queue_show))
     q = qsub.add_parser("count", help="print the number of messages not yet delivered/bounced/expired")
-    _config_arg(q)
-    q.set_defaults(handler=_q(cmd_queue_count))
+    config_arg(q)
+    q.set_defaults(handler=with_spool(cmd_queue_count))
     q = qsub.add_parser("flush", help="make queued mail due now (of DOMAIN, or all)")
-    _config_arg(q)
+    config_arg(q)
     q.add_argument("domain", nargs="?")
-    q.set_defaults(handler=_q(cmd_queue_flush))
+    q.set_defaults(handler=with_spool(cmd_queue_flush))
     for name, fn, helptext in (("hold", cmd_queue_hold, "hold a message (or --all): no delivery until released"),
                                ("release", cmd_queue_release, "release a held message (or --all)")):
         q = qsub.add_parser(name, help=helptext)
-        _config_arg(q)
+        config_arg(q)
         q.add_argument("id", nargs="?")
         q.add_argument("--all", action="store_true")
         q.add_argument("--domain", help="with --all: only this domain")
-        q.set_defaults(handler=_q(fn))
+        q.set_defaults(handler=with_spool(fn))
     q = qsub.add_parser("delete", help="delete a message (no DSN is sent)")
-    _config_arg(q)
+    config_arg(q)
     q.add_argument("id")
-    q.set_defaults(handler=_q(cmd_queue_delete))
+    q.set_defaults(handler=with_spool(cmd_queue_delete))
     _add_queue_export(qsub)
 
     for hook in _optional_hooks():
@@ -136,10 +136,6 @@ def _optional_hooks() -> list[Callable[[Any], None]]:
     return hooks
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
-
-
 # --- serve / config ------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from backupmx.service import run_service
@@ -157,27 +153,6 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 # --- queue ---------------------------------------------------------------------------------------
-QueueCommand = Callable[[argparse.Namespace, Config, Spool], Awaitable[int]]
-
-
-def _q(fn: QueueCommand) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        cfg = load_config(args.config)
-
-        async def go() -> int:
-            from backupmx.service import open_spool
-
-            spool = await open_spool(cfg)
-            try:
-                return await fn(args, cfg, spool)
-            finally:
-                await spool.close()
-
-        return asyncio.run(go())
-
-    return run
-
-
 def _ts(t: float | None) -> str:
     if t is None:
         return "-"

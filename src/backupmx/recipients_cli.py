@@ -11,7 +11,6 @@ stderr: exit 2 for usage or configuration, 1 for a failed action.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -20,10 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backupmx.config import Config, DomainConfig, load_config, parse_duration
+from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
 from backupmx.policy.domains import domain_of
 from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source
+from backupmx.spool import Spool
+from backupmx.spool_command import config_arg, with_spool
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 PAGE = 500
@@ -36,52 +37,38 @@ def add_recipients_parser(sub: Any) -> None:
     rsub = rec.add_subparsers(dest="recipients_command", metavar="ACTION")
 
     p = rsub.add_parser("list", help="learned and configured recipients, per domain")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("domain", nargs="?", help="only this domain")
     p.add_argument("--json", action="store_true", help="one JSON document")
     p.set_defaults(handler=_run(cmd_list))
 
     p = rsub.add_parser("add", help="remember addresses of a verify domain as known (or --unknown)")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.add_argument("--unknown", action="store_true", help="remember them as refused (550 5.1.1) instead")
     p.add_argument("--ttl", help="forget them after this long (\"30d\"); default: never")
     p.set_defaults(handler=_run(cmd_add))
 
     p = rsub.add_parser("remove", help="forget addresses (they are asked of the primary again)")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.set_defaults(handler=_run(cmd_remove))
 
     p = rsub.add_parser("import", help="remember every address of a file (one per line) as known")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("file", help="one address (or a bare local part, with --domain) per line; # comments")
     p.add_argument("--domain", help="the domain of bare local parts")
     p.add_argument("--ttl", help="forget them after this long; default: never")
     p.set_defaults(handler=_run(cmd_import))
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
-
-
 def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        cfg = load_config(args.config)
+    """with_spool, with the learned-recipients store over the spool instead of the spool."""
 
-        async def go() -> int:
-            from backupmx.service import open_spool
+    async def over_store(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
+        return await fn(args, cfg, LearnedRecipients(spool, keep=cfg.delivery.retention_cap.total_seconds()))
 
-            spool = await open_spool(cfg)
-            try:
-                store = LearnedRecipients(spool, keep=cfg.delivery.retention_cap.total_seconds())
-                return await fn(args, cfg, store)
-            finally:
-                await spool.close()
-
-        return asyncio.run(go())
-
-    return run
+    return with_spool(over_store)
 
 
 def _iso(t: float | None) -> str | None:

@@ -16,13 +16,11 @@ or stores a password of the primary.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import getpass
 import io
 import json
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,63 +28,39 @@ from typing import Any
 from backupmx.config import Config, load_config, parse_duration
 from backupmx.errors import ConfigError
 from backupmx.spool import QueueFilter, Spool
+from backupmx.spool_command import config_arg, with_spool
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-Command = Callable[[argparse.Namespace, Config, Spool], Awaitable[int]]
-
-
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
-
-
-def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        cfg = load_config(args.config)
-
-        async def go() -> int:
-            from backupmx.service import open_spool
-
-            spool = await open_spool(cfg)
-            try:
-                return await fn(args, cfg, spool)
-            finally:
-                await spool.close()
-
-        return asyncio.run(go())
-
-    return run
-
 
 def add_parsers(sub: Any) -> None:
     """`access` and `continuity` (called from backupmx.cli's optional hooks)."""
     access = sub.add_parser("access", help="who may read held mail in the emergency inbox")
     asub = access.add_subparsers(dest="access_command", metavar="ACTION")
     p = asub.add_parser("grant", help="grant access and print a one-time sign-in link")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("address", nargs="?", help="the recipient, e.g. alice@example.com")
     p.add_argument("--domain", help="grant every recipient of DOMAIN; prints a CSV of links")
     p.add_argument("--expires", default=None, help="how long access lasts (default [continuity] grant_default)")
     p.add_argument("--notify", metavar="ADDRESS", help="also mail the link to this alternate address "
                                                        "through [continuity] smarthost")
     p.add_argument("--csv", metavar="FILE", help="with --domain: write the links here (default: stdout)")
-    p.set_defaults(handler=_run(cmd_grant))
+    p.set_defaults(handler=with_spool(cmd_grant))
     p = asub.add_parser("link", help="a new one-time sign-in link under an existing grant")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("address")
     p.add_argument("--notify", metavar="ADDRESS")
-    p.set_defaults(handler=_run(cmd_link))
+    p.set_defaults(handler=with_spool(cmd_link))
     p = asub.add_parser("revoke", help="withdraw a grant: its links and sessions stop working at once")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("address", nargs="?")
     p.add_argument("--domain")
-    p.set_defaults(handler=_run(cmd_revoke))
+    p.set_defaults(handler=with_spool(cmd_revoke))
     p = asub.add_parser("list", help="the grants in force")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_run(cmd_list))
+    p.set_defaults(handler=with_spool(cmd_list))
     p = asub.add_parser("audit", help="grants, sign-ins and views, from this node's audit log")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--since", default=None, help="only this recent, e.g. 24h (default: all)")
     p.add_argument("--address", help="only this address (or @domain)")
     p.add_argument("--json", action="store_true", help="one JSON object a line")
@@ -98,20 +72,20 @@ def add_parsers(sub: Any) -> None:
                            ("close", "close DOMAIN's inbox, even during an outage"),
                            ("auto", "back to the default: open while an outage is declared")):
         p = csub.add_parser(name, help=helptext)
-        _config_arg(p)
+        config_arg(p)
         p.add_argument("domain")
-        p.set_defaults(handler=_run(cmd_gate), mode={"close": "closed"}.get(name, name))
+        p.set_defaults(handler=with_spool(cmd_gate), mode={"close": "closed"}.get(name, name))
     p = csub.add_parser("status", help="each domain's inbox: open or closed, and why")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=_run(cmd_status))
+    p.set_defaults(handler=with_spool(cmd_status))
 
 
 def add_queue_export(qsub: Any) -> None:
     """`queue export` (called from backupmx.cli after the other queue actions)."""
     p = qsub.add_parser("export", help="write held mail out as mbox, Maildir or .eml files, one mailbox "
                                        "per recipient")
-    _config_arg(p)
+    config_arg(p)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--recipient", metavar="ADDRESS")
     who.add_argument("--domain")
@@ -119,7 +93,7 @@ def add_queue_export(qsub: Any) -> None:
     p.add_argument("--all", action="store_true", help="also messages already delivered but still stored")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("dir", metavar="DIR")
-    p.set_defaults(handler=_run(cmd_export))
+    p.set_defaults(handler=with_spool(cmd_export))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
