@@ -15,6 +15,10 @@ Promises every backend keeps (tested by one suite in tests/spool_contract/):
 - A damaged entry (unreadable envelope, body checksum mismatch) is set aside (`corrupt` in stats and
   `list_corrupt`) and never crashes the caller.
 - Memory does not grow with the queue's length: listing pages, claims are bounded, bodies are streamed.
+- `put_record` stores a message exactly as another spool holds it (`backupmx spool copy`): ID, arrival,
+  every recipient's state, attempts, due time, last reply and hold; leases are not carried over.
+- `kv_list` pages through one namespace of the shared state in key order (keyset: `after` the last key
+  of the previous page), live items only, at most `limit` per call.
 
 Errors: see backupmx.errors (SpoolError, SpoolFullError, SpoolUnavailable, LeaseLost, NotFound).
 """
@@ -71,6 +75,21 @@ class QueueFilter:
     pending_only: bool = True  # only messages with a recipient not yet delivered/bounced/expired
     kind: str | None = None
     held_reason: str | None = None  # a recipient HELD for this reason ("operator", "recovery-guard")
+
+
+@dataclass(frozen=True, slots=True)
+class KvItem:
+    """One live item of the shared state (`kv_list`)."""
+
+    namespace: str
+    key: str
+    value: bytes
+    updated_at: float
+    updated_by: str  # the node that wrote it
+    expires_at: float | None
+
+
+KV_LIST_MAX = 1000  # the default and largest page of kv_list
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +150,12 @@ class Spool(Protocol):
 
     async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
                           *, now: float | None = None) -> QueueId: ...
+
+    async def put_record(self, message: MessageRecord, body: BodyBuffer) -> None:
+        """Store `message` exactly (ID, arrival, every recipient's state, attempts, next attempt, last
+        reply, hold) with `body`, for a copy between spools. Raises SpoolError when the ID is taken or
+        the body's size is not the record's."""
+        ...
 
     # -- delivery path -----------------------------------------------------------------------------
     async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
@@ -230,11 +255,19 @@ class Spool(Protocol):
         """Remove (namespace, key); True when it existed."""
         ...
 
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
+                      limit: int = KV_LIST_MAX) -> list[KvItem]:
+        """A page of the live items of `namespace` whose key starts with `prefix`, in key order, keys
+        greater than `after` (None: from the start); at most `limit` (capped at KV_LIST_MAX)."""
+        ...
+
 
 __all__ = [
+    "KV_LIST_MAX",
     "BodyBuffer",
     "Claim",
     "DomainStats",
+    "KvItem",
     "NewMessage",
     "OutagePeriod",
     "QueueFilter",

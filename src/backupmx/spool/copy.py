@@ -2,11 +2,11 @@
 
 `copy_spool` pages through the source's pending messages in arrival order and stores each in the
 destination under the same queue ID, body streamed through a BodyBuffer (never whole in memory),
-then reads it back and compares the checksum. A destination with `put_record` (ExactImport; the
-PostgreSQL spool has it) gets an exact copy: arrival time and every recipient's state, attempts, next
-attempt, last reply and hold. Any other destination gets `put_with_id` with the recipients still
-pending, due at once; a message with a held recipient is held whole (never delivered unreviewed); the
-report lists these as approximate. Idempotent: messages already in the destination are skipped, so an
+then reads it back and compares the checksum. The destination's `put_record` (the Spool contract; both
+backends have it) makes an exact copy: arrival time and every recipient's state, attempts, next
+attempt, last reply and hold. A spool without it (an older or a test one) gets `put_with_id` with the
+recipients still pending, due at once; a message with a held recipient is held whole (never delivered
+unreviewed); the report lists these as approximate. Idempotent: messages already in the destination are skipped, so an
 interrupted copy is simply run again. Nodes should be stopped while it runs (a message delivered from
 the source after it was copied would be delivered again from the destination).
 """

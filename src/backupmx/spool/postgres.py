@@ -44,9 +44,11 @@ from backupmx.model import (
     new_queue_id,
 )
 from backupmx.spool import (
+    KV_LIST_MAX,
     BodyBuffer,
     Claim,
     DomainStats,
+    KvItem,
     NewMessage,
     OutagePeriod,
     QueueFilter,
@@ -584,16 +586,6 @@ class NodeInfo:
     version: str
     started_at: float
     seen_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class KvItem:
-    namespace: str
-    key: str
-    value: bytes
-    updated_at: float
-    updated_by: str
-    expires_at: float | None
 
 
 # --- the spool ------------------------------------------------------------------------------------------
@@ -1289,14 +1281,14 @@ class PostgresSpool:
 
         return await self._write(op)
 
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str = "",
-                      limit: int = 1000) -> list[KvItem]:
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
+                      limit: int = KV_LIST_MAX) -> list[KvItem]:
         """A page of live items of `namespace` whose key starts with `prefix`, in key order after `after`."""
         now = self.clock.now()
         rows = await self._read(lambda c: c.fetch(
             "SELECT namespace, key, value, updated_at, updated_by, expires_at FROM kv WHERE namespace = $1"
             " AND key > $2 AND left(key, length($3)) = $3 AND (expires_at IS NULL OR expires_at > $4)"
-            " ORDER BY key LIMIT $5", namespace, after, prefix, now, max(0, limit)))
+            " ORDER BY key LIMIT $5", namespace, after or "", prefix, now, max(0, min(limit, KV_LIST_MAX))))
         return [KvItem(r["namespace"], r["key"], bytes(r["value"]), r["updated_at"], r["updated_by"],
                        r["expires_at"]) for r in rows]
 

@@ -43,9 +43,11 @@ from backupmx.model import (
     new_queue_id,
 )
 from backupmx.spool import (
+    KV_LIST_MAX,
     BodyBuffer,
     Claim,
     DomainStats,
+    KvItem,
     NewMessage,
     OutagePeriod,
     QueueFilter,
@@ -345,7 +347,12 @@ def _body_chunks(body: BodyBuffer) -> Iterator[bytes]:
 
 # --- write operations (run in the writer thread, inside a savepoint) -----------------------------------
 def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, size: int,
-                    chunks: Iterable[bytes], now: float) -> None:
+                    chunks: Iterable[bytes], now: float,
+                    recipients: Sequence[RecipientRecord] | None = None) -> None:
+    """Store one message. `recipients` (an exact import) keeps their states; None queues every
+    recipient of the envelope, due at `now`."""
+    if recipients is not None and conn.execute("SELECT 1 FROM messages WHERE id = ?", (qid,)).fetchone():
+        raise SpoolError(f"queue ID {qid} is already taken")
     cur = conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, zeroblob(?))", (qid, size))
     rowid = cur.lastrowid
     assert rowid is not None
@@ -361,6 +368,9 @@ def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, 
                 written += len(chunk)
     if written != size:
         raise SpoolError(f"body of {qid} is {written} bytes, declared {size}")
+    if recipients is not None:
+        _insert_record(conn, qid, envelope, size, crc, now, recipients)
+        return
     conn.execute(
         "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -373,6 +383,29 @@ def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, 
         [
             (qid, i, r.address, r.domain, now, ",".join(r.notify) if r.notify else None, r.orcpt, now)
             for i, r in enumerate(envelope.recipients)
+        ],
+    )
+
+
+def _insert_record(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, size: int, crc: int,
+                   received_at: float, recipients: Sequence[RecipientRecord]) -> None:
+    """The message and recipient rows of an exact import (the body is already in). The triggers count
+    the recipients by state; `pending` and `finished_at` are set here, as the state updates would."""
+    pending = any(r.state.value in _PENDING for r in recipients)
+    finished_at = None if pending else max((r.updated_at for r in recipients), default=received_at)
+    conn.execute(
+        "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (qid, envelope.sender, envelope.kind.value, size, received_at, json.dumps(envelope.to_json()),
+         _crc_text(crc), 1 if pending else 0, finished_at),
+    )
+    conn.executemany(
+        f"INSERT INTO recipients({_RCPT_COLS}) VALUES ({', '.join('?' * 14)})",
+        [
+            (qid, r.index, r.address, r.domain, r.state.value, r.attempts, r.next_attempt_at, r.last_attempt_at,
+             r.last_reply, r.held_reason, ",".join(r.notify) if r.notify else None, r.orcpt,
+             1 if r.delay_notified else 0, r.updated_at)
+            for r in recipients
         ],
     )
 
@@ -575,6 +608,19 @@ class SqliteSpool:
             return queue_id
 
         return await self._write(op, puts=1)
+
+    async def put_record(self, message: MessageRecord, body: BodyBuffer) -> None:
+        """Import a message exactly as another spool holds it (ID, arrival, every recipient's state,
+        attempts and replies), for `backupmx spool copy`. Leases are not carried over."""
+        if body.size != message.size:
+            raise SpoolError(f"{message.id}: body is {body.size} bytes, the record says {message.size}")
+        size = body.size
+
+        def op(conn: sqlite3.Connection) -> None:
+            _insert_message(conn, message.id, message.envelope, size, _body_chunks(body), message.received_at,
+                            message.recipients)
+
+        await self._write(op, puts=1)
 
     # -- delivery path ---------------------------------------------------------------------------------------
     async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
@@ -1071,6 +1117,41 @@ class SqliteSpool:
             return conn.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)).rowcount > 0
 
         return await self._write(op)
+
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
+                      limit: int = KV_LIST_MAX) -> list[KvItem]:
+        """A page of live items of `namespace` whose key starts with `prefix`, in key order after `after`.
+        One range of the primary key: from the later of `after` and `prefix` to the end of the prefix."""
+        now = self.clock.now()
+        lim = max(0, min(limit, KV_LIST_MAX))
+        sql = ("SELECT namespace, key, value, updated_at, updated_by, expires_at FROM kv"
+               " WHERE namespace = ? AND key > ? AND key >= ? AND substr(key, 1, ?) = ?"
+               " AND (expires_at IS NULL OR expires_at > ?)")
+        params: list[Any] = [namespace, after or "", prefix, len(prefix), prefix, now]
+        end = _prefix_end(prefix)
+        if end is not None:
+            sql += " AND key < ?"
+            params.append(end)
+        sql += " ORDER BY key LIMIT ?"
+        params.append(lim)
+
+        def fn(conn: sqlite3.Connection) -> list[KvItem]:
+            return [KvItem(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
+                    for row in conn.execute(sql, params)]
+
+        return await self._read(fn)
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least key greater than every key that starts with `prefix` (SQLite compares text as UTF-8
+    bytes, which is code point order); None when there is none to name (no prefix, or it ends in the
+    last code point)."""
+    if not prefix or ord(prefix[-1]) >= 0x10FFFF:
+        return None
+    last = ord(prefix[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:  # surrogates are not encodable: step over them
+        last = 0xE000
+    return prefix[:-1] + chr(last)
 
 
 class _BodyDamaged(Exception):
