@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.figures import proc_status
+from tests.support import toml_config
 from tests.support.ports import free_port, wait_for_smtp
 from tests.support.watchdog import Watchdog
 
@@ -36,25 +37,8 @@ class BackupmxUnavailable(RuntimeError):
     """`backupmx serve` did not come up (not written yet, or broken): its log says why."""
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_toml(sections: Mapping[str, Any]) -> str:
-    out: list[str] = []
-    for name, body in sections.items():
-        items = body if isinstance(body, list) else [body]
-        for item in items:
-            out.append(f"[[{name}]]" if isinstance(body, list) else f"[{name}]")
-            out.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
-            out.append("")
-    text = "\n".join(out)
+    text = toml_config.render_toml(sections)
     tomllib.loads(text)  # what we write must parse
     return text
 

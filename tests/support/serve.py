@@ -5,61 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port, wait_for_smtp
+from tests.support.toml_config import render_toml
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def render_toml(sections: dict[str, Any]) -> str:
-    """{"server": {...}, "domains": [{...}], ...} -> TOML text (tables and arrays of tables only)."""
-    out: list[str] = []
-    for name, body in sections.items():
-        if isinstance(body, list):
-            for item in body:
-                out.append(f"[[{name}]]")
-                out.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
-                out.append("")
-        else:
-            out.append(f"[{name}]")
-            out.extend(f"{k} = {_toml_value(v)}" for k, v in body.items())
-            out.append("")
-    return "\n".join(out)
-
-
-def wait_for_banner(host: str, port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=2) as s:
-                if s.recv(512).startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError as e:
-            last = e
-        time.sleep(0.05)
-    raise TimeoutError(f"no 220 banner on {host}:{port} within {timeout}s ({last})")
 
 
 class ServeProcess:
@@ -105,7 +59,7 @@ class ServeProcess:
         log.close()
         if wait:
             try:
-                wait_for_banner(self.host, self.port)
+                wait_for_smtp(self.host, self.port)
             except TimeoutError:
                 self.kill()
                 raise AssertionError(f"serve did not start:\n{self.log()}") from None
