@@ -14,8 +14,8 @@ the spool passes through.
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,9 +30,12 @@ from backupmx.continuity.tokens import (
     session_key,
 )
 from backupmx.errors import BackupMXError
+from backupmx.spool import KV_LIST_MAX, KvItem
 
-NS_GRANT = "continuity.grant"  # key: "alice@example.com" or "@example.com"
-NS_INDEX = "continuity.index"  # key "grants": the JSON list of subjects, for `access list`
+NS_GRANT = "continuity.grant"  # key: "alice@example.com" or "@example.com"; `access list` lists them
+# Before the Spool contract had kv_list, a JSON list of subjects was kept here (key "grants") for
+# `access list`. It is no longer read nor written: every grant it named is in NS_GRANT anyway.
+NS_INDEX = "continuity.index"
 NS_LINK = "continuity.link"  # key: link ID; deleted when used
 NS_USED = "continuity.used"  # key: link ID; kept until well after the link would have expired
 NS_SESSION = "continuity.session"  # key: hash of the session cookie
@@ -52,6 +55,9 @@ class KvStore(Protocol):
                      now: float | None = None) -> None: ...
 
     async def kv_delete(self, namespace: str, key: str) -> bool: ...
+
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
+                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +116,6 @@ class AccessStore:
         self.kv = kv
         self.signer = signer
         self.clock = clock
-        self._index_lock = asyncio.Lock()
 
     # -- grants ------------------------------------------------------------------------------------
     async def grant(self, subject: str, *, expires_at: float, by: str) -> Grant:
@@ -120,18 +125,17 @@ class AccessStore:
             raise GrantError("the grant would already have expired")
         g = Grant(subject, new_id(12), now, expires_at, by)
         await self.kv.kv_put(NS_GRANT, subject, json.dumps(g.to_json()).encode(), expires_at=expires_at, now=now)
-        await self._index(add=subject)
         return g
 
     async def revoke(self, subject: str) -> bool:
-        existed = await self.kv.kv_delete(NS_GRANT, subject)
-        await self._index(remove=subject)
-        return existed
+        return await self.kv.kv_delete(NS_GRANT, subject)
 
     async def get_grant(self, subject: str) -> Grant | None:
         raw = await self.kv.kv_get(NS_GRANT, subject)
-        if raw is None:
-            return None
+        return None if raw is None else self._live(raw)
+
+    def _live(self, raw: bytes) -> Grant | None:
+        """The grant stored as `raw` while it lasts; None when it has ended or cannot be read."""
         try:
             g = Grant.from_json(json.loads(raw))
         except (ValueError, KeyError, TypeError):
@@ -155,28 +159,16 @@ class AccessStore:
         return None
 
     async def grants(self) -> list[Grant]:
-        """Live grants, by subject. The index is rewritten without the ones that have gone."""
-        subjects = await self._read_index()
-        out = [g for s in subjects if (g := await self.get_grant(s)) is not None]
+        """Live grants, by domain, the domain's own grant first, then by subject."""
+        out: list[Grant] = []
+        after: str | None = None
+        while True:
+            page = await self.kv.kv_list(NS_GRANT, after=after)
+            out.extend(g for item in page if (g := self._live(item.value)) is not None)
+            if len(page) < KV_LIST_MAX:
+                break
+            after = page[-1].key
         return sorted(out, key=lambda g: (g.domain, not g.is_domain, g.subject))
-
-    async def _read_index(self) -> list[str]:
-        raw = await self.kv.kv_get(NS_INDEX, "grants")
-        try:
-            data = json.loads(raw) if raw else []
-        except ValueError:
-            data = []
-        return [str(s) for s in data] if isinstance(data, list) else []
-
-    async def _index(self, *, add: str | None = None, remove: str | None = None) -> None:
-        """Read-modify-write of the subject list. Grants themselves never depend on it; only `list` does."""
-        async with self._index_lock:
-            subjects = set(await self._read_index())
-            if add:
-                subjects.add(add)
-            if remove:
-                subjects.discard(remove)
-            await self.kv.kv_put(NS_INDEX, "grants", json.dumps(sorted(subjects)).encode())
 
     # -- links -------------------------------------------------------------------------------------
     async def issue_link(self, address: str, *, ttl: float) -> IssuedLink:

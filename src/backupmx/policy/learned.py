@@ -2,7 +2,7 @@
 to RCPT probes, addresses deliveries succeeded to, and the operator's own entries.
 
 Kept in the spool's shared key-value table (namespace "learned", key "domain/local-part", case-folded;
-the Spool contract's kv_get/kv_put/kv_delete), so it survives restarts and every node of a PostgreSQL
+the Spool contract's kv_get/kv_put/kv_delete/kv_list), so it survives restarts and every node of a PostgreSQL
 spool sees what one node learned. An entry carries its own *logical* expiry (the verify TTLs); the
 row's physical expiry in the kv table is later by `keep` (default: delivery.retention_cap), because
 while a primary is DOWN the learned set is frozen and must outlive its TTLs. Entries added by the
@@ -11,15 +11,13 @@ operator never expire. Storage errors are raised as they come (the verifier trea
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol
 
 from backupmx.policy.domains import domain_of
+from backupmx.spool import KV_LIST_MAX, KvItem
 
 NAMESPACE = "learned"
 
@@ -74,13 +72,8 @@ class KvStore(Protocol):
 
     async def kv_delete(self, namespace: str, key: str) -> bool: ...
 
-
-@runtime_checkable
-class KvListing(Protocol):
-    """PostgresSpool has it; listing is only for the CLI."""
-
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str = "",
-                      limit: int = 1000) -> Sequence[Any]: ...
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
+                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
 
 
 class LearnedRecipients:
@@ -102,39 +95,18 @@ class LearnedRecipients:
     async def delete(self, address: str) -> bool:
         return await self._kv.kv_delete(NAMESPACE, learned_key(address))
 
-    async def list(self, domain: str, *, after: str = "", limit: int = 1000) -> list[LearnedRecipient]:
-        """A page of the domain's entries in key order, after the address `after` (for paging)."""
+    async def list(self, domain: str, *, after: str = "", limit: int = KV_LIST_MAX) -> list[LearnedRecipient]:
+        """A page of the domain's entries in key order, after the address `after` (for paging). Rows the
+        kv table has expired (logical expiry + `keep`) are not listed."""
         prefix = f"{domain.lower()}/"
-        start = learned_key(after) if after else ""
-        rows: Sequence[Any]
-        if isinstance(self._kv, KvListing):
-            rows = [(i.key, i.value) for i in await self._kv.kv_list(NAMESPACE, prefix=prefix, after=start,
-                                                                        limit=limit)]
-        else:
-            path = getattr(self._kv, "path", None)
-            if not isinstance(path, Path):
-                raise NotImplementedError("this spool cannot list its kv table")
-            rows = await asyncio.to_thread(_sqlite_kv_list, path, prefix, start, limit)
+        start = learned_key(after) if after else None
+        items = await self._kv.kv_list(NAMESPACE, prefix=prefix, after=start, limit=limit)
         out: list[LearnedRecipient] = []
-        for _key, value in rows:
-            entry = _decode(bytes(value))
+        for item in items:
+            entry = _decode(item.value)
             if entry is not None and domain_of(entry.address) == domain.lower():
                 out.append(entry)
         return out
-
-
-def _sqlite_kv_list(path: Path, prefix: str, after: str, limit: int) -> list[tuple[str, bytes]]:
-    """SqliteSpool's kv table read directly (read-only), for as long as its contract has no kv_list.
-    Expired rows are included: the CLI shows what is stored; the entry's own expiry says the rest."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        conn.execute("PRAGMA query_only = 1")
-        rows = conn.execute(
-            "SELECT key, value FROM kv WHERE namespace = ? AND key > ? AND substr(key, 1, ?) = ?"
-            " ORDER BY key LIMIT ?", (NAMESPACE, max(after, prefix), len(prefix), prefix, max(0, limit)))
-        return [(str(k), bytes(v)) for k, v in rows]
-    finally:
-        conn.close()
 
 
 __all__ = ["NAMESPACE", "KvStore", "LearnedRecipient", "LearnedRecipients", "Source", "learned_key"]

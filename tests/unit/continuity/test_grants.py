@@ -4,6 +4,7 @@ single use across store objects (a restart, another node) and under concurrency,
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from backupmx.clock import FakeClock
-from backupmx.continuity.grants import AccessStore, GrantError, subject_of
+from backupmx.continuity.grants import NS_GRANT, NS_INDEX, AccessStore, GrantError, subject_of
 from backupmx.continuity.tokens import LinkClaims, LinkRefused, Refusal, Signer, load_secret
+from backupmx.spool import KV_LIST_MAX
 from backupmx.spool.sqlite import SqliteSpool
 
 SECRET = bytes(range(32))
@@ -138,3 +140,28 @@ async def test_links_signed_with_another_secret_do_not_work(spool: SqliteSpool) 
     with pytest.raises(LinkRefused) as e:
         await other.redeem(link.token, session_ttl=60)
     assert e.value.reason is Refusal.INVALID
+
+
+async def test_grants_kept_by_an_older_version_are_listed(spool: SqliteSpool) -> None:
+    """Older versions kept a JSON index of subjects beside the grants; the grants alone are listed now,
+    so an installation's grants stay listed after the upgrade, and a subject only the index named is not."""
+    clock = FakeClock()
+    a = store(spool, clock)
+    for subject, g_id in (("bob@example.test", "g1"), ("@other.test", "g2")):
+        doc = {"subject": subject, "id": g_id, "created_at": clock.now(), "expires_at": clock.now() + 600,
+               "by": "old"}
+        await spool.kv_put(NS_GRANT, subject, json.dumps(doc).encode(), expires_at=clock.now() + 600)
+    await spool.kv_put(NS_INDEX, "grants", json.dumps(["@other.test", "bob@example.test", "gone@x.test"]).encode())
+    assert [(g.subject, g.id) for g in await a.grants()] == [("bob@example.test", "g1"), ("@other.test", "g2")]
+    await a.grant("carol@example.test", expires_at=clock.now() + 60, by="t")
+    await a.revoke("@other.test")
+    assert [g.subject for g in await a.grants()] == ["bob@example.test", "carol@example.test"]
+
+
+async def test_every_grant_is_listed_past_one_page(spool: SqliteSpool) -> None:
+    clock = FakeClock()
+    a = store(spool, clock)
+    subjects = [f"u{n:04d}@example.test" for n in range(KV_LIST_MAX + 3)]
+    for s in subjects:
+        await a.grant(s, expires_at=clock.now() + 600, by="t")
+    assert [g.subject for g in await a.grants()] == subjects
