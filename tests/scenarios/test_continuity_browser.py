@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import smtplib
 import threading
 import time
@@ -24,14 +22,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.chromium import launched_chromium, needs_chromium
 from tests.support.serve import ServeProcess, free_port
 from tests.unit.continuity import mail
 
-playwright_api = pytest.importorskip("playwright.async_api")
-CHROMIUM = os.environ.get("BACKUPMX_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 
 
 class Recorder:
@@ -135,12 +130,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with launched_chromium() as b:
+        yield b
 
 
 @dataclass

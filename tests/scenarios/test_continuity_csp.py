@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 
 from backupmx.continuity.render import SafeHtml
-from tests.scenarios.test_continuity_browser import CHROMIUM_ARGS, Recorder, context
-from tests.scenarios.test_continuity_browser import pytestmark as browser_mark
+from tests.scenarios.test_continuity_browser import Recorder, context
+from tests.support.chromium import launched_chromium, needs_chromium
 from tests.unit.continuity import mail
 from tests.unit.continuity.harness import put, running_inbox
 
-playwright_api = pytest.importorskip("playwright.async_api")
-pytestmark = browser_mark
+pytestmark = needs_chromium
 
 
 def unsanitised(html: str, inline: dict[str, str]) -> SafeHtml:
@@ -30,14 +29,8 @@ def unsanitised(html: str, inline: dict[str, str]) -> SafeHtml:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    from tests.scenarios.test_continuity_browser import CHROMIUM
-
-    async with playwright_api.async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with launched_chromium() as b:
+        yield b
 
 
 async def test_csp_and_sandbox_alone_stop_the_hostile_message(tmp_path: Path, browser: Any) -> None:

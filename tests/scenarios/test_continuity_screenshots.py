@@ -19,14 +19,11 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.scenarios.test_continuity_browser import CHROMIUM, CHROMIUM_ARGS, context
-from tests.scenarios.test_continuity_browser import pytestmark as browser_mark
+from tests.scenarios.test_continuity_browser import context
+from tests.support.chromium import launched_chromium, needs_chromium
 from tests.unit.continuity.harness import put, running_inbox
 
-playwright_api = pytest.importorskip("playwright.async_api")
-pytestmark = browser_mark
+pytestmark = needs_chromium
 REPO = Path(__file__).resolve().parents[2]
 ME = "jiwoo.park@example.com"
 
@@ -128,12 +125,8 @@ async def test_screenshots_of_the_emergency_inbox(tmp_path: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     async with running_inbox(tmp_path, domains=("example.com",), timezone="Asia/Seoul") as inbox:
         ids = [await put(inbox.spool, [ME], body) for body in mailbag()]
-        async with playwright_api.async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-            try:
-                await shoot(browser, inbox, ids, target)
-            finally:
-                await browser.close()
+        async with launched_chromium() as browser:
+            await shoot(browser, inbox, ids, target)
 
 
 async def shoot(browser: Any, inbox: Any, ids: list[str], target: Path) -> None:

@@ -7,8 +7,6 @@ without sideways scrolling."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,25 +14,18 @@ from typing import Any
 import pytest
 
 from backupmx.model import RecipientState
+from tests.support.chromium import launched_chromium, needs_chromium
 from tests.unit.admin.harness import TOKEN
 from tests.unit.admin.node import Node, running_node, until
 from tests.unit.delivery.fake_primary import Primary
 
-playwright_api = pytest.importorskip("playwright.async_api")
-CHROMIUM = os.environ.get("BACKUPMX_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with launched_chromium() as b:
+        yield b
 
 
 async def login(page: Any, node: Node, token: str = TOKEN) -> None:
