@@ -417,6 +417,7 @@ class Condition(StrEnum):
     OLDEST_MESSAGE = "oldest_message"  # per domain: the oldest waiting message is older than oldest_older_than
     FREE_DISK = "free_disk"  # the node: free space on the data directory below free_disk_below
     DELIVERY_FAILING = "delivery_failing"  # per domain: the primary answers, but refuses or fails deliveries
+    BACKUP_PATH_BROKEN = "backup_path_broken"  # per domain: the canary ([[canary]]) failed while the primary was up
 
 
 class AlertConfig(BaseModel):

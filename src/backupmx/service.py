@@ -108,7 +108,7 @@ class Service:
             from backupmx.monitor.alerts import AlertManager
 
             self.alerts = AlertManager(cfg.alerts, config=cfg, spool=self.spool, health=self.health,
-                                       clock=self.clock, maillog=self.maillog)
+                                       clock=self.clock, maillog=self.maillog, canary=self.canary)
             self.health.subscribe(self.alerts.on_health_change)
         await self.health.open()  # an outage declared before a restart is still declared
         self._spawn(self.health.run(), "health monitor")

@@ -1,7 +1,8 @@
 """The canary through the real `backupmx serve` to a real primary on loopback (aiosmtpd in a thread):
 delivered with its latency and the primary's reply recorded, stored as kind canary, never user mail; and
 with the primary refusing the canary address (550), the "backup path broken" alert fires once, shows in the
-mail log, /metrics and `backupmx status`, and clears once when the primary accepts the address again."""
+mail log, /metrics, `backupmx status` and an `[[alerts]]` webhook, and clears once when the primary accepts the
+address again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,43 @@ class Primary:
             return [m for m in self.messages if predicate(m)]
 
 
+class Webhook:
+    """An `[[alerts]]` webhook receiver on loopback, in a thread: keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict[str, Any]] = []
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                posts.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def alerts(self, name: str) -> list[tuple[str, str | None]]:
+        return [(p["status"], p["domain"]) for p in list(self.posts) if p["alert"] == name]
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    w = Webhook()
+    yield w
+    w.stop()
+
+
 @pytest.fixture
 def primary() -> Iterator[Primary]:
     p = Primary().start()
@@ -70,12 +109,17 @@ def primary() -> Iterator[Primary]:
     p.stop()
 
 
-def canary_node(tmp_path: Path, primary: Primary, *, deadline: str = "4s") -> ServeProcess:
+def canary_node(tmp_path: Path, primary: Primary, *, deadline: str = "4s", alerts: str | None = None
+                ) -> ServeProcess:
+    extra: dict[str, Any] = {"canary": [{"domain": "example.test", "to": CANARY, "interval": "1s",
+                                         "deadline": deadline}]}
+    if alerts is not None:
+        extra["alerts"] = [{"kind": "webhook", "url": alerts, "interval": "1s", "free_disk_below": "1KB"}]
     return ServeProcess(
         tmp_path / "node",
         domains=[{"name": "example.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"}],
         delivery={"probe_interval": "1s", "probe_timeout": "1s", "retry_min": "1s", "retry_max": "2s"},
-        extra={"canary": [{"domain": "example.test", "to": CANARY, "interval": "1s", "deadline": deadline}]},
+        extra=extra,
         admin=True,
     )
 
@@ -140,11 +184,13 @@ def test_canary_is_delivered_to_a_real_primary_and_its_latency_recorded(tmp_path
     assert not alert_lines(node, "firing")
 
 
-def test_refused_canary_address_fires_the_alert_once_and_clears_it_once(tmp_path: Path, primary: Primary) -> None:
+def test_refused_canary_address_fires_the_alert_once_and_clears_it_once(tmp_path: Path, primary: Primary,
+                                                                         webhook: Webhook) -> None:
     primary.refuse = True
-    with canary_node(tmp_path, primary) as node:
+    with canary_node(tmp_path, primary, alerts=webhook.url) as node:
         node.start()
         wait_until("the alert", lambda: alert_lines(node, "firing"))
+        wait_until("the webhook's alert", lambda: webhook.alerts("backup_path_broken"))
         wait_until("two more refusals", lambda: primary.refused >= 3)  # failures go on; the alert is not repeated
         assert len(alert_lines(node, "firing")) == 1
         assert "550 5.1.1" in alert_lines(node, "firing")[0] and "backup path broken for example.test" in \
@@ -165,4 +211,9 @@ def test_refused_canary_address_fires_the_alert_once_and_clears_it_once(tmp_path
         assert len(alert_lines(node, "firing")) == 1 and len(alert_lines(node, "resolved")) == 1
         assert 'backupmx_backup_path_broken{domain="example.test"} 0.0' in metrics(node)
         assert status(node)["domains"][0]["canary"]["broken"] is False
+        wait_until("the webhook's recovery", lambda: len(webhook.alerts("backup_path_broken")) == 2)
+        time.sleep(2.5)  # more evaluations with the path working: nothing more
+        assert webhook.alerts("backup_path_broken") == [("firing", "example.test"), ("resolved", "example.test")]
+        firing = next(p for p in webhook.posts if p["alert"] == "backup_path_broken")
+        assert "550 5.1.1" in firing["summary"] and firing["node"] == "backup.test"
         assert node.terminate() == 0

@@ -1,12 +1,13 @@
 """Alerts: tell a human when a protected primary goes down or comes back, when an outage drags on, when
-held mail piles up or ages, when the disk fills, and when delivery fails for reasons other than the
-primary being down. Each `[[alerts]]` entry is one destination (a webhook, or email through a smarthost)
-with its own thresholds and the conditions it wants.
+held mail piles up or ages, when the disk fills, when delivery fails for reasons other than the primary
+being down, and when the canary finds the path through this node broken. Each `[[alerts]]` entry is one
+destination (a webhook, or email through a smarthost) with its own thresholds and the conditions it wants.
 
 `AlertManager` evaluates the conditions every `interval` (and at once on each health transition it
-hears through `HealthMonitor.subscribe`), from snapshots: spool stats, health, free disk, and the mail
-log's delivery failures. A condition notifies once when it starts and once when it ends (the recovery
-notice); thresholds on levels have a little hysteresis so a value hovering at the line does not flap.
+hears through `HealthMonitor.subscribe`), from snapshots: spool stats, health, free disk, the mail
+log's delivery failures, and the canary's verdicts (`Canary.broken()`). A condition notifies once when
+it starts and once when it ends (the recovery notice); thresholds on levels have a little hysteresis so
+a value hovering at the line does not flap.
 Active conditions are kept in `data_dir/alerts-state.json`, so a restart during an outage does not
 announce it again. Sending never blocks evaluation: each destination has a bounded queue and a sender
 that retries with exponential backoff a bounded number of times, then logs and drops the notice.
@@ -145,6 +146,14 @@ class StatsSource(Protocol):
     async def stats(self) -> SpoolStats: ...
 
 
+class CanaryView(Protocol):
+    """What the manager reads of monitor.canary.Canary."""
+
+    def broken(self) -> Mapping[str, str]:
+        """Domains whose backup path is broken now -> why."""
+        ...
+
+
 class FailureLog:
     """Delivery failures per protected domain from the mail log, other than "the primary is unreachable"
     (connect failures and timeouts, enhanced status 4.4.x, are the outage's business)."""
@@ -201,11 +210,12 @@ class AlertManager:
 
     def __init__(self, alerts: Sequence[AlertConfig], *, config: Config, spool: StatsSource,
                  health: HealthView | None, clock: Clock, maillog: MailLog | None = None,
-                 transports: Mapping[int, Transport] | None = None) -> None:
+                 transports: Mapping[int, Transport] | None = None, canary: CanaryView | None = None) -> None:
         check_alerts(config, alerts)
         self.config = config
         self.spool = spool
         self.health = health
+        self.canary = canary
         self.clock = clock
         self.node = config.server.node
         self.domains = tuple(d.name for d in config.domains)
@@ -264,12 +274,18 @@ class AlertManager:
             stats = await self.spool.stats()
         except Exception as e:
             log.warning("alerts: spool stats failed: %s", e)
+        broken: Mapping[str, str] | None = None  # None: no canary, or it could not say
+        if self.canary is not None:
+            try:
+                broken = dict(self.canary.broken())
+            except Exception as e:
+                log.warning("alerts: canary state unreadable: %s", e)
         free = _disk_free(self.config.server.data_dir)
         with self._lock:
             transitions, self._transitions = self._transitions, []
         out: list[tuple[AlertConfig, Notice]] = []
         for dest in self._dests:
-            for notice in self._evaluate_one(dest, now, health, stats, free, transitions):
+            for notice in self._evaluate_one(dest, now, health, stats, free, transitions, broken):
                 out.append((dest.alert, notice))
                 self._enqueue(dest, notice)
         if out:
@@ -278,7 +294,8 @@ class AlertManager:
 
     def _evaluate_one(self, dest: _Destination, now: float, health: Mapping[str, DestinationStatus],
                       stats: SpoolStats | None, free: int | None,
-                      transitions: Sequence[tuple[str, DestinationState, DestinationState, float]]) -> list[Notice]:
+                      transitions: Sequence[tuple[str, DestinationState, DestinationState, float]],
+                      broken: Mapping[str, str] | None = None) -> list[Notice]:
         a = dest.alert
         wanted = set(a.on)
         notices: list[Notice] = []
@@ -349,6 +366,15 @@ class AlertManager:
                    f"deliveries to {domain} are failing although its primary answers: {len(recent)} "
                    f"in {_span(window)}, last: {last}",
                    f"deliveries to {domain} succeed again", failures=len(recent), last_reply=last or None)
+
+        if broken is not None:  # the canary judges the path; this only tells its state changes
+            scopes = set(broken) | {s for c, s in dest.active if c is Condition.BACKUP_PATH_BROKEN}
+            for domain in sorted(scopes):
+                why = broken.get(domain)
+                began = dest.active.get((Condition.BACKUP_PATH_BROKEN, domain))
+                after = f" after {_span(now - began.at)} broken" if began else ""
+                change(Condition.BACKUP_PATH_BROKEN, domain, why is not None, why or f"backup path broken for {domain}",
+                       f"backup path for {domain} works again: a canary was delivered{after}", reason=why)
 
         if free is not None:
             key = (Condition.FREE_DISK, "")

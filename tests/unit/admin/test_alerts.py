@@ -265,6 +265,80 @@ async def test_webhook_retries_with_backoff_then_gives_up(tmp_path: Path) -> Non
         assert clock.now() - start == pytest.approx(2 * (1 + 2 + 2))
 
 
+class FakeCanary:
+    """What the manager reads of `Canary`: {domain: why} while the backup path is broken."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def broken(self) -> dict[str, str]:
+        return dict(self.reasons)
+
+
+REFUSED = ("backup path broken for example.test: the canary was bounced: "
+           "550 5.1.1 <canary@example.test>: Recipient address rejected: User unknown")
+
+
+async def test_a_canary_refused_then_fixed_gives_one_broken_and_one_recovery_over_http(tmp_path: Path) -> None:
+    clock = SystemClock()
+    health = FakeHealth(clock)
+    health.set("example.test", DestinationState.UP)
+    health.set("other.test", DestinationState.UP)
+    canary = FakeCanary()
+    async with receiver() as rec:
+        mgr = AlertManager([webhook(rec.url)], config=admin_config(tmp_path / "d"), spool=FakeStats(), health=health,
+                           clock=clock, canary=canary)
+        await mgr.start()
+        try:
+            await asyncio.sleep(1.5)  # a working path: nothing to say
+            assert rec.posts == []
+            canary.reasons["example.test"] = REFUSED
+            await _until(lambda: len(rec.posts) == 1)
+            await asyncio.sleep(2.5)  # still broken over more evaluations: no repeat
+            assert mgr.firing()[0]["alert"] == "backup_path_broken"
+            del canary.reasons["example.test"]  # the canary address is fixed: the next canary is delivered
+            await _until(lambda: len(rec.posts) == 2)
+            await asyncio.sleep(2.5)
+        finally:
+            await mgr.stop()
+    assert [(p["alert"], p["status"], p["domain"]) for p in rec.posts] == [
+        ("backup_path_broken", "firing", "example.test"), ("backup_path_broken", "resolved", "example.test")]
+    broken, fixed = rec.posts
+    assert broken["summary"] == REFUSED and broken["details"]["reason"] == REFUSED
+    assert fixed["summary"].startswith("backup path for example.test works again: a canary was delivered after ")
+    assert mgr.firing() == []
+
+
+async def test_backup_path_broken_is_on_by_default_kept_across_a_restart_and_needs_a_canary(tmp_path: Path) -> None:
+    clock = FakeClock(time.time())
+    cfg = admin_config(tmp_path / "d")
+    health = FakeHealth(clock)
+    health.set("example.test", DestinationState.UP)
+    alerts = [webhook("http://127.0.0.1:9/", free_disk_below="1B")]
+    assert Condition.BACKUP_PATH_BROKEN in alerts[0].on
+    canary = FakeCanary()
+    canary.reasons["example.test"] = REFUSED
+    first = AlertManager(alerts, config=cfg, spool=FakeStats(), health=health, clock=clock, canary=canary)
+    got = [(n.condition, n.scope, n.firing) for _, n in await first.evaluate()]
+    assert got == [(Condition.BACKUP_PATH_BROKEN, "example.test", True)]
+    # a new process: the canary takes up its recorded state, still broken; nothing is told again
+    second = AlertManager(alerts, config=cfg, spool=FakeStats(), health=health, clock=clock, canary=canary)
+    assert await second.evaluate() == []
+    # without a canary there is no information: the state is kept, not resolved
+    blind = AlertManager(alerts, config=cfg, spool=FakeStats(), health=health, clock=clock)
+    assert await blind.evaluate() == [] and blind.firing()[0]["alert"] == "backup_path_broken"
+    canary.reasons.clear()
+    clock.advance(90)
+    notices = [n for _, n in await second.evaluate()]
+    assert [(n.condition, n.firing) for n in notices] == [(Condition.BACKUP_PATH_BROKEN, False)]
+    assert notices[0].summary == "backup path for example.test works again: a canary was delivered after 1m broken"
+    # only the destinations that asked for it hear it
+    only_down = AlertManager([webhook("http://127.0.0.1:9/", on=["primary_down"])], config=admin_config(tmp_path / "e"),
+                             spool=FakeStats(), health=health, clock=clock, canary=canary)
+    canary.reasons["example.test"] = REFUSED
+    assert await only_down.evaluate() == []
+
+
 class _Smarthost:
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], bytes]] = []
