@@ -148,6 +148,7 @@ class DeliveryEngine:
         self._retention = RetentionPolicy(self._d.retention, self._d.retention_cap)
         self._lease = self._d.lease.total_seconds()
         self._window = self._d.window
+        self._refill_at = max(1, self._window // 4)  # a destination's queue length that asks for more
         self._dests: dict[str, _Destination] = {}
         self._jobs: set[_Job] = set()
         self._reroutes: dict[str, tuple[Target, ...]] = {}
@@ -353,6 +354,10 @@ class DeliveryEngine:
                 if not dest.queue:
                     break
                 job = dest.queue.popleft()
+                if len(dest.queue) == self._refill_at:
+                    # claim more while the connections still have work, instead of when the queue is
+                    # empty and every connection waits for the claim (a stall per window of messages)
+                    self._kick.set()
                 try:
                     await self._deliver(dest, session, job)
                 finally:
