@@ -2,6 +2,12 @@
 domain and reason class (for /metrics, the rate charts and the delivery-failure alert), and a bounded
 memory of recent events per queue ID (the per-recipient history on a message's page).
 
+Only user mail counts as mail here. Events of mail we make ourselves carry `kind=` in the mail log (the
+listener's `queued`, the engine's `delivered`/`deferred`/...): canaries and DSNs are counted apart
+(`MailTally.own_counts`, by kind), so they never show in the user-mail totals, the rate charts or the
+delivery-failure alert. A DSN to a sender is our mail, not mail we hold for a protected domain; its
+delivery still matters (a refused DSN is a sender we could not tell), hence its own counter.
+
 Listeners run in the thread that logs, so both classes take a lock and do constant work per event.
 Labels come from enums and configured domain names only, never from addresses or IPs.
 """
@@ -15,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from backupmx.model import MessageKind
 from backupmx.reply import Reply
 
 OTHER_DOMAIN = "other"  # label for mail to or from a domain we do not protect (DSNs, relay attempts)
@@ -119,10 +126,23 @@ def _addresses(value: object) -> Iterable[str]:
 
 
 CounterKey = tuple[MailEvent, str, ReasonClass]  # (event, domain label, reason class)
+OwnKey = tuple[MessageKind, MailEvent, ReasonClass]  # (kind of our own mail, event, reason class)
+
+
+def message_kind(fields: Mapping[str, object]) -> MessageKind | None:
+    """The kind of mail an event is about: USER when it has no `kind` field, None for a kind we do not know."""
+    value = fields.get("kind")
+    if value is None or value == "":
+        return MessageKind.USER
+    try:
+        return MessageKind(str(value))
+    except ValueError:
+        return None
 
 
 class MailTally:
-    """Cumulative counts of mail events since start, keyed by (event, domain, reason class).
+    """Cumulative counts of user-mail events since start, keyed by (event, domain, reason class), and
+    apart from them, of our own mail's (DSNs, canaries) by (kind, event, reason class).
 
     Read by the Prometheus collector (as counters) and by the time series sampler (as deltas)."""
 
@@ -130,6 +150,7 @@ class MailTally:
         self._known = frozenset(d.lower() for d in domains)
         self._lock = threading.Lock()
         self._counts: dict[CounterKey, int] = {}
+        self._own: dict[OwnKey, int] = {}
         # the last failure and the last success per domain, for the delivery-failure alert
         self._failures: dict[str, list[tuple[float, ReasonClass]]] = {}
         self._last_success: dict[str, float] = {}
@@ -145,6 +166,13 @@ class MailTally:
         reason = reason_class(fields)
         if kind is MailEvent.ACCEPTED:
             reason = ReasonClass.OK
+        mail = message_kind(fields)
+        if mail is not MessageKind.USER:
+            if mail is not None:
+                own: OwnKey = (mail, kind, reason)
+                with self._lock:
+                    self._own[own] = self._own.get(own, 0) + 1
+            return
         domains = event_domains(fields, self._known)
         now = time.time()
         with self._lock:
@@ -163,6 +191,11 @@ class MailTally:
     def counts(self) -> dict[CounterKey, int]:
         with self._lock:
             return dict(self._counts)
+
+    def own_counts(self) -> dict[OwnKey, int]:
+        """Events of our own mail (DSNs, canaries), kept out of `counts()`."""
+        with self._lock:
+            return dict(self._own)
 
     def totals(self, event: MailEvent) -> dict[str, int]:
         """Per domain label, all reasons summed."""

@@ -27,7 +27,8 @@ METRICS: dict[str, str] = {
     "backupmx_queue_recipients": "Recipients in the spool by protected domain and state (queued, held).",
     "backupmx_queue_messages": "Messages with a recipient not yet delivered, bounced or expired, by domain.",
     "backupmx_oldest_message_age_seconds": "Age of the oldest pending message, by domain.",
-    "backupmx_mail_events_total": "Mail events since start by event, domain and reason class.",
+    "backupmx_mail_events_total": "User-mail events since start by event, domain and reason class.",
+    "backupmx_own_mail_events_total": "Events of our own mail (DSNs, canaries) since start by kind, event and reason.",
     "backupmx_primary_up": "1 when the domain's primary answers (up or recovering), else 0.",
     "backupmx_primary_state": "1 for the current state of the domain's primary.",
     "backupmx_outage_declared": "1 while an outage of the domain's primary is declared.",
@@ -62,6 +63,11 @@ class SnapshotCollector(Collector):
         for (event, domain, reason), n in sorted(self.tally.counts().items()):
             events.add_metric([event.value, domain, reason.value], n)
         yield events
+        own = CounterMetricFamily("backupmx_own_mail_events", METRICS["backupmx_own_mail_events_total"],
+                                  labels=["kind", "event", "reason"])
+        for (kind, event, reason), n in sorted(self.tally.own_counts().items()):
+            own.add_metric([kind.value, event.value, reason.value], n)
+        yield own
         snap = self.snapshot
         if snap is None:
             return

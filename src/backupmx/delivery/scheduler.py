@@ -37,7 +37,7 @@ from backupmx.delivery.retention import RetentionPolicy
 from backupmx.delivery.route import Route, RouteResolver, RouteSource, Target
 from backupmx.errors import LeaseLost, NotFound, RouteError
 from backupmx.maillog import MailLog
-from backupmx.model import Bounced, Deferred, Delivered, MessageRecord, Outcome, RecipientRecord
+from backupmx.model import Bounced, Deferred, Delivered, MessageKind, MessageRecord, Outcome, RecipientRecord
 from backupmx.monitor import DestinationState
 from backupmx.reply import Reply
 from backupmx.spool import Claim, NewMessage, OutagePeriod, RecipientUpdate, Spool
@@ -561,6 +561,7 @@ class DeliveryEngine:
 
     def _account(self, dest: _Destination, msg: MessageRecord, result: TransactionResult,
                  events: list[tuple[str, RecipientRecord, Outcome, str]], now: float) -> None:
+        kind = None if msg.kind is MessageKind.USER else msg.kind.value  # DSNs, canaries: never user mail
         for event, rcpt, outcome, reason in events:
             attr = {"delivered": "delivered", "bounced": "bounced", "held": "held", "expired": "expired",
                     "deferred": "deferred"}[event]
@@ -570,7 +571,7 @@ class DeliveryEngine:
             self._maillog.event(
                 event, str(msg.id), to=f"<{rcpt.address}>", relay=result.relay,
                 delay=f"{max(now - msg.received_at, 0.0):.1f}", attempts=rcpt.attempts + 1,
-                dsn=reply.status or None, reply=str(reply), reason=reason or None)
+                dsn=reply.status or None, reply=str(reply), reason=reason or None, kind=kind)
 
     async def _feedback(self, dest: _Destination, result: TransactionResult, rerouted: bool) -> None:
         """Slow start: +1 connection per `cwnd` good transactions; -1 on a 4xx; halve on 421/timeouts."""

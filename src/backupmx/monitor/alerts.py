@@ -156,7 +156,9 @@ class CanaryView(Protocol):
 
 class FailureLog:
     """Delivery failures per protected domain from the mail log, other than "the primary is unreachable"
-    (connect failures and timeouts, enhanced status 4.4.x, are the outage's business)."""
+    (connect failures and timeouts, enhanced status 4.4.x, are the outage's business). User mail only:
+    events with a `kind` (DSNs, canaries: our own mail) neither fail nor clear it; the canary has its
+    own condition (backup_path_broken)."""
 
     def __init__(self, domains: Sequence[str], clock: Clock) -> None:
         self._domains = frozenset(domains)
@@ -167,6 +169,8 @@ class FailureLog:
 
     def listener(self, event: str, fields: dict[str, object]) -> None:
         if event not in ("delivered", "deferred", "bounced", "held"):
+            return
+        if fields.get("kind") not in (None, "", "user"):
             return
         to = str(fields.get("to", "")).strip("<>")
         domain = to.rpartition("@")[2].lower()

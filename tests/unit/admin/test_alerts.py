@@ -239,8 +239,28 @@ async def test_delivery_failing_while_the_primary_answers(tmp_path: Path) -> Non
     assert "452 4.2.2 mailbox full" in notices[0].summary
     maillog.event("deferred", "Q1", to="<a@example.test>", dsn="4.2.2", reply="452 4.2.2 mailbox full")
     assert await mgr.evaluate() == []
+    maillog.event("delivered", "Q2", to="<canary@example.test>", dsn="2.0.0", reply="250 2.0.0 Ok", kind="canary")
+    assert await mgr.evaluate() == []  # a canary delivered is no user mail delivered
     maillog.event("delivered", "Q1", to="<a@example.test>", dsn="2.0.0", reply="250 2.0.0 Ok")
     assert [(n.condition, n.firing) for _, n in await mgr.evaluate()] == [(Condition.DELIVERY_FAILING, False)]
+
+
+async def test_delivery_failing_counts_user_mail_only(tmp_path: Path) -> None:
+    """Refused canaries have their own condition (backup_path_broken); a DSN to a sender in a protected
+    domain that fails is our mail, not a user's."""
+    clock = FakeClock(time.time())
+    health = FakeHealth(clock)
+    health.set("example.test", DestinationState.UP)
+    maillog = MailLog(open("/dev/null", "w"))  # noqa: SIM115
+    mgr = manager(admin_config(tmp_path / "d"), [webhook("http://127.0.0.1:9/", delivery_failures=3,
+                                                          on=["delivery_failing"])], clock, health, maillog=maillog)
+    for _ in range(5):
+        maillog.event("bounced", "Q1", to="<canary@example.test>", dsn="5.1.1", reply="550 5.1.1 unknown",
+                      kind="canary")
+        maillog.event("deferred", "Q2", to="<bob@example.test>", dsn="4.2.2", reply="452 4.2.2 mailbox full",
+                      kind="dsn")
+    assert await mgr.evaluate() == []
+    assert mgr.failures.recent("example.test", 3600) == []
 
 
 async def test_webhook_retries_with_backoff_then_gives_up(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backupmx.admin.mailevents import MailEvent, MailTally, MessageHistory, ReasonClass, event_domains, reason_class
+from backupmx.model import MessageKind
 
 KNOWN = frozenset({"example.test", "other.test"})
 
@@ -57,3 +58,29 @@ def test_history_is_bounded() -> None:
     assert h.of("Q0") == [] and h.of("Q1") == []
     assert [x.event for x in h.of("Q4")] == ["deferred", "delivered"]
     assert h.of("Q4")[0].fields == {"to": "<a@example.test>"}
+
+
+def test_our_own_mail_never_counts_as_user_mail() -> None:
+    """Canaries and DSNs (`kind=` in the mail log) are counted apart, by kind, never in the user-mail totals
+    nor among the delivery failures."""
+    t = MailTally(KNOWN)
+    t.listener("queued", {"to": "<canary@example.test>", "kind": "canary"})
+    t.listener("delivered", {"to": "<canary@example.test>", "reply": "250 2.0.0 Ok", "kind": "canary"})
+    t.listener("bounced", {"to": "<canary@example.test>", "reply": "550 5.1.1 unknown", "kind": "canary"})
+    t.listener("deferred", {"to": "<bob@sender.test>", "reply": "450 4.2.0 busy", "kind": "dsn"})
+    t.listener("bounced", {"to": "<bob@example.test>", "reply": "550 5.1.1 unknown", "kind": "dsn"})
+    t.listener("delivered", {"to": "<bob@example.test>", "reply": "250 2.0.0 Ok", "kind": "mystery"})
+    assert t.counts() == {}
+    assert t.totals(MailEvent.ACCEPTED) == {} and t.totals(MailEvent.DELIVERED) == {}
+    assert t.failures_since("example.test", 0.0) == 0
+    assert t.own_counts() == {
+        (MessageKind.CANARY, MailEvent.ACCEPTED, ReasonClass.OK): 1,
+        (MessageKind.CANARY, MailEvent.DELIVERED, ReasonClass.OK): 1,
+        (MessageKind.CANARY, MailEvent.BOUNCED, ReasonClass.ADDRESS): 1,
+        (MessageKind.DSN, MailEvent.DEFERRED, ReasonClass.MAILBOX): 1,
+        (MessageKind.DSN, MailEvent.BOUNCED, ReasonClass.ADDRESS): 1,
+    }
+    t.listener("bounced", {"to": "<a@example.test>", "reply": "550 5.1.1 unknown", "kind": "user"})
+    t.listener("delivered", {"to": "<a@example.test>", "reply": "250 2.0.0 Ok"})
+    assert t.counts() == {(MailEvent.BOUNCED, "example.test", ReasonClass.ADDRESS): 1,
+                          (MailEvent.DELIVERED, "example.test", ReasonClass.OK): 1}

@@ -37,6 +37,10 @@ async def test_metrics_match_the_spool_and_the_monitor(tmp_path: Path) -> None:
         h.maillog.event("deferred", "Q1", to="<d@other.test>", dsn="4.4.1", reply="451 4.4.1 connect refused")
         h.maillog.event("delivered", "Q1", to="<d@other.test>", dsn="2.0.0", reply="250 2.0.0 Ok")
         h.maillog.event("bounced", "Q1", to="<e@other.test>", dsn="5.1.1", reply="550 5.1.1 unknown")
+        # our own mail: apart from the user mail above
+        h.maillog.event("queued", "Q2", to="<canary@example.test>", nrcpt=1, kind="canary")
+        h.maillog.event("delivered", "Q2", to="<canary@example.test>", dsn="2.0.0", reply="250 2.0.0 Ok", kind="canary")
+        h.maillog.event("bounced", "Q3", to="<bob@sender.test>", dsn="5.7.1", reply="554 5.7.1 no", kind="dsn")
 
         async with h.anon.get(h.url + "/metrics") as r:  # loopback: no token needed
             assert r.status == 200
@@ -70,6 +74,11 @@ async def test_metrics_match_the_spool_and_the_monitor(tmp_path: Path) -> None:
     assert v("backupmx_mail_events_total", event="deferred", domain="other.test", reason="network") == 1
     assert v("backupmx_mail_events_total", event="delivered", domain="other.test", reason="ok") == 1
     assert v("backupmx_mail_events_total", event="bounced", domain="other.test", reason="address") == 1
+    assert ("backupmx_mail_events_total", (("domain", "example.test"), ("event", "delivered"), ("reason", "ok"))) \
+        not in s  # the canary is no user mail
+    assert v("backupmx_own_mail_events_total", kind="canary", event="accepted", reason="ok") == 1
+    assert v("backupmx_own_mail_events_total", kind="canary", event="delivered", reason="ok") == 1
+    assert v("backupmx_own_mail_events_total", kind="dsn", event="bounced", reason="policy") == 1
     # every name is documented, every label value is a configured domain or an enum value
     names = {name for name, _ in s}
     assert {n.removesuffix("_total") for n in names} <= {n.removesuffix("_total") for n in METRICS}

@@ -445,3 +445,26 @@ async def test_backlog_at_one_primary_does_not_starve_another(tmp_path: Path, pr
         await h.close()
     finally:
         await fast.stop()
+
+
+async def test_own_mail_is_tagged_with_its_kind_in_the_mail_log(tmp_path: Path, primary: Primary,
+                                                                 sink: Primary) -> None:
+    """User mail's events carry no kind; a DSN's and a canary's say kind=dsn / kind=canary, so statistics
+    (admin/mailevents.py, the delivery_failing alert) can leave them out of the user-mail totals."""
+    from backupmx.admin.mailevents import MailEvent, MailTally, ReasonClass
+
+    primary.rcpt_rule = lambda a: "550 5.1.1 unknown" if a.startswith("b@") or a.startswith("canary@") else None
+    h = await harness(tmp_path, primary, sink)
+    tally = MailTally(["example.com"])
+    h.maillog.subscribe(tally.listener)
+    await h.put("a@example.com", "b@example.com")  # b bounces: a DSN to the sender
+    await h.put("canary@example.com", sender="", kind=MessageKind.CANARY)  # refused: no DSN (null sender)
+    await h.engine.run_once()
+    kinds = {(e, f["to"], f.get("kind")) for e, f in h.events.items if e in ("delivered", "bounced")}
+    assert kinds == {("delivered", "<a@example.com>", None), ("bounced", "<b@example.com>", None),
+                     ("delivered", "<bob@sender.test>", "dsn"), ("bounced", "<canary@example.com>", "canary")}
+    assert tally.counts() == {(MailEvent.DELIVERED, "example.com", ReasonClass.OK): 1,
+                              (MailEvent.BOUNCED, "example.com", ReasonClass.ADDRESS): 1}
+    assert tally.own_counts() == {(MessageKind.DSN, MailEvent.DELIVERED, ReasonClass.OK): 1,
+                                  (MessageKind.CANARY, MailEvent.BOUNCED, ReasonClass.ADDRESS): 1}
+    await h.close()
