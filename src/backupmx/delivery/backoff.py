@@ -1,8 +1,9 @@
 """The retry schedule: exponential backoff with jitter, a pure function of the attempt count.
 
-Does no I/O and reads no clock; the caller passes `now`. The only guard against a clock that jumps
-backwards is `clamp_due`: a due time further ahead than `maximum` cannot have come from this schedule,
-so it is pulled back (a clock that jumped back a day must not freeze retries for a day).
+Does no I/O and reads no clock; the caller passes `now`. `clamp_due` is this module's guard against a
+clock that jumps backwards: a due time further ahead than `maximum` cannot have come from this
+schedule, so it is pulled back (a clock that jumped back a day must not freeze retries for a day). The
+engine (scheduler.py) adds its own check, comparing the clock with the one it saw at its last pass.
 """
 
 from __future__ import annotations
