@@ -22,7 +22,8 @@ from backupmx.model import Deferred, Envelope, QueueId, Recipient
 from backupmx.reply import Reply
 from backupmx.spool import BodyBuffer, RecipientUpdate
 from backupmx.spool.sqlite import SqliteSpool
-from tests.scenarios.test_dashboard_outage import CHROMIUM, login
+from tests.scenarios.test_dashboard_outage import login
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.unit.admin.node import running_node, until
 from tests.unit.delivery.fake_primary import Primary, closed_port
 
@@ -135,8 +136,6 @@ async def test_screenshots_of_the_main_views(tmp_path: Path) -> None:
         live = await asyncio.to_thread(node.send, ["anna@example.com", "ben@example.com"], "Quarterly report",
                                        sender="carla@customer.example")
         async with playwright_api.async_playwright() as pw:
-            from tests.scenarios.test_dashboard_outage import CHROMIUM_ARGS
-
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 desk = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
