@@ -4,8 +4,10 @@ admin API, metrics and the CLI read; they import nothing of ours."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 
 class DestinationState(StrEnum):
@@ -32,3 +34,25 @@ class DestinationStatus:
     @property
     def outage_declared(self) -> bool:
         return self.outage_since is not None
+
+
+# What the monitor and the recipient verifier need from routing; backupmx.delivery.route.RouteResolver
+# fits (configured primaries, or MX hosts better than us). Protocols, so neither imports delivery.
+class TargetLike(Protocol):
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def address(self) -> str | None: ...
+    @property
+    def label(self) -> str: ...
+
+
+class RouteLike(Protocol):
+    @property
+    def targets(self) -> Sequence[TargetLike]: ...
+
+
+class RouteLookup(Protocol):
+    async def resolve(self, domain: str) -> RouteLike: ...

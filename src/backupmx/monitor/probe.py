@@ -16,41 +16,18 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiosmtplib
 
 from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import Config
 from backupmx.maillog import MailLog
-from backupmx.monitor import DestinationState, DestinationStatus
+from backupmx.monitor import DestinationState, DestinationStatus, RouteLookup, TargetLike
 from backupmx.spool import Spool
 
 log = logging.getLogger("backupmx.monitor")
 
 Subscriber = Callable[[str, DestinationState, DestinationState], None]
-
-
-class TargetLike(Protocol):
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def address(self) -> str | None: ...
-    @property
-    def label(self) -> str: ...
-
-
-class RouteLike(Protocol):
-    @property
-    def targets(self) -> Sequence[TargetLike]: ...
-
-
-class RouteLookup(Protocol):
-    """What the monitor needs from routing (backupmx.delivery.route.RouteResolver fits)."""
-
-    async def resolve(self, domain: str) -> RouteLike: ...
 
 
 @dataclass(frozen=True, slots=True)

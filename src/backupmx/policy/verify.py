@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -33,7 +33,7 @@ import aiosmtplib
 from backupmx.clock import Clock
 from backupmx.config import Config, DomainConfig
 from backupmx.maillog import MailLog
-from backupmx.monitor import DestinationState, DestinationStatus
+from backupmx.monitor import DestinationState, DestinationStatus, RouteLookup, TargetLike
 from backupmx.policy import SessionInfo, Stage, Verdict
 from backupmx.policy.domains import domain_of
 from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source, learned_key
@@ -63,28 +63,6 @@ class ProbeResult:
 
 class RcptProber(Protocol):
     async def probe(self, domain: str, address: str) -> ProbeResult: ...
-
-
-class TargetLike(Protocol):
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def address(self) -> str | None: ...
-    @property
-    def label(self) -> str: ...
-
-
-class RouteLike(Protocol):
-    @property
-    def targets(self) -> Sequence[TargetLike]: ...
-
-
-class RouteLookup(Protocol):
-    """backupmx.delivery.route.RouteResolver fits (configured primaries, or MX hosts better than us)."""
-
-    async def resolve(self, domain: str) -> RouteLike: ...
 
 
 def classify_rcpt(code: int, message: str) -> ProbeAnswer:
