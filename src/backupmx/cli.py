@@ -207,6 +207,9 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
         print(json.dumps({"messages": [message_json(m) for m in msgs], "count": len(msgs)}, indent=1))
         return EXIT_OK
     # Text: stream page by page so a huge queue prints without holding it in memory.
+    # Mail that has had no attempt yet because its primary is down says so, as Postfix shows the
+    # reason of the last attempt.
+    down_since = {o.domain: o.started_at for o in await spool.outages() if o.ended_at is None}
     print("-Queue ID-      --Size-- ----Arrival Time---- -Sender/Recipient-------")
     total_bytes = count = 0
     after: QueueId | None = None
@@ -217,10 +220,12 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
             mark = "!" if pending and all(r.state is RecipientState.HELD for r in pending) else " "
             print(f"{m.id}{mark} {m.size:8d} {_ts(m.received_at):20s}  {m.envelope.sender or 'MAILER-DAEMON'}")
             for r in pending:
-                if r.last_reply or r.state is not RecipientState.QUEUED:
-                    note = r.last_reply or ""
-                    if r.state is not RecipientState.QUEUED:
-                        note = f"{r.state.value}{' by ' + r.held_reason if r.held_reason else ''}: {note}".rstrip(": ")
+                note = r.last_reply or ""
+                if r.state is not RecipientState.QUEUED:
+                    note = f"{r.state.value}{' by ' + r.held_reason if r.held_reason else ''}: {note}".rstrip(": ")
+                elif not note and r.domain in down_since:
+                    note = f"held: primary of {r.domain} down since {_iso(down_since[r.domain])}"
+                if note:
                     print(f"{'':46s}({note})")
                 print(f"{'':46s}{r.address}")
             print()
