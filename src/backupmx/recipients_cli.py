@@ -114,16 +114,15 @@ def _entry_json(e: LearnedRecipient, now: float) -> dict[str, Any]:
             "expires_at": _iso(e.expires_at), "fresh": e.fresh(now)}
 
 
-async def _all(store: LearnedRecipients, domain: str) -> list[LearnedRecipient]:
+async def _all(store: LearnedRecipients, domain: str) -> tuple[list[LearnedRecipient], int]:
+    """Every readable entry of the domain, and how many damaged rows were skipped. The paging follows the
+    raw rows (LearnedRecipients.page), so a damaged row never ends the listing early."""
     out: list[LearnedRecipient] = []
-    after = ""
-    for _ in range(1_000_000 // PAGE):  # bounded: a million entries at most
-        page = await store.list(domain, after=after, limit=PAGE)
-        out.extend(page)
-        if len(page) < PAGE:
-            break
-        after = page[-1].address
-    return out
+    damaged = 0
+    async for page in store.pages(domain, limit=PAGE):
+        out.extend(page.entries)
+        damaged += page.damaged
+    return out, damaged
 
 
 async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
@@ -135,11 +134,14 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
         domains = [d]
     now = time.time()
     doc: dict[str, Any] = {}
+    damaged = 0
     for d in domains:
         mode = _mode(d)
         item: dict[str, Any] = {"recipients": mode}
         if mode == "verify":
-            item["learned"] = [_entry_json(e, now) for e in await _all(store, d.name)]
+            learned, skipped = await _all(store, d.name)
+            item["learned"] = [_entry_json(e, now) for e in learned]
+            damaged += skipped
         elif mode == "list":
             item["entries"] = list(d.recipients)
         elif mode == "file":
@@ -151,6 +153,9 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
             except OSError as e:
                 item["error"] = f"cannot read: {e.strerror}"
         doc[d.name] = item
+    if damaged:
+        print(f"backupmx: recipients list: {damaged} damaged {'entry' if damaged == 1 else 'entries'} skipped",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"domains": doc}, indent=1))
         return EXIT_OK

@@ -12,11 +12,10 @@ operator never expire. Storage errors are raised as they come (the verifier trea
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from backupmx.policy.domains import domain_of
 from backupmx.spool import KV_LIST_MAX, KvItem
 
 NAMESPACE = "learned"
@@ -62,6 +61,15 @@ def _decode(raw: bytes) -> LearnedRecipient | None:
         return None  # a damaged row is as good as none: the address is asked again
 
 
+@dataclass(frozen=True, slots=True)
+class LearnedPage:
+    """A page of `LearnedRecipients.page`."""
+
+    entries: list[LearnedRecipient]  # the readable entries of the page, in key order
+    damaged: int  # rows of the page that could not be read (skipped)
+    next: str | None  # the raw key to page on from (`after`); None: this was the last page
+
+
 class KvStore(Protocol):
     """The part of the Spool contract this module needs."""
 
@@ -95,18 +103,36 @@ class LearnedRecipients:
     async def delete(self, address: str) -> bool:
         return await self._kv.kv_delete(NAMESPACE, learned_key(address))
 
-    async def list(self, domain: str, *, after: str = "", limit: int = KV_LIST_MAX) -> list[LearnedRecipient]:
-        """A page of the domain's entries in key order, after the address `after` (for paging). Rows the
-        kv table has expired (logical expiry + `keep`) are not listed."""
-        prefix = f"{domain.lower()}/"
-        start = learned_key(after) if after else None
-        items = await self._kv.kv_list(NAMESPACE, prefix=prefix, after=start, limit=limit)
-        out: list[LearnedRecipient] = []
+    async def page(self, domain: str, *, after: str | None = None, limit: int = KV_LIST_MAX) -> LearnedPage:
+        """One page of the domain's rows in key order: `after` is a raw key (a previous page's `next`; None:
+        from the start). Damaged rows are counted and skipped, but the paging follows the raw rows, so they
+        never end a listing early. Rows the kv table has expired (logical expiry + `keep`) are not listed."""
+        limit = max(1, min(limit, KV_LIST_MAX))
+        items = await self._kv.kv_list(NAMESPACE, prefix=f"{domain.lower()}/", after=after, limit=limit)
+        entries: list[LearnedRecipient] = []
+        damaged = 0
         for item in items:
             entry = _decode(item.value)
-            if entry is not None and domain_of(entry.address) == domain.lower():
-                out.append(entry)
-        return out
+            # A readable row that does not key back to where it is stored is damaged as well.
+            if entry is None or learned_key(entry.address) != item.key:
+                damaged += 1
+            else:
+                entries.append(entry)
+        return LearnedPage(entries, damaged, items[-1].key if len(items) >= limit else None)
+
+    async def pages(self, domain: str, *, limit: int = KV_LIST_MAX) -> AsyncIterator[LearnedPage]:
+        """Every page of the domain's rows, in key order."""
+        after: str | None = None
+        while True:
+            page = await self.page(domain, after=after, limit=limit)
+            yield page
+            if page.next is None:
+                return
+            after = page.next
+
+    async def list(self, domain: str) -> list[LearnedRecipient]:
+        """Every readable entry of the domain, in key order (damaged rows skipped)."""
+        return [entry async for page in self.pages(domain) for entry in page.entries]
 
 
-__all__ = ["NAMESPACE", "KvStore", "LearnedRecipient", "LearnedRecipients", "Source", "learned_key"]
+__all__ = ["NAMESPACE", "KvStore", "LearnedPage", "LearnedRecipient", "LearnedRecipients", "Source", "learned_key"]
