@@ -5,8 +5,11 @@ destination, with slow start.
 What it does not do: decide health (monitor/probe.py), route (route.py), speak SMTP (relay.py). What it
 promises: nothing is claimed for a destination that is DOWN; a recipient's 250 is recorded in its own
 commit at once; a bounce or expiry is recorded in the same commit as its DSN; an unknown error defers.
-A failed `spool.record` (LeaseLost, SpoolError) is logged and the lease simply runs out, so the
-recipients come back: at worst a duplicate, never a loss.
+A `spool.record` refused with SpoolUnavailable (the database restarting, SQLite busy) is tried again,
+the same outcomes and the same DSNs, with a short backoff while the lease is ours (renewed meanwhile);
+before each new try the recipients are read back, so a first try that did commit (its reply lost) is
+never written twice. Any other failure (LeaseLost, SpoolError, the lease running out, a stop) is logged
+and the lease simply runs out, so the recipients come back: at worst a duplicate, never a loss.
 
 Fairness: the spool hands out due recipients in order of due time, so new mail (due on arrival) and
 retries (due at their backoff) interleave; a destination never holds more than half the window, so a
@@ -35,7 +38,7 @@ from backupmx.delivery.bounce import DsnAction, DsnRecipient, build_dsn, dsn_owe
 from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, TransactionResult
 from backupmx.delivery.retention import RetentionPolicy
 from backupmx.delivery.route import Route, RouteResolver, RouteSource, Target
-from backupmx.errors import LeaseLost, NotFound, RouteError
+from backupmx.errors import LeaseLost, NotFound, RouteError, SpoolError, SpoolUnavailable
 from backupmx.maillog import MailLog
 from backupmx.model import Bounced, Deferred, Delivered, MessageKind, MessageRecord, Outcome, RecipientRecord
 from backupmx.monitor import DestinationState
@@ -56,6 +59,10 @@ MAX_RCPTS_PER_TRANSACTION = 100  # RFC 5321 §4.5.3.1.8: a server must accept at
 SWEEP_INTERVAL = 60.0  # how often DOWN destinations are checked for expiry and delay notices
 SWEEP_BATCH = 500
 OUTAGE_CACHE_TTL = 30.0
+RECORD_RETRY_FIRST = 0.2  # a record refused with SpoolUnavailable: first wait before trying again,
+RECORD_RETRY_MAX = 2.0  # doubling up to this
+RECORD_LEASE_MARGIN = 1.0  # stop trying again this long (at most a fifth of the lease) before it runs out
+RECORD_STOP_GRACE = 10.0  # after stop(), how long a record may still be tried again
 _REAL_CLOCK = SystemClock()  # run_once waits for workers in real time, whatever clock the engine has
 
 
@@ -103,6 +110,7 @@ class EngineStatistics:
 class _Job:
     claim: Claim  # one message, the recipients of one destination (at most MAX_RCPTS_PER_TRANSACTION)
     domain: str
+    lease_ends: float = 0.0  # time.monotonic() when the lease runs out (as of the last claim or renewal)
 
     @property
     def size(self) -> int:
@@ -157,6 +165,7 @@ class DeliveryEngine:
         self._delay_sent: set[str] = set()  # message IDs with a delay DSN queued by this process
         self._kick = asyncio.Event()
         self._stopping = False
+        self._stopped_at: float | None = None  # time.monotonic() at stop()
         self._tg: asyncio.TaskGroup | None = None
         self._last_sweep = float("-inf")
         self._jump_flushed_at: float | None = None
@@ -220,6 +229,8 @@ class DeliveryEngine:
     async def stop(self) -> None:
         """Stop claiming, give back what is not started, let transactions under way finish."""
         self._stopping = True
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
         self._kick.set()
 
     async def run_once(self) -> int:
@@ -307,6 +318,7 @@ class DeliveryEngine:
         exclude |= {name for name, d in self._dests.items() if d.queued >= per_dest_cap}
         claims = await self._spool.claim_due(now=now, owner=self._owner, lease_seconds=self._lease,
                                              limit=room, exclude_domains=sorted(exclude))
+        mono = time.monotonic()
         count = 0
         give_back: list[Claim] = []
         for claim in claims:
@@ -319,7 +331,7 @@ class DeliveryEngine:
                     if not self._deliverable(domain):
                         give_back.append(part)  # went DOWN since the claim
                         continue
-                    job = _Job(part, domain)
+                    job = _Job(part, domain, mono + min(part.lease_until - now, self._lease))
                     self._jobs.add(job)
                     self._dest(domain).queue.append(job)
                     count += job.size
@@ -522,19 +534,98 @@ class DeliveryEngine:
         dsns = await self._build_dsns(msg, [failed, relayed, delayed], now)
         if delayed:
             self._delay_sent.add(str(msg.id))
-        try:
-            await self._spool.record(self._owner, updates, dsns, now=now)
-        except LeaseLost as e:
-            log.warning("%s: lease lost before recording (%s); the recipients come back later", msg.id, e)
-            return
-        except Exception:
-            log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg.id)
+        if not await self._record_outcomes(job, updates, dsns, now):
             return
         self._account(dest, msg, result, events, now)
         if dsns:
             self._totals["dsns"] += len(dsns)
             self.wake()
         await self._feedback(dest, result, rerouted)
+
+    async def _record_outcomes(self, job: _Job, updates: list[RecipientUpdate], dsns: list[NewMessage],
+                               now: float) -> bool:
+        """`spool.record` for one job; True once the outcomes are committed (by this call or, its reply
+        lost, by an earlier try). While the database is unavailable the same updates and DSNs are tried
+        again, with a short backoff, as long as the lease is ours (renewed here too: the renew loop stops
+        at stop() and does not run under run_once). Before a new try the recipients are read back: record
+        is one commit, so either every updated recipient carries a new state or attempt count (the earlier
+        try committed: done, nothing is written twice, no DSN queued twice) or none does (try again).
+        Tries stop within one lease's time in any case."""
+        msg_id = job.claim.message.id
+        delay = RECORD_RETRY_FIRST
+        margin = min(RECORD_LEASE_MARGIN, self._lease / 5.0)
+        tries = 1
+        try:
+            await self._spool.record(self._owner, updates, dsns, now=now)
+            return True
+        except LeaseLost as e:
+            log.warning("%s: lease lost before recording (%s); the recipients come back later", msg_id, e)
+            return False
+        except SpoolUnavailable as e:
+            log.warning("%s: recording outcomes failed (%s); trying again while the lease lasts", msg_id, e)
+        except Exception:
+            log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
+            return False
+        # renewals could keep the lease forever (a database that renews but refuses the record): bounded
+        give_up_at = time.monotonic() + self._lease - margin
+        while True:
+            await asyncio.sleep(max(0.0, min(delay, min(job.lease_ends - margin, give_up_at) - time.monotonic())))
+            delay = min(delay * 2.0, RECORD_RETRY_MAX)
+            mono = time.monotonic()
+            if mono >= min(job.lease_ends - margin, give_up_at):
+                log.warning("%s: outcomes not recorded after %d tries, the lease runs out; the recipients"
+                            " come back (a duplicate at worst)", msg_id, tries)
+                return False
+            if self._stopped_at is not None and mono >= self._stopped_at + RECORD_STOP_GRACE:
+                log.warning("%s: outcomes not recorded after %d tries, stopping; the recipients come back"
+                            " when the lease runs out", msg_id, tries)
+                return False
+            try:
+                done = await self._recorded(job, updates)
+                if done is None:
+                    return False
+                if done:
+                    log.info("%s: outcomes found recorded by an earlier try (its reply was lost)", msg_id)
+                    return True
+                await self._spool.renew([job.claim], now=self._clock.now(), lease_seconds=self._lease)
+                job.lease_ends = mono + self._lease
+                tries += 1
+                await self._spool.record(self._owner, updates, dsns, now=now)
+            except LeaseLost as e:
+                log.warning("%s: lease lost while trying to record again (%s); the recipients come back later",
+                            msg_id, e)
+                return False
+            except SpoolUnavailable:
+                continue
+            except Exception:
+                log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
+                return False
+            log.info("%s: outcomes recorded after %d tries", msg_id, tries)
+            return True
+
+    async def _recorded(self, job: _Job, updates: Sequence[RecipientUpdate]) -> bool | None:
+        """Whether `updates` are in the spool already: True (every recipient changed since the claim),
+        False (none did: not recorded), None (the message is gone, or only some changed: someone else,
+        an operator, acted on it; never write over that)."""
+        record = await self._spool.get(job.claim.message.id)
+        if record is None:
+            log.warning("%s: gone from the queue while its outcomes waited to be recorded", job.claim.message.id)
+            return None
+        now_by_index = {r.index: r for r in record.recipients}
+        claimed = {r.index: r for r in job.claim.recipients}
+        changed = set()
+        for u in updates:
+            before, current = claimed.get(u.index), now_by_index.get(u.index)
+            if before is None or current is None:
+                raise SpoolError(f"{u.message_id}[{u.index}]: not a claimed recipient")
+            changed.add((current.state, current.attempts) != (before.state, before.attempts))
+        if changed == {True}:
+            return True
+        if changed == {False}:
+            return False
+        log.warning("%s: some recipients changed while their outcomes waited to be recorded; left as they are",
+                    job.claim.message.id)
+        return None
 
     async def _build_dsns(self, msg: MessageRecord, groups: Sequence[list[DsnRecipient]], now: float
                           ) -> list[NewMessage]:
@@ -639,12 +730,16 @@ class DeliveryEngine:
             if not jobs:
                 continue
             now = self._clock.now()
+            mono = time.monotonic()
             try:
                 await self._spool.renew([j.claim for j in jobs], now=now, lease_seconds=self._lease)
+                for job in jobs:
+                    job.lease_ends = mono + self._lease
             except LeaseLost:
                 for job in jobs:  # find the ones taken over; they are someone else's now
                     try:
                         await self._spool.renew([job.claim], now=now, lease_seconds=self._lease)
+                        job.lease_ends = mono + self._lease
                     except LeaseLost:
                         self._forget(job)
                     except Exception:
