@@ -22,6 +22,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -496,6 +497,24 @@ class SqliteSpool:
             os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
             pass
+        # Switching to WAL and migrating can meet SQLITE_BUSY without SQLite's busy handler being
+        # called (a journal-mode change, or a read lock upgraded to a write lock, while another process
+        # opens the same spool at the same moment): retry, bounded by the busy timeout.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                self._prepare_schema()
+                break
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        _fsync_dir(self.data_dir)
+        writer = _Writer(self._connect)
+        writer.start()
+        self._writer = writer
+
+    def _prepare_schema(self) -> None:
         conn = self._connect()
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -506,10 +525,6 @@ class SqliteSpool:
             migrate(conn)
         finally:
             conn.close()
-        _fsync_dir(self.data_dir)
-        writer = _Writer(self._connect)
-        writer.start()
-        self._writer = writer
 
     async def open(self) -> None:
         async with self._open_lock:
