@@ -64,3 +64,19 @@ async def wait_event_or_timeout(clock: Clock, event: asyncio.Event, seconds: flo
             task.cancel()
         await asyncio.gather(sleeper, waker, return_exceptions=True)
     return event.is_set()
+
+
+def format_span(seconds: float, *, minute_seconds: bool = False) -> str:
+    """A duration for people: "42s", "5m" ("5m 20s" with `minute_seconds`), "3h 12m", "1d 4h".
+    Negative durations (a clock that moved back) read as "0s"."""
+    s = int(max(0.0, seconds))
+    d, rem = divmod(s, 86400)
+    h, rem = divmod(rem, 3600)
+    m, sec = divmod(rem, 60)
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {sec}s" if minute_seconds else f"{m}m"
+    return f"{sec}s"

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from backupmx.clock import format_span
 from backupmx.config import Config, load_config
-from backupmx.monitor.canary import CanaryOutcome, CanaryStatus, read_status, span_text
+from backupmx.monitor.canary import CanaryOutcome, CanaryStatus, read_status
 from backupmx.monitor.drill import DrillReport, read_report, utc_text
 from backupmx.spool import Spool
 
@@ -174,7 +175,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  primary     {p['state']}{since}{err}{src}")
         w = d["waiting"]
         held = f", {w['recipients_held']} recipient(s) held" if w["recipients_held"] else ""
-        oldest = f", oldest {span_text(w['oldest_age_seconds'])}" if w["oldest_age_seconds"] is not None else ""
+        age = w["oldest_age_seconds"]
+        oldest = f", oldest {format_span(age, minute_seconds=True)}" if age is not None else ""
         lines.append(f"  waiting     {w['messages']} message(s){held}{oldest}")
         lines.append(f"  canary      {_canary_text(d['canary'], now)}")
         lines.append(f"  last drill  {_drill_text(d['drill'])}")
@@ -190,7 +192,7 @@ def _canary_text(c: dict[str, Any] | None, now: float) -> str:
     if last is None:
         return "on, none judged yet"
     at = last["finished_at"]
-    when = f"{_iso(at)} ({span_text(now - at)} ago)"
+    when = f"{_iso(at)} ({format_span(now - at, minute_seconds=True)} ago)"
     outcome = CanaryOutcome(last["outcome"])
     if outcome is CanaryOutcome.DELIVERED:
         text = f"delivered in {last['latency']:.2f}s at {when}: {last.get('reply') or ''}".rstrip(": ")
@@ -233,7 +235,7 @@ def _parse(text: str | None) -> float | None:
 
 def _ago(now: float, text: str) -> str:
     t = _parse(text)
-    return "?" if t is None else span_text(now - t)
+    return "?" if t is None else format_span(now - t, minute_seconds=True)
 
 
 __all__ = ["add_status_parser", "collect", "render", "status_command"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from backupmx.clock import FakeClock, SystemClock, wait_event_or_timeout
+import pytest
+
+from backupmx.clock import FakeClock, SystemClock, format_span, wait_event_or_timeout
 
 
 async def test_an_event_already_set_returns_at_once_without_moving_time() -> None:
@@ -46,3 +48,12 @@ async def test_cancelling_the_waiter_cancels_its_timer_and_its_watch() -> None:
     assert waiter.cancelled()
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) == before
+
+
+@pytest.mark.parametrize(("seconds", "plain", "precise"), [
+    (-5, "0s", "0s"), (0, "0s", "0s"), (42.9, "42s", "42s"), (320, "5m", "5m 20s"),
+    (3 * 3600 + 12 * 60 + 5, "3h 12m", "3h 12m"), (86400 + 4 * 3600 + 59, "1d 4h", "1d 4h"),
+])
+def test_format_span(seconds: float, plain: str, precise: str) -> None:
+    assert format_span(seconds) == plain
+    assert format_span(seconds, minute_seconds=True) == precise

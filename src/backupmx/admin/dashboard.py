@@ -23,6 +23,7 @@ from backupmx import __version__
 from backupmx.admin import charts
 from backupmx.admin.auth import COOKIE, AdminAuth
 from backupmx.admin.operations import ActionError, Operations
+from backupmx.clock import format_span
 from backupmx.model import QueueId, RecipientState
 from backupmx.monitor import DestinationState
 
@@ -36,19 +37,7 @@ class AlertView(Protocol):
 
 def age(seconds: float | None) -> str:
     """1d 4h, 3h 12m, 5m, 42s."""
-    if seconds is None:
-        return "—"
-    s = int(max(0, seconds))
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m}m"
-    if m:
-        return f"{m}m"
-    return f"{sec}s"
+    return "—" if seconds is None else format_span(seconds)
 
 
 def when(t: float | None) -> str:

@@ -31,7 +31,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Protocol
 
-from backupmx.clock import Clock, wait_event_or_timeout
+from backupmx.clock import Clock, format_span, wait_event_or_timeout
 from backupmx.config import AlertConfig, Condition, Config, parse_hostport
 from backupmx.errors import ConfigError
 from backupmx.maillog import MailLog
@@ -340,7 +340,7 @@ class AlertManager:
             outage_age = (now - st.outage_since) if st and st.outage_since is not None else None
             limit = a.outage_longer_than.total_seconds()
             change(Condition.OUTAGE_LONG, domain, None if not known else bool(outage_age and outage_age >= limit),
-                   f"outage of {domain} has lasted {_span(outage_age)} (alert after {_span(limit)})",
+                   f"outage of {domain} has lasted {format_span(outage_age or 0.0)} (alert after {format_span(limit)})",
                    f"outage of {domain} is over", outage_seconds=round(outage_age or 0))
 
             if stats is not None:
@@ -354,9 +354,9 @@ class AlertManager:
                 oldest = ds.oldest_pending_at if ds else None
                 age = now - oldest if oldest is not None else 0.0
                 change(Condition.OLDEST_MESSAGE, domain, age > a.oldest_older_than.total_seconds(),
-                       f"the oldest message for {domain} has waited {_span(age)} "
-                       f"(alert after {_span(a.oldest_older_than.total_seconds())})",
-                       f"no message for {domain} is older than {_span(a.oldest_older_than.total_seconds())} now",
+                       f"the oldest message for {domain} has waited {format_span(age)} "
+                       f"(alert after {format_span(a.oldest_older_than.total_seconds())})",
+                       f"no message for {domain} is older than {format_span(a.oldest_older_than.total_seconds())} now",
                        oldest_seconds=round(age))
 
             window = a.failure_window.total_seconds()
@@ -368,7 +368,7 @@ class AlertManager:
             last = recent[-1][1] if recent else ""
             change(Condition.DELIVERY_FAILING, domain, failing,
                    f"deliveries to {domain} are failing although its primary answers: {len(recent)} "
-                   f"in {_span(window)}, last: {last}",
+                   f"in {format_span(window)}, last: {last}",
                    f"deliveries to {domain} succeed again", failures=len(recent), last_reply=last or None)
 
         if broken is not None:  # the canary judges the path; this only tells its state changes
@@ -376,7 +376,7 @@ class AlertManager:
             for domain in sorted(scopes):
                 why = broken.get(domain)
                 began = dest.active.get((Condition.BACKUP_PATH_BROKEN, domain))
-                after = f" after {_span(now - began.at)} broken" if began else ""
+                after = f" after {format_span(now - began.at)} broken" if began else ""
                 change(Condition.BACKUP_PATH_BROKEN, domain, why is not None, why or f"backup path broken for {domain}",
                        f"backup path for {domain} works again: a canary was delivered{after}", reason=why)
 
@@ -530,22 +530,8 @@ def _down_text(domain: str, st: DestinationStatus | None) -> str:
 
 def _back_text(domain: str, active: Mapping[tuple[Condition, str], Notice], at: float) -> str:
     began = active.get((Condition.PRIMARY_DOWN, domain))
-    after = f" after {_span(at - began.at)}" if began else ""
+    after = f" after {format_span(at - began.at)}" if began else ""
     return f"primary of {domain} is back{after}; held mail is being delivered"
-
-
-def _span(seconds: float | None) -> str:
-    s = int(max(0.0, seconds or 0.0))
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m}m"
-    if m:
-        return f"{m}m"
-    return f"{sec}s"
 
 
 def _bytes(n: float) -> str:

@@ -38,7 +38,7 @@ import aiosmtplib
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from backupmx.clock import Clock, wait_event_or_timeout
+from backupmx.clock import Clock, format_span, wait_event_or_timeout
 from backupmx.config import CanaryConfig, Config
 from backupmx.errors import SpoolError
 from backupmx.maillog import MailLog
@@ -487,7 +487,7 @@ class Canary:
             d.last_success_at, d.last_latency = result.finished_at, result.latency
             if d.broken_since is not None:
                 summary = (f"backup path for {domain} works again: canary delivered in {result.latency or 0.0:.1f}s "
-                           f"after {span_text(result.finished_at - d.broken_since)} broken")
+                           f"after {format_span(result.finished_at - d.broken_since, minute_seconds=True)} broken")
                 d.broken_since, d.broken_reason = None, None
                 log.warning("%s", summary)
                 self._maillog.event("canary-alert", result.queue_id, domain=domain, status="resolved", summary=summary)
@@ -531,18 +531,5 @@ class CanaryCollector(Collector):
         yield from (broken, latency, success, runs)
 
 
-def span_text(seconds: float | None) -> str:
-    """A duration for people: "45s", "3m 20s", "2h 5m", "3d 4h"."""
-    s = int(max(0.0, seconds or 0.0))
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m}m"
-    return f"{m}m {sec}s" if m else f"{sec}s"
-
-
 __all__ = ["HEADER", "Canary", "CanaryCollector", "CanaryOutcome", "CanaryResult", "CanaryStage", "CanaryStatus",
-           "load_secret", "read_status", "span_text"]
+           "load_secret", "read_status"]
