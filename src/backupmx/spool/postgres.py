@@ -35,10 +35,8 @@ from backupmx.model import (
     Bounced,
     Delivered,
     Envelope,
-    MessageKind,
     MessageRecord,
     QueueId,
-    Recipient,
     RecipientRecord,
     RecipientState,
     new_queue_id,
@@ -58,6 +56,7 @@ from backupmx.spool import (
 )
 from backupmx.spool.faults import fault_point
 from backupmx.spool.pg_schema import SCHEMA, migrate
+from backupmx.spool.records import crc_text, message_record, rcpt_record
 
 log = logging.getLogger("backupmx.spool")
 
@@ -315,42 +314,6 @@ class _Writer:
 
 
 # --- rows -> records ------------------------------------------------------------------------------------
-def _rcpt_record(row: Any) -> RecipientRecord:
-    return RecipientRecord(
-        message_id=QueueId(row["message_id"]),
-        index=row["idx"],
-        address=row["address"],
-        domain=row["domain"],
-        state=RecipientState(row["state"]),
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        last_attempt_at=row["last_attempt_at"],
-        last_reply=row["last_reply"],
-        held_reason=row["held_reason"],
-        notify=tuple(row["notify"].split(",")) if row["notify"] else None,
-        orcpt=row["orcpt"],
-        delay_notified=bool(row["delay_notified"]),
-        updated_at=row["updated_at"],
-    )
-
-
-def _parse_envelope(row: Any) -> Envelope:
-    data = json.loads(row["envelope_json"])
-    if not isinstance(data, dict):
-        raise TypeError("envelope is not an object")
-    return Envelope.from_json(data)
-
-
-def _fallback_envelope(row: Any, rcpts: Sequence[RecipientRecord]) -> Envelope:
-    """What the columns still tell of an entry whose envelope cannot be read (for listing it)."""
-    try:
-        kind = MessageKind(row["kind"])
-    except ValueError:
-        kind = MessageKind.USER
-    return Envelope(sender=row["sender"], recipients=tuple(Recipient(r.address, r.notify, r.orcpt) for r in rcpts),
-                    kind=kind)
-
-
 async def _load_messages(conn: Connection, mrows: Sequence[Any]) -> list[tuple[MessageRecord, str | None]]:
     """Records for message rows (two queries for any number); the second value is why an envelope is
     unreadable, if it is."""
@@ -360,23 +323,8 @@ async def _load_messages(conn: Connection, mrows: Sequence[Any]) -> list[tuple[M
     by_msg: dict[str, list[RecipientRecord]] = {}
     for r in await conn.fetch(f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ANY($1::text[])"
                               " ORDER BY message_id, idx", ids):
-        by_msg.setdefault(r["message_id"], []).append(_rcpt_record(r))
-    out: list[tuple[MessageRecord, str | None]] = []
-    for row in mrows:
-        rcpts = tuple(by_msg.get(row["id"], ()))
-        problem: str | None = None
-        try:
-            envelope = _parse_envelope(row)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            problem = f"unreadable envelope: {type(exc).__name__}: {exc}"
-            envelope = _fallback_envelope(row, rcpts)
-        out.append((MessageRecord(id=QueueId(row["id"]), envelope=envelope, size=row["size"],
-                                  received_at=row["received_at"], recipients=rcpts), problem))
-    return out
-
-
-def _crc_text(crc: int) -> str:
-    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+        by_msg.setdefault(r["message_id"], []).append(rcpt_record(r))
+    return [message_record(row, tuple(by_msg.get(row["id"], ()))) for row in mrows]
 
 
 def _count(status: str) -> int:
@@ -457,7 +405,7 @@ async def _insert_message(conn: Connection, qid: str, envelope: Envelope, body: 
     finished_at = None if pending else max((r.updated_at for r in recipients), default=received_at)
     row = await conn.fetchrow(
         _INSERT_MESSAGE, qid, envelope.sender, envelope.kind.value, body.size, received_at, node,
-        json.dumps(envelope.to_json()), _crc_text(body.crc), body.chunks, pending,
+        json.dumps(envelope.to_json()), crc_text(body.crc), body.chunks, pending,
         [r.index for r in recipients], [r.address for r in recipients], [r.domain for r in recipients],
         [r.state.value for r in recipients], [r.attempts for r in recipients],
         [r.next_attempt_at for r in recipients], [r.last_attempt_at for r in recipients],
@@ -1005,8 +953,8 @@ class PostgresSpool:
                 yield data[start:start + chunk_size]
         if total != size:
             await self._damaged(message_id, f"body is {total} bytes, expected {size}")
-        if _crc_text(crc) != expected:
-            await self._damaged(message_id, f"body checksum mismatch: stored {expected}, computed {_crc_text(crc)}")
+        if crc_text(crc) != expected:
+            await self._damaged(message_id, f"body checksum mismatch: stored {expected}, computed {crc_text(crc)}")
 
     async def _chunk_rows(self, message_id: QueueId, start: int) -> list[Any]:
         return await self._read(lambda c: c.fetch(

@@ -35,10 +35,8 @@ from backupmx.model import (
     Bounced,
     Delivered,
     Envelope,
-    MessageKind,
     MessageRecord,
     QueueId,
-    Recipient,
     RecipientRecord,
     RecipientState,
     new_queue_id,
@@ -57,6 +55,7 @@ from backupmx.spool import (
     SpoolStats,
 )
 from backupmx.spool.faults import fault_point
+from backupmx.spool.records import crc_text, message_record, rcpt_record
 from backupmx.spool.schema import migrate
 
 log = logging.getLogger("backupmx.spool")
@@ -282,65 +281,14 @@ class _Writer:
 
 
 # --- rows -> records ------------------------------------------------------------------------------------
-def _rcpt_record(row: sqlite3.Row) -> RecipientRecord:
-    return RecipientRecord(
-        message_id=QueueId(row["message_id"]),
-        index=row["idx"],
-        address=row["address"],
-        domain=row["domain"],
-        state=RecipientState(row["state"]),
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        last_attempt_at=row["last_attempt_at"],
-        last_reply=row["last_reply"],
-        held_reason=row["held_reason"],
-        notify=tuple(row["notify"].split(",")) if row["notify"] else None,
-        orcpt=row["orcpt"],
-        delay_notified=bool(row["delay_notified"]),
-        updated_at=row["updated_at"],
-    )
-
-
-def _parse_envelope(row: sqlite3.Row) -> Envelope:
-    data = json.loads(row["envelope_json"])
-    if not isinstance(data, dict):
-        raise TypeError("envelope is not an object")
-    return Envelope.from_json(data)
-
-
-def _fallback_envelope(row: sqlite3.Row, rcpts: Sequence[RecipientRecord]) -> Envelope:
-    """What the columns still tell of an entry whose envelope cannot be read (for listing it)."""
-    try:
-        kind = MessageKind(row["kind"])
-    except ValueError:
-        kind = MessageKind.USER
-    return Envelope(
-        sender=row["sender"],
-        recipients=tuple(Recipient(r.address, r.notify, r.orcpt) for r in rcpts),
-        kind=kind,
-    )
-
-
 def _load_message(conn: sqlite3.Connection, row: sqlite3.Row) -> tuple[MessageRecord, str | None]:
     """The record of one message row; the second value is why its envelope is unreadable, if it is."""
     rcpts = tuple(
-        _rcpt_record(r)
+        rcpt_record(r)
         for r in conn.execute(f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ? ORDER BY idx",
                               (row["id"],))
     )
-    problem: str | None = None
-    try:
-        envelope = _parse_envelope(row)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        problem = f"unreadable envelope: {type(exc).__name__}: {exc}"
-        envelope = _fallback_envelope(row, rcpts)
-    record = MessageRecord(id=QueueId(row["id"]), envelope=envelope, size=row["size"],
-                           received_at=row["received_at"], recipients=rcpts)
-    return record, problem
-
-
-def _crc_text(crc: int) -> str:
-    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+    return message_record(row, rcpts)
 
 
 def _body_chunks(body: BodyBuffer) -> Iterator[bytes]:
@@ -377,7 +325,7 @@ def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, 
         "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (qid, envelope.sender, envelope.kind.value, size, now, json.dumps(envelope.to_json()),
-         _crc_text(crc), 1 if envelope.recipients else 0, None if envelope.recipients else now),
+         crc_text(crc), 1 if envelope.recipients else 0, None if envelope.recipients else now),
     )
     conn.executemany(
         "INSERT INTO recipients(message_id, idx, address, domain, state, next_attempt_at, notify, orcpt,"
@@ -399,7 +347,7 @@ def _insert_record(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, s
         "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (qid, envelope.sender, envelope.kind.value, size, received_at, json.dumps(envelope.to_json()),
-         _crc_text(crc), 1 if pending else 0, finished_at),
+         crc_text(crc), 1 if pending else 0, finished_at),
     )
     conn.executemany(
         f"INSERT INTO recipients({_RCPT_COLS}) VALUES ({', '.join('?' * 14)})",
@@ -751,7 +699,7 @@ class SqliteSpool:
             if meta is None or meta["corrupt_reason"] is not None or int(meta["size"]) > WHOLE_BODY_MAX:
                 return None
             row = conn.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchone()
-            if row is None or len(row[0]) != int(meta["size"]) or _crc_text(zlib.crc32(row[0])) != meta["checksum"]:
+            if row is None or len(row[0]) != int(meta["size"]) or crc_text(zlib.crc32(row[0])) != meta["checksum"]:
                 return None
             return bytes(row[0])
 
@@ -802,8 +750,8 @@ class SqliteSpool:
             crc = zlib.crc32(chunk, crc)
             offset += len(chunk)
             yield chunk
-        if _crc_text(crc) != expected:
-            reason = f"body checksum mismatch: stored {expected}, computed {_crc_text(crc)}"
+        if crc_text(crc) != expected:
+            reason = f"body checksum mismatch: stored {expected}, computed {crc_text(crc)}"
             await self._set_aside([(message_id, reason)])
             raise SpoolError(f"{message_id}: {reason}")
 
