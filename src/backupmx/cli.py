@@ -149,6 +149,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{cfg.source}: ok ({len(cfg.domains)} domain(s): {', '.join(d.name for d in cfg.domains) or 'none'})")
     if not cfg.domains:
         print(f"{cfg.source}: warning: no [[domains]]: every recipient will be refused", file=sys.stderr)
+    from backupmx.policy.backscatter import backscatter_warnings
+
+    for line in backscatter_warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr)
     return EXIT_OK
 
 

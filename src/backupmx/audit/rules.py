@@ -3,7 +3,7 @@
 Check ids, by family (docs/check.md says what each means and what to do):
     mx.records  mx.count  mx.address  mx.distinct           the MX set itself
     site.backup  site.ns  site.mx-zone                       "same building" risks
-    node.domain  node.mx                                     this node's own view (with --config)
+    node.domain  node.mx  node.recipients                     this node's own view (with --config)
     smtp.connect smtp.ehlo smtp.starttls smtp.tls-cert smtp.null-sender
     smtp.postmaster smtp.unknown-user smtp.relay smtp.session   per MX address, over SMTP
 Networks: addresses are "near" when they share an IPv4 /24 or IPv6 /48 (fail for a backup: one site),
@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from backupmx.audit.report import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe, short_reply
 from backupmx.config import Config
+from backupmx.policy.backscatter import ADVICE, backscatter_prone
 from backupmx.reply import Reply
 
 NEAR_PREFIX = {4: 24, 6: 48}
@@ -29,7 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 CHECK_IDS = (
     "mx.records", "mx.count", "mx.address", "mx.distinct",
     "site.backup", "site.ns", "site.mx-zone",
-    "node.domain", "node.mx",
+    "node.domain", "node.mx", "node.recipients",
     "smtp.connect", "smtp.ehlo", "smtp.starttls", "smtp.tls-cert", "smtp.null-sender",
     "smtp.postmaster", "smtp.unknown-user", "smtp.relay", "smtp.session",
 )
@@ -251,6 +252,10 @@ def node_marks(view: DnsView, config: Config) -> list[Mark]:
     else:
         primary = "the better MX hosts" if dom.primary == ("mx",) else ", ".join(dom.primary)
         marks.append(Mark("node.domain", Level.OK, d, f"served by this node; held mail goes to {primary}"))
+        if backscatter_prone(dom):
+            marks.append(Mark("node.recipients", Level.WARN, d,
+                              "recipients = \"any\" with accept = \"always\": every local part is accepted, and "
+                              "what the primary refuses later is bounced to (often forged) senders", ADVICE))
     if not view.mx:
         return marks
     ours = [r for r in view.mx if r.host.name == me]
