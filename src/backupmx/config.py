@@ -129,6 +129,7 @@ class DomainConfig(_Frozen):
     # recipients = "verify": how long an answer of the primary is trusted (frozen while it is DOWN)
     verify_positive_ttl: Duration = timedelta(days=30)
     verify_negative_ttl: Duration = timedelta(days=1)
+    filter: bool = True  # ask [filter] rspamd about this domain's mail (when configured)
 
     @field_validator("name")
     @classmethod
@@ -234,6 +235,32 @@ class PolicyConfig(_Frozen):
                 raise ValueError(f"{zone!r} is not a DNS zone such as zen.spamhaus.org")
             out.append(z)
         return tuple(out)
+
+
+class FilterConfig(_Frozen):
+    """Content filtering at the final dot (backupmx.filter, docs/edge.md): off unless `rspamd` is set."""
+
+    rspamd: str | None = None  # "http://127.0.0.1:11333": rspamd's normal worker (POST /checkv2)
+    timeout: Duration = timedelta(seconds=15)  # the whole scan; beyond it, on_error applies
+    password: str = ""  # sent as the Password header (needed only behind a controller or proxy that asks)
+    on_error: Literal["accept", "tempfail"] = "accept"  # rspamd unreachable, slow or confused
+
+    @field_validator("rspamd")
+    @classmethod
+    def _rspamd_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", v):
+            raise ValueError("must be an http:// address such as \"http://127.0.0.1:11333\"")
+        return v
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_ok(cls, v: timedelta) -> timedelta:
+        if v < timedelta(milliseconds=100) or v > timedelta(minutes=5):
+            raise ValueError("must be between 100ms and 5m")
+        return v
 
 
 class AdminConfig(_Frozen):
@@ -490,6 +517,7 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     dns: DnsConfig = DnsConfig()
     policy: PolicyConfig = PolicyConfig()
+    filter: FilterConfig = FilterConfig()
     log: LogConfig = LogConfig()
     spool: SpoolConfig = SpoolConfig()
     continuity: ContinuityConfig = ContinuityConfig()

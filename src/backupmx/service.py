@@ -99,6 +99,9 @@ class Service:
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
                                clock=self.clock, tls_context=tls_context(cfg), stamps=self.stamps)
         self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
+        from backupmx.filter.rspamd import RspamdFilter
+
+        self.smtp.content_filter = RspamdFilter.from_config(cfg)
         if cfg.canary:
             from backupmx.monitor.canary import Canary
 
@@ -234,6 +237,8 @@ class Service:
             self.verifier.stop()  # writes what the last deliveries taught, then ends
         for stamp in self.stamps:
             stamp.close()
+        if self.smtp is not None and self.smtp.content_filter is not None:
+            await self.smtp.content_filter.close()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:  # a delivery still running past the grace: its lease expires, no loss

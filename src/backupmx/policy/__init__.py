@@ -70,6 +70,8 @@ class SessionInfo:
     client_port: int = 0
     helo: str = ""
     tls: bool = False
+    tls_version: str = ""  # "TLSv1.3" after STARTTLS (for content filters)
+    tls_cipher: str = ""  # "TLS_AES_256_GCM_SHA384"
     sender: str | None = None  # "" for <>; None before MAIL
     recipients: list[str] = field(default_factory=list)  # accepted so far in this transaction
 

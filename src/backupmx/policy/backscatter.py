@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from backupmx.config import Config, DomainConfig
 
-ADVICE = ('use a list, "file:PATH", "verify" or "ldap://..." for recipients, '
-          'or accept = "when_primary_down"')
+ADVICE = 'use a list, "file:PATH", "verify" or "ldap://..." for recipients, or accept = "when_primary_down"'
 
 
 def backscatter_prone(domain: DomainConfig) -> bool:
@@ -20,6 +19,9 @@ def backscatter_prone(domain: DomainConfig) -> bool:
 
 def backscatter_warnings(cfg: Config) -> list[str]:
     """One line per risky domain, naming the file and the keys (for `config check`)."""
-    return [f"{cfg.source}: domains[{i}]({d.name}).recipients: \"any\" with accept = \"always\" accepts every "
-            f"local part, and what the primary refuses later is bounced to (often forged) senders: {ADVICE}"
-            for i, d in enumerate(cfg.domains) if backscatter_prone(d)]
+    return [
+        f'{cfg.source}: domains[{i}]({d.name}).recipients: "any" with accept = "always" accepts every '
+        f"local part, and what the primary refuses later is bounced to (often forged) senders: {ADVICE}"
+        for i, d in enumerate(cfg.domains)
+        if backscatter_prone(d)
+    ]

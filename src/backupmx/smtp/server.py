@@ -30,6 +30,7 @@ from typing import cast
 from backupmx.clock import Clock
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import SpoolFullError
+from backupmx.filter import ContentFilter
 from backupmx.maillog import MailLog
 from backupmx.model import Envelope, MessageKind, QueueId, new_queue_id
 from backupmx.policy import Check, HeaderFilter, HeaderStamp, SessionInfo, Stage, Verdict, run_checks
@@ -130,6 +131,7 @@ class SmtpServer:
         # Before the commit, may return the envelope with another kind (the canary marks its own messages,
         # backupmx.monitor.canary); it must not raise for ordinary input and must leave the body as it is.
         self.classify: Callable[[Envelope, BodyBuffer], Envelope] | None = None
+        self.content_filter: ContentFilter | None = None  # asked after the final dot, before the commit
         self._tls_context = tls_context
         s = config.server
         self._idle = s.idle_timeout.total_seconds()
@@ -666,6 +668,13 @@ class _Session(asyncio.Protocol):
                 self._log_reject(Stage.EOM, reply, verdict.log_reason)
                 conn.refuse(reply)
                 return
+            if srv.content_filter is not None:  # rspamd (backupmx.filter): may refuse, or edit the stored copy
+                screening = await srv.content_filter.screen(self._info, data.queue_id, data.body, srv._tmp_dir)
+                data.body = screening.body
+                if screening.refusal is not None:
+                    self._log_reject(Stage.EOM, screening.refusal.reply, screening.refusal.log_reason)
+                    conn.refuse(screening.refusal.reply)
+                    return
             envelope = Envelope(
                 sender=tx.sender, recipients=tuple(tx.recipients), body_type=tx.params.body_type,
                 smtputf8=tx.params.smtputf8, ret=tx.params.ret, envid=tx.params.envid,
@@ -738,6 +747,7 @@ class _Session(asyncio.Protocol):
             cipher = ssl_object.cipher()
             self._tls_info = tls_comment(ssl_object.version(), cipher[0] if cipher else None,
                                          cipher[2] if cipher else None)
+            self._info.tls_version, self._info.tls_cipher = ssl_object.version() or "", cipher[0] if cipher else ""
         else:
             self._tls_info = tls_comment(None, None, None)
         self.server._n.tls_sessions += 1
