@@ -130,6 +130,14 @@ class DomainConfig(_Frozen):
     verify_positive_ttl: Duration = timedelta(days=30)
     verify_negative_ttl: Duration = timedelta(days=1)
     filter: bool = True  # ask [filter] rspamd about this domain's mail (when configured)
+    # recipients = "ldap://host:389" (or ldaps://): synced from a directory (backupmx.policy.ldap)
+    ldap_base: str = ""  # the search base, e.g. "ou=people,dc=example,dc=com"
+    ldap_filter: str = "(|(mail=*)(proxyAddresses=*))"
+    ldap_attributes: tuple[str, ...] = ("mail", "proxyAddresses")  # proxyAddresses: "smtp:"/"SMTP:" values
+    ldap_bind_dn: str = ""  # empty = anonymous
+    ldap_password_file: Path | None = None  # the bind password, first line
+    ldap_interval: Duration = timedelta(minutes=5)
+    ldap_timeout: Duration = timedelta(seconds=30)
 
     @field_validator("name")
     @classmethod
@@ -164,9 +172,27 @@ class DomainConfig(_Frozen):
     def _recipients(cls, v: Any) -> Any:
         if isinstance(v, list):
             return tuple(str(x) for x in v)
-        if isinstance(v, str) and v not in ("any", "verify") and not v.startswith("file:"):
-            raise ValueError('must be "any", "verify", "file:PATH" or a list of addresses')
+        if isinstance(v, str) and v not in ("any", "verify") and not v.startswith(("file:", "ldap://", "ldaps://")):
+            raise ValueError('must be "any", "verify", "file:PATH", "ldap://HOST[:PORT]" or a list of addresses')
         return v
+
+    @field_validator("ldap_interval", "ldap_timeout")
+    @classmethod
+    def _ldap_at_least_1s(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
+    @model_validator(mode="after")
+    def _ldap_needs_base(self) -> DomainConfig:
+        if self.ldap_url is not None and not self.ldap_base:
+            raise ValueError('recipients = "ldap://..." needs ldap_base (the search base)')
+        return self
+
+    @property
+    def ldap_url(self) -> str | None:
+        r = self.recipients
+        return r if isinstance(r, str) and r.startswith(("ldap://", "ldaps://")) else None
 
     @field_validator("verify_positive_ttl", "verify_negative_ttl")
     @classmethod

@@ -22,7 +22,7 @@ from typing import Any
 from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
 from backupmx.policy.domains import domain_of
-from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source
+from backupmx.policy.learned import KvStore, LearnedRecipient, LearnedRecipients, Source
 from backupmx.spool import Spool
 from backupmx.spool_command import config_arg, with_spool
 
@@ -78,6 +78,8 @@ def _iso(t: float | None) -> str | None:
 def _mode(d: DomainConfig) -> str:
     if isinstance(d.recipients, tuple):
         return "list"
+    if d.ldap_url is not None:
+        return "ldap"
     return "file" if d.recipients.startswith("file:") else d.recipients
 
 
@@ -144,6 +146,8 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
             damaged += skipped
         elif mode == "list":
             item["entries"] = list(d.recipients)
+        elif mode == "ldap":
+            item.update(await _ldap_item(store.kv, d))
         elif mode == "file":
             path = Path(str(d.recipients)[5:])
             item["file"] = str(path)
@@ -172,6 +176,10 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
                       f"  until {until}{stale}")
         elif mode == "any":
             print(f"{name}: any (every address is accepted)")
+        elif mode == "ldap":
+            print(f"{name}: {ldap_summary({**item, 'count': len(item['entries'])})}")
+            for entry in item["entries"]:
+                print(f"  {entry}")
         elif mode == "list":
             print(f"{name}: list in the config, {len(item['entries'])} entries")
             for entry in item["entries"]:
@@ -184,6 +192,25 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
             for entry in item["entries"]:
                 print(f"  {entry}")
     return EXIT_OK
+
+
+async def _ldap_item(spool: KvStore, d: DomainConfig) -> dict[str, Any]:
+    from backupmx.policy.ldap import read_addresses, read_state
+
+    state = await read_state(spool, d.name)
+    synced = await read_addresses(spool, d.name)
+    return {"url": d.ldap_url, "synced_at": _iso(state.synced_at), "attempted_at": _iso(state.attempted_at),
+            "error": state.error or None, "entries": synced[1] if synced else []}
+
+
+def ldap_summary(item: dict[str, Any]) -> str:
+    """"ldap ldap://dir:389, 3 addresses, synced 2026-...; last attempt ... failed: ..." (also for status);
+    `item` has url, count, synced_at, attempted_at and error."""
+    text = f"ldap {item['url']}, {item['count']} addresses, "
+    text += f"synced {item['synced_at']}" if item["synced_at"] else "never synced (unknown_while_down applies)"
+    if item["error"]:
+        text += f"; last attempt {item['attempted_at']} failed, the last synced set is kept: {item['error']}"
+    return text
 
 
 async def cmd_add(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:

@@ -66,6 +66,7 @@ class Service:
         self.checks: list[Any] = []
         self.stamps: list[Any] = []  # header fields above our Received: SPF's Authentication-Results
         self.verifier: Any = None  # recipients = "verify" (policy/verify.py)
+        self.ldap: Any = None  # recipients = "ldap://..." (policy/ldap.py)
         self.continuity: Any = None  # [continuity]: the emergency inbox's own listener
         self.alerts: Any = None  # [[alerts]] (monitor/alerts.py)
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,6 +96,7 @@ class Service:
         self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)
         self.engine = DeliveryEngine(cfg, self.spool, self.clock, self.maillog, self.health, self.resolver)
         self.checks = build_checks(cfg) + self._edge_checks()
+        await self._start_ldap()
         self.stamps = self._edge_stamps()
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
                                clock=self.clock, tls_context=tls_context(cfg), stamps=self.stamps)
@@ -168,6 +170,22 @@ class Service:
             checks.append(VerifyCheck(cfg.domains, self.verifier))
         return checks
 
+    async def _start_ldap(self) -> None:
+        """recipients = "ldap://...": the synced sets replace those domains' directories (policy/ldap.py)."""
+        from backupmx.policy.ldap import LdapSync
+        from backupmx.policy.recipients import RecipientCheck
+
+        if not any(d.ldap_url for d in self.cfg.domains):
+            return
+        assert self.spool is not None
+        self.ldap = LdapSync(self.cfg.domains, self.spool)
+        for check in self.checks:
+            if isinstance(check, RecipientCheck):
+                for name, directory in self.ldap.directories.items():
+                    check.set_directory(name, directory)
+        await self.ldap.load()  # the last synced sets, before the listener takes its first RCPT
+        self._spawn(self.ldap.run(), "ldap recipients")
+
     def _edge_stamps(self) -> list[Any]:
         from backupmx.policy.spf import SpfStamp
 
@@ -235,6 +253,8 @@ class Service:
             self.health.stop()
         if self.verifier is not None:
             self.verifier.stop()  # writes what the last deliveries taught, then ends
+        if self.ldap is not None:
+            self.ldap.stop()
         for stamp in self.stamps:
             stamp.close()
         if self.smtp is not None and self.smtp.content_filter is not None:

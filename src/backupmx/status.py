@@ -20,9 +20,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupmx.clock import format_span
-from backupmx.config import Config, load_config
+from backupmx.config import Config, DomainConfig, load_config
 from backupmx.monitor.canary import CanaryOutcome, CanaryStatus, read_status
 from backupmx.monitor.drill import DrillReport, read_report, utc_text
+from backupmx.recipients_cli import ldap_summary
 from backupmx.spool import Spool
 
 API_TIMEOUT = 3.0
@@ -136,6 +137,7 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
                         "oldest_at": _iso(oldest),
                         "oldest_age_seconds": None if oldest is None else round(now - oldest)},
             "canary": _canary_json(canary, configured=any(c.domain == name for c in cfg.canary)),
+            "ldap": await _ldap_json(spool, dc),
             "drill": drill.to_json() if drill else None,
             "alerts": [a for a in live.alerts if a.get("domain") == name] if isinstance(live, Live) else [],
         })
@@ -146,6 +148,17 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
         "spool": {"messages_pending": stats.messages_pending, "corrupt": stats.corrupt},
         "domains": domains,
     }
+
+
+async def _ldap_json(spool: Spool, dc: DomainConfig) -> dict[str, Any] | None:
+    """recipients = "ldap://...": the last sync as recorded in the kv (policy/ldap.py); None otherwise."""
+    if dc.ldap_url is None:
+        return None
+    from backupmx.policy.ldap import read_state
+
+    st = await read_state(spool, dc.name)
+    return {"url": dc.ldap_url, "count": st.count, "synced_at": _iso(st.synced_at),
+            "attempted_at": _iso(st.attempted_at), "error": st.error or None}
 
 
 def _canary_json(st: CanaryStatus | None, *, configured: bool) -> dict[str, Any] | None:
@@ -179,6 +192,8 @@ def render(doc: dict[str, Any]) -> str:
         oldest = f", oldest {format_span(age, minute_seconds=True)}" if age is not None else ""
         lines.append(f"  waiting     {w['messages']} message(s){held}{oldest}")
         lines.append(f"  canary      {_canary_text(d['canary'], now)}")
+        if d.get("ldap"):
+            lines.append(f"  recipients  {ldap_summary(d['ldap'])}")
         lines.append(f"  last drill  {_drill_text(d['drill'])}")
         for a in d["alerts"]:
             lines.append(f"  ALERT       {a.get('summary')} (since {a.get('since')})")

@@ -19,6 +19,7 @@ from backupmx.admin.mailevents import MailTally
 from backupmx.admin.operations import NodeSnapshot, Operations
 from backupmx.model import RecipientState
 from backupmx.monitor import DestinationState
+from backupmx.policy.ldap import SyncState, read_state
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,6 +41,9 @@ METRICS: dict[str, str] = {
     "backupmx_smtp_open_sessions": "SMTP sessions open now.",
     "backupmx_corrupt_messages": "Spool entries set aside as damaged.",
     "backupmx_build_info": "Always 1; the version label says which backupmx runs.",
+    "backupmx_ldap_recipients": "Addresses in use from the directory, by LDAP domain (recipients = \"ldap://...\").",
+    "backupmx_ldap_last_sync_timestamp_seconds": "When the LDAP domain's last successful sync ended (0: never).",
+    "backupmx_ldap_sync_ok": "1 when the LDAP domain's last sync attempt succeeded, else 0 (the last set is kept).",
 }
 
 
@@ -53,6 +57,7 @@ class SnapshotCollector(Collector):
     def __init__(self, tally: MailTally) -> None:
         self.tally = tally
         self.snapshot: NodeSnapshot | None = None
+        self.ldap: list[SyncState] = []  # recipients = "ldap://..." domains, read from the spool's kv
 
     def collect(self) -> Iterator[Metric]:
         info = _gauge("backupmx_build_info", ["version"])
@@ -74,6 +79,17 @@ class SnapshotCollector(Collector):
         yield from self._spool(snap)
         yield from self._primaries(snap)
         yield from self._node(snap)
+        for st in self.ldap:
+            yield from self._ldap(st)
+
+    def _ldap(self, st: SyncState) -> Iterator[Metric]:
+        count = _gauge("backupmx_ldap_recipients", ["domain"])
+        count.add_metric([st.domain], st.count)
+        synced = _gauge("backupmx_ldap_last_sync_timestamp_seconds", ["domain"])
+        synced.add_metric([st.domain], st.synced_at or 0.0)
+        ok = _gauge("backupmx_ldap_sync_ok", ["domain"])
+        ok.add_metric([st.domain], 0 if st.error or st.synced_at is None else 1)
+        yield from (count, synced, ok)
 
     def _spool(self, snap: NodeSnapshot) -> Iterator[Metric]:
         rcpts = _gauge("backupmx_queue_recipients", ["domain", "state"])
@@ -135,4 +151,6 @@ class Metrics:
 
     async def render(self) -> bytes:
         self.collector.snapshot = await self.ops.snapshot(guard=False)  # no scan of held mail per scrape
+        self.collector.ldap = [await read_state(self.ops.spool, d.name)
+                               for d in self.ops.config.domains if d.ldap_url is not None]
         return bytes(generate_latest(self.registry))

@@ -91,6 +91,11 @@ class LearnedRecipients:
         self._kv = kv
         self._keep = keep
 
+    @property
+    def kv(self) -> KvStore:
+        """The kv underneath (the recipients CLI also reads the LDAP domains' records from it)."""
+        return self._kv
+
     async def get(self, address: str) -> LearnedRecipient | None:
         raw = await self._kv.kv_get(NAMESPACE, learned_key(address))
         return None if raw is None else _decode(raw)

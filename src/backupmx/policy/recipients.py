@@ -150,6 +150,10 @@ def directory_for(domain: DomainConfig) -> RecipientDirectory:
         return StaticRecipients(spec, domain.name)
     if spec.startswith("file:"):
         return FileRecipients(Path(spec[5:]), domain.name)
+    if domain.ldap_url is not None:  # filled by policy/ldap.LdapSync; "cannot tell" until then
+        from backupmx.policy.ldap import LdapRecipients
+
+        return LdapRecipients(domain.name)
     return AnyRecipient()  # "any", and "verify" until the verifier exists
 
 
