@@ -130,6 +130,7 @@ class DomainConfig(_Frozen):
     verify_positive_ttl: Duration = timedelta(days=30)
     verify_negative_ttl: Duration = timedelta(days=1)
     filter: bool = True  # ask [filter] rspamd about this domain's mail (when configured)
+    dmarc_reject: bool = False  # [policy] dmarc: refuse dmarc=fail with p=reject (550 5.7.1 at the final dot)
     # recipients = "ldap://host:389" (or ldaps://): synced from a directory (backupmx.policy.ldap)
     ldap_base: str = ""  # the search base, e.g. "ou=people,dc=example,dc=com"
     ldap_filter: str = "(|(mail=*)(proxyAddresses=*))"
@@ -245,6 +246,8 @@ class PolicyConfig(_Frozen):
     dnsbl: tuple[str, ...] = ()  # DNS blocklist zones, e.g. ["zen.spamhaus.org"]
     spf: bool = False  # check SPF, add Authentication-Results (RFC 8601) for the primary
     authserv_id: str = ""  # the authserv-id of that header; empty = server.hostname
+    dkim: bool = False  # verify DKIM signatures at the final dot; the result joins SPF's field (filter/auth.py)
+    dmarc: bool = False  # evaluate DMARC (with DKIM and SPF); see domains[].dmarc_reject
 
     @field_validator("dnsbl", mode="before")
     @classmethod

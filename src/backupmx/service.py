@@ -101,9 +101,7 @@ class Service:
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
                                clock=self.clock, tls_context=tls_context(cfg), stamps=self.stamps)
         self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
-        from backupmx.filter.rspamd import RspamdFilter
-
-        self.smtp.content_filter = RspamdFilter.from_config(cfg)
+        self.smtp.content_filter = self._content_filter()
         if cfg.canary:
             from backupmx.monitor.canary import Canary
 
@@ -185,6 +183,15 @@ class Service:
                     check.set_directory(name, directory)
         await self.ldap.load()  # the last synced sets, before the listener takes its first RCPT
         self._spawn(self.ldap.run(), "ldap recipients")
+
+    def _content_filter(self) -> Any:
+        """At the final dot, in order: DKIM/DMARC (filter/auth.py), then rspamd (filter/rspamd.py)."""
+        from backupmx.filter import FilterChain
+        from backupmx.filter.auth import AuthFilter
+        from backupmx.filter.rspamd import RspamdFilter
+
+        filters = [f for f in (AuthFilter.from_config(self.cfg), RspamdFilter.from_config(self.cfg)) if f]
+        return FilterChain(filters) if filters else None
 
     def _edge_stamps(self) -> list[Any]:
         from backupmx.policy.spf import SpfStamp

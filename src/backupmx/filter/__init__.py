@@ -8,6 +8,7 @@ filter never raises for a message; the SMTP server still guards the call (an unk
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,4 +44,25 @@ class ContentFilter(Protocol):
     async def close(self) -> None: ...
 
 
-__all__ = ["ContentFilter", "Refusal", "Screening"]
+class FilterChain:
+    """Filters asked in order (DKIM/DMARC, then rspamd); the first refusal ends the chain."""
+
+    name = "chain"
+
+    def __init__(self, filters: Sequence[ContentFilter]) -> None:
+        self.filters = list(filters)
+
+    async def screen(self, session: SessionInfo, queue_id: str, body: BodyBuffer, tmp_dir: Path | None) -> Screening:
+        screening = Screening(body)
+        for f in self.filters:
+            screening = await f.screen(session, queue_id, screening.body, tmp_dir)
+            if screening.refusal is not None:
+                break
+        return screening
+
+    async def close(self) -> None:
+        for f in self.filters:
+            await f.close()
+
+
+__all__ = ["ContentFilter", "FilterChain", "Refusal", "Screening"]
