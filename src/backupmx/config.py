@@ -130,6 +130,7 @@ class DomainConfig(_Frozen):
     verify_positive_ttl: Duration = timedelta(days=30)
     verify_negative_ttl: Duration = timedelta(days=1)
     filter: bool = True  # ask [filter] rspamd about this domain's mail (when configured)
+    spf_reject: bool = False  # refuse SPF "fail" (550 5.7.1): at MAIL when every domain says so, else at RCPT
     dmarc_reject: bool = False  # [policy] dmarc: refuse dmarc=fail with p=reject (550 5.7.1 at the final dot)
     # recipients = "ldap://host:389" (or ldaps://): synced from a directory (backupmx.policy.ldap)
     ldap_base: str = ""  # the search base, e.g. "ou=people,dc=example,dc=com"

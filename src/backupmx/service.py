@@ -153,7 +153,10 @@ class Service:
         from backupmx.policy.verify import PrimaryGate, RecipientVerifier, SmtpRcptProber, VerifyCheck
 
         cfg = self.cfg
-        checks: list[Any] = [c for c in (DnsblCheck.from_config(cfg), MessageRateLimit.from_config(cfg)) if c]
+        from backupmx.policy.spf import SpfRejectCheck
+
+        checks: list[Any] = [c for c in (DnsblCheck.from_config(cfg), MessageRateLimit.from_config(cfg),
+                                         SpfRejectCheck.from_config(cfg)) if c]
         gate = PrimaryGate(cfg.domains, self.health)
         if gate.active:
             checks.append(gate)

@@ -16,7 +16,7 @@ import pytest
 from tests.scenarios.test_edge_client import EdgeClient
 from tests.scenarios.test_edge_rspamd import header_of, stored
 from tests.support.dnsserver import DnsServer
-from tests.support.ports import free_port
+from tests.support.ports import free_port, wait_for_smtp
 from tests.support.serve import ServeProcess
 
 dkim = pytest.importorskip("dkim")
@@ -113,3 +113,34 @@ def test_dmarc_reject(world: tuple[ServeProcess, bytes]) -> None:
     assert results(node, reply) == (
         "Authentication-Results: backup.test; spf=fail smtp.mailfrom=sam@good.test; "
         "dkim=fail header.d=good.test header.s=sel; dmarc=fail (p=reject) header.from=good.test")
+
+
+def test_spf_reject(tmp_path: Path) -> None:
+    """spf_reject = true: SPF fail gets 550 5.7.1 at MAIL when every domain asks for it, else at RCPT for
+    the domains that do; softfail, pass and a permitted client pass."""
+    spf_zones = {"good.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'}},
+                 "soft.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 ~all"'}}}
+    with DnsServer(spf_zones) as dnsd:
+        dns = {"nameservers": [dnsd.nameserver], "timeout": "1s"}
+        dead = free_port()
+        strict = {"name": "ours.test", "primary": [f"127.0.0.1:{dead}"], "recipients": ["alice"], "spf_reject": True}
+        everywhere = ServeProcess(tmp_path / "all", domains=[strict], extra={"dns": dns})
+        mixed = ServeProcess(tmp_path / "mixed", domains=[
+            strict, {"name": "lax.test", "primary": [f"127.0.0.1:{dead}"], "recipients": ["carol"]}], extra={"dns": dns})
+        with everywhere, mixed:
+            everywhere.start(wait=False)
+            mixed.start()
+            wait_for_smtp(everywhere.host, everywhere.port)
+            refused = "550 5.7.1 Message rejected: SPF check failed for the sender's domain"
+            with EdgeClient(everywhere.port, source="127.0.0.3") as c:
+                assert c.cmd("EHLO client.test").startswith("250")
+                assert c.cmd("MAIL FROM:<sam@good.test>") == refused
+                assert c.cmd("MAIL FROM:<sam@soft.test>").startswith("250")  # softfail is not fail
+            with EdgeClient(everywhere.port, source="127.0.0.2") as c:
+                assert c.cmd("EHLO client.test").startswith("250")
+                assert c.cmd("MAIL FROM:<sam@good.test>").startswith("250")
+            with EdgeClient(mixed.port, source="127.0.0.3") as c:
+                assert c.cmd("EHLO client.test").startswith("250")
+                assert c.cmd("MAIL FROM:<sam@good.test>").startswith("250")
+                assert c.cmd("RCPT TO:<alice@ours.test>") == refused
+                assert c.cmd("RCPT TO:<carol@lax.test>").startswith("250")

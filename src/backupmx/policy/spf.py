@@ -34,8 +34,9 @@ import dns.resolver
 
 from backupmx.config import Config, DnsConfig
 from backupmx.errors import ConfigError
-from backupmx.policy import SessionInfo, Stamp
+from backupmx.policy import SessionInfo, Stage, Stamp, Verdict
 from backupmx.policy.dnsbl import configure
+from backupmx.reply import Reply
 
 log = logging.getLogger("backupmx.policy")
 
@@ -195,6 +196,54 @@ class SpfStamp:
         spf = await self._checker.check(session.client_ip, session.sender or "", session.helo)
         log.debug("spf %s for %s from %s: %s", spf.result, spf.subject, session.client_ip, spf.explanation)
         return Stamp(authentication_results(self.authserv_id, spf), ForgedResultsFilter(self.authserv_id))
+
+
+SPF_REJECTED = Reply(550, "5.7.1", "Message rejected: SPF check failed for the sender's domain")
+
+
+class SpfRejectCheck:
+    """`domains[].spf_reject = true`: SPF `fail` is refused with 550 5.7.1. At MAIL when every served domain
+    asks for it (the sender is refused before any RCPT); otherwise at RCPT, for those domains' recipients
+    only (at MAIL the recipients are not known yet). One evaluation per transaction; any other result
+    (softfail, temperror, ...) passes."""
+
+    name = "spf_reject"
+    stages = frozenset({Stage.MAIL, Stage.RCPT})
+
+    def __init__(self, checker: SpfChecker, domains: frozenset[str], *, everywhere: bool) -> None:
+        self._checker = checker
+        self._domains = domains
+        self._everywhere = everywhere
+        self._last: tuple[tuple[str, str, str], SpfResult] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SpfRejectCheck | None:
+        domains = frozenset(d.name for d in cfg.domains if d.spf_reject)
+        if not domains:
+            return None
+        return cls(SpfChecker(cfg.dns), domains, everywhere=domains == cfg.domain_names)
+
+    def close(self) -> None:
+        self._checker.close()
+
+    async def _result(self, session: SessionInfo) -> SpfResult:
+        key = (session.client_ip, session.sender or "", session.helo)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        result = await self._checker.check(*key)
+        self._last = (key, result)
+        return result
+
+    async def check(self, stage: Stage, session: SessionInfo, address: str | None) -> Verdict:
+        if stage is Stage.MAIL and not self._everywhere:
+            return Verdict.cont()
+        if stage is Stage.RCPT and (self._everywhere or address is None
+                                    or address.rpartition("@")[2].lower() not in self._domains):
+            return Verdict.cont()
+        spf = await self._result(session)
+        if spf.result == "fail":
+            return Verdict.reject(SPF_REJECTED, log_reason=f"spf=fail {spf.subject}")
+        return Verdict.cont()
 
 
 # --- RFC 8601 §5: foreign fields claiming our authserv-id ---------------------------------------------
