@@ -1,5 +1,6 @@
-"""The added cost per message of the edge checks at the final dot: a real `backupmx serve` without a filter,
-then with `[filter] rspamd` (Debian's rspamd, started on loopback by tests/support/rspamd.py), each taking
+"""The added cost per message of the edge checks: a real `backupmx serve` without them, with `[policy] spf`, with
+spf + dkim + dmarc (messages signed by dkimpy, key and records on the tests' DNS server, tests/support/
+dnsserver.py), and with `[filter] rspamd` (Debian's rspamd, started on loopback by tests/support/rspamd.py), each taking
 N messages one after another (one SMTP session each, sequential, so the figure is latency, not throughput).
 Prints min / median / max of the time from MAIL FROM to the 250 after the final dot, the median's
 difference to the plain run, and the load average before and after. Prints figures; never passes or fails.
@@ -11,18 +12,21 @@ difference to the plain run, and the load average before and after. Prints figur
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import os
 import smtplib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
+from tests.support.dnsserver import DnsServer
 from tests.support.ports import free_port
 from tests.support.rspamd import Rspamd
 from tests.support.serve import ServeProcess
@@ -32,18 +36,36 @@ BODY = (b"From: Sam <s@sender.test>\r\nTo: alice@ours.test\r\nSubject: figures\r
         + b"The quarterly figures are attached below, as discussed on the phone.\r\n" * 60)
 
 
-def node(workdir: Path, extra: dict[str, object]) -> ServeProcess:
+def node(workdir: Path, extra: dict[str, object], nameserver: str) -> ServeProcess:
     return ServeProcess(workdir, domains=[
         {"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": ["alice"]}],
-        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}, **extra})
+        extra={"dns": {"nameservers": [nameserver], "timeout": "1s"}, **extra})
 
 
-def run(serve: ServeProcess, n: int) -> list[float]:
+def dkim_key(tmp: Path) -> tuple[bytes, str]:
+    key = tmp / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-traditional", "-out", str(key), "2048"], check=True, capture_output=True)
+    der = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    return key.read_bytes(), base64.b64encode(der).decode()
+
+
+def signed(i: int, key: bytes | None) -> bytes:
+    body = BODY % i
+    if key is None:
+        return body
+    import dkim
+
+    return bytes(dkim.sign(body, b"sel", b"sender.test", key, include_headers=[b"from", b"to", b"subject"])) + body
+
+
+def run(serve: ServeProcess, n: int, key: bytes | None = None) -> list[float]:
     times = []
     for i in range(n):
+        msg = signed(i, key)  # signed before the clock starts: the sender's cost is not ours
         with smtplib.SMTP("127.0.0.1", serve.port, local_hostname="client.test", timeout=30) as s:
             t = time.perf_counter()
-            s.sendmail("s@sender.test", ["alice@ours.test"], BODY % i)
+            s.sendmail("s@sender.test", ["alice@ours.test"], msg)
             times.append(time.perf_counter() - t)
     return times
 
@@ -62,29 +84,32 @@ def main() -> int:
     n = max(5, min(args.n, 5000))
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"{n} messages of {len(BODY % 0)} bytes per configuration, sequential")
-    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
-        cases: list[tuple[str, Callable[[], dict[str, object]]]] = [("plain", lambda: {})]
-        rspamd: Rspamd | None = None
+        key, public = dkim_key(root)
+        pub = '" "'.join(public[i:i + 200] for i in range(0, len(public), 200))  # TXT strings of 255 at most
+        dnsd = stack.enter_context(DnsServer({"sender.test": {
+            "@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"'}, "sel._domainkey": {"TXT": f'"v=DKIM1; k=rsa; p={pub}"'},
+            "_dmarc": {"TXT": '"v=DMARC1; p=reject"'}}}))
+        cases: list[tuple[str, dict[str, object], bytes | None]] = [
+            ("plain", {}, None),
+            ("spf", {"policy": {"spf": True}}, None),
+            ("spf+dkim+dmarc", {"policy": {"spf": True, "dkim": True, "dmarc": True}}, key),
+        ]
         if Rspamd.available():
-            rspamd = Rspamd(root / "rspamd").start()
-            url = rspamd.url
-            cases.append(("rspamd", lambda: {"filter": {"rspamd": url}}))
+            rspamd = stack.enter_context(Rspamd(root / "rspamd"))
+            cases.append(("rspamd", {"filter": {"rspamd": rspamd.url}}, None))
         else:
             print("rspamd: not installed (Debian package rspamd); skipped")
-        try:
-            base = None
-            for name, extra in cases:
-                with node(root / name, extra()) as serve:
-                    serve.start()
-                    run(serve, 5)  # warm-up: imports, first connections
-                    times = run(serve, n)
-                print(line(name, times, base))
-                if base is None:
-                    base = statistics.median(t * 1000 for t in times)
-        finally:
-            if rspamd is not None:
-                rspamd.stop()
+        base = None
+        for name, extra, signing in cases:
+            with node(root / name, extra, dnsd.nameserver) as serve:
+                serve.start()
+                run(serve, 5, signing)  # warm-up: imports, first connections
+                times = run(serve, n, signing)
+            print(line(name, times, base))
+            if base is None:
+                base = statistics.median(t * 1000 for t in times)
     print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
