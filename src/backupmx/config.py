@@ -249,6 +249,17 @@ class PolicyConfig(_Frozen):
     authserv_id: str = ""  # the authserv-id of that header; empty = server.hostname
     dkim: bool = False  # verify DKIM signatures at the final dot; the result joins SPF's field (filter/auth.py)
     dmarc: bool = False  # evaluate DMARC (with DKIM and SPF); see domains[].dmarc_reject
+    # ARC (RFC 8617): seal our Authentication-Results with this key (RSA PEM), published at
+    # <arc_selector>._domainkey.<arc_domain>; all three together (filter/auth.py)
+    arc_key: Path | None = None
+    arc_selector: str = ""
+    arc_domain: str = ""
+
+    @model_validator(mode="after")
+    def _arc_together(self) -> PolicyConfig:
+        if (self.arc_key is None) != (not self.arc_selector) or (self.arc_key is None) != (not self.arc_domain):
+            raise ValueError("arc_key, arc_selector and arc_domain go together")
+        return self
 
     @field_validator("dnsbl", mode="before")
     @classmethod

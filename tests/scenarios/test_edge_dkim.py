@@ -144,3 +144,38 @@ def test_spf_reject(tmp_path: Path) -> None:
                 assert c.cmd("MAIL FROM:<sam@good.test>").startswith("250")
                 assert c.cmd("RCPT TO:<alice@ours.test>") == refused
                 assert c.cmd("RCPT TO:<carol@lax.test>").startswith("250")
+
+
+def test_arc_seal_verified_as_a_primary_would(tmp_path: Path) -> None:
+    """With [policy] arc_key, the stored copy carries an ARC set (i=1, cv=none) over our results, and
+    dkimpy's ARC verifier, reading the key from DNS as the primary would, finds the chain valid."""
+    private, public = rsa_key(tmp_path)
+    key_file = tmp_path / "arc.pem"
+    key_file.write_bytes(private)
+    records = zones(public)
+    records["backup.test"] = {"arc._domainkey": {"TXT": f'"v=DKIM1; k=rsa; p={public}"'}}
+    with DnsServer(records) as dnsd:
+        node = ServeProcess(tmp_path / "node", domains=[
+            {"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": ["alice"]}],
+            extra={"policy": {"spf": True, "dkim": True, "dmarc": True, "arc_key": str(key_file),
+                              "arc_selector": "arc", "arc_domain": "backup.test"},
+                   "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"}})
+        with node:
+            node.start()
+            reply = send(node, message("good.test", private), source="127.0.0.2", sender="sam@good.test")
+            sealed = stored(node, reply)
+
+        def txt(name: bytes, timeout: float = 5) -> bytes | None:
+            import dns.resolver
+
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers = [dnsd.host]
+            r.port = dnsd.port
+            return b"".join(r.resolve(name.decode(), "TXT")[0].strings)
+
+        cv, _results, comment = dkim.arc_verify(sealed, dnsfunc=txt)
+    assert cv == dkim.CV_Pass, comment
+    fields = header_of(sealed)
+    assert fields[0].startswith("ARC-Seal: i=1; cv=none;") or "cv=none" in fields[0]
+    aar = next(f for f in fields if f.startswith("ARC-Authentication-Results: i=1; backup.test;"))
+    assert "dkim=pass" in aar and "dmarc=pass" in aar and "arc=none" in aar
