@@ -13,9 +13,13 @@ import socket
 import time
 from datetime import UTC, datetime
 
-from backupmx.audit.dnsview import gather_dns, make_resolver, normalize_domain, parse_nameserver
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from backupmx.audit.dnsview import describe_error, gather_dns, make_resolver, normalize_domain, parse_nameserver
 from backupmx.audit.report import CheckReport, Level, Mark, Role, SmtpProbe, render_json, render_text
-from backupmx.audit.rules import dns_marks, node_marks, site_marks, smtp_marks
+from backupmx.audit.rules import arc_marks, dns_marks, node_marks, site_marks, smtp_marks
 from backupmx.audit.smtpview import probe, probe_settings
 from backupmx.config import Config
 
@@ -67,6 +71,7 @@ async def run_check(
     marks = [*dns_marks(view), *site_marks(view)]
     if config is not None:
         marks.extend(node_marks(view, config))
+        marks.extend(await _arc_key_marks(config, resolver))
     for p in probes:
         marks.extend(smtp_marks(p, now))
     return CheckReport(
@@ -80,6 +85,27 @@ async def run_check(
         node=config.server.hostname if config else None,
         config_source=config.source if config else None,
     )
+
+
+async def _arc_key_marks(config: Config, resolver: dns.asyncresolver.Resolver) -> list[Mark]:
+    """node.arc-key: the TXT record of the ARC key (rules.arc_marks judges it)."""
+    p = config.policy
+    if p.arc_key is None:
+        return []
+    try:
+        key: bytes | None = await asyncio.to_thread(p.arc_key.read_bytes)
+    except OSError:
+        key = None
+    records: list[str] | None = None
+    error: str | None = None
+    try:
+        answer = await resolver.resolve(f"{p.arc_selector}._domainkey.{p.arc_domain}", "TXT", search=False)
+        records = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        records = []
+    except (dns.exception.DNSException, OSError) as e:
+        error = describe_error(e, "TXT")
+    return arc_marks(config, key, records, error)
 
 
 async def _local_fqdn(timeout: float) -> str:

@@ -3,7 +3,7 @@
 Check ids, by family (docs/check.md says what each means and what to do):
     mx.records  mx.count  mx.address  mx.distinct           the MX set itself
     site.backup  site.ns  site.mx-zone                       "same building" risks
-    node.domain  node.mx  node.recipients                     this node's own view (with --config)
+    node.domain  node.mx  node.recipients  node.arc-key       this node's own view (with --config)
     smtp.connect smtp.ehlo smtp.starttls smtp.tls-cert smtp.null-sender
     smtp.postmaster smtp.unknown-user smtp.relay smtp.session   per MX address, over SMTP
 Networks: addresses are "near" when they share an IPv4 /24 or IPv6 /48 (fail for a backup: one site),
@@ -30,7 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 CHECK_IDS = (
     "mx.records", "mx.count", "mx.address", "mx.distinct",
     "site.backup", "site.ns", "site.mx-zone",
-    "node.domain", "node.mx", "node.recipients",
+    "node.domain", "node.mx", "node.recipients", "node.arc-key",
     "smtp.connect", "smtp.ehlo", "smtp.starttls", "smtp.tls-cert", "smtp.null-sender",
     "smtp.postmaster", "smtp.unknown-user", "smtp.relay", "smtp.session",
 )
@@ -289,6 +289,51 @@ def node_marks(view: DnsView, config: Config) -> list[Mark]:
     else:
         marks.append(Mark("node.mx", Level.OK, me, f"MX preference {pref}, after the primary {primary} ({best})"))
     return marks
+
+
+def _rsa_modulus(pem_or_der: bytes, *, private: bool) -> int | None:
+    """The RSA modulus of a PEM private key or a DER public key (dkimpy's parsers); None when unreadable."""
+    import dkim.crypto
+
+    try:
+        key = (dkim.crypto.parse_pem_private_key(pem_or_der) if private
+               else dkim.crypto.parse_public_key(pem_or_der))
+        return int(key["modulus"])
+    except Exception:  # any malformed key is simply "not this key"
+        return None
+
+
+def arc_marks(config: Config, key_pem: bytes | None, records: Sequence[str] | None, error: str | None) -> list[Mark]:
+    """`[policy] arc_key`: is the key published at <arc_selector>._domainkey.<arc_domain> (the TXT records
+    given), so that a primary can verify the backup's ARC seal?"""
+    import base64
+
+    p = config.policy
+    if p.arc_key is None:
+        return []
+    name = f"{p.arc_selector}._domainkey.{p.arc_domain}"
+    publish = (f"publish \"{name}. TXT v=DKIM1; k=rsa; p=...\" with the public key of {p.arc_key} "
+               f"(openssl rsa -in {p.arc_key} -pubout -outform DER | base64 -w0)")
+    ours = _rsa_modulus(key_pem, private=True) if key_pem is not None else None
+    if ours is None:
+        return [Mark("node.arc-key", Level.FAIL, name, f"policy.arc_key {p.arc_key} is not a readable RSA private key",
+                     "point policy.arc_key at an RSA key in PEM (openssl genrsa -traditional)")]
+    if error is not None:
+        return [Mark("node.arc-key", Level.WARN, name, f"cannot look the ARC key up: {error}", publish)]
+    published = []
+    for text in records or ():
+        tags = dict(part.strip().partition("=")[::2] for part in text.split(";") if "=" in part)
+        try:
+            published.append(_rsa_modulus(base64.b64decode("".join(tags.get("p", "").split())), private=False))
+        except ValueError:
+            continue
+    if not published:
+        return [Mark("node.arc-key", Level.FAIL, name, "no key published: primaries cannot verify this node's "
+                     "ARC seal", publish)]
+    if ours not in published:
+        return [Mark("node.arc-key", Level.FAIL, name, f"the published key is not the one in {p.arc_key}: "
+                     "every seal fails to verify", publish)]
+    return [Mark("node.arc-key", Level.OK, name, "the ARC key of policy.arc_key is published")]
 
 
 # --- per MX address, over SMTP --------------------------------------------------------------------
