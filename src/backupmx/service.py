@@ -97,6 +97,7 @@ class Service:
         self.engine = DeliveryEngine(cfg, self.spool, self.clock, self.maillog, self.health, self.resolver)
         self.checks = build_checks(cfg) + self._edge_checks()
         await self._start_ldap()
+        await self._start_mirror()
         self.stamps = self._edge_stamps()
         self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
                                clock=self.clock, tls_context=tls_context(cfg), stamps=self.stamps)
@@ -170,6 +171,16 @@ class Service:
             self._spawn(self.verifier.run(), "recipient learning")
             checks.append(VerifyCheck(cfg.domains, self.verifier))
         return checks
+
+    async def _start_mirror(self) -> None:
+        """The primaries' last EHLO, mirrored at RCPT/MAIL (policy/mirror.py); fed by the health probe."""
+        from backupmx.policy.mirror import MirrorCheck, PrimaryOffers
+
+        assert self.spool is not None and self.health is not None
+        offers = PrimaryOffers(self.cfg.domain_names, self.spool)
+        await offers.load()
+        self.health.on_ehlo = offers.seen
+        self.checks.append(MirrorCheck(offers))
 
     async def _start_ldap(self) -> None:
         """recipients = "ldap://...": the synced sets replace those domains' directories (policy/ldap.py)."""

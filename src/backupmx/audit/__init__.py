@@ -19,7 +19,7 @@ import dns.resolver
 
 from backupmx.audit.dnsview import describe_error, gather_dns, make_resolver, normalize_domain, parse_nameserver
 from backupmx.audit.report import CheckReport, Level, Mark, Role, SmtpProbe, render_json, render_text
-from backupmx.audit.rules import arc_marks, dns_marks, node_marks, site_marks, smtp_marks
+from backupmx.audit.rules import arc_marks, dns_marks, ehlo_marks, node_marks, site_marks, smtp_marks
 from backupmx.audit.smtpview import probe, probe_settings
 from backupmx.config import Config
 
@@ -72,6 +72,7 @@ async def run_check(
     if config is not None:
         marks.extend(node_marks(view, config))
         marks.extend(await _arc_key_marks(config, resolver))
+        marks.extend(ehlo_marks(config, probes))
     for p in probes:
         marks.extend(smtp_marks(p, now))
     return CheckReport(

@@ -3,7 +3,7 @@
 Check ids, by family (docs/check.md says what each means and what to do):
     mx.records  mx.count  mx.address  mx.distinct           the MX set itself
     site.backup  site.ns  site.mx-zone                       "same building" risks
-    node.domain  node.mx  node.recipients  node.arc-key       this node's own view (with --config)
+    node.domain  node.mx  node.recipients  node.arc-key  node.ehlo   this node's own view (with --config)
     smtp.connect smtp.ehlo smtp.starttls smtp.tls-cert smtp.null-sender
     smtp.postmaster smtp.unknown-user smtp.relay smtp.session   per MX address, over SMTP
 Networks: addresses are "near" when they share an IPv4 /24 or IPv6 /48 (fail for a backup: one site),
@@ -30,7 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 CHECK_IDS = (
     "mx.records", "mx.count", "mx.address", "mx.distinct",
     "site.backup", "site.ns", "site.mx-zone",
-    "node.domain", "node.mx", "node.recipients", "node.arc-key",
+    "node.domain", "node.mx", "node.recipients", "node.arc-key", "node.ehlo",
     "smtp.connect", "smtp.ehlo", "smtp.starttls", "smtp.tls-cert", "smtp.null-sender",
     "smtp.postmaster", "smtp.unknown-user", "smtp.relay", "smtp.session",
 )
@@ -334,6 +334,27 @@ def arc_marks(config: Config, key_pem: bytes | None, records: Sequence[str] | No
         return [Mark("node.arc-key", Level.FAIL, name, f"the published key is not the one in {p.arc_key}: "
                      "every seal fails to verify", publish)]
     return [Mark("node.arc-key", Level.OK, name, "the ARC key of policy.arc_key is published")]
+
+
+def ehlo_marks(config: Config, probes: Sequence[SmtpProbe]) -> list[Mark]:
+    """node.ehlo: this node advertises SIZE (server.max_message_size), 8BITMIME and SMTPUTF8; a primary that
+    does not offer one of them makes such mail refused at our door (policy/mirror.py) - say so."""
+    marks: list[Mark] = []
+    ours = config.server.max_message_size
+    for p in probes:
+        if p.role is not Role.PRIMARY or p.ehlo is None or not p.ehlo.is_positive:
+            continue
+        missing = [k for k in ("8BITMIME", "SMTPUTF8") if k not in p.extensions]
+        size = next((line.split()[1] for line in p.ehlo.lines()[1:]
+                     if line.upper().startswith("SIZE ") and line.split()[1:2] and line.split()[1].isdigit()), None)
+        if size is not None and 0 < int(size) < ours:
+            missing.append(f"SIZE {ours} (the primary takes {size})")
+        if missing:
+            marks.append(Mark("node.ehlo", Level.WARN, p.label,
+                              f"this node advertises {', '.join(missing)}, the primary does not: such mail is "
+                              "refused at MAIL or RCPT here, from the primary's last EHLO seen while it was up",
+                              "make the primary offer it, or set server.max_message_size to the primary's SIZE"))
+    return marks
 
 
 # --- per MX address, over SMTP --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -35,6 +35,7 @@ class ProbeResult:
     ok: bool
     target: str  # host:port reached or last tried
     error: str | None = None
+    extensions: Mapping[str, str] | None = None  # the EHLO keywords when it answered (policy/mirror.py)
 
 
 Prober = Callable[[str, Sequence[TargetLike]], Awaitable[ProbeResult]]
@@ -60,13 +61,14 @@ async def _probe_one(t: TargetLike, *, local_hostname: str, timeout: float, rcpt
     try:
         await smtp.connect(timeout=timeout)
         await smtp.ehlo(hostname=local_hostname, timeout=timeout)
+        extensions = dict(smtp.esmtp_extensions)  # QUIT clears them
         if rcpt:
             await smtp.mail("", timeout=timeout)
             await smtp.rcpt(rcpt, timeout=timeout)
             await smtp.rset(timeout=timeout)
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await smtp.quit(timeout=timeout)
-        return ProbeResult(True, label)
+        return ProbeResult(True, label, extensions=extensions)
     except aiosmtplib.SMTPResponseException as e:
         return ProbeResult(False, label, f"{e.code} {e.message}".strip())
     except aiosmtplib.SMTPConnectTimeoutError:
@@ -128,6 +130,7 @@ class HealthMonitor:
         self._opened = False
         self._stopping = False
         self._wake = asyncio.Event()
+        self.on_ehlo: Callable[[str, Mapping[str, str]], Awaitable[None]] | None = None
 
     # -- reading -----------------------------------------------------------------------------------
     def status(self, domain: str) -> DestinationStatus:
@@ -229,6 +232,8 @@ class HealthMonitor:
         dest.next_probe_at = now + self._interval
         dest.target = result.target or dest.target
         if result.ok:
+            if result.extensions is not None and self.on_ehlo is not None:
+                await self.on_ehlo(dest.domain, result.extensions)  # mirrored at our door (policy/mirror.py)
             await self._success(dest, now, from_probe=True)
         else:
             await self._failure(dest, now, result.error or "probe failed")

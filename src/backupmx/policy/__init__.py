@@ -73,6 +73,9 @@ class SessionInfo:
     tls_version: str = ""  # "TLSv1.3" after STARTTLS (for content filters)
     tls_cipher: str = ""  # "TLS_AES_256_GCM_SHA384"
     sender: str | None = None  # "" for <>; None before MAIL
+    smtputf8: bool = False  # MAIL FROM parameters of the transaction (policy/mirror.py)
+    body_type: str | None = None  # "7BIT" | "8BITMIME"
+    size: int | None = None  # SIZE=
     recipients: list[str] = field(default_factory=list)  # accepted so far in this transaction
 
 

@@ -548,6 +548,8 @@ class _Session(asyncio.Protocol):
             return
         self._info.sender = ev.sender
         self._info.recipients = []
+        p = ev.params
+        self._info.smtputf8, self._info.body_type, self._info.size = p.smtputf8, p.body_type, p.size
         if not srv._disk_has_room():
             self._log_reject(Stage.MAIL, DISK_FULL, "min_free_disk")
             self._conn.refuse(DISK_FULL)

@@ -174,7 +174,9 @@ class Lab:
                     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                     ctx.load_cert_chain(cert, key)
                 controller = Controller(m.handler, hostname=m.address, port=self.port, server_hostname=m.name,
-                                        tls_context=ctx, require_starttls=False, ready_timeout=5.0)
+                                        tls_context=ctx, require_starttls=False, ready_timeout=5.0,
+                                        # what a backupmx node offers, so node.ehlo has nothing to say
+                                        enable_SMTPUTF8=True, data_size_limit=100_000_000)
                 controller.start()
                 self._controllers.append(controller)
         except BaseException:
