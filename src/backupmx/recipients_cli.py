@@ -23,7 +23,7 @@ from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
 from backupmx.policy.domains import domain_of
 from backupmx.policy.learned import KvStore, LearnedRecipient, LearnedRecipients, Source
-from backupmx.spool import Spool
+from backupmx.spool import OutagePeriod, Spool
 from backupmx.spool_command import config_arg, with_spool
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -40,7 +40,7 @@ def add_recipients_parser(sub: Any) -> None:
     config_arg(p)
     p.add_argument("domain", nargs="?", help="only this domain")
     p.add_argument("--json", action="store_true", help="one JSON document")
-    p.set_defaults(handler=_run(cmd_list))
+    p.set_defaults(handler=with_spool(cmd_list_spool))
 
     p = rsub.add_parser("add", help="remember addresses of a verify domain as known (or --unknown)")
     config_arg(p)
@@ -127,7 +127,14 @@ async def _all(store: LearnedRecipients, domain: str) -> tuple[list[LearnedRecip
     return out, damaged
 
 
-async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
+async def cmd_list_spool(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
+    """`recipients list` reads the learned set and the declared outages (for the recovery guard)."""
+    store = LearnedRecipients(spool, keep=cfg.delivery.retention_cap.total_seconds())
+    return await cmd_list(args, cfg, store, outages=spool.outages)
+
+
+async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipients,
+                   outages: Callable[[], Awaitable[list[OutagePeriod]]] | None = None) -> int:
     domains = list(cfg.domains)
     if args.domain:
         d = cfg.domain(args.domain)
@@ -143,6 +150,7 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
         if mode == "verify":
             learned, skipped = await _all(store, d.name)
             item["learned"] = [_entry_json(e, now) for e in learned]
+            item["recovery_guard_until"] = _iso(await _guard_until(outages, cfg, d.name, now))
             damaged += skipped
         elif mode == "list":
             item["entries"] = list(d.recipients)
@@ -168,6 +176,9 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
         if mode == "verify":
             learned = item["learned"]
             print(f"{name}: verify, {len(learned)} learned")
+            if item["recovery_guard_until"]:
+                print(f"  the primary came back from an outage: until {item['recovery_guard_until']} "
+                      "(delivery.recovery_guard) a probe's 5.1.1 is answered 450 4.1.1, not 550")
             for row in learned:
                 state = "known  " if row["known"] else "unknown"
                 until = row["expires_at"] or "never"
@@ -192,6 +203,19 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
             for entry in item["entries"]:
                 print(f"  {entry}")
     return EXIT_OK
+
+
+async def _guard_until(outages: Callable[[], Awaitable[list[OutagePeriod]]] | None, cfg: Config, domain: str,
+                       now: float) -> float | None:
+    """When the recovery guard after the domain's last outage ends, if that is still ahead (policy/verify.py
+    answers a probe's 5.1.1 with 450 until then, since a recovering primary may not see its users yet)."""
+    if outages is None:
+        return None
+    ended = [o.ended_at for o in await outages() if o.domain == domain and o.ended_at is not None]
+    if not ended:
+        return None
+    until = max(ended) + cfg.delivery.recovery_guard.total_seconds()
+    return until if until > now else None
 
 
 async def _ldap_item(spool: KvStore, d: DomainConfig) -> dict[str, Any]:

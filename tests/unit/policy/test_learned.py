@@ -80,3 +80,29 @@ async def test_recipients_list_shows_every_valid_entry(store: LearnedRecipients,
     assert "ours.test: verify, 11 learned" in out
     assert all(a in out for a in VALID)
     assert err.count("damaged") == 1
+
+
+async def test_recipients_list_shows_the_recovery_guard(store: LearnedRecipients,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """After an outage, within delivery.recovery_guard, a probe's 5.1.1 is answered 450: `list` says so."""
+    import time
+
+    from backupmx.spool import OutagePeriod
+
+    cfg = config_from_dict({"domains": [{"name": "ours.test", "primary": ["127.0.0.1:25"], "recipients": "verify"}],
+                            "delivery": {"recovery_guard": "6h"}})
+    now = time.time()
+
+    async def recent() -> list[OutagePeriod]:
+        return [OutagePeriod("ours.test", now - 7200, now - 3600), OutagePeriod("other.test", now - 60, now - 30)]
+
+    async def long_ago() -> list[OutagePeriod]:
+        return [OutagePeriod("ours.test", now - 90000, now - 86400)]
+
+    args = argparse.Namespace(domain="ours.test", json=False)
+    assert await recipients_cli.cmd_list(args, cfg, store, outages=recent) == recipients_cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "a probe's 5.1.1 is answered 450 4.1.1, not 550" in out
+    assert await recipients_cli.cmd_list(argparse.Namespace(domain="ours.test", json=True), cfg, store,
+                                         outages=long_ago) == recipients_cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["domains"]["ours.test"]["recovery_guard_until"] is None
