@@ -310,6 +310,9 @@ class _Session(asyncio.Protocol):
         self._queued = 0
         self._rejected = 0
         self._tls_info: str | None = None  # "using TLSv1.3 with cipher ..." for the Received header
+        # Set while loop.start_tls() runs: from that call on, every byte reaching data_received came through
+        # the TLS layer (decrypted, after the handshake), so it is kept here, not dropped as plaintext.
+        self._tls_early: bytearray | None = None
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -332,6 +335,12 @@ class _Session(asyncio.Protocol):
         self.task = loop.create_task(self._run(), name=f"smtp {self.client_ip}:{self.client_port}")
 
     def data_received(self, data: bytes) -> None:
+        early = self._tls_early
+        if early is not None:
+            # asyncio hands over what arrived with the client's Finished before start_tls() returns; at
+            # most one read's worth (the handshake ends in that read), so this stays small
+            early += data
+            return
         self._conn.receive_data(data)
         w = self._waiter
         if w is not None and not w.done():
@@ -723,16 +732,24 @@ class _Session(asyncio.Protocol):
         if ctx is None or self._transport is None:
             raise _SessionEnd
         loop = asyncio.get_running_loop()
+        # Plaintext that came before this point was dropped by the protocol (STARTTLS injection defence);
+        # start_tls() moves the socket to the TLS layer before it first yields, so what reaches
+        # data_received from here on was sent inside TLS.
+        self._tls_early = bytearray()
         try:
             transport = await loop.start_tls(self._transport, self, ctx, server_side=True,
                                              ssl_handshake_timeout=min(self.server._idle, TLS_HANDSHAKE_TIMEOUT))
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             log.info("client %s: TLS handshake failed: %s", self.client_ip, e)
             raise _SessionEnd from None
+        finally:
+            early, self._tls_early = self._tls_early, None
         if transport is None:
             raise _SessionEnd
         self._transport = transport
         self._conn.tls_established()
+        if early:
+            self.data_received(bytes(early))  # e.g. EHLO in the same segment as the client's Finished
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cipher = ssl_object.cipher()

@@ -1,0 +1,113 @@
+"""The SMTP door against the real `backupmx serve` (issue 13): a TLS 1.3 client whose Finished and EHLO
+arrive in one segment, a start whose admin port is taken (nothing served, nothing accepted), commands
+pipelined before our reply (`forbid_early_pipelining`), and slow-loris clients that neither outlive
+`session_timeout` nor keep a legitimate sender out."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scenarios.test_edge_client import EdgeClient, make_cert
+from tests.support.serve import ServeProcess, free_port
+
+DOMAINS = [{"name": "ours.test", "primary": ["127.0.0.1:1"], "recipients": "any"}]
+
+
+def node_at(path: Path, *, server: dict[str, Any] | None = None, admin: bool = False,
+            env: dict[str, str] | None = None) -> ServeProcess:
+    # no lookup may leave the machine: a loopback nameserver where nothing listens
+    return ServeProcess(path, domains=[{**d, "primary": [f"127.0.0.1:{free_port()}"]} for d in DOMAINS],
+                        server=server, admin=admin, env=env,
+                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}})
+
+
+def without_uvloop(directory: Path) -> dict[str, str]:
+    """The environment of a host without the optional uvloop: `serve` then runs the stock asyncio loop
+    (which hands decrypted bytes over before start_tls() returns; uvloop does it after)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "uvloop.py").write_text('raise ImportError("uvloop is not installed on this host")\n')
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+# -- 1. STARTTLS: what arrives with the client's Finished is kept ---------------------------------------
+class MemoryTls:
+    """A TLS client over a blocking socket through memory BIOs, so that the test decides what goes out in
+    which segment (ssl.SSLSocket would send the Finished on its own)."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="backup.test")
+        self._buf = b""
+
+    def handshake_unsent(self) -> None:
+        """Run the handshake up to the client's Finished, which stays unsent in the outgoing BIO."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self.send(b"")
+                self._receive()
+
+    def send(self, data: bytes) -> None:
+        """`data` (may be empty) and whatever TLS records are pending, in one sendall."""
+        if data:
+            self.obj.write(data)
+        pending = self.out.read()
+        if pending:
+            self.sock.sendall(pending)
+
+    def _receive(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed by the server after {self._buf!r}")
+        self.inc.write(data)
+
+    def reply(self) -> str:
+        """One whole SMTP reply, as its last line; bounded by the socket's timeout."""
+        while True:
+            while b"\r\n" in self._buf:
+                line, _, self._buf = self._buf.partition(b"\r\n")
+                if len(line) < 4 or line[3:4] != b"-":
+                    return line.decode()
+            try:
+                self._buf += self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._receive()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_starttls_finished_and_ehlo_in_one_segment(tmp_path: Path, loop: str) -> None:
+    cert, key = make_cert(tmp_path / "tls")
+    env = without_uvloop(tmp_path / "shim") if loop == "asyncio" else None
+    with node_at(tmp_path / "node", server={"tls_cert": str(cert), "tls_key": str(key)}, env=env) as node:
+        node.start()
+        c = EdgeClient(node.port)
+        c.send(b"EHLO client.test\r\n")
+        assert any("STARTTLS" in ln for ln in c.reply_lines())
+        assert c.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        c.sock.settimeout(5.0)  # bounded: before the fix the EHLO was dropped and no reply ever came
+        tls = MemoryTls(c.sock, ctx)
+        tls.handshake_unsent()
+        assert tls.obj.version() == "TLSv1.3"
+        tls.send(b"EHLO client.test\r\n")  # joins the client's Finished: one segment
+        assert tls.reply() == "250 DSN"
+        tls.send(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@ours.test>\r\nDATA\r\n")
+        assert [tls.reply() for _ in range(3)] == ["250 2.1.0 Ok", "250 2.1.5 Ok",
+                                                   "354 End data with <CR><LF>.<CR><LF>"]
+        tls.send(b"Subject: tls\r\n\r\nover TLS 1.3\r\n.\r\nQUIT\r\n")
+        assert tls.reply().startswith("250 2.0.0 Ok: queued as ")
+        assert tls.reply() == "221 2.0.0 Bye"
+        c.close()
+        assert node.queue_count() == 1
