@@ -241,6 +241,7 @@ class Service:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.spool is not None:
             await self.spool.close()
+        self.maillog.close()
         log.info("stopped")
 
 

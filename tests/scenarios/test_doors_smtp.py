@@ -20,11 +20,11 @@ DOMAINS = [{"name": "ours.test", "primary": ["127.0.0.1:1"], "recipients": "any"
 
 
 def node_at(path: Path, *, server: dict[str, Any] | None = None, admin: bool = False,
-            env: dict[str, str] | None = None) -> ServeProcess:
+            env: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> ServeProcess:
     # no lookup may leave the machine: a loopback nameserver where nothing listens
     return ServeProcess(path, domains=[{**d, "primary": [f"127.0.0.1:{free_port()}"]} for d in DOMAINS],
                         server=server, admin=admin, env=env,
-                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}})
+                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}, **(extra or {})})
 
 
 def without_uvloop(directory: Path) -> dict[str, str]:

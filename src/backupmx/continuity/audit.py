@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backupmx.logfailures import FAILURES, LogName
+
 log = logging.getLogger("backupmx.continuity")
 
 AUDIT_FILE = "continuity-audit.log"
@@ -43,16 +45,18 @@ class AuditLog:
     def write(self, at: float, event: str, *, actor: str, address: str | None = None, **fields: Any) -> None:
         if self.node:
             fields.setdefault("node", self.node)
-        line = AuditEvent(at, event, actor, address, fields).to_line() + "\n"
         try:
+            line = AuditEvent(at, event, actor, address, fields).to_line() + "\n"
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 os.write(fd, line.encode("utf-8"))
             finally:
                 os.close(fd)
-        except OSError as e:
-            log.error("continuity audit log %s: %s", self.path, e.strerror)
+        except Exception as e:  # ENOSPC and friends: counted, reported once a minute (logfailures)
+            FAILURES.failed(LogName.CONTINUITY_AUDIT, e, self.path)
+        else:
+            FAILURES.succeeded(LogName.CONTINUITY_AUDIT, self.path)
 
     def read(self, *, since: float = 0.0, address: str | None = None) -> Iterator[AuditEvent]:
         """Events in file order (oldest first), streamed; damaged lines are skipped."""

@@ -30,7 +30,7 @@ from typing import cast
 from backupmx.clock import Clock
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import SpoolFullError
-from backupmx.maillog import MailLog
+from backupmx.maillog import AddressList, MailLog
 from backupmx.model import Envelope, MessageKind, QueueId, new_queue_id
 from backupmx.policy import Check, HeaderFilter, HeaderStamp, SessionInfo, Stage, Verdict, run_checks
 from backupmx.reply import DISK_FULL, SHUTTING_DOWN, SPOOL_FAILED, Reply
@@ -381,8 +381,8 @@ class _Session(asyncio.Protocol):
     async def _run(self) -> None:
         srv = self.server
         conn = self._conn
-        srv.maillog.event("connect", client=self.client_ip)
         try:
+            srv.maillog.event("connect", client=self.client_ip)  # never raises; inside the try all the same
             verdict = await self._ask(Stage.CONNECT, None)
             if verdict.refuses:
                 self._log_reject(Stage.CONNECT, verdict.reply or CHECK_FAILED, verdict.log_reason)
@@ -712,7 +712,7 @@ class _Session(asyncio.Protocol):
             srv._n.bytes_accepted += size
             srv.maillog.event(
                 "queued", data.queue_id, client=self.client_ip, helo=conn.helo or "",
-                size=size, nrcpt=len(tx.recipients), to=",".join(f"<{r.address}>" for r in tx.recipients),
+                size=size, nrcpt=len(tx.recipients), to=AddressList(r.address for r in tx.recipients),
                 kind=None if envelope.kind is MessageKind.USER else envelope.kind.value,
                 **{"from": f"<{tx.sender}>"})
             if srv.on_queued is not None:

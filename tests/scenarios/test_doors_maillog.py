@@ -1,0 +1,101 @@
+"""The mail log on a full disk against the real `backupmx serve` (issue 13 item 2): the log lives on a
+64 KiB tmpfs filled to the last byte. Every client still gets its banner and its 250, sessions are
+counted down to 0, /metrics counts the lost lines, stderr says so (once a minute), and when the disk
+is freed the next lines land in the file again, with a word on stderr. Needs root for the mount."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.scenarios.test_doors_smtp import node_at
+from tests.scenarios.test_edge_client import EdgeClient, wait_for
+from tests.support.serve import ServeProcess
+
+BODY = b"Subject: log disk full\r\n\r\nstill accepted\r\n"
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(where: Path) -> Iterator[Path]:
+    where.mkdir(parents=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(where)],
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem says ENOSPC (bounded: the tmpfs is 64 KiB)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for _ in range(1024):
+            try:
+                f.write(b"x" * 4096)
+            except OSError:
+                break
+    with pytest.raises(OSError), open(directory / "probe", "ab", buffering=0) as p:
+        p.write(b"x" * 4096)
+    return filler
+
+
+def metrics(node: ServeProcess) -> str:
+    token = (node.data_dir / "admin.token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{node.admin_port}/metrics",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return str(r.read().decode())
+
+
+def metric(text: str, name: str) -> float | None:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def send_one(node: ServeProcess) -> str:
+    with EdgeClient(node.port) as c:  # the banner is read on connect: before the fix none came
+        assert c.banner.startswith("220 backup.test")
+        assert c.cmd("EHLO client.test").startswith("250")
+        reply = c.send_mail(BODY, rcpts=("alice@ours.test",))[-1]
+        assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+    return reply.rsplit(" ", 1)[1]
+
+
+def test_full_log_disk_never_stops_mail_and_recovers(tmp_path: Path) -> None:
+    with tiny_tmpfs(tmp_path / "logdisk") as disk:
+        maillog = disk / "mail.log"
+        node = node_at(tmp_path / "node", admin=True, extra={"log": {"maillog": str(maillog)}})
+        with node:
+            filler = fill(disk)  # before the start: the log file's first page never fits
+            node.start()
+            ids = [send_one(node) for _ in range(3)]
+            # three more sessions open at once, then gone: every one counted down
+            idle = [EdgeClient(node.port) for _ in range(3)]
+            assert all(c.banner.startswith("220") for c in idle)
+            for c in idle:
+                c.close()
+            assert wait_for(lambda: metric(metrics(node), "backupmx_smtp_open_sessions") == 0.0)
+            text = metrics(node)
+            lost = metric(text, 'backupmx_log_write_errors_total{log="maillog"}')
+            assert lost is not None and lost >= 3 * 4, text  # connect, queued, disconnect... per session
+            assert maillog.stat().st_size == 0  # nothing fitted
+            assert re.search(r"maillog \S+mail\.log: \d+ write\(s\) failed \(No space left on device\)", node.log())
+            assert node.log().count("write(s) failed") == 1  # once a minute, not once a line
+            # the disk is freed: the next lines are written again, and stderr says so
+            filler.unlink()
+            qid = send_one(node)
+            assert wait_for(lambda: f"backupmx/queued: {qid}: " in maillog.read_text())
+            assert "maillog" in node.log() and "writing again" in node.log()
+            assert not any(f"backupmx/queued: {q}: " in maillog.read_text() for q in ids)
+            assert node.queue_count() == 4
+            assert node.alive()
