@@ -39,6 +39,14 @@ async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
     return spool
 
 
+async def _named(what: str, address: str, start: Coroutine[Any, Any, None]) -> None:
+    """Await a listener's start; an OSError names the listener and its address (the cause stays chained)."""
+    try:
+        await start
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {address}: {e.strerror or e}") from e
+
+
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
     if cfg.server.tls_cert is None or cfg.server.tls_key is None:
         return None
@@ -111,16 +119,22 @@ class Service:
                                        clock=self.clock, maillog=self.maillog, canary=self.canary)
             self.health.subscribe(self.alerts.on_health_change)
         await self.health.open()  # an outage declared before a restart is still declared
+        # Bind every listener first, then serve. SMTP is bound but accepts nothing until all are bound
+        # (the kernel refuses its clients meanwhile), so a start that fails gave no client a 220 or a
+        # 250; the web listeners serve once bound, and they take in nothing a failed start could lose.
+        await self.smtp.bind()
+        if cfg.admin.listen:
+            await _named("admin listener", cfg.admin.listen, self._start_admin())
+        if cfg.continuity.enabled:
+            await _named("continuity listener", "{}:{}".format(*cfg.continuity.listen_address),
+                         self._start_continuity())
+        # every listener is bound: serve
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
         self._spawn(self._purge_loop(), "purge")
-        await self.smtp.start()
-        if cfg.admin.listen:
-            await self._start_admin()
         if self.alerts is not None:
             await self.alerts.start()
-        if cfg.continuity.enabled:
-            await self._start_continuity()
+        await self.smtp.serve()
         await self._start_proofs()
         addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""

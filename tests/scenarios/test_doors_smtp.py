@@ -5,9 +5,11 @@ pipelined before our reply (`forbid_early_pipelining`), and slow-loris clients t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +113,37 @@ def test_starttls_finished_and_ehlo_in_one_segment(tmp_path: Path, loop: str) ->
         assert tls.reply() == "221 2.0.0 Bye"
         c.close()
         assert node.queue_count() == 1
+
+
+# -- 8. start-up order: bind everything, then serve ------------------------------------------------------
+def test_admin_port_taken_exits_nonzero_and_no_client_was_greeted(tmp_path: Path) -> None:
+    node = node_at(tmp_path / "node", admin=True)
+    assert node.admin_port is not None
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", node.admin_port))
+    squatter.listen(1)
+    heard: list[bytes] = []
+    try:
+        with node:
+            node.start(wait=False)
+            proc = node.proc
+            assert proc is not None
+            deadline = time.monotonic() + 30  # bounded: one client after another until the process ends
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", node.port), timeout=2) as s:
+                        s.settimeout(2)
+                        with contextlib.suppress(OSError):
+                            heard.append(s.recv(512))
+                except OSError:
+                    time.sleep(0.005)
+            rc = proc.wait(timeout=10)
+    finally:
+        squatter.close()
+    assert rc == 1, node.log()
+    assert [h for h in heard if h] == []  # not a 220, not a 421: nobody was accepted
+    log = node.log()
+    assert f"cannot start: [Errno 98] admin listener 127.0.0.1:{node.admin_port}: " in log, log
+    assert "address already in use" in log.lower()
+    assert "smtp listening" not in log and "backupmx/connect" not in log

@@ -158,8 +158,15 @@ class SmtpServer:
 
     # -- public API --------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind every configured listener (port 0 = ephemeral). Raises OSError when one cannot be bound
-        (an IPv6 listener on a host without IPv6 is skipped with a warning)."""
+        """bind() then serve()."""
+        await self.bind()
+        await self.serve()
+
+    async def bind(self) -> None:
+        """Bind every configured listener (port 0 = ephemeral) without accepting anything yet: a client
+        that connects now is refused by the kernel, so a start that fails later answered nobody. Raises
+        OSError when one cannot be bound (an IPv6 listener on a host without IPv6 is skipped with a
+        warning); then none stays bound."""
         try:
             assert self._tmp_dir is not None
             self._tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -171,17 +178,22 @@ class SmtpServer:
             host, port = parse_hostport(item)
             try:
                 srv = await loop.create_server(lambda: _Session(self), host or None, port,
-                                               reuse_address=True, backlog=1024)
+                                               reuse_address=True, backlog=1024, start_serving=False)
             except OSError as e:
                 if ":" in host and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     log.warning("listener %s skipped: %s", item, e.strerror)
                     continue
                 await self._close_listeners()
-                raise
+                raise OSError(e.errno, f"smtp listener {item}: {e.strerror or e}") from e
             self._servers.append(srv)
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 self.bound.append((str(addr[0]), int(addr[1])))
+
+    async def serve(self) -> None:
+        """Start accepting on the listeners bind() made."""
+        for srv in self._servers:
+            await srv.start_serving()
         log.info("smtp listening on %s", " ".join(f"{h}:{p}" for h, p in self.bound))
 
     def statistics(self) -> ServerStats:
