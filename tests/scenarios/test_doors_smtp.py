@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.scenarios.test_edge_client import EdgeClient, make_cert
+from tests.scenarios.test_edge_client import EdgeClient, maillog_events, make_cert
 from tests.support.serve import ServeProcess, free_port
 
 DOMAINS = [{"name": "ours.test", "primary": ["127.0.0.1:1"], "recipients": "any"}]
@@ -147,3 +147,50 @@ def test_admin_port_taken_exits_nonzero_and_no_client_was_greeted(tmp_path: Path
     assert f"cannot start: [Errno 98] admin listener 127.0.0.1:{node.admin_port}: " in log, log
     assert "address already in use" in log.lower()
     assert "smtp listening" not in log and "backupmx/connect" not in log
+
+
+# -- pipelining before it is offered (forbid_early_pipelining, on by default) ----------------------------
+SYNC = "554 5.5.0 Error: SMTP protocol synchronization"
+MAIL1 = b"From: alice@sender.test\r\nSubject: Hello World\r\n\r\nThis is mail 1/2 to test pipelining\r\n.\r\n"
+MAIL2 = (b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\n"
+         b"From: alice@sender.test\r\nSubject: Hello World 2\r\n\r\nThis is mail 2/2 to test pipelining\r\n.\r\n")
+
+
+def test_early_pipelining_gets_554_and_the_end(tmp_path: Path) -> None:
+    with node_at(tmp_path / "node") as node:
+        node.start()
+        # a bot: EHLO and the whole transaction in one write, before our EHLO reply
+        with EdgeClient(node.port) as c:
+            c.send(b"EHLO bot.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\n")
+            assert c.reply() == SYNC
+            assert c.closed()
+        # smtpsmug's "pipelining" test: mail 1 ends, then mail 2's commands AND content before our 354
+        with EdgeClient(node.port) as c:
+            assert c.cmd("EHLO sender.test").startswith("250 ")
+            assert c.cmd("MAIL FROM:<alice@sender.test>") == "250 2.1.0 Ok"
+            assert c.cmd("RCPT TO:<bob@ours.test>") == "250 2.1.5 Ok"
+            assert c.cmd("DATA").startswith("354 ")
+            c.send(MAIL1 + MAIL2)
+            first = c.reply()
+            assert first.startswith("250 2.0.0 Ok: queued as ")  # mail 1 is a proper message
+            assert [c.reply() for _ in range(3)] == ["250 2.1.0 Ok", "250 2.1.5 Ok", SYNC]
+            assert c.closed()
+        assert node.queue_count() == 1  # mail 2 was never taken
+        shown = node.cli("queue", "show", first.rsplit(" ", 1)[1], "--body").stdout
+        assert "mail 1/2" in shown and "mail 2/2" not in shown
+        rejects = [ln for ln in maillog_events(node.log(), "reject") if "5.5.0" in ln]
+        assert len(rejects) == 2 and all("pipelined before our reply" in ln for ln in rejects)
+
+
+def test_early_pipelining_allowed_when_switched_off(tmp_path: Path) -> None:
+    with node_at(tmp_path / "node", server={"forbid_early_pipelining": False}) as node:
+        node.start()
+        with EdgeClient(node.port) as c:
+            assert c.cmd("EHLO sender.test").startswith("250 ")
+            assert c.cmd("MAIL FROM:<alice@sender.test>") == "250 2.1.0 Ok"
+            assert c.cmd("RCPT TO:<bob@ours.test>") == "250 2.1.5 Ok"
+            assert c.cmd("DATA").startswith("354 ")
+            c.send(MAIL1 + MAIL2)
+            replies = [c.reply() for _ in range(5)]
+            assert replies[0].startswith("250 2.0.0 Ok: queued as ") and replies[4].startswith("250 2.0.0 Ok: queued")
+        assert node.queue_count() == 2

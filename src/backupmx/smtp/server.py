@@ -153,6 +153,7 @@ class SmtpServer:
             max_commands=s.max_commands,
             max_received_headers=s.max_received_headers,
             postmaster_domain=config.domains[0].name if config.domains else "",
+            forbid_early_pipelining=s.forbid_early_pipelining,
         )
         self._proto_tls = dataclasses.replace(self._proto_base, tls_available=True)
 
