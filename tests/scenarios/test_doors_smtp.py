@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.scenarios.test_edge_client import EdgeClient, maillog_events, make_cert
+from tests.scenarios.test_edge_client import EdgeClient, maillog_events, make_cert, wait_for
 from tests.support.serve import ServeProcess, free_port
 
 DOMAINS = [{"name": "ours.test", "primary": ["127.0.0.1:1"], "recipients": "any"}]
@@ -194,3 +194,69 @@ def test_early_pipelining_allowed_when_switched_off(tmp_path: Path) -> None:
             replies = [c.reply() for _ in range(5)]
             assert replies[0].startswith("250 2.0.0 Ok: queued as ") and replies[4].startswith("250 2.0.0 Ok: queued")
         assert node.queue_count() == 2
+
+
+# -- slow-loris: one byte a second in DATA ---------------------------------------------------------------
+ABUSERS = ("127.0.0.2", "127.0.0.4", "127.0.0.5")
+GOOD = "127.0.0.3"
+
+
+def test_slow_loris_ends_at_session_timeout_and_never_locks_out_a_sender(tmp_path: Path) -> None:
+    # small on purpose: 10 slots (1 kept for new addresses), a loose per-address limit, 3 s per session
+    node = node_at(tmp_path / "node", server={"max_connections": 10, "max_connections_per_ip": 50,
+                                              "session_timeout": "3s", "idle_timeout": "2s"})
+    with node:
+        node.start()
+        loris: list[EdgeClient] = []
+        refused = 0
+        try:
+            for i in range(30):  # bounded: 30 attempts from 3 addresses
+                c = EdgeClient(node.port, source=ABUSERS[i % 3])
+                if c.banner.startswith("421"):
+                    assert c.banner == "421 4.7.0 Too many connections"
+                    refused += 1
+                    c.close()
+                    continue
+                loris.append(c)
+                assert c.cmd("EHLO loris.test").startswith("250 ")
+                assert c.cmd("MAIL FROM:<s@loris.test>") == "250 2.1.0 Ok"
+                assert c.cmd("RCPT TO:<alice@ours.test>") == "250 2.1.5 Ok"
+                assert c.cmd("DATA").startswith("354 ")
+                c.send(b"S")
+            assert (len(loris), refused) == (9, 21)
+            # a legitimate sender from a fresh address gets the kept slot, and its mail goes in
+            with EdgeClient(node.port, source=GOOD) as good:
+                assert good.banner.startswith("220 ")
+                assert good.cmd("EHLO good.test").startswith("250 ")
+                assert good.send_mail(b"Subject: hi\r\n\r\nlegitimate\r\n")[-1].startswith("250 2.0.0 Ok: queued as")
+            # one byte a second (never idle for idle_timeout) until the session cap answers 421 4.4.2
+            answers: dict[int, str] = {}
+            for _ in range(12):  # bounded: 12 s at most, the cap is 3 s
+                for n, c in enumerate(loris):
+                    if n in answers:
+                        continue
+                    with contextlib.suppress(OSError):
+                        c.send(b"x")
+                    c.sock.settimeout(0.0)
+                    try:
+                        answers[n] = c.reply()
+                    except (BlockingIOError, ssl.SSLWantReadError):
+                        pass
+                    except (ConnectionError, OSError) as e:
+                        answers[n] = f"closed: {e}"
+                    finally:
+                        c.sock.settimeout(10.0)
+                if len(answers) == len(loris):
+                    break
+                time.sleep(1.0)
+            assert set(answers.values()) == {"421 4.4.2 backup.test Error: session too long"}, answers
+        finally:
+            for c in loris:
+                c.close()
+
+        def abuser_admitted_again() -> bool:  # their sessions were counted down
+            with EdgeClient(node.port, source=ABUSERS[0]) as c:
+                return c.banner.startswith("220 ")
+
+        assert wait_for(abuser_admitted_again)
+        assert node.queue_count() == 1  # only the legitimate message

@@ -2,7 +2,8 @@
 
 Each connection is an asyncio.Protocol feeding bytes to an SmtpConnection and one session task that
 pumps its events, asks the policy checks, streams DATA into a BodyBuffer and commits to the spool. Replies
-of a pipelined batch go out in one write. Limits: connections in total and per IP (421 4.7.0), commands
+of a pipelined batch go out in one write. Limits: connections in total and per IP (421 4.7.0; the last
+tenth of the total only for addresses without a session, so a few slow addresses cannot fill it), commands
 per session, idle time between commands or DATA chunks (re-armed per chunk) and a cap on the whole
 session (421 4.4.2). `250 ... queued as ID` is sent only after `spool.put_with_id` returned: the COMMIT
 POINT. A spool failure answers 452 4.3.1 (full) or 451 4.3.0 (anything else) and never ends the server.
@@ -65,6 +66,7 @@ READ_HIGH_WATER = 1024 * 1024
 DISK_CHECK_INTERVAL = 1.0
 STOP_HARD_EXTRA = 10.0  # after the grace time, how long a commit in progress may still take
 TLS_HANDSHAKE_TIMEOUT = 60.0
+RESERVED_SHARE = 10  # 1/10 of max_connections is kept for client addresses with no session open
 
 _STAGE_OF = {"MAIL": Stage.MAIL, "RCPT": Stage.RCPT, "DATA": Stage.DATA, "EHLO": Stage.HELO, "HELO": Stage.HELO}
 
@@ -257,7 +259,12 @@ class SmtpServer:
         if self._stopping:
             return SHUTTING_DOWN
         s = self.cfg.server
-        if len(self._sessions) >= s.max_connections or self._per_ip.get(ip, 0) >= s.max_connections_per_ip:
+        held = self._per_ip.get(ip, 0)
+        if len(self._sessions) >= s.max_connections or held >= s.max_connections_per_ip:
+            return TOO_MANY_CONNECTIONS
+        # the last tenth of the slots only for addresses that hold none: slow clients from a few
+        # addresses (one byte a second in DATA until session_timeout) cannot keep a new sender out
+        if held and len(self._sessions) >= s.max_connections - max(1, s.max_connections // RESERVED_SHARE):
             return TOO_MANY_CONNECTIONS
         self._sessions.add(session)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
