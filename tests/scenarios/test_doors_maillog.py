@@ -1,7 +1,9 @@
 """The mail log on a full disk against the real `backupmx serve` (issue 13 item 2): the log lives on a
 64 KiB tmpfs filled to the last byte. Every client still gets its banner and its 250, sessions are
 counted down to 0, /metrics counts the lost lines, stderr says so (once a minute), and when the disk
-is freed the next lines land in the file again, with a word on stderr. Needs root for the mount."""
+is freed the next lines land in the file again, with a word on stderr. Needs root for the mount.
+Item 3: hostile HELO and addresses sent to a real serve come back from its mail log, through an
+independent parser (tests/support/maillog_text.py), as exactly the values sent and no forged field."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 
 from tests.scenarios.test_doors_smtp import node_at
 from tests.scenarios.test_edge_client import EdgeClient, wait_for
+from tests.support.maillog_text import parse
 from tests.support.serve import ServeProcess
 
 BODY = b"Subject: log disk full\r\n\r\nstill accepted\r\n"
@@ -99,3 +102,36 @@ def test_full_log_disk_never_stops_mail_and_recovers(tmp_path: Path) -> None:
             assert not any(f"backupmx/queued: {q}: " in maillog.read_text() for q in ids)
             assert node.queue_count() == 4
             assert node.alive()
+
+
+# -- item 3: log line injection, read back by an independent parser ------------------------------------
+HOSTILE_SENDER = '"x>, status=sent, relay=<fake"@evil.test'
+
+
+def test_hostile_values_cannot_forge_a_mail_log_field(tmp_path: Path) -> None:
+    maillog = tmp_path / "mail.log"
+    node = node_at(tmp_path / "node", extra={"log": {"maillog": str(maillog)}})
+    with node:
+        node.start()
+        with EdgeClient(node.port) as c:
+            assert c.cmd(b"HELO evil\rFAKE\x1b[31m") == "501 5.5.2 Invalid hostname"
+            assert c.cmd("EHLO client.test").startswith("250 ")
+            assert c.cmd(f"MAIL FROM:<{HOSTILE_SENDER}>") == "250 2.1.0 Ok"
+            assert c.cmd("RCPT TO:<u@evil.test>").startswith("554 5.7.1 ")
+            assert c.cmd(f"RCPT TO:<{HOSTILE_SENDER.replace('evil.test', 'ours.test')}>") == "250 2.1.5 Ok"
+            assert c.cmd("DATA").startswith("354 ")
+            c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+            qid = c.reply().rsplit(" ", 1)[1]
+            assert c.cmd("QUIT") == "221 2.0.0 Bye"
+        assert wait_for(lambda: "backupmx/disconnect:" in maillog.read_text())
+    lines = maillog.read_text().split("\n")
+    assert lines[-1] == "" and all(ln.isprintable() for ln in lines)  # no CR, no ESC, one event a line
+    parsed = [parse(ln) for ln in lines[:-1]]
+    by_event = {event: (q, fields) for _node, event, q, fields in parsed}
+    assert next(f.get("command") for _n, e, _q, f in parsed if e == "reject") == "evil\rFAKE\x1b[31m"
+    rcpt_reject = next(f for _n, e, _q, f in parsed if e == "reject" and f.get("stage") == "rcpt")
+    assert rcpt_reject["sender"] == f"<{HOSTILE_SENDER}>" and "status" not in rcpt_reject
+    q, queued = by_event["queued"]
+    assert q == qid and queued["from"] == f"<{HOSTILE_SENDER}>"
+    assert queued["to"] == f"<{HOSTILE_SENDER.replace('evil.test', 'ours.test')}>"
+    assert "status" not in queued and "relay" not in queued
