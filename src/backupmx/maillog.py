@@ -7,8 +7,10 @@ reported (backupmx.logfailures) and mail goes on. Values are escaped so that no 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -21,8 +23,9 @@ from backupmx.logfailures import FAILURES, LogName, WriteFailures
 Listener = Callable[[str, dict[str, object]], None]
 
 REOPEN_EVERY = 5.0  # seconds between two attempts to open a mail log file that could not be opened
-# printable ASCII that reads the same whatever surrounds it: no quote, escape, separator or bracket
-_BARE = frozenset(chr(c) for c in range(0x21, 0x7F)) - frozenset('"\\,=<>')
+# a bare value is printable ASCII that reads the same whatever surrounds it: no quote, escape, separator
+# or bracket; one character outside that set makes it quoted
+_NOT_BARE = re.compile(r'[^\x21-\x7e]|["\\,=<>]')
 
 
 class AddressList(str):
@@ -168,7 +171,7 @@ def format_text(now: float, node: str, event: str, fields: dict[str, object]) ->
     character escaped (\\r, \\u001b, \\u2028 ...). `<...>` keeps its brackets around the bare or quoted
     address; an AddressList is `<a>,<b>` with each address so written. Read back by splitting on `, `
     only outside quotes: no value can add, end or fake a field."""
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    ts = _second(int(now)) + f".{int(now % 1 * 1000):03d}Z"
     fields = dict(fields)
     head = f"{ts} {_value(node)} backupmx/{_value(event)}:"
     if "queue_id" in fields:
@@ -178,8 +181,17 @@ def format_text(now: float, node: str, event: str, fields: dict[str, object]) ->
     return f"{head} {parts}" if parts else head
 
 
+def _bare(s: str) -> bool:
+    return bool(s) and _NOT_BARE.search(s) is None
+
+
+@functools.lru_cache(maxsize=4)
+def _second(at: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at))
+
+
 def _key(k: str) -> str:
-    return k if k and all(c in _BARE for c in k) else _quote(k)
+    return k if _bare(k) else _quote(k)
 
 
 def _value(v: object) -> str:
@@ -188,13 +200,11 @@ def _value(v: object) -> str:
     s = str(v)
     if len(s) >= 2 and s[0] == "<" and s[-1] == ">":
         return _angle(s[1:-1])
-    if s and all(c in _BARE for c in s):
-        return s
-    return _quote(s)
+    return s if _bare(s) else _quote(s)
 
 
 def _angle(inner: str) -> str:
-    return f"<{inner}>" if all(c in _BARE for c in inner) else f"<{_quote(inner)}>"
+    return f"<{inner}>" if not inner or _NOT_BARE.search(inner) is None else f"<{_quote(inner)}>"
 
 
 def _quote(s: str) -> str:
