@@ -1,4 +1,5 @@
-"""The emergency inbox's commands, registered by backupmx.cli:
+"""`backupmx access` and `backupmx continuity`: the operator's hand on the emergency inbox (continuity/ does
+the work: grants, tokens, the gate, the audit log).
 
   backupmx access grant ADDRESS [--expires 7d] [--notify OTHER]   a grant and a one-time sign-in link
   backupmx access grant --domain DOMAIN [--csv FILE]              every held recipient's link, as CSV
@@ -6,7 +7,6 @@
   backupmx access revoke ADDRESS | --domain DOMAIN                ends links and sessions at once
   backupmx access list | audit
   backupmx continuity open|close|auto DOMAIN, continuity status   the operator's hand on the gate
-  backupmx queue export --recipient ADDR | --domain D --format mbox|maildir|eml DIR
 
 Each opens the spool itself (beside a running `serve`, which sees the grants at once), does one thing
 and exits; errors are one line on stderr (exit 2 for usage, 1 for a failed action). Nothing here needs
@@ -25,15 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
+from backupmx.cli.spool_session import config_arg, with_spool
 from backupmx.config import Config, load_config, parse_duration
 from backupmx.errors import ConfigError
-from backupmx.spool import QueueFilter, Spool
-from backupmx.spool_command import config_arg, with_spool
+from backupmx.spool import Spool
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
-def add_parsers(sub: Any) -> None:
-    """`access` and `continuity` (called from backupmx.cli's optional hooks)."""
+def add_parser(sub: Any) -> None:
+    """`access` and `continuity`."""
     access = sub.add_parser("access", help="who may read held mail in the emergency inbox")
     asub = access.add_subparsers(dest="access_command", metavar="ACTION")
     p = asub.add_parser("grant", help="grant access and print a one-time sign-in link")
@@ -81,21 +81,6 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(handler=with_spool(cmd_status))
 
 
-def add_queue_export(qsub: Any) -> None:
-    """`queue export` (called from backupmx.cli after the other queue actions)."""
-    p = qsub.add_parser("export", help="write held mail out as mbox, Maildir or .eml files, one mailbox "
-                                       "per recipient")
-    config_arg(p)
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--recipient", metavar="ADDRESS")
-    who.add_argument("--domain")
-    p.add_argument("--format", required=True, choices=["mbox", "maildir", "eml"])
-    p.add_argument("--all", action="store_true", help="also messages already delivered but still stored")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("dir", metavar="DIR")
-    p.set_defaults(handler=with_spool(cmd_export))
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 def _actor() -> str:
     try:
@@ -127,7 +112,7 @@ def _warn_disabled(cfg: Config) -> None:
               file=sys.stderr)
 
 
-def _require_domain(cfg: Config, domain: str) -> str:
+def require_domain(cfg: Config, domain: str) -> str:
     d = domain.strip().lower().lstrip("@")
     if d not in cfg.domain_names:
         raise ConfigError(f"{d} is not a protected domain of {cfg.source}")
@@ -170,7 +155,7 @@ async def _notify(cfg: Config, audit: Any, to: str, link: Any) -> None:
 async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     import time
 
-    from backupmx.continuity.grants import subject_of
+    from backupmx.continuity.grants import held_recipients, subject_of
     from backupmx.continuity.notify import check_notify_target
 
     if bool(args.address) == bool(args.domain):
@@ -185,7 +170,7 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     ttl = cfg.continuity.link_ttl.total_seconds()
     if args.address:
         subject = subject_of(args.address)
-        _require_domain(cfg, subject.rpartition("@")[2])
+        require_domain(cfg, subject.rpartition("@")[2])
         notify_to = check_notify_target(cfg, args.notify) if args.notify else None
         g = await store.grant(subject, expires_at=expires_at, by=_actor())
         link = await store.issue_link(subject, ttl=ttl)
@@ -197,7 +182,7 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         if notify_to:
             await _notify(cfg, audit, notify_to, link)
         return EXIT_OK
-    domain = _require_domain(cfg, args.domain)
+    domain = require_domain(cfg, args.domain)
     g = await store.grant(subject_of(domain, domain=True), expires_at=expires_at, by=_actor())
     audit.write(time.time(), "grant", actor=_actor(), address=g.subject, domain=domain, until=int(g.expires_at))
     out = io.StringIO()
@@ -220,24 +205,6 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     else:
         sys.stdout.write(out.getvalue())
     return EXIT_OK
-
-
-async def held_recipients(spool: Spool, domain: str) -> dict[str, int]:
-    """Each recipient of `domain` with held (pending) mail, with how many messages."""
-    from backupmx.model import MessageKind
-
-    out: dict[str, int] = {}
-    after = None
-    while True:
-        page = await spool.list_messages(QueueFilter(domain=domain), limit=500, after=after)
-        for m in page:
-            if m.kind is MessageKind.CANARY:
-                continue
-            for addr in {r.address.lower() for r in m.recipients if r.domain == domain and not r.state.is_final}:
-                out[addr] = out.get(addr, 0) + 1
-        if len(page) < 500:
-            return out
-        after = page[-1].id
 
 
 async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
@@ -337,7 +304,7 @@ async def cmd_gate(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
     from backupmx.continuity.gate import Mode
 
-    domain = _require_domain(cfg, args.domain)
+    domain = require_domain(cfg, args.domain)
     _warn_disabled(cfg)
     gate = _gate(cfg, spool)
     mode = Mode(args.mode)
@@ -363,21 +330,4 @@ async def cmd_status(args: argparse.Namespace, cfg: Config, spool: Spool) -> int
     for s in states:
         outage = f"outage since {_iso(s.outage_since)}" if s.outage_since else "no outage"
         print(f"  {s.domain:30s} {'OPEN' if s.open else 'closed':7s} mode={s.mode.value:7s} {outage}")
-    return EXIT_OK
-
-
-# --- export ----------------------------------------------------------------------------------------
-async def cmd_export(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    from backupmx.continuity.export import Format, Progress, Selection, count, export
-
-    if args.domain:
-        sel = Selection(domain=_require_domain(cfg, args.domain), include_delivered=args.all)
-    else:
-        sel = Selection(recipient=args.recipient.strip().lower(), include_delivered=args.all)
-    progress = None
-    if not args.quiet:
-        progress = Progress(await count(spool, sel))
-    result = await export(spool, sel, Format(args.format), Path(args.dir), progress=progress)
-    if args.quiet:
-        print(f"exported {result.messages} messages ({result.copies} copies) to {args.dir}")
     return EXIT_OK
