@@ -20,6 +20,7 @@ from backupmx.config import Config
 from backupmx.monitor.canary import CanaryStatus, read_status
 from backupmx.monitor.drill import read_report, utc_text
 from backupmx.spool import Spool
+from backupmx.spool.backends import open_spool
 
 API_TIMEOUT = 3.0
 
@@ -34,8 +35,6 @@ class Live:
 
 
 async def collect(cfg: Config) -> dict[str, Any]:
-    from backupmx.service import open_spool
-
     live_task = asyncio.create_task(fetch_live(cfg))
     spool = await open_spool(cfg)
     try:

@@ -48,6 +48,19 @@ class ActionError(ValueError):
     """An operator's request that cannot be done as given (bad host:port, unknown state ...)."""
 
 
+def queue_filter(query: Any) -> QueueFilter:
+    """QueueFilter from query arguments (domain, recipient, sender, state, all), shared by the API and the dashboard."""
+    state_raw = (query.get("state") or "").strip()
+    try:
+        state = RecipientState(state_raw) if state_raw else None
+    except ValueError:
+        raise ActionError(f"state: one of {', '.join(s.value for s in RecipientState)}") from None
+    return QueueFilter(domain=(query.get("domain") or "").strip().lower() or None,
+                       recipient=(query.get("recipient") or "").strip() or None,
+                       sender=(query.get("sender") or "").strip() or None,
+                       state=state, pending_only=query.get("all") not in ("1", "true", "yes", "on"))
+
+
 # --- what we read from the other parts ------------------------------------------------------------
 class HealthView(Protocol):
     """The health monitor (monitor/probe.py), as far as the admin side reads it."""

@@ -24,7 +24,7 @@ from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
 from backupmx.cli.spool_session import config_arg, with_spool
 from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
-from backupmx.policy.domains import domain_of
+from backupmx.policy import domain_of
 from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source
 from backupmx.spool import Spool
 

@@ -4,7 +4,7 @@
     backupmx spool copy --from URL --to URL       move a queue between backends (sqlite:DIR, postgresql://...)
     backupmx spool nodes --config FILE            the nodes sharing a PostgreSQL spool, last seen first
 
-The spool package does the work (spool/copy.py, spool/url.py, the backends' migrations). Errors are one
+The spool package does the work (spool/copy.py, spool/backends.py, the backends' migrations). Errors are one
 line on stderr: exit 2 for usage or configuration, 1 for a failed action (a copy that left a message behind).
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 from backupmx.cli.exits import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from backupmx.config import load_config
 from backupmx.errors import ConfigError
+from backupmx.spool.backends import POSTGRES_SCHEMES, open_url
 from backupmx.spool.copy import CopyProgress, copy_spool
-from backupmx.spool.url import POSTGRES_SCHEMES, open_url
 
 
 def add_parser(subparsers: Any) -> None:

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from backupmx.config import Config, load_config
 from backupmx.spool import Spool
+from backupmx.spool.backends import open_spool
 
 T = TypeVar("T")
 SpoolCommand = Callable[[argparse.Namespace, Config, Spool], Awaitable[int]]
@@ -24,8 +25,6 @@ def config_arg(p: argparse.ArgumentParser) -> None:
 
 async def using_spool(cfg: Config, fn: Callable[[Spool], Awaitable[T]]) -> T:
     """fn over this node's spool, closed afterwards whatever fn did."""
-    from backupmx.service import open_spool
-
     spool = await open_spool(cfg)
     try:
         return await fn(spool)
