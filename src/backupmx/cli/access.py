@@ -21,12 +21,12 @@ import getpass
 import io
 import json
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
 from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import iso_time
 from backupmx.config import Config, load_config, parse_duration
 from backupmx.errors import ConfigError
 from backupmx.spool import Spool
@@ -87,10 +87,6 @@ def _actor() -> str:
         return f"cli:{getpass.getuser()}"
     except Exception:
         return "cli"
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _parts(cfg: Config, spool: Spool) -> tuple[Any, Any, Any]:
@@ -176,8 +172,8 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         link = await store.issue_link(subject, ttl=ttl)
         audit.write(time.time(), "grant", actor=_actor(), address=subject, until=int(g.expires_at))
         audit.write(time.time(), "link", actor=_actor(), address=subject, until=int(link.expires_at))
-        print(f"access for {subject} until {_iso(g.expires_at)}")
-        print(f"one-time sign-in link (until {_iso(link.expires_at)}):")
+        print(f"access for {subject} until {iso_time(g.expires_at)}")
+        print(f"one-time sign-in link (until {iso_time(link.expires_at)}):")
         print(sign_in_url(cfg, link.token))
         if notify_to:
             await _notify(cfg, audit, notify_to, link)
@@ -192,7 +188,7 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     for addr, n in sorted(addresses.items()):
         link = await store.issue_link(addr, ttl=ttl)
         audit.write(time.time(), "link", actor=_actor(), address=addr, until=int(link.expires_at), bulk=True)
-        w.writerow([addr, sign_in_url(cfg, link.token), _iso(link.expires_at), _iso(g.expires_at), n])
+        w.writerow([addr, sign_in_url(cfg, link.token), iso_time(link.expires_at), iso_time(g.expires_at), n])
     if args.csv:
         path = Path(args.csv)
         import os
@@ -200,7 +196,7 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the links are keys: not world-readable
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(out.getvalue())
-        print(f"access for every recipient of {domain} until {_iso(g.expires_at)}; "
+        print(f"access for every recipient of {domain} until {iso_time(g.expires_at)}; "
               f"{len(addresses)} link(s) written to {path}")
     else:
         sys.stdout.write(out.getvalue())
@@ -219,7 +215,7 @@ async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     notify_to = check_notify_target(cfg, args.notify) if args.notify else None
     link = await store.issue_link(subject, ttl=cfg.continuity.link_ttl.total_seconds())
     audit.write(time.time(), "link", actor=_actor(), address=subject, until=int(link.expires_at))
-    print(f"one-time sign-in link for {subject} (until {_iso(link.expires_at)}):")
+    print(f"one-time sign-in link for {subject} (until {iso_time(link.expires_at)}):")
     print(sign_in_url(cfg, link.token))
     if notify_to:
         await _notify(cfg, audit, notify_to, link)
@@ -252,8 +248,8 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     store, _, _ = _parts(cfg, spool)
     grants = await store.grants()
     if args.json:
-        print(json.dumps({"grants": [{"subject": g.subject, "domain": g.domain, "created_at": _iso(g.created_at),
-                                      "expires_at": _iso(g.expires_at), "by": g.by} for g in grants]}, indent=1))
+        print(json.dumps({"grants": [{"subject": g.subject, "domain": g.domain, "created_at": iso_time(g.created_at),
+                                      "expires_at": iso_time(g.expires_at), "by": g.by} for g in grants]}, indent=1))
         return EXIT_OK
     if not grants:
         print("no access grants")
@@ -261,7 +257,7 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     print(f"{'SUBJECT':40s} {'EXPIRES':25s} {'GRANTED':25s} BY")
     for g in grants:
         label = f"{g.subject} (every recipient)" if g.is_domain else g.subject
-        print(f"{label:40s} {_iso(g.expires_at):25s} {_iso(g.created_at):25s} {g.by}")
+        print(f"{label:40s} {iso_time(g.expires_at):25s} {iso_time(g.created_at):25s} {g.by}")
     return EXIT_OK
 
 
@@ -285,7 +281,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(ev.to_line())
             continue
         extra = " ".join(f"{k}={v}" for k, v in ev.fields.items() if k != "node")
-        print(f"{_iso(ev.at)}  {ev.event:15s} {ev.address or '-':35s} {ev.actor:18s} {extra}".rstrip())
+        print(f"{iso_time(ev.at)}  {ev.event:15s} {ev.address or '-':35s} {ev.actor:18s} {extra}".rstrip())
     if n == 0 and not args.json:
         print("no audit events", file=sys.stderr)
     return EXIT_OK
@@ -324,10 +320,10 @@ async def cmd_status(args: argparse.Namespace, cfg: Config, spool: Spool) -> int
     if args.json:
         print(json.dumps({"enabled": cfg.continuity.enabled, "url": cfg.continuity.public_url, "domains": [
             {"domain": s.domain, "open": s.open, "mode": s.mode.value,
-             "outage_since": _iso(s.outage_since) if s.outage_since else None} for s in states]}, indent=1))
+             "outage_since": iso_time(s.outage_since) if s.outage_since else None} for s in states]}, indent=1))
         return EXIT_OK
     print(f"emergency inbox: {'enabled' if cfg.continuity.enabled else 'NOT enabled'} at {cfg.continuity.public_url}")
     for s in states:
-        outage = f"outage since {_iso(s.outage_since)}" if s.outage_since else "no outage"
+        outage = f"outage since {iso_time(s.outage_since)}" if s.outage_since else "no outage"
         print(f"  {s.domain:30s} {'OPEN' if s.open else 'closed':7s} mode={s.mode.value:7s} {outage}")
     return EXIT_OK

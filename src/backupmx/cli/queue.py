@@ -17,6 +17,7 @@ from typing import Any
 
 from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
 from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import iso_time
 from backupmx.config import Config
 from backupmx.errors import ConfigError
 from backupmx.model import MessageRecord, QueueId, RecipientState
@@ -81,33 +82,6 @@ def _ts(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%a %b %d %H:%M:%S")
 
 
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
-def message_json(m: MessageRecord) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "size": m.size,
-        "received_at": _iso(m.received_at),
-        "sender": m.envelope.sender,
-        "kind": m.kind.value,
-        "client_ip": m.envelope.client_ip,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt_at": _iso(r.next_attempt_at) if r.state is RecipientState.QUEUED else None,
-                "last_attempt_at": _iso(r.last_attempt_at),
-                "last_reply": r.last_reply,
-                "held_reason": r.held_reason,
-            }
-            for r in m.recipients
-        ],
-    }
-
-
 async def _all_messages(spool: Spool, flt: QueueFilter, limit: int) -> list[MessageRecord]:
     out: list[MessageRecord] = []
     after: QueueId | None = None
@@ -126,7 +100,7 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
                       state=RecipientState(args.state) if args.state else None, pending_only=not args.all)
     if args.json:
         msgs = await _all_messages(spool, flt, args.limit)
-        print(json.dumps({"messages": [message_json(m) for m in msgs], "count": len(msgs)}, indent=1))
+        print(json.dumps({"messages": [m.to_json() for m in msgs], "count": len(msgs)}, indent=1))
         return EXIT_OK
     # Text: stream page by page so a huge queue prints without holding it in memory.
     # Mail that has had no attempt yet because its primary is down says so, as Postfix shows the
@@ -146,7 +120,7 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
                 if r.state is not RecipientState.QUEUED:
                     note = f"{r.state.value}{' by ' + r.held_reason if r.held_reason else ''}: {note}".rstrip(": ")
                 elif not note and r.domain in down_since:
-                    note = f"held: primary of {r.domain} down since {_iso(down_since[r.domain])}"
+                    note = f"held: primary of {r.domain} down since {iso_time(down_since[r.domain])}"
                 if note:
                     print(f"{'':46s}({note})")
                 print(f"{'':46s}{r.address}")
@@ -176,13 +150,13 @@ async def cmd_queue_show(args: argparse.Namespace, cfg: Config, spool: Spool) ->
     body = await spool.read_body(m.id)
     head, _, _ = body.partition(b"\r\n\r\n")
     if args.json:
-        doc = message_json(m)
+        doc = m.to_json()
         doc["headers"] = head.decode("utf-8", "replace")
         doc["envelope"] = m.envelope.to_json()
         print(json.dumps(doc, indent=1))
         return EXIT_OK
     print(f"Queue ID:   {m.id}")
-    print(f"Arrival:    {_iso(m.received_at)}")
+    print(f"Arrival:    {iso_time(m.received_at)}")
     print(f"Size:       {m.size}")
     print(f"Sender:     <{m.envelope.sender}>")
     print(f"Client:     {m.envelope.client_ip} ({m.envelope.client_helo})")
@@ -192,7 +166,7 @@ async def cmd_queue_show(args: argparse.Namespace, cfg: Config, spool: Spool) ->
     for r in m.recipients:
         line = f"  {r.address:40s} {r.state.value:9s} attempts={r.attempts}"
         if r.state is RecipientState.QUEUED:
-            line += f" next={_iso(r.next_attempt_at)}"
+            line += f" next={iso_time(r.next_attempt_at)}"
         if r.held_reason:
             line += f" held-by={r.held_reason}"
         print(line)

@@ -16,12 +16,12 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
 from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import iso_time
 from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
 from backupmx.policy import domain_of
@@ -72,10 +72,6 @@ def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
     return with_spool(over_store)
 
 
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
 def _mode(d: DomainConfig) -> str:
     if isinstance(d.recipients, tuple):
         return "list"
@@ -111,8 +107,8 @@ def _expiry(ttl: str | None, now: float) -> float | None:
 
 
 def _entry_json(e: LearnedRecipient, now: float) -> dict[str, Any]:
-    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": _iso(e.learned_at),
-            "expires_at": _iso(e.expires_at), "fresh": e.fresh(now)}
+    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": iso_time(e.learned_at),
+            "expires_at": iso_time(e.expires_at), "fresh": e.fresh(now)}
 
 
 async def _all(store: LearnedRecipients, domain: str) -> tuple[list[LearnedRecipient], int]:
