@@ -6,7 +6,6 @@ Fetch and lookup failures are recorded on the view (`StsView.error`), never rais
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
@@ -84,6 +83,7 @@ class _DnsResolver(aiohttp.abc.AbstractResolver):
 
     def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:
         self.resolver = resolver
+        self.addresses: list[str] = []  # what it answered, for the report
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[aiohttp.abc.ResolveResult]:
@@ -96,6 +96,7 @@ class _DnsResolver(aiohttp.abc.AbstractResolver):
                      "flags": socket.AI_NUMERICHOST} for r in rdatas]
         if not out:
             raise OSError(f"{host}: " + ("; ".join(errors) if errors else "no A or AAAA record"))
+        self.addresses += [r["host"] for r in out]
         return out
 
     async def close(self) -> None:
@@ -107,16 +108,14 @@ async def fetch_policy(host: str, resolver: dns.asyncresolver.Resolver, *, port:
     """(policy text, "address:port", error) from https://HOST/.well-known/mta-sts.txt, as RFC 8461 §3.3 asks:
     a verified certificate for HOST, status 200 (redirects refused), text/plain, at most 64 KiB."""
     context = ssl.create_default_context(cafile=cafile)
-    connector = aiohttp.TCPConnector(resolver=_DnsResolver(resolver), ssl=context, use_dns_cache=False)
+    names = _DnsResolver(resolver)
+    connector = aiohttp.TCPConnector(resolver=names, ssl=context, use_dns_cache=False)
     url = f"https://{host}{'' if port == 443 else f':{port}'}{POLICY_PATH}"
-    peer: str | None = None
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
                                          trust_env=False) as session, \
                 session.get(url, allow_redirects=False) as resp:
-            if resp.connection is not None and resp.connection.transport is not None:
-                addr = resp.connection.transport.get_extra_info("peername")
-                peer = f"{addr[0]}:{addr[1]}" if addr else None
+            peer = ", ".join(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in names.addresses)
             if 300 <= resp.status < 400:
                 return None, peer, (f"{url} answered {resp.status} redirect to {resp.headers.get('Location', '?')}; "
                                     "RFC 8461 §3.3 forbids following redirects")
@@ -132,18 +131,22 @@ async def fetch_policy(host: str, resolver: dns.asyncresolver.Resolver, *, port:
                 body += chunk
             if len(body) > MAX_POLICY_BYTES:
                 return None, peer, f"{url} is larger than {MAX_POLICY_BYTES // 1024} KiB"
-    except aiohttp.ClientConnectorCertificateError as e:
-        return None, peer, f"{url}: certificate not verified ({e.certificate_error})"
-    except aiohttp.ClientConnectorError as e:
-        return None, peer, f"{url}: cannot connect ({e.os_error.strerror or e.os_error})"
-    except TimeoutError:
-        return None, peer, f"{url}: no answer within {timeout:g}s"
-    except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as e:
-        return None, peer, f"{url}: {type(e).__name__}: {e}"
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        return None, None, _fetch_error(url, e, timeout)
     try:
         return body.decode("utf-8"), peer, None
     except UnicodeDecodeError:
         return None, peer, f"{url} is not UTF-8 text"
+
+
+def _fetch_error(url: str, e: BaseException, timeout: float) -> str:
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return f"{url}: certificate not verified ({e.certificate_error})"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"{url}: cannot connect ({e.os_error.strerror or e.os_error})"
+    if isinstance(e, TimeoutError):
+        return f"{url}: no answer within {timeout:g}s"
+    return f"{url}: {str(e) or type(e).__name__}"
 
 
 def parse_policy(text: str) -> StsPolicy:
@@ -216,7 +219,7 @@ def sts_marks(view: StsView, mx: tuple[MxRecord, ...], probes: tuple[SmtpProbe, 
                           f"mta-sts.{d}, text/plain, no redirect), or remove the _mta-sts TXT record"))
         return marks
     marks.append(Mark("sts.policy", Level.OK, d, f"mode {p.mode}, max_age {p.max_age}, mx {', '.join(p.mx) or '-'} "
-                      f"(from {view.fetched_from or view.url})"))
+                      f"(from {view.url} at {view.fetched_from or '?'})"))
     if p.mode == "none":
         marks.append(Mark("sts.policy", Level.INFO, d, "mode none: the policy is being withdrawn; senders do "
                           "not enforce it"))

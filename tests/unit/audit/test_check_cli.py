@@ -40,7 +40,11 @@ def test_json_output_and_exit_one_on_failures(pki: Pki, capsys: pytest.CaptureFi
     assert code == 1 and doc["exit_code"] == 1 and doc["result"] == "fail"
     assert doc["node"] == "mx2.worst.test" and doc["config"] == str(cfg)
     assert {(m["check"], m["level"]) for m in doc["marks"] if m["level"] == "fail"} == {
-        ("site.backup", "fail"), ("smtp.starttls", "fail"), ("smtp.relay", "fail")}
+        ("site.backup", "fail"), ("site.prefix", "fail"), ("sts.mx-match", "fail"), ("sts.cert", "fail"),
+        ("dane.tlsa", "fail"), ("smtp.starttls", "fail"), ("smtp.relay", "fail")}
+    assert doc["mta_sts"]["policy"] == {"mode": "enforce", "mx": ["mx1.worst.test"], "max_age": 3600}
+    assert doc["tlsa"][0]["host"] == "mx1.worst.test" and doc["tlsa"][0]["secure"] is True
+    assert doc["asn"]["source"].startswith("file ")
     assert [m["level"] for m in doc["marks"] if m["check"].startswith("node.")] == ["ok", "ok"]
     assert [(r["preference"], r["host"], r["role"]) for r in doc["dns"]["mx"]] == [
         (10, "mx1.worst.test", "primary"), (20, "mx2.worst.test", "backup")]
