@@ -14,6 +14,7 @@ STARTTLS, and the TLS object itself. Network and protocol errors end the probe a
 
 from __future__ import annotations
 
+import _ssl  # ENCODING_DER for the private chain objects of Python < 3.13
 import asyncio
 import errno
 import os
@@ -209,8 +210,7 @@ def presented_chain(obj: ssl.SSLObject, leaf: bytes | None) -> tuple[bytes, ...]
     if getter is not None:
         try:
             chain = getter() or []
-            return tuple(c if isinstance(c, bytes) else c.public_bytes(ssl.ENCODING_DER)  # type: ignore[attr-defined]
-                         for c in chain)
+            return tuple(c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain)
         except (ssl.SSLError, ValueError, AttributeError):
             pass  # fall back to the leaf: DANE-EE still works, DANE-TA then finds no match
     return (leaf,) if leaf else ()
