@@ -70,6 +70,8 @@ def test_strict_fails_on_warnings(pki: Pki, capsys: pytest.CaptureFixture[str]) 
         (["check", "not a domain", "--nameserver", "127.0.0.1:1"], "not a domain name"),
         (["check", "cli.test", "--cafile", "/nonexistent/ca.pem"], "no such file"),
         (["check", "cli.test", "--config", "/nonexistent/backupmx.toml"], "no such file"),
+        (["check", "cli.test", "--nameserver", "127.0.0.1:1", "--asn-db", "/nonexistent/asn.dat"],
+         "--asn-db /nonexistent/asn.dat: No such file"),
     ],
 )
 def test_usage_errors_exit_two(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,7 +79,8 @@ def test_usage_errors_exit_two(args: list[str], message: str, capsys: pytest.Cap
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--port", "0"], ["--port", "x"], ["--timeout", "0"], ["--timeout", "9999"]])
+@pytest.mark.parametrize("bad", [["--port", "0"], ["--port", "x"], ["--timeout", "0"], ["--timeout", "9999"],
+                                 ["--asn-lookup", "whois"]])
 def test_bad_port_or_timeout(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["check", "cli.test", *bad])
