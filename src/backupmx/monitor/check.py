@@ -47,6 +47,8 @@ def add_check_parser(subparsers: Any) -> None:
                    "file (pyasn's IPASN format: \"prefix/len<TAB>ASN\" lines): same AS warns, same prefix fails")
     p.add_argument("--asn-lookup", choices=["dns"], help="instead ask origin.asn.cymru.com over DNS (which then "
                    "learns the MX addresses); without this or --asn-db the network check says \"not checked\"")
+    # test-only: where https://mta-sts.DOMAIN/ listens when the test lab may not bind 443 (not root)
+    p.add_argument("--sts-port", type=_port, default=443, help=argparse.SUPPRESS)
     p.set_defaults(handler=check_command)
 
 
@@ -64,7 +66,7 @@ def check_command(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(run_check(args.domain, nameserver=args.nameserver, config=config,
                                        smtp_port=args.port, timeout=args.timeout, cafile=args.cafile,
-                                       asn_db=args.asn_db, asn_lookup=args.asn_lookup))
+                                       asn_db=args.asn_db, asn_lookup=args.asn_lookup, sts_port=args.sts_port))
     except (ValueError, ssl.SSLError) as e:  # a bad domain or --asn-db, or a --cafile without a certificate
         print(f"backupmx check: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -202,17 +202,21 @@ class PolicyServer:
         context.load_cert_chain(cert, key)
         handler = _policy_handler(reply)
         rng = random.Random()
+        port = 443
         for _ in range(50):  # bounded: another run may hold the address
             self.address = f"127.7.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
             try:
-                self.httpd = http.server.ThreadingHTTPServer((self.address, 443), handler)
+                self.httpd = http.server.ThreadingHTTPServer((self.address, port), handler)
                 break
+            except PermissionError:  # not root: any port, and `check --sts-port` (test-only) to find it
+                port = 0
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
         else:
             raise RuntimeError("no free 127.7.x.y:443 for the MTA-STS policy server")
         self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -323,14 +327,23 @@ class Lab:
         self._policy_servers.clear()
         self.dns.stop()
 
+    @property
+    def sts_port(self) -> int:
+        """Where the policy servers listen: 443, unless this run may not bind it."""
+        ports = {server.port for server in self._policy_servers} or {443}
+        assert len(ports) == 1, "one policy port per lab"
+        return ports.pop()
+
     async def check(self, domain: str, *, config: Config | None = None, timeout: float = 3.0,
                     **kw: Any) -> CheckReport:
         kw.setdefault("asn_db", str(self.asn_db) if self.asn_db else None)
+        kw.setdefault("sts_port", self.sts_port)
         return await run_check(domain, nameserver=self.dns.nameserver, config=config, smtp_port=self.port,
                                timeout=timeout, cafile=str(self.pki.ca), helo=LAB_HELO, **kw)
 
     def cli_args(self, domain: str) -> list[str]:
         asn = ["--asn-db", str(self.asn_db)] if self.asn_db else []
+        asn += ["--sts-port", str(self.sts_port)] if self.sts_port != 443 else []
         return ["check", domain, "--nameserver", self.dns.nameserver, "--port", str(self.port),
                 "--timeout", "3", "--cafile", str(self.pki.ca), *asn]
 
