@@ -59,11 +59,15 @@ async def run_check(
     name = normalize_domain(domain)
     if asn_lookup not in (None, "dns"):
         raise ValueError(f"--asn-lookup {asn_lookup!r}: the only lookup is \"dns\"")
-    table = AsnTable.load(asn_db) if asn_db else None
+    if asn_db:
+        AsnTable.check_readable(asn_db)
     asn_source = f"file {asn_db}" if asn_db else "dns (origin.asn.cymru.com)" if asn_lookup else None
     nameservers = [nameserver] if nameserver else list(config.dns.nameservers) if config else []
     resolver, described = make_resolver(nameservers, timeout)
     view = await gather_dns(name, resolver, described)
+    mx_ips = {ip for r in view.mx for ip in r.host.ips}
+    # read now, keeping only the prefixes of these addresses; a malformed file is a usage error (ValueError)
+    table = await asyncio.to_thread(AsnTable.load, asn_db, mx_ips) if asn_db and mx_ips else None
     ehlo_name = helo or (config.server.hostname if config else await _local_fqdn(timeout))
     settings = probe_settings(name, port=smtp_port, helo=ehlo_name, timeout=timeout, cafile=cafile)
     targets: dict[tuple[str, str], Role] = {}

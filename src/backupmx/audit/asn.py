@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dns.asyncresolver
@@ -45,11 +44,14 @@ class AsnTable:
     """A pyasn IPASN file: "prefix/len<TAB>ASN" lines, ";" comments, looked up by longest prefix.
 
     Read by hand rather than with pyasn: pyasn is a C extension whose last release predates the Python
-    versions we run on, and all `check` needs is a longest-prefix match over a few addresses.
+    versions we run on, and all `check` needs is a longest-prefix match over a few addresses. Given
+    `only` (the addresses to look up), just the prefixes that cover them are kept: a full table has a
+    million lines, and keeping them all would cost this short-lived command some 150 MB.
     """
 
-    def __init__(self, lines: Sequence[str], name: str = "ASN file") -> None:
+    def __init__(self, lines: Iterable[str], name: str = "ASN file", only: Iterable[str] | None = None) -> None:
         self._by_len: dict[tuple[int, int], dict[int, int]] = {}  # (version, length) -> {network int: ASN}
+        wanted = None if only is None else _covering_keys(only)
         for n, raw in enumerate(lines, 1):
             line = raw.strip()
             if not line or line.startswith(";"):
@@ -64,17 +66,29 @@ class AsnTable:
                     raise ValueError(f"AS number {asn} out of range")
             except ValueError as e:
                 raise ValueError(f"{name}: line {n}: {e}") from None
-            self._by_len.setdefault((net.version, net.prefixlen), {})[int(net.network_address)] = asn
+            key = (net.version, net.prefixlen)
+            if wanted is None or (*key, int(net.network_address)) in wanted:
+                self._by_len.setdefault(key, {})[int(net.network_address)] = asn
         self._lengths = sorted(self._by_len, key=lambda k: -k[1])
 
     @classmethod
-    def load(cls, path: str) -> AsnTable:
+    def load(cls, path: str, only: Iterable[str] | None = None) -> AsnTable:
         """ValueError (with the file and line) for a file that is missing or not in the format."""
+        name = f"--asn-db {path}"
         try:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return cls(f, name, only)
+        except OSError as e:
+            raise ValueError(f"{name}: {e.strerror}") from None
+
+    @staticmethod
+    def check_readable(path: str) -> None:
+        """Fail early, before any lookup, on the usual mistake: a wrong path."""
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
         except OSError as e:
             raise ValueError(f"--asn-db {path}: {e.strerror}") from None
-        return cls(text.splitlines(), f"--asn-db {path}")
 
     def lookup(self, ip: str) -> Origin:
         addr = ipaddress.ip_address(ip)
@@ -88,6 +102,17 @@ class AsnTable:
                 net = (ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network)((key, length))
                 return Origin(ip, asn, str(net))
         return Origin(ip, error="not in the ASN file (unannounced?)")
+
+
+def _covering_keys(ips: Iterable[str]) -> set[tuple[int, int, int]]:
+    """(version, length, network int) of every prefix that contains one of `ips`."""
+    keys: set[tuple[int, int, int]] = set()
+    for ip in ips:
+        addr = ipaddress.ip_address(ip)
+        bits = addr.max_prefixlen
+        for length in range(bits + 1):
+            keys.add((addr.version, length, int(addr) >> (bits - length) << (bits - length)))
+    return keys
 
 
 def cymru_name(ip: str) -> str:
@@ -119,6 +144,8 @@ async def gather_origins(mx: tuple[MxRecord, ...], *, table: AsnTable | None, so
     if source is None:
         return AsnView(None)
     ips = list(dict.fromkeys(ip for r in mx for ip in r.host.ips))
+    if not ips:
+        return AsnView(source)
     if table is not None:
         return AsnView(source, {ip: table.lookup(ip) for ip in ips})
     found = await asyncio.gather(*(cymru_origin(ip, resolver) for ip in ips))

@@ -87,6 +87,14 @@ def test_asn_file_longest_prefix_and_errors(tmp_path: Path) -> None:
     assert (table.lookup("192.0.2.200").asn, table.lookup("192.0.2.200").prefix) == (64501, "192.0.2.128/25")
     assert table.lookup("2001:db8::25").prefix == "2001:db8::/32"
     assert table.lookup("198.51.100.1").asn is None
+    # keeping only what covers the addresses asked about gives the same answers
+    lines = ["192.0.2.0/24\t64500", "192.0.2.128/25\t64501", "198.51.100.0/24\t64503", "2001:db8::/32\t64502"]
+    only = AsnTable(lines, only=["192.0.2.200", "2001:db8::25"])
+    assert only.lookup("192.0.2.200").asn == 64501 and only.lookup("2001:db8::25").asn == 64502
+    assert only.lookup("198.51.100.1").asn is None  # not asked for, not kept
+    path = tmp_path / "asn.dat"
+    path.write_text("\n".join(lines) + "\n")
+    assert AsnTable.load(str(path), ["192.0.2.1"]).lookup("192.0.2.1").prefix == "192.0.2.0/24"
     with pytest.raises(ValueError, match=r"line 2: .*does not appear to be"):
         AsnTable(["192.0.2.0/24\t64500", "not-a-prefix\t1"], "f")
     with pytest.raises(ValueError, match="line 1: expected"):
