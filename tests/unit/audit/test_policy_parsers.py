@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -15,9 +16,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from backupmx.audit.asn import AsnTable, cymru_name
-from backupmx.audit.dane import Tlsa, association, matches
-from backupmx.audit.sts import is_ip_literal, mx_matches, parse_policy
-from backupmx.audit.tlsrpt import parse_tlsrpt
+from backupmx.audit.dane import Tlsa, TlsaSet, association, dane_marks, matches
+from backupmx.audit.report import Address, Host, Level, MxRecord, Role, TlsInfo
+from backupmx.audit.sts import StsPolicy, StsView, is_ip_literal, mx_matches, parse_policy, sts_marks
+from backupmx.audit.tlsrpt import TlsRptView, parse_tlsrpt, tlsrpt_marks
+from tests.unit.audit.test_rules import NOW, cert, probe
+
+OK, INFO, WARN, FAIL = Level.OK, Level.INFO, Level.WARN, Level.FAIL
 
 
 def test_policy_is_parsed_with_crlf_and_unknown_keys() -> None:
@@ -147,3 +152,58 @@ def test_dane_associations() -> None:
         assert matches(record, chain) is expected, (usage, selector, mtype)
     assert not matches(Tlsa(2, 0, 1, association(ca, 0, 1)), (leaf,))  # the issuer was not presented
     assert not Tlsa(1, 1, 1, b"").usable and not Tlsa(0, 0, 1, b"").usable and Tlsa(2, 1, 1, b"").usable
+
+
+# --- the rules, on views made by hand (paths the lab does not walk) -------------------------------------
+MX = (MxRecord(10, Host("mx.example.test", (Address("192.0.2.1", 300),)), 300, Role.BACKUP),)
+
+
+def sts_view(**kw: Any) -> StsView:
+    base: dict[str, Any] = dict(
+        domain="example.test",
+        txt=("v=STSv1; id=1",),
+        url="https://mta-sts.example.test/x",
+        policy=StsPolicy("enforce", ("mx.example.test",), 604800),
+    )
+    base.update(kw)
+    return StsView(**base)
+
+
+@pytest.mark.parametrize(
+    ("changes", "probe_changes", "expected"),
+    [
+        ({"txt": (), "txt_error": "DNS timeout", "policy": None}, {}, {("sts.policy", WARN)}),
+        ({"txt": ("v=STSv1; id=1", "v=STSv1; id=2")}, {}, {("sts.policy", WARN)}),
+        ({"txt": ("v=STSv1; id=not-valid!",)}, {}, {("sts.policy", WARN)}),
+        ({"policy": StsPolicy("none", (), 0)}, {}, {("sts.policy", INFO)}),
+        ({}, {"tls": TlsInfo("TLSv1.3", "X", cert(days_left=5), True)}, {("sts.cert", FAIL)}),  # expires soon
+        (
+            {"policy": StsPolicy("testing", ("mx.example.test",), 604800)},
+            {"tls": TlsInfo("TLSv1.3", "X", cert(days_left=5), True)},
+            {("sts.cert", WARN)},
+        ),
+        ({}, {"skipped": "no IPv6 route", "tls": None}, set()),  # not seen: nothing said about it
+        ({}, {"error": "connect: refused", "tls": None}, set()),  # smtp.connect says it
+    ],
+)
+def test_sts_rules(changes: dict[str, Any], probe_changes: dict[str, Any], expected: set[Any]) -> None:
+    found = sts_marks(sts_view(**changes), MX, (probe(**probe_changes),), NOW)
+    assert {(m.check, m.level) for m in found if m.level is not OK} == expected
+    assert all(m.hint for m in found if m.level in (WARN, FAIL))
+
+
+def test_dane_rules_without_tls_and_with_a_lookup_failure() -> None:
+    record = Tlsa(3, 1, 1, b"x" * 32)
+    sets = (TlsaSet("mx.example.test", (record,), True),)
+    no_tls = probe(tls=None, starttls_offered=False)
+    assert {(m.check, m.level) for m in dane_marks("example.test", MX, sets, (no_tls,))} == {
+        ("dane.tlsa", OK),
+        ("dane.match", FAIL),
+    }
+    failed = (TlsaSet("mx.example.test", (), False, "DNS timeout"),)
+    assert {(m.check, m.level) for m in dane_marks("example.test", MX, failed, (probe(),))} == {("dane.tlsa", WARN)}
+
+
+def test_tlsrpt_rules() -> None:
+    assert [m.level for m in tlsrpt_marks(TlsRptView("example.test", ("v=TLSRPTv1; rua=mailto:a@b",) * 2))] == [WARN]
+    assert [m.level for m in tlsrpt_marks(TlsRptView("example.test", (), "DNS timeout"))] == [WARN]
