@@ -190,6 +190,7 @@ class PolicyReply:
     content_type: str = "text/plain"
     body: str = ""
     location: str | None = None  # for redirects
+    cert_name: str | None = None  # the name on the server's certificate (default: mta-sts.DOMAIN)
 
 
 class PolicyServer:
@@ -197,7 +198,7 @@ class PolicyServer:
     that parallel test runs on this machine cannot collide), with a lab-CA certificate for the name."""
 
     def __init__(self, pki: Pki, domain: str, reply: PolicyReply) -> None:
-        cert, key = pki.leaf(f"mta-sts.{domain}")
+        cert, key = pki.leaf(reply.cert_name or f"mta-sts.{domain}")
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         handler = _policy_handler(reply)

@@ -172,6 +172,14 @@ def cases(pki: Pki) -> list[Case]:
             problems={("sts.policy", FAIL, "stshtml.test")},
         ),
         Case(
+            "stswrongcert",
+            PolicyReply(body=sts_policy("enforce", "*.stswrongcert.test"), cert_name="www.elsewhere.test"),
+            sts=True,
+            pairs=HEALTHY - {("sts.policy", OK)} | {("sts.policy", FAIL)},
+            says="certificate not verified",
+            problems={("sts.policy", FAIL, "stswrongcert.test")},
+        ),
+        Case(
             "stsbig",
             "version: STSv1\r\n" + "x: y\r\n" * 11000,
             sts=True,
@@ -273,6 +281,7 @@ CASE_NAMES = [
     "stsdown",
     "stsredirect",
     "stshtml",
+    "stswrongcert",
     "stsbig",
     "daneprimary",
     "danemismatch",
