@@ -205,7 +205,7 @@ class PolicyServer:
         rng = random.Random()
         port = 443
         for _ in range(50):  # bounded: another run may hold the address
-            self.address = f"127.7.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+            self.address = f"127.7.{rng.randint(0, 254)}.{rng.randint(1, 254)}"  # 127.7.255.x: nothing listens
             try:
                 self.httpd = http.server.ThreadingHTTPServer((self.address, port), handler)
                 break
