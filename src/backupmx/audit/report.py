@@ -10,9 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backupmx.reply import Reply
+
+if TYPE_CHECKING:  # these modules build on this one; the report only holds and renders their views
+    from backupmx.audit.asn import AsnView
+    from backupmx.audit.dane import TlsaSet
+    from backupmx.audit.sts import StsView
+    from backupmx.audit.tlsrpt import TlsRptView
 
 
 class Level(StrEnum):
@@ -147,10 +153,12 @@ class TlsInfo:
     cert: CertInfo | None
     verified: bool  # the chain and the MX name checked out against the trust store
     verify_error: str | None = None  # OpenSSL's reason when not verified ("self-signed certificate" ...)
+    chain: tuple[bytes, ...] = ()  # the certificates the server presented, DER, its own first (for DANE)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "cipher": self.cipher, "verified": self.verified,
-                "verify_error": self.verify_error, "cert": self.cert.to_json() if self.cert else None}
+                "verify_error": self.verify_error, "cert": self.cert.to_json() if self.cert else None,
+                "chain_length": len(self.chain)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +242,10 @@ class CheckReport:
     duration_s: float
     node: str | None = None  # server.hostname of the config checked against, if any
     config_source: str | None = None
+    sts: StsView | None = None  # MTA-STS: the TXT record and the policy
+    tlsa: tuple[TlsaSet, ...] = ()  # DANE: the TLSA records of every MX host
+    tlsrpt: TlsRptView | None = None
+    origins: AsnView | None = None  # origin AS and prefix of every MX address
 
     @property
     def worst(self) -> Level:
@@ -264,6 +276,10 @@ class CheckReport:
             "smtp_port": self.smtp_port,
             "dns": self.dns.to_json(),
             "smtp": [p.to_json() for p in self.smtp],
+            "mta_sts": self.sts.to_json() if self.sts else None,
+            "tlsa": [s.to_json() for s in self.tlsa],
+            "tlsrpt": self.tlsrpt.to_json() if self.tlsrpt else None,
+            "asn": self.origins.to_json() if self.origins else None,
             "marks": [m.to_json() for m in self.marks],
             "summary": {lv.value: self.count(lv) for lv in Level},
             "result": self.worst.value,
@@ -288,7 +304,8 @@ def render_text(report: CheckReport) -> str:
     out.extend(_mx_table(report.dns))
     out.append("")
     out.extend(_ns_table(report.dns))
-    sections = (("DNS", ("mx.",)), ("Same building", ("site.",)), ("This node", ("node.",)))
+    sections = (("DNS", ("mx.",)), ("Same building", ("site.",)), ("MTA-STS", ("sts.",)),
+                ("DANE", ("dane.",)), ("TLS reporting", ("tlsrpt.",)), ("This node", ("node.",)))
     for title, prefixes in sections:
         marks = [m for m in report.marks if m.check.startswith(prefixes)]
         if marks:
@@ -301,7 +318,8 @@ def render_text(report: CheckReport) -> str:
         probe_marks = [m for m in report.marks if m.check.startswith("smtp.") and m.subject == probe.label]
         if probe_marks:
             out.extend(_mark_lines(probe_marks, implied=probe.label))
-    other = [m for m in report.marks if not m.check.startswith(("mx.", "site.", "node.", "smtp."))]
+    known = ("mx.", "site.", "sts.", "dane.", "tlsrpt.", "node.", "smtp.")
+    other = [m for m in report.marks if not m.check.startswith(known)]
     if other:
         out.append("")
         out.append("Other")
