@@ -15,7 +15,7 @@ from typing import Any
 import dns.asyncresolver
 
 from backupmx.audit.dnsview import lookup_records, txt_strings
-from backupmx.audit.report import Host, Level, Mark, MxRecord
+from backupmx.audit.views import Host, Level, Mark, MxRecord
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

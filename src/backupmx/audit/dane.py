@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from backupmx.audit.dnsview import lookup_records
-from backupmx.audit.report import Level, Mark, MxRecord, Role, SmtpProbe
+from backupmx.audit.views import Level, Mark, MxRecord, Role, SmtpProbe
 
 USAGES = {0: "PKIX-TA", 1: "PKIX-EE", 2: "DANE-TA", 3: "DANE-EE"}
 

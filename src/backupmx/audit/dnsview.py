@@ -21,7 +21,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from backupmx.audit.report import Address, DnsView, Host, MxRecord, Role, ZoneView
+from backupmx.audit.views import Address, DnsView, Host, MxRecord, Role, ZoneView
 from backupmx.config import parse_hostport
 
 MAX_MX = 20  # MX records considered; more is a misconfiguration, and every one costs SMTP sessions

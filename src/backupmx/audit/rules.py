@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from backupmx.audit.report import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe, short_reply
+from backupmx.audit.views import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe, short_reply
 from backupmx.config import Config
 from backupmx.reply import Reply
 

@@ -22,7 +22,7 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 
-from backupmx.audit.report import RcptTest, Role, SmtpProbe, TlsInfo
+from backupmx.audit.views import RcptTest, Role, SmtpProbe, TlsInfo
 from backupmx.audit.x509 import parse_certificate
 from backupmx.reply import Reply
 

@@ -19,8 +19,8 @@ import aiohttp.abc
 import dns.asyncresolver
 
 from backupmx.audit.dnsview import lookup_records, txt_strings
-from backupmx.audit.report import Level, Mark, MxRecord, SmtpProbe
 from backupmx.audit.rules import CERT_EXPIRY_WARNING
+from backupmx.audit.views import Level, Mark, MxRecord, SmtpProbe
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 §3.3: senders may refuse more; 64 KiB is the usual cap

@@ -10,7 +10,7 @@ from typing import Any
 import dns.asyncresolver
 
 from backupmx.audit.dnsview import lookup_records, txt_strings
-from backupmx.audit.report import Level, Mark
+from backupmx.audit.views import Level, Mark
 
 
 @dataclass(frozen=True, slots=True)
