@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from tests.scenarios.test_doors_smtp import node_at
 from tests.scenarios.test_edge_client import EdgeClient, wait_for
 from tests.support.maillog_text import parse
+from tests.support.ports import wait_for_smtp
 from tests.support.serve import ServeProcess
 
 BODY = b"Subject: log disk full\r\n\r\nstill accepted\r\n"
@@ -135,3 +137,20 @@ def test_hostile_values_cannot_forge_a_mail_log_field(tmp_path: Path) -> None:
     assert q == qid and queued["from"] == f"<{HOSTILE_SENDER}>"
     assert queued["to"] == f"<{HOSTILE_SENDER.replace('evil.test', 'ours.test')}>"
     assert "status" not in queued and "relay" not in queued
+
+
+# -- item 2 with EPIPE: the mail log on stderr, and stderr a pipe nobody reads any more -----------------
+def test_broken_stderr_pipe_never_stops_mail(tmp_path: Path) -> None:
+    node = node_at(tmp_path / "node")  # no [log] maillog: the mail log goes to stderr
+    proc = subprocess.Popen([sys.executable, "-m", "backupmx.cli", "serve", "--config", str(node.config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=node.env, cwd=str(node.workdir))
+    try:
+        wait_for_smtp(node.host, node.port)
+        assert proc.stderr is not None
+        proc.stderr.close()  # every later write to stderr fails with EPIPE
+        ids = [send_one(node) for _ in range(3)]  # banner, 250 and QUIT each time
+        assert len(set(ids)) == 3 and proc.poll() is None
+        assert node.queue_count() == 3
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
