@@ -31,9 +31,10 @@ async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
 
         spool = PostgresSpool(cfg.spool.url, node=cfg.server.node, clock=clock)
     else:
+        from backupmx.privatefiles import make_private_dir
         from backupmx.spool.sqlite import SqliteSpool
 
-        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.server.data_dir)  # 0700 by chmod, whatever the umask
         spool = SqliteSpool(cfg.server.data_dir, node=cfg.server.node, clock=clock)
     await spool.open()
     return spool
@@ -87,9 +88,11 @@ class Service:
         from backupmx.delivery.scheduler import DeliveryEngine
         from backupmx.monitor.probe import HealthMonitor
         from backupmx.policy.domains import build_checks
+        from backupmx.privatefiles import refuse_unsafe
         from backupmx.smtp.server import SmtpServer
 
         cfg = self.cfg
+        refuse_unsafe(cfg)  # ConfigError (exit 2) before anything is bound or opened
         self.spool = await open_spool(cfg, clock=self.clock)
         self.resolver = RouteResolver(cfg)
         self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)

@@ -15,13 +15,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
 
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import ConfigError
+from backupmx.privatefiles import write_secret
 
 log = logging.getLogger("backupmx.admin")
 
@@ -77,17 +77,15 @@ def _generated_token(path: Path) -> str:
         token = path.read_text(encoding="utf-8").strip()
         if len(token) >= MIN_TOKEN_CHARS:
             return token
+        short = True
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+        short = False
     token = secrets.token_urlsafe(32)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
-    log.warning("admin token generated in %s (set admin.token_file to choose one)", path)
-    return token
+    # 0600 through an O_EXCL|O_NOFOLLOW temporary file; a token another process wrote first wins
+    written = write_secret(path, (token + "\n").encode(), replace=short).decode("utf-8", "replace").strip()
+    if written == token:
+        log.warning("admin token generated in %s (set admin.token_file to choose one)", path)
+    return written
 
 
 class AdminAuth:
