@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -498,7 +499,8 @@ class AdminServer:
         if path.startswith("/api/") or path == "/metrics":
             return _error(401, "missing or wrong token")
         if request.method in SAFE_METHODS:
-            raise web.HTTPSeeOther(f"/login?next={request.rel_url.path_qs if path != '/' else '/'}")
+            # the target encoded whole, so its own "&" and "?" stay in it; /login checks it again
+            raise web.HTTPSeeOther("/login?" + urlencode({"next": request.rel_url.raw_path_qs}))
         return _error(401, "log in first")
 
 

@@ -214,6 +214,10 @@ class InboxApp:
             request.headers.get("X-Forwarded-Proto", "").lower() == "https" or \
             (self.config.continuity.base_url or "").startswith("https://")
 
+    def _same_origin(self, request: web.Request) -> bool:
+        """The request's own origin, or the public one in sign-in links (base_url, behind a proxy)."""
+        return same_origin(request, also=[self.config.continuity.public_url])
+
     @staticmethod
     def _actor(request: web.Request) -> str:
         return request.remote or "?"
@@ -394,7 +398,7 @@ class InboxApp:
                             until=datetime.fromtimestamp(until, UTC))
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
-        if not same_origin(request):
+        if not self._same_origin(request):
             raise _Page(403, "notice.html", heading="error_title", body="bad_request")
         form = await request.post()
         token = form.get("t")
@@ -423,8 +427,8 @@ class InboxApp:
         form = await request.post()
         csrf = form.get("csrf")
         if session is not None:
-            if not same_origin(request) or not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str)
-                                                                      else None):
+            if not self._same_origin(request) or \
+                    not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str) else None):
                 raise _Page(403, "notice.html", heading="error_title", body="bad_request", session=session)
             await self.access.end_session(session)
             self.audit.write(self.clock.now(), "signout", actor=self._actor(request), address=session.address)
