@@ -40,6 +40,7 @@ from backupmx.config import Config
 from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId, RecipientState
+from backupmx.signinlimit import FailureLimiter
 from backupmx.spool import QueueFilter, Spool
 from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
@@ -379,6 +380,7 @@ class AdminServer:
         self.sampler = SeriesSampler(self.series, spool, self.tally, names, clock, interval=sample_interval)
         self.alerts = alerts
         self.auth: AdminAuth | None = None
+        self.limiter = FailureLimiter(clock)  # wrong tokens, per client network: 429 past the limit
         self._runner: web.AppRunner | None = None
         self._sampler_task: asyncio.Task[None] | None = None
         self._bound: tuple[str, int] | None = None
@@ -433,7 +435,7 @@ class AdminServer:
         from backupmx.admin.dashboard import Dashboard
 
         assert self.auth is not None
-        dashboard = Dashboard(self.ops, self.auth, alerts=self.alerts)
+        dashboard = Dashboard(self.ops, self.auth, alerts=self.alerts, limiter=self.limiter)
         app = web.Application(middlewares=[self._headers_mw, self._errors_mw(dashboard), self._auth_mw],
                               client_max_size=1024 * 1024)
         app.add_routes(Api(self.ops, self.alerts).routes())
@@ -482,8 +484,16 @@ class AdminServer:
             return await handler(request)
         if path == "/metrics" and self._loopback:
             return await handler(request)
-        if auth.bearer_ok(request.headers.get("Authorization")):
-            return await handler(request)
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            wait = self.limiter.retry_after(request.remote)
+            if wait is not None:
+                resp = _error(429, "too many wrong tokens from your network; try again later")
+                resp.headers["Retry-After"] = str(wait)
+                return resp
+            if auth.bearer_ok(authorization):
+                return await handler(request)
+            self.limiter.failed(request.remote)
         nonce = auth.session_nonce(request.cookies.get(COOKIE))
         if nonce is not None:
             if request.method not in SAFE_METHODS:

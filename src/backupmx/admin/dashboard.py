@@ -27,6 +27,7 @@ from backupmx.admin.operations import ActionError, Operations
 from backupmx.clock import format_span
 from backupmx.model import QueueId, RecipientState
 from backupmx.monitor import DestinationState
+from backupmx.signinlimit import FailureLimiter
 from backupmx.weblisten import same_site_path
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -97,8 +98,10 @@ STATE_LABELS = {
 
 
 class Dashboard:
-    def __init__(self, ops: Operations, auth: AdminAuth, *, alerts: AlertView | None = None) -> None:
+    def __init__(self, ops: Operations, auth: AdminAuth, *, alerts: AlertView | None = None,
+                 limiter: FailureLimiter | None = None) -> None:
         self.ops = ops
+        self.limiter = limiter or FailureLimiter(ops.clock)
         self.auth = auth
         self.alerts = alerts
         self.env = jinja2.Environment(
@@ -167,7 +170,14 @@ class Dashboard:
         form = await request.post()
         token = form.get("token")
         target = _safe_next(str(form.get("next") or ""))
+        wait = self.limiter.retry_after(request.remote)
+        if wait is not None:  # refused before the token is even compared
+            resp = self.error_page(request, 429, "Too many wrong tokens came from your network. "
+                                   f"Try again in {format_span(wait)}.")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
         if not isinstance(token, str) or not self.auth.token_ok(token):
+            self.limiter.failed(request.remote)
             return self._render(request, "login.html", status=401, title="Log in", next=target, wrong=True)
         resp = web.Response(status=303, headers={"Location": target})
         resp.set_cookie(COOKIE, self.auth.new_session(), max_age=int(self.auth.session_seconds), httponly=True,
