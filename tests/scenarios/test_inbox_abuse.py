@@ -2,7 +2,8 @@
 
 - A 3.9 MB message of 20,000 small parts: six readers opening it at once each get the "too large to
   show, download the .eml" page (it is never parsed), the .eml still downloads whole, and the admin
-  /healthz answers 200 all the while; an ordinary message beside it still shows.
+  /healthz answers 200 all the while, also while six readers open a 450-part message (under the
+  budget: parsed once, on the inbox's own threads); an ordinary message beside them still shows.
 - 300 forged sign-in links from one client address: after the first few, 429 with Retry-After; the
   audit log grows by a line or two (not 300), and on stop one line carries the count. Another address
   still signs in. The admin login is limited the same way.
@@ -28,11 +29,11 @@ PARTS = 20_000
 TIMEOUT = aiohttp.ClientTimeout(total=60)  # a hang guard only; nothing passes or fails on time
 
 
-def big_message() -> bytes:
+def big_message(parts_count: int = PARTS, subject: bytes = b"Twenty thousand parts") -> bytes:
     parts = [b"--BIGBOUNDARY\r\nContent-Type: text/plain; name=\"p%05d.txt\"\r\n"
              b"Content-Disposition: attachment; filename=\"p%05d.txt\"\r\n\r\n"
-             b"part %05d of a message made to stall a parser.\r\n" % (i, i, i) for i in range(PARTS)]
-    return (b"From: mallory@else.test\r\nTo: alice@example.test\r\nSubject: Twenty thousand parts\r\n"
+             b"part %05d of a message made to stall a parser.\r\n" % (i, i, i) for i in range(parts_count)]
+    return (b"From: mallory@else.test\r\nTo: alice@example.test\r\nSubject: " + subject + b"\r\n"
             b"Date: Sun, 06 Dec 2026 03:00:00 +0000\r\nMIME-Version: 1.0\r\n"
             b"Content-Type: multipart/mixed; boundary=\"BIGBOUNDARY\"\r\n\r\n"
             + b"".join(parts) + b"--BIGBOUNDARY--\r\n")
@@ -100,13 +101,15 @@ async def sign_in(node: Node, c: aiohttp.ClientSession) -> None:
 async def test_a_message_of_20000_parts_gets_the_too_large_page_and_healthz_stays_up(node: Node) -> None:
     big = await asyncio.to_thread(send, node.serve.port, big_message())
     small = await asyncio.to_thread(send, node.serve.port, small_message())
+    mid = await asyncio.to_thread(send, node.serve.port, big_message(450, b"Four hundred and fifty parts"))
     async with client("127.0.0.1") as c, aiohttp.ClientSession(timeout=TIMEOUT) as admin:
         await sign_in(node, c)
         async with c.get(node.inbox + "/") as r:
             page = await r.text()
         big_url = re.search(rf'href="(/m/{big}/[A-Za-z0-9_-]{{22}})"', page)
         small_url = re.search(rf'href="(/m/{small}/[A-Za-z0-9_-]{{22}})"', page)
-        assert big_url and small_url, page
+        mid_url = re.search(rf'href="(/m/{mid}/[A-Za-z0-9_-]{{22}})"', page)
+        assert big_url and small_url and mid_url, page
 
         async def view(path: str) -> tuple[int, str]:
             async with c.get(node.inbox + path) as r:
@@ -125,9 +128,13 @@ async def test_a_message_of_20000_parts_gets_the_too_large_page_and_healthz_stay
         try:
             views = await asyncio.gather(*(view(big_url.group(1)) for _ in range(6)),
                                          view(big_url.group(1) + "/part/3"))
+            # under the budget, 450 parts are parsed (once, shared by six readers) while /healthz answers
+            mids = await asyncio.gather(*(view(mid_url.group(1)) for _ in range(6)))
         finally:
             stop.set()
             await watcher
+        for status, text in mids:
+            assert status == 200 and "p00449.txt" in text and "Too large" not in text
         for status, text in views:
             assert status == 200
             assert "Too large to show here" in text and f"{big_url.group(1)}/eml" in text
