@@ -18,6 +18,8 @@ from pathlib import Path
 from backupmx.config import Config
 from backupmx.errors import ConfigError
 
+ADMIN_TOKEN_FILE = "admin.token"  # in data_dir when [admin] token_file is unset (admin/auth.py)
+CONTINUITY_KEY_FILE = "continuity.key"  # in data_dir when [continuity] secret_file is unset (continuity/tokens.py)
 DIR_UNSAFE = 0o022  # group or others may write: they could swap the spool or the token under us
 SECRET_UNSAFE = 0o026  # others may read or write, or the group may write (0640 for a group is allowed)
 
@@ -124,16 +126,13 @@ def unsafe_secret(path: Path, what: str) -> str | None:
 def refuse_unsafe(cfg: Config) -> None:
     """Before `serve` binds anything: the data directory and every token or key it would use are private,
     else ConfigError naming each path and its chmod. The data directory is created 0700 when missing."""
-    from backupmx.admin.auth import GENERATED_TOKEN_FILE
-    from backupmx.continuity.tokens import SECRET_FILE
-
     data_dir = cfg.server.data_dir
     problems = [unsafe_dir(data_dir)]
     if cfg.admin.listen:
-        token = cfg.admin.token_file or data_dir / GENERATED_TOKEN_FILE
+        token = cfg.admin.token_file or data_dir / ADMIN_TOKEN_FILE
         problems.append(unsafe_secret(token, "can use the admin API"))
     if cfg.continuity.enabled:
-        key = cfg.continuity.secret_file or data_dir / SECRET_FILE
+        key = cfg.continuity.secret_file or data_dir / CONTINUITY_KEY_FILE
         problems.append(unsafe_secret(key, "can sign in to the emergency inbox as anyone"))
     found = [p for p in problems if p]
     if found:

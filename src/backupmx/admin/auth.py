@@ -21,14 +21,14 @@ from pathlib import Path
 
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import ConfigError
-from backupmx.privatefiles import write_secret
+from backupmx.privatefiles import ADMIN_TOKEN_FILE, write_secret
 
 log = logging.getLogger("backupmx.admin")
 
 COOKIE = "backupmx_session"
 SESSION_SECONDS = 12 * 3600
 MIN_TOKEN_CHARS = 16
-GENERATED_TOKEN_FILE = "admin.token"
+GENERATED_TOKEN_FILE = ADMIN_TOKEN_FILE
 
 
 def is_loopback(host: str) -> bool:

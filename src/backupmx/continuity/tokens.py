@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from backupmx.privatefiles import write_secret
+from backupmx.privatefiles import CONTINUITY_KEY_FILE, write_secret
 
 log = logging.getLogger("backupmx.continuity")
 
-SECRET_FILE = "continuity.key"
+SECRET_FILE = CONTINUITY_KEY_FILE
 SECRET_BYTES = 32
 LINK_PREFIX = "v1"
 
