@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import time
 from pathlib import Path
 
-from backupmx.config import Config, parse_hostport
+from backupmx.config import Config, is_loopback, parse_hostport
 from backupmx.errors import ConfigError
 from backupmx.privatefiles import ADMIN_TOKEN_FILE, write_secret
 
@@ -29,15 +28,6 @@ COOKIE = "backupmx_session"
 SESSION_SECONDS = 12 * 3600
 MIN_TOKEN_CHARS = 16
 GENERATED_TOKEN_FILE = ADMIN_TOKEN_FILE
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def listen_address(config: Config) -> tuple[str, int]:
