@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from backupmx.privatefiles import open_private_append
+
 Listener = Callable[[str, dict[str, object]], None]
 
 
@@ -26,7 +28,8 @@ class MailLog:
 
     @classmethod
     def to_path(cls, path: Path | None, *, fmt: str = "text", node: str = "") -> MailLog:
-        stream = open(path, "a", encoding="utf-8", buffering=1) if path else sys.stderr  # noqa: SIM115
+        # created 0600 (addresses inside); an existing file keeps the mode its operator gave it
+        stream = open(open_private_append(path), "a", encoding="utf-8", buffering=1) if path else sys.stderr  # noqa: SIM115
         return cls(stream, fmt=fmt, node=node)
 
     def subscribe(self, listener: Listener) -> None:
