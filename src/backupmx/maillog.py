@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from backupmx.logfailures import FAILURES, LogName, WriteFailures
+from backupmx.privatefiles import open_private_append
 
 Listener = Callable[[str, dict[str, object]], None]
 
@@ -78,8 +79,8 @@ class _FileSink(_Sink):
 
     def _open(self) -> None:
         self._tried = time.monotonic()
-        # created private: addresses inside
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # created 0600 (addresses inside); an existing file keeps the mode its operator gave it
+        self._fd = open_private_append(self.path)
 
     def write(self, data: str) -> None:
         if self._fd is None:

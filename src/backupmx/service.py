@@ -80,9 +80,11 @@ class Service:
         from backupmx.delivery.scheduler import DeliveryEngine
         from backupmx.monitor.probe import HealthMonitor
         from backupmx.policy.domains import build_checks
+        from backupmx.privatefiles import refuse_unsafe
         from backupmx.smtp.server import SmtpServer
 
         cfg = self.cfg
+        refuse_unsafe(cfg)  # ConfigError (exit 2) before anything is bound or opened
         self.spool = await open_spool(cfg, clock=self.clock)
         self.resolver = RouteResolver(cfg)
         self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)

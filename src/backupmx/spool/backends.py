@@ -9,6 +9,7 @@ from pathlib import Path
 from backupmx.clock import Clock
 from backupmx.config import Config
 from backupmx.errors import ConfigError
+from backupmx.privatefiles import make_private_dir
 from backupmx.spool import Spool
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -24,7 +25,7 @@ async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
     else:
         from backupmx.spool.sqlite import SqliteSpool
 
-        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.server.data_dir)  # 0700 by chmod, whatever the umask
         spool = SqliteSpool(cfg.server.data_dir, node=cfg.server.node, clock=clock)
     await spool.open()
     return spool
