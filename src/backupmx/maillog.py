@@ -89,14 +89,13 @@ class _FileSink(_Sink):
             self._open()
         assert self._fd is not None
         raw = ("\n" + data if self._torn else data).encode("utf-8")
-        view = memoryview(raw)
-        while view:
+        done = 0
+        while done < len(raw):
             try:
-                n = os.write(self._fd, view)
+                done += os.write(self._fd, raw[done:] if done else raw)
             except OSError:
-                self._torn = len(view) != len(raw)  # part of this line is in the file: end it next time
+                self._torn = done > 0  # part of this line is in the file: end it before the next one
                 raise
-            view = view[n:]
         self._torn = False
 
     def close(self) -> None:
