@@ -9,6 +9,9 @@ session (421 4.4.2). `250 ... queued as ID` is sent only after `spool.put_with_i
 POINT. A spool failure answers 452 4.3.1 (full) or 451 4.3.0 (anything else) and never ends the server.
 `stop(grace)` answers new connections and idle sessions 421 4.3.2, lets a transaction in DATA finish (its
 commit and 250) within the grace time, then answers it 421; a commit in progress is never cut.
+STARTTLS: plaintext sent after the command is dropped (injection defence); what arrives inside TLS together
+with the client's Finished (asyncio hands it over before start_tls() returns) is kept. The mail log is
+best-effort (maillog.py): a log that cannot be written never stops a session.
 """
 
 from __future__ import annotations
