@@ -94,8 +94,9 @@ class _FileSink(_Sink):
             try:
                 done += os.write(self._fd, raw[done:] if done else raw)
             except OSError:
-                self._torn = done > 0  # part of this line is in the file: end it before the next one
-                raise
+                if done:  # part of this line is in the file: end it before the next one
+                    self._torn = True
+                raise  # nothing written: a line torn before stays torn
         self._torn = False
 
     def close(self) -> None:

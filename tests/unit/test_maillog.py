@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from backupmx.logfailures import LogName, WriteFailures
 from backupmx.maillog import AddressList, MailLog, format_text
-from tests.support.maillog_text import parse
+from tests.support.maillog_text import ParseError, parse
 
 HOSTILE = [
     "evil\rFAKE\x1b[31m",
@@ -127,18 +128,34 @@ def test_a_closed_stream_never_raises_and_recovery_is_said(caplog: pytest.LogCap
     assert any("writing again (1 write(s) lost)" in r.getMessage() for r in caplog.records)
 
 
-def test_a_file_log_ends_a_torn_line_before_the_next(tmp_path: Path) -> None:
-    failures = WriteFailures()
-    path = tmp_path / "mail.log"
-    log = MailLog.to_path(path, node="n")
-    log._failures = failures
-    sink = log._sink
-    real_fd = sink._fd  # type: ignore[attr-defined]
-    # a write that gets half the line out and then hits a full disk: simulate the torn state directly
-    sink._torn = True  # type: ignore[attr-defined]
-    log.event("connect", client="127.0.0.1")
-    lines = path.read_text().split("\n")
-    assert lines[0] == "" and parse(lines[1])[3] == {"client": "127.0.0.1"}
-    assert sink._fd == real_fd  # type: ignore[attr-defined]
-    log.close()
-    assert (path.stat().st_mode & 0o777) == 0o600
+def test_a_line_torn_by_a_full_disk_is_ended_before_the_next(tmp_path: Path) -> None:
+    """A real partial write: an 8 KiB tmpfs (root only), one page for a filler, one for the mail log."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (disk / "filler").write_bytes(b"f" * 4096)
+        failures = WriteFailures()
+        path = disk / "mail.log"
+        log = MailLog.to_path(path, node="n")
+        log._failures = failures
+        for _ in range(40):  # bounded: 40 lines of ~370 bytes overflow the log's 4 KiB page
+            log.event("connect", client="x" * 300)
+        assert failures.counts()[LogName.MAILLOG] >= 2  # the torn one, and whole ones after it
+        data = path.read_bytes()
+        assert len(data) == 4096 and not data.endswith(b"\n")  # the last line was cut short
+        (disk / "filler").unlink()  # room again
+        log.event("connect", client="127.0.0.1")
+        lines = path.read_text().split("\n")
+        assert lines[-1] == "" and parse(lines[-2])[3] == {"client": "127.0.0.1"}  # whole, on its own line
+        try:  # the torn one: ended on its own line, never merged with the next (its value may just be short)
+            assert parse(lines[-3])[3] != {"client": "x" * 300}
+        except ParseError:
+            pass
+        assert all(parse(ln)[3] == {"client": "x" * 300} for ln in lines[:-3])
+        log.close()
+        assert (path.stat().st_mode & 0o777) == 0o600
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
