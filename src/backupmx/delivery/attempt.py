@@ -1,0 +1,88 @@
+"""One delivery attempt: the route to a destination (the operator's reroute first), a new session to
+it, and one transaction for one job (body read from the spool, handed to relay.py).
+
+Returns values, never raises for what a peer or the DNS does: a destination that cannot be reached is
+an `Unreachable` carrying the outcome every waiting job gets; a body that cannot be read is None (the
+job is left to its lease: it comes back later).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from backupmx.config import Config
+from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, TransactionResult
+from backupmx.delivery.route import Route, RouteResolver, RouteSource, Target
+from backupmx.delivery.work import Destination, Job
+from backupmx.errors import NotFound, RouteError
+from backupmx.model import Bounced, Deferred, Delivered
+from backupmx.reply import Reply
+from backupmx.spool import Spool
+
+log = logging.getLogger("backupmx.delivery")
+
+try:  # the spool's fault-injection hook, for kill tests
+    from backupmx.spool.faults import fault_point
+except ImportError:  # pragma: no cover - the module ships with the spool
+    def fault_point(name: str) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """No session to the destination: every job waiting for it gets `outcome`."""
+
+    outcome: Deferred | Bounced
+    relay: str | None  # host:port last tried, when a connection was tried
+    connect_error: str | None  # set when connecting failed (the health monitor hears of it)
+
+
+class Attempts:
+    def __init__(self, config: Config, spool: Spool, resolver: RouteResolver,
+                 reroutes: Mapping[str, tuple[Target, ...]]) -> None:
+        self._config = config
+        self._spool = spool
+        self._resolver = resolver
+        self._reroutes = reroutes  # the engine's live map: a reroute applies from the next connection
+
+    async def route(self, domain: str) -> Route:
+        reroute = self._reroutes.get(domain)
+        if reroute is not None:
+            return Route(domain, reroute, RouteSource.REROUTE)
+        return await self._resolver.resolve(domain)
+
+    async def connect(self, dest: Destination) -> RelaySession | Unreachable:
+        try:
+            route = await self.route(dest.domain)
+        except RouteError as e:
+            return Unreachable(Deferred(Reply(451, "4.4.3", str(e))), None, None)
+        if route.failure is not None:
+            return Unreachable(Bounced(route.failure), None, None)
+        settings = RelaySettings.from_config(self._config, dest.domain)
+        try:
+            return await RelaySession.open(route.targets, settings)
+        except ConnectFailed as e:
+            return Unreachable(Deferred(e.reply), e.target.label if e.target else None, e.reply.text)
+
+    async def deliver(self, dest: Destination, session: RelaySession, job: Job) -> TransactionResult | None:
+        """One transaction; None when the body cannot be read (gone, or unreadable: left to the lease)."""
+        msg = job.claim.message
+        try:
+            body = await self._spool.read_body(msg.id)
+        except NotFound:
+            log.info("%s: gone from the queue before delivery", msg.id)
+            return None
+        except Exception:
+            log.exception("%s: body unreadable; left to the lease", msg.id)
+            return None
+        dest.in_flight += 1
+        try:
+            # the lease keeper renews the lease meanwhile: the job stays in the window until recorded
+            result = await session.deliver(msg.envelope, job.claim.recipients, body)
+        finally:
+            dest.in_flight -= 1
+        if any(isinstance(o, Delivered) for o in result.outcomes):
+            fault_point("delivery.after_remote_250")
+        return result
