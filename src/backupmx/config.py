@@ -200,6 +200,7 @@ class DeliveryConfig(_Frozen):
     command_timeout: Duration = timedelta(minutes=5)
     data_timeout: Duration = timedelta(minutes=10)  # reply to the final dot (RFC 5321 4.5.3.2.6)
     lease: Duration = timedelta(minutes=15)
+    poison_after: int = Field(5, ge=1)  # unexpected errors in a row before a message is held as poison
 
     @field_validator("retry_min", "retry_max", "probe_interval", "recovery_guard", "retention",
                      "retention_cap", "probe_timeout", "connect_timeout", "lease")

@@ -90,6 +90,18 @@ async def test_release_makes_recipients_claimable_at_once(spool: Spool) -> None:
     assert rec is not None and all(r.attempts == 0 for r in rec.recipients)
 
 
+async def test_release_with_a_due_time_moves_on_without_an_attempt(spool: Spool) -> None:
+    first = await _put(spool, "x@example.com")
+    second = await _put(spool, "y@example.com")
+    claims = await spool.claim_due(now=T0, owner="n1", lease_seconds=600, limit=1)
+    assert _keys(claims) == [(first, 0)]
+    await spool.release(claims, due=[T0 + 300])
+    assert _keys(await spool.claim_due(now=T0 + 1, owner="n1", lease_seconds=600, limit=1)) == [(second, 0)]
+    assert _keys(await spool.claim_due(now=T0 + 300, owner="n2", lease_seconds=600, limit=1)) == [(first, 0)]
+    rec = await spool.get(first)
+    assert rec is not None and rec.recipients[0].attempts == 0
+
+
 async def test_record_outcomes(spool: Spool) -> None:
     qid = await _put(spool, "ok@example.com", "later@example.com", "guard@example.com", "old@example.com")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)

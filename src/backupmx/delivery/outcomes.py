@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from random import Random
 
 from backupmx.clock import Clock
@@ -27,7 +28,7 @@ from backupmx.delivery.relay import TransactionResult
 from backupmx.delivery.retention import RetentionPolicy
 from backupmx.delivery.statistics import Totals
 from backupmx.delivery.work import Destination, Job
-from backupmx.errors import LeaseLost, SpoolError, SpoolUnavailable
+from backupmx.errors import LeaseLost, SpoolError, SpoolFullError, SpoolUnavailable
 from backupmx.maillog import MailLog
 from backupmx.model import Bounced, Deferred, Delivered, MessageKind, MessageRecord, Outcome, RecipientRecord
 from backupmx.spool import NewMessage, OutagePeriod, RecipientUpdate, Spool
@@ -38,6 +39,24 @@ RECORD_RETRY_FIRST = 0.2  # a record refused with SpoolUnavailable: first wait b
 RECORD_RETRY_MAX = 2.0  # doubling up to this
 RECORD_LEASE_MARGIN = 1.0  # stop trying again this long (at most a fifth of the lease) before it runs out
 RECORD_STOP_GRACE = 10.0  # after stop(), how long a record may still be tried again
+
+try:  # the spool's fault-injection hook, for kill tests
+    from backupmx.spool.faults import fault_point
+except ImportError:  # pragma: no cover - the module ships with the spool
+    def fault_point(name: str) -> None:
+        return None
+
+
+class Recorded(StrEnum):
+    COMMITTED = "committed"  # every outcome of the job is in the spool
+    WITH_DSNS = "with-dsns"  # committed, and DSNs were queued (deliver them now)
+    LEFT = "left"  # not recorded: lease lost or ran out, spool unavailable or full; the recipients come back
+    FAILED = "failed"  # not recorded: an unexpected error (counted toward the poison limit)
+
+    @property
+    def committed(self) -> bool:
+        return self in (Recorded.COMMITTED, Recorded.WITH_DSNS)
+
 
 Event = tuple[str, RecipientRecord, Outcome, str]  # (event, recipient, outcome, reason) for the mail log
 
@@ -116,23 +135,41 @@ class OutcomeRecorder:
         self._rng = rng
         self._stopped_at = stopped_at
 
-    async def record(self, dest: Destination, job: Job, result: TransactionResult) -> int | None:
-        """Record `result` for `job`; once committed (then counted and logged) the number of DSNs
-        queued with it, None when it is left to the lease."""
+    async def record(self, dest: Destination, job: Job, result: TransactionResult) -> Recorded:
+        """Record `result` for `job` in two steps. First the primary's 250s, alone in their commit, so that
+        nothing that could fail (a DSN to build, another recipient's update) comes before them. Then every
+        other outcome with the DSNs it owes, in one commit (a bounce never exists without its DSN), and
+        the "relayed" DSNs of the delivered recipients. Raises only for a bug (the caller counts it toward
+        the poison limit); a spool refusal is a Recorded value."""
         now = self._clock.now()
         msg = job.claim.message
         outages = await self._outages.get(dest.domain)
         p = plan(msg, job.claim.recipients, result, now=now, guard=self._guard(dest.domain, now),
                  delay_due=self._notices.delay_due(msg, now), outages=outages, retention=self._retention,
                  config=self._config, rng=self._rng)
+        delivered = [u for u in p.updates if isinstance(u.outcome, Delivered)]
+        others = [u for u in p.updates if not isinstance(u.outcome, Delivered)]
+        if delivered:
+            status = await self.write(job, delivered, [], now)
+            if status is not Recorded.COMMITTED:
+                return status
+            fault_point("delivery.after_delivered_commit")
+            self.account(dest, msg, result.relay, [e for e in p.events if e[0] == "delivered"], now)
+        if not others and not p.relayed:
+            return Recorded.COMMITTED
         dsns = await self._notices.build(msg, [p.failed, p.relayed, p.delayed], now)
+        fault_point("delivery.before_dsn_commit")
+        status = await self.write(job, others, dsns, now)
+        if status is not Recorded.COMMITTED:
+            if delivered:
+                log.warning("%s: delivered recipients recorded; the other outcomes and %d DSNs not (%s): those"
+                            " recipients come back with their lease", msg.id, len(dsns), status.value)
+            return status
         if p.delayed:
-            self._notices.delay_sent(msg)
-        if not await self.write(job, p.updates, dsns, now):
-            return None
-        self.account(dest, msg, result.relay, p.events, now)
+            self._notices.delay_sent(msg)  # only once committed: a failed commit tries the notice again
+        self.account(dest, msg, result.relay, [e for e in p.events if e[0] != "delivered"], now)
         self._totals.counts["dsns"] += len(dsns)
-        return len(dsns)
+        return Recorded.COMMITTED if not dsns else Recorded.WITH_DSNS
 
     def account(self, dest: Destination, msg: MessageRecord, relay: str, events: Sequence[Event],
                 now: float) -> None:
@@ -145,9 +182,11 @@ class OutcomeRecorder:
                 delay=f"{max(now - msg.received_at, 0.0):.1f}", attempts=rcpt.attempts + 1,
                 dsn=reply.status or None, reply=str(reply), reason=reason or None, kind=kind)
 
-    async def write(self, job: Job, updates: list[RecipientUpdate], dsns: list[NewMessage], now: float) -> bool:
-        """`spool.record` for one job; True once the outcomes are committed (by this call or, its reply
-        lost, by an earlier try). While the database is unavailable the same updates and DSNs are tried
+    async def write(self, job: Job, updates: list[RecipientUpdate], dsns: list[NewMessage], now: float) -> Recorded:
+        """`spool.record` for one job; COMMITTED once the outcomes are committed (by this call or, its
+        reply lost, by an earlier try), LEFT when the lease ran out or was lost (the recipients come back),
+        FAILED on an unexpected error (counted toward the poison limit).
+        While the database is unavailable the same updates and DSNs are tried
         again, with a short backoff, as long as the lease is ours (renewed here too: the lease keeper stops
         at stop() and does not run under run_once). Before a new try the recipients are read back: record
         is one commit, so either every updated recipient carries a new state or attempt count (the earlier
@@ -159,15 +198,18 @@ class OutcomeRecorder:
         tries = 1
         try:
             await self._spool.record(self._owner, updates, dsns, now=now)
-            return True
+            return Recorded.COMMITTED
         except LeaseLost as e:
             log.warning("%s: lease lost before recording (%s); the recipients come back later", msg_id, e)
-            return False
+            return Recorded.LEFT
         except SpoolUnavailable as e:
             log.warning("%s: recording outcomes failed (%s); trying again while the lease lasts", msg_id, e)
+        except SpoolFullError:
+            log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
+            return Recorded.LEFT
         except Exception:
             log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
-            return False
+            return Recorded.FAILED
         # renewals could keep the lease forever (a database that renews but refuses the record): bounded
         give_up_at = time.monotonic() + self._lease - margin
         while True:
@@ -177,19 +219,19 @@ class OutcomeRecorder:
             if mono >= min(job.lease_ends - margin, give_up_at):
                 log.warning("%s: outcomes not recorded after %d tries, the lease runs out; the recipients"
                             " come back (a duplicate at worst)", msg_id, tries)
-                return False
+                return Recorded.LEFT
             stopped_at = self._stopped_at()
             if stopped_at is not None and mono >= stopped_at + RECORD_STOP_GRACE:
                 log.warning("%s: outcomes not recorded after %d tries, stopping; the recipients come back"
                             " when the lease runs out", msg_id, tries)
-                return False
+                return Recorded.LEFT
             try:
                 done = await self._recorded(job, updates)
                 if done is None:
-                    return False
+                    return Recorded.LEFT
                 if done:
                     log.info("%s: outcomes found recorded by an earlier try (its reply was lost)", msg_id)
-                    return True
+                    return Recorded.COMMITTED
                 await self._spool.renew([job.claim], now=self._clock.now(), lease_seconds=self._lease)
                 job.lease_ends = mono + self._lease
                 tries += 1
@@ -197,14 +239,29 @@ class OutcomeRecorder:
             except LeaseLost as e:
                 log.warning("%s: lease lost while trying to record again (%s); the recipients come back later",
                             msg_id, e)
-                return False
+                return Recorded.LEFT
             except SpoolUnavailable:
                 continue
+            except SpoolFullError:
+                log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
+                return Recorded.LEFT
             except Exception:
                 log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
-                return False
+                return Recorded.FAILED
             log.info("%s: outcomes recorded after %d tries", msg_id, tries)
-            return True
+            return Recorded.COMMITTED
+
+    async def write_once(self, updates: list[RecipientUpdate], dsns: list[NewMessage], now: float) -> Recorded:
+        """`spool.record` once, no retry (the sweep: its next run tries again)."""
+        try:
+            await self._spool.record(self._owner, updates, dsns, now=now)
+            return Recorded.COMMITTED
+        except (LeaseLost, SpoolUnavailable, SpoolFullError) as e:
+            log.warning("%s: recording the sweep's outcomes failed (%s)", updates[0].message_id, e)
+            return Recorded.LEFT
+        except Exception:
+            log.exception("%s: recording the sweep's outcomes failed", updates[0].message_id)
+            return Recorded.FAILED
 
     async def _recorded(self, job: Job, updates: Sequence[RecipientUpdate]) -> bool | None:
         """Whether `updates` are in the spool already: True (every recipient changed since the claim),

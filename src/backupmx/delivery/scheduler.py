@@ -32,7 +32,8 @@ from backupmx.delivery.connections import Connections
 from backupmx.delivery.leases import LeaseKeeper
 from backupmx.delivery.notices import Notices
 from backupmx.delivery.outages import OutageCache
-from backupmx.delivery.outcomes import OutcomeRecorder
+from backupmx.delivery.outcomes import OutcomeRecorder, Recorded
+from backupmx.delivery.poison import PoisonGuard
 from backupmx.delivery.relay import RelaySession, TransactionResult
 from backupmx.delivery.route import RouteResolver, Target
 from backupmx.delivery.statistics import DestinationStatistics, EngineStatistics, Totals
@@ -100,9 +101,10 @@ class DeliveryEngine:
         self._recorder = OutcomeRecorder(config, spool, clock, maillog, owner=owner, lease=lease, guard=self._guard,
                                          outages=self._outages, notices=self._notices, totals=self._totals,
                                          rng=rng or Random(), stopped_at=lambda: self._stopped_at)
+        self._poison = PoisonGuard(spool, clock, maillog, limit=d.poison_after)
         self._sweep = DownSweep(config, spool, self._window, self._recorder, owner=owner, lease=lease,
                                 protected=protected, deliverable=self._deliverable, outages=self._outages,
-                                notices=self._notices, totals=self._totals)
+                                notices=self._notices, totals=self._totals, poison=self._poison)
         self._leases = LeaseKeeper(spool, clock, self._window, lease=lease, stopping=lambda: self._stopping)
         for name in sorted(protected):
             self._window.dest(name)  # every protected destination shows in statistics(), even before mail
@@ -300,39 +302,64 @@ class DeliveryEngine:
         return None
 
     async def _deliver(self, dest: Destination, session: RelaySession, job: Job) -> None:
-        result = await self._attempts.deliver(dest, session, job)
+        try:
+            result = await self._attempts.deliver(dest, session, job)
+        except Exception as e:  # relay.py maps what peers do; this is ours: the session is in doubt
+            log.exception("%s: the delivery attempt failed", job.claim.message.id)
+            session.abort()
+            await self._poison.failed(job.claim.message.id, f"{type(e).__name__}: {e}")
+            return
         if result is not None:
             await self._record(dest, job, result)
 
     async def _record(self, dest: Destination, job: Job, result: TransactionResult) -> None:
-        dsns = await self._recorder.record(dest, job, result)
-        if dsns is None:
+        """Total: whatever happens, the job ends here in a recorded outcome, or left to its lease (it
+        comes back); an unexpected error counts toward the poison limit. The caller takes the job out of
+        the window."""
+        msg_id = job.claim.message.id
+        try:
+            status = await self._recorder.record(dest, job, result)
+        except Exception as e:  # a bug, or a message no code path expected: never a stuck job
+            log.exception("%s: recording the outcome failed", msg_id)
+            status, error = Recorded.FAILED, f"{type(e).__name__}: {e}"
+        else:
+            error = "recording the outcome failed (see the diagnostic log)"
+        if status is Recorded.FAILED:
+            await self._poison.failed(msg_id, error)
+            return
+        if not status.committed:
             return  # left to the lease
-        if dsns:
+        await self._poison.succeeded(msg_id)
+        if status is Recorded.WITH_DSNS:
             self.wake()  # deliver the DSNs now
         self._connections.feedback(dest, result)
         if dest.domain not in self._reroutes and any(isinstance(o, Delivered) for o in result.outcomes):
-            await self._monitor.report_delivery(dest.domain, ok=True)
+            try:
+                await self._monitor.report_delivery(dest.domain, ok=True)
+            except Exception:
+                log.exception("reporting a delivery to the health monitor")
 
     async def _fail_queue(self, dest: Destination, outcome: Deferred | Bounced, *, relay: str | None) -> None:
         """The destination cannot be reached now: every waiting job gets the same outcome, in one commit
         per message (no attempt per message against a dead host, as Postfix does)."""
         jobs = self._window.take_queue(dest)
         label = relay or "none"
-        for n, job in enumerate(jobs):
-            if not self._deliverable(dest.domain):
-                # the monitor has just declared the destination DOWN: no attempt is counted for the rest
-                rest = jobs[n:]
-                for j in rest:
-                    self._window.done(j)
-                await self._claimer.release(rest)
-                return
-            try:
+        try:
+            for n, job in enumerate(jobs):
+                if not self._deliverable(dest.domain):
+                    # the monitor has just declared the destination DOWN: no attempt is counted for the rest
+                    rest = jobs[n:]
+                    for j in rest:
+                        self._window.done(j)
+                    await self._claimer.release(rest)  # if this fails, their leases run out
+                    return
                 outcomes = tuple(outcome for _ in job.claim.recipients)
                 result = TransactionResult(outcomes, label, relay.rsplit(":", 1)[0] if relay else "", False,
                                            timed_out=False)
-                await self._record(dest, job, result)
-            finally:
+                await self._record(dest, job, result)  # total: each job independently
+                self._window.done(job)
+        finally:
+            for job in jobs:  # whatever raised (a release, a cancellation): no job stays in the window
                 self._window.done(job)
 
     # -- monitor events ---------------------------------------------------------------------------------

@@ -2,38 +2,41 @@
 retention's hard cap still expires (with its DSN), and a message due its delay notice still gets it.
 
 Runs every SWEEP_INTERVAL over each protected destination that is not deliverable, SWEEP_BATCH
-recipients at a time; what needs nothing is given back untouched. A failure is logged per destination
-or message and tried again at the next sweep.
+recipients at a time; what needs nothing is given back due when it next may, so sweeps advance through
+the whole queue. A failure is logged per destination or message and tried again at the next sweep;
+an unexpected one counts toward the poison limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from backupmx.config import Config
 from backupmx.delivery.bounce import DsnAction, DsnRecipient, dsn_owed
 from backupmx.delivery.notices import Notices
 from backupmx.delivery.outages import OutageCache
-from backupmx.delivery.outcomes import Event, OutcomeRecorder
+from backupmx.delivery.outcomes import Event, OutcomeRecorder, Recorded
+from backupmx.delivery.poison import PoisonGuard
 from backupmx.delivery.retention import RetentionPolicy
 from backupmx.delivery.statistics import Totals
 from backupmx.delivery.work import Window
-from backupmx.model import Deferred, RecipientRecord
+from backupmx.model import Deferred, MessageRecord, RecipientRecord
 from backupmx.reply import Reply
-from backupmx.spool import Claim, RecipientUpdate, Spool
+from backupmx.spool import Claim, OutagePeriod, RecipientUpdate, Spool
 
 log = logging.getLogger("backupmx.delivery")
 
 SWEEP_INTERVAL = 60.0  # how often DOWN destinations are checked for expiry and delay notices
 SWEEP_BATCH = 500
+SWEEP_BATCHES = 10  # batches per destination and sweep at most
 
 
 class DownSweep:
     def __init__(self, config: Config, spool: Spool, window: Window, recorder: OutcomeRecorder, *, owner: str,
                  lease: float, protected: Iterable[str], deliverable: Callable[[str], bool], outages: OutageCache,
-                 notices: Notices, totals: Totals) -> None:
+                 notices: Notices, totals: Totals, poison: PoisonGuard) -> None:
         self._d = config.delivery
         self._spool = spool
         self._window = window
@@ -45,6 +48,7 @@ class DownSweep:
         self._outages = outages
         self._notices = notices
         self._totals = totals
+        self._poison = poison
         self._retention = RetentionPolicy(self._d.retention, self._d.retention_cap)
 
     async def sweep(self, now: float) -> None:
@@ -57,22 +61,52 @@ class DownSweep:
                 log.exception("sweeping %s", domain)
 
     async def _sweep_one(self, domain: str, now: float) -> None:
-        claims = await self._spool.claim_due(now=now, owner=self._owner, lease_seconds=self._lease,
-                                             limit=SWEEP_BATCH, domains=[domain])
-        if not claims:
-            return
-        outages = await self._outages.get(domain, fresh=True)
+        """Up to SWEEP_BATCHES batches: what needs nothing now is given back due when it next may (its
+        delay notice or its expiry, within `retry_max`), so the next batch, and the next sweep, reads
+        other recipients instead of the same first SWEEP_BATCH again."""
+        for _ in range(SWEEP_BATCHES):
+            claims = await self._spool.claim_due(now=now, owner=self._owner, lease_seconds=self._lease,
+                                                 limit=SWEEP_BATCH, domains=[domain])
+            if not claims:
+                return
+            outages = await self._outages.get(domain, fresh=True)
+            give_back: list[Claim] = []
+            due: list[float] = []
+            try:
+                for claim in claims:
+                    untouched = await self._sweep_message(domain, claim, now, outages)
+                    if untouched:
+                        give_back.append(dataclasses.replace(claim, recipients=tuple(untouched)))
+                        due.append(self._next_look(claim.message, now, outages))
+            finally:
+                if give_back:
+                    await self._spool.release(give_back, due=due)
+            if sum(len(c.recipients) for c in claims) < SWEEP_BATCH:
+                return
+
+    def _next_look(self, msg: MessageRecord, now: float, outages: Sequence[OutagePeriod]) -> float:
+        """When a recipient the sweep left untouched may need it: its delay notice, its expiry, and at
+        the latest `retry_max` from now (a due time further ahead would look like a clock jump)."""
+        at = min(self._retention.expires_at(msg.received_at, now, outages), now + self._d.retry_max.total_seconds())
+        warn = self._d.delay_warning
+        if warn is not None and not any(r.delay_notified for r in msg.recipients):
+            at = min(at, msg.received_at + warn.total_seconds())
+        return max(at, now + 1.0)
+
+    async def _sweep_message(self, domain: str, claim: Claim, now: float, outages: Sequence[OutagePeriod]
+                             ) -> list[RecipientRecord]:
+        """Expire or notify what is due for it, in one commit with the DSNs; returns the untouched
+        recipients. A failure leaves the message to its lease; an unexpected one counts as poison."""
+        msg = claim.message
         dest = self._window.dest(domain)
-        give_back: list[Claim] = []
         down = Reply(451, "4.4.1", f"primary of {domain} is down (outage declared)")
-        for claim in claims:
-            msg = claim.message
-            delay_due = self._notices.delay_due(msg, now)
-            updates: list[RecipientUpdate] = []
-            failed: list[DsnRecipient] = []
-            delayed: list[DsnRecipient] = []
-            events: list[Event] = []
-            untouched: list[RecipientRecord] = []
+        delay_due = self._notices.delay_due(msg, now)
+        updates: list[RecipientUpdate] = []
+        failed: list[DsnRecipient] = []
+        delayed: list[DsnRecipient] = []
+        events: list[Event] = []
+        untouched: list[RecipientRecord] = []
+        try:
             for rcpt in claim.recipients:
                 if self._retention.expired(msg.received_at, now, outages):
                     outcome = Deferred(Reply.parse(rcpt.last_reply) if rcpt.last_reply else down)
@@ -91,19 +125,20 @@ class DownSweep:
                         will_retry_until=self._retention.expires_at(msg.received_at, now, outages)))
                 else:
                     untouched.append(rcpt)
-            if untouched:
-                give_back.append(dataclasses.replace(claim, recipients=tuple(untouched)))
             if not updates:
-                continue
+                return untouched
             dsns = await self._notices.build(msg, [failed, delayed], now)
-            if delayed:
-                self._notices.delay_sent(msg)
-            try:
-                await self._spool.record(self._owner, updates, dsns, now=now)
-            except Exception:
-                log.exception("%s: recording the sweep's outcomes failed", msg.id)
-                continue
-            self._recorder.account(dest, msg, "none", events, now)
-            self._totals.counts["dsns"] += len(dsns)
-        if give_back:
-            await self._spool.release(give_back)
+        except Exception as e:
+            log.exception("%s: the sweep's outcomes could not be prepared", msg.id)
+            await self._poison.failed(msg.id, f"{type(e).__name__}: {e}")
+            return []  # left to the lease
+        status = await self._recorder.write_once(updates, dsns, now)
+        if status is Recorded.FAILED:
+            await self._poison.failed(msg.id, "recording the sweep's outcomes failed (see the diagnostic log)")
+        if not status.committed:
+            return []  # left to the lease: the next sweep after it runs out tries again
+        if delayed:
+            self._notices.delay_sent(msg)  # only once committed
+        self._recorder.account(dest, msg, "none", events, now)
+        self._totals.counts["dsns"] += len(dsns)
+        return untouched

@@ -169,8 +169,10 @@ class Spool(Protocol):
         """Extend the lease while a delivery runs. Raises LeaseLost if any lease was taken over."""
         ...
 
-    async def release(self, claims: Sequence[Claim]) -> None:
-        """Give leases back without an outcome (shutdown, destination went DOWN before an attempt)."""
+    async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
+        """Give leases back without an outcome (shutdown, destination went DOWN before an attempt).
+        `due`, aligned with `claims`: each claim's recipients become due then (no attempt counted), so
+        a sweep that looked at them moves on to others; None keeps their due time."""
         ...
 
     async def record(self, owner: str, updates: Sequence[RecipientUpdate],

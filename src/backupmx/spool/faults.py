@@ -17,6 +17,9 @@ import threading
 FAULT_POINTS = (
     "spool.before_commit",  # a group containing a put is written, COMMIT not yet issued
     "spool.after_commit",  # COMMIT returned, the callers' futures not yet resolved
+    "delivery.after_remote_250",  # the primary said 250, nothing recorded yet
+    "delivery.after_delivered_commit",  # the 250s are committed, the other outcomes and DSNs not yet
+    "delivery.before_dsn_commit",  # the DSNs are built, their commit not yet issued
 )
 
 _lock = threading.Lock()

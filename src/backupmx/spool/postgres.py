@@ -872,17 +872,21 @@ class PostgresSpool:
 
         await self._write(op)
 
-    async def release(self, claims: Sequence[Claim]) -> None:
-        keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
+    async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
+        if due is not None and len(due) != len(claims):
+            raise SpoolError("release: due must be aligned with claims")
+        keys = [(c.owner, r.message_id, r.index, None if due is None else due[n])
+                for n, c in enumerate(claims) for r in c.recipients]
         if not keys:
             return
 
         async def op(conn: Connection) -> None:
             await conn.execute(
-                "UPDATE recipients r SET lease_owner = NULL, lease_until = NULL"
-                " FROM unnest($1::text[], $2::int[], $3::text[]) AS k(qid, idx, owner)"
+                "UPDATE recipients r SET lease_owner = NULL, lease_until = NULL,"
+                " next_attempt_at = coalesce(k.due, r.next_attempt_at)"
+                " FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[]) AS k(qid, idx, owner, due)"
                 " WHERE r.message_id = k.qid AND r.idx = k.idx AND r.lease_owner = k.owner",
-                [k[1] for k in keys], [k[2] for k in keys], [k[0] for k in keys])
+                [k[1] for k in keys], [k[2] for k in keys], [k[0] for k in keys], [k[3] for k in keys])
 
         await self._write(op)
 

@@ -638,16 +638,20 @@ class SqliteSpool:
 
         await self._write(op)
 
-    async def release(self, claims: Sequence[Claim]) -> None:
-        keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
+    async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
+        if due is not None and len(due) != len(claims):
+            raise SpoolError("release: due must be aligned with claims")
+        keys = [(c.owner, r.message_id, r.index, None if due is None else due[n])
+                for n, c in enumerate(claims) for r in c.recipients]
         if not keys:
             return
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+                "UPDATE recipients SET lease_owner = NULL, lease_until = NULL,"
+                " next_attempt_at = coalesce(?, next_attempt_at)"
                 " WHERE message_id = ? AND idx = ? AND lease_owner = ?",
-                [(qid, idx, owner) for owner, qid, idx in keys],
+                [(at, qid, idx, owner) for owner, qid, idx, at in keys],
             )
 
         await self._write(op)

@@ -1,0 +1,161 @@
+"""Issue 12, engine side, against a real SqliteSpool and loopback primaries with a FakeClock: one failing
+job does not strand the others (item 4), a message whose processing keeps raising is set aside as
+poison (held, never retried endlessly, never dropped), the DOWN sweep advances through the whole queue
+and a failed commit does not silence a delay notice (item 6).
+
+An "unexpected error" is injected where a real one was found (issue 12 items 1-2: building a DSN from an
+odd envelope raised): `build_dsn` raises for one chosen message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+import backupmx.delivery.notices as notices
+from backupmx.delivery import sweep
+from backupmx.errors import SpoolUnavailable
+from backupmx.model import MessageRecord, QueueId, Recipient, RecipientState
+from backupmx.spool import NewMessage, RecipientUpdate
+from tests.unit.delivery.fake_primary import Primary, closed_port
+from tests.unit.delivery.harness import Harness, make_config
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Primary]:
+    p = await Primary(hostname="sender-mx.test").start()
+    yield p
+    await p.stop()
+
+
+def poison_dsns_of(monkeypatch: pytest.MonkeyPatch, bad: set[QueueId]) -> list[QueueId]:
+    """build_dsn raises for the messages in `bad` (filled in later); returns the list of calls."""
+    real = notices.build_dsn
+    calls: list[QueueId] = []
+
+    def build(msg: MessageRecord, *a: object, **kw: object) -> NewMessage:
+        calls.append(msg.id)
+        if msg.id in bad:
+            raise ValueError("header value contains a line break (injected)")
+        return real(msg, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(notices, "build_dsn", build)
+    return calls
+
+
+async def refused(tmp_path: Path, sink: Primary, **delivery: object) -> Harness:
+    d = {"delay_warning": "1m", "down_after": 100, "concurrency_initial": 1, **delivery}
+    h = await Harness(tmp_path, make_config(f"127.0.0.1:{closed_port()}", delivery=d)).open()
+    h.engine.set_reroute("sender.test", [("127.0.0.1", sink.port)])
+    return h
+
+
+async def test_one_failing_job_does_not_strand_the_others(tmp_path: Path, sink: Primary,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    bad: set[QueueId] = set()
+    poison_dsns_of(monkeypatch, bad)
+    h = await refused(tmp_path, sink)
+    ids = [await h.put("a@example.com") for _ in range(3)]
+    bad.add(ids[1])
+    h.fake.advance(120)  # a delay notice is due with the deferral: the DSN for ids[1] raises
+    # before: the jobs after the failing one stayed in the window, leases renewed, and run_once waited
+    # for them forever
+    await asyncio.wait_for(h.engine.run_once(), 20)
+    assert h.engine.statistics().claimed == 0
+    for qid in (ids[0], ids[2]):
+        r = await h.rcpt(qid)
+        assert r.state is RecipientState.QUEUED and r.attempts == 1 and r.delay_notified
+    assert (await h.rcpt(ids[1])).attempts == 0  # not recorded: left to its lease
+    assert len(sink.received) == 2  # the two delay notices
+    await h.close()
+
+
+async def test_poison_message_is_held_after_n_failures_in_a_row(tmp_path: Path, sink: Primary,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    bad: set[QueueId] = set()
+    calls = poison_dsns_of(monkeypatch, bad)
+    h = await refused(tmp_path, sink, poison_after=3)
+    good = await h.put("a@example.com")
+    qid = await h.put("b@example.com", "c@example.com")
+    bad.add(qid)
+    for _ in range(5):
+        h.fake.advance(120)  # past the lease (60 s): the message comes back
+        await asyncio.wait_for(h.engine.run_once(), 20)
+    assert calls.count(qid) == 3  # three tries, then never again
+    rec = await h.get(qid)
+    assert [(r.state, r.held_reason) for r in rec.recipients] == [(RecipientState.HELD, "poison")] * 2
+    assert h.events.named("held")[-1]["reason"] == "poison"
+    assert (await h.rcpt(good)).delay_notified  # the other message was not held up
+    assert await h.spool.kv_get("poison", str(qid)) is None  # the count is cleared once set aside
+    # released by the operator, and the error gone: delivered normally (not dropped)
+    bad.clear()
+    assert await h.spool.release_held(qid, now=h.clock.now()) == 2
+    h.fake.advance(1)
+    await asyncio.wait_for(h.engine.run_once(), 20)
+    assert {r.state for r in (await h.get(qid)).recipients} == {RecipientState.QUEUED}
+    assert all(r.attempts == 1 for r in (await h.get(qid)).recipients)
+    await h.close()
+
+
+async def test_failures_not_in_a_row_do_not_poison(tmp_path: Path, sink: Primary,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    bad: set[QueueId] = set()
+    poison_dsns_of(monkeypatch, bad)
+    h = await refused(tmp_path, sink, poison_after=2, delay_warning="30m")
+    qid = await h.put("a@example.com")
+    h.fake.advance(3600)
+    bad.add(qid)
+    await asyncio.wait_for(h.engine.run_once(), 20)  # failure 1 (the delay notice raises)
+    assert await h.spool.kv_get("poison", str(qid)) == b"1"
+    bad.clear()
+    h.fake.advance(120)
+    await asyncio.wait_for(h.engine.run_once(), 20)  # recorded: the count is cleared
+    assert await h.spool.kv_get("poison", str(qid)) is None
+    assert (await h.rcpt(qid)).state is RecipientState.QUEUED
+    await h.close()
+
+
+async def test_down_sweep_advances_past_recipients_it_leaves_alone(tmp_path: Path, sink: Primary,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "SWEEP_BATCH", 4)
+    monkeypatch.setattr(sweep, "SWEEP_BATCHES", 1)
+    h = await refused(tmp_path, sink)
+    await h.monitor.force_down("example.com", "test")
+    never = [await h.put(Recipient("n@example.com", notify=("NEVER",))) for _ in range(4)]  # due first
+    later = [await h.put("a@example.com") for _ in range(3)]
+    h.fake.advance(120)
+    for _ in range(3):
+        await asyncio.wait_for(h.engine.run_once(), 20)
+        h.fake.advance(61)
+    # before: every sweep read the same four NOTIFY=NEVER recipients again, the later messages never
+    # got their delay notice
+    assert [(await h.rcpt(q)).delay_notified for q in later] == [True] * 3
+    assert len(sink.received) == 3
+    assert [(await h.rcpt(q)).attempts for q in never] == [0] * 4  # left alone: no attempt while DOWN
+    await h.close()
+
+
+async def test_a_failed_sweep_commit_does_not_silence_the_delay_notice(tmp_path: Path, sink: Primary) -> None:
+    h = await refused(tmp_path, sink, lease="5s")
+    await h.monitor.force_down("example.com", "test")
+    qid = await h.put("a@example.com")
+    real = h.spool.record
+    failures = [1]
+
+    async def record(owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
+                     *, now: float) -> list[QueueId]:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise SpoolUnavailable("spool unavailable (injected)")
+        return await real(owner, updates, new_messages, now=now)
+
+    h.spool.record = record  # type: ignore[method-assign]
+    h.fake.advance(120)
+    await asyncio.wait_for(h.engine.run_once(), 20)
+    assert not (await h.rcpt(qid)).delay_notified
+    h.fake.advance(61)  # the lease runs out, the next sweep tries again
+    await asyncio.wait_for(h.engine.run_once(), 20)
+    assert (await h.rcpt(qid)).delay_notified and len(sink.received) == 1
+    await h.close()
