@@ -159,3 +159,19 @@ async def test_a_failed_sweep_commit_does_not_silence_the_delay_notice(tmp_path:
     await asyncio.wait_for(h.engine.run_once(), 20)
     assert (await h.rcpt(qid)).delay_notified and len(sink.received) == 1
     await h.close()
+
+
+async def test_parallel_refused_connects_do_not_declare_an_outage(tmp_path: Path) -> None:
+    """Issue 12 item 7: two workers refused at once (a primary restarting) are one observation."""
+    h = await Harness(tmp_path, make_config(f"127.0.0.1:{closed_port()}", delivery={
+        "down_after": 2, "concurrency_initial": 2, "probe_interval": "30s"})).open()
+    for _ in range(4):
+        await h.put("a@example.com")
+    await asyncio.wait_for(h.engine.run_once(), 20)
+    assert h.monitor.is_deliverable("example.com")
+    assert await h.spool.outages("example.com") == []
+    assert h.monitor.status("example.com").consecutive_failures == 1
+    h.fake.advance(31)  # a failure a probe interval later is a second observation: DOWN
+    await h.monitor.report_delivery("example.com", ok=False, error="connection refused")
+    assert not h.monitor.is_deliverable("example.com")
+    await h.close()
