@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupmx import __version__
+from backupmx.clock import format_span
 from backupmx.config import Config, load_config
 from backupmx.errors import BackupMXError, ConfigError
 from backupmx.model import MessageRecord, QueueId, RecipientState
@@ -180,6 +181,7 @@ def message_json(m: MessageRecord) -> dict[str, Any]:
                 "last_attempt_at": _iso(r.last_attempt_at),
                 "last_reply": r.last_reply,
                 "held_reason": r.held_reason,
+                "held_since": _iso(r.updated_at) if r.state is RecipientState.HELD else None,
             }
             for r in m.recipients
         ],
@@ -221,7 +223,10 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
             print(f"{m.id}{mark} {m.size:8d} {_ts(m.received_at):20s}  {m.envelope.sender or 'MAILER-DAEMON'}")
             for r in pending:
                 note = r.last_reply or ""
-                if r.state is not RecipientState.QUEUED:
+                if r.state is RecipientState.HELD:  # how long: held mail is reviewed, never forgotten
+                    age = format_span(time.time() - r.updated_at)
+                    note = f"held by {r.held_reason or 'operator'} for {age}: {note}".rstrip(": ")
+                elif r.state is not RecipientState.QUEUED:
                     note = f"{r.state.value}{' by ' + r.held_reason if r.held_reason else ''}: {note}".rstrip(": ")
                 elif not note and r.domain in down_since:
                     note = f"held: primary of {r.domain} down since {_iso(down_since[r.domain])}"

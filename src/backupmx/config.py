@@ -419,6 +419,7 @@ class Condition(StrEnum):
     FREE_DISK = "free_disk"  # the node: free space on the data directory below free_disk_below
     DELIVERY_FAILING = "delivery_failing"  # per domain: the primary answers, but refuses or fails deliveries
     BACKUP_PATH_BROKEN = "backup_path_broken"  # per domain: the canary ([[canary]]) failed while the primary was up
+    MAIL_SET_ASIDE = "mail_set_aside"  # per domain: recipients held as poison or by the recovery guard (review them)
 
 
 class AlertConfig(BaseModel):

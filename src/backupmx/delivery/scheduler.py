@@ -37,7 +37,7 @@ from backupmx.delivery.poison import PoisonGuard
 from backupmx.delivery.relay import RelaySession, TransactionResult
 from backupmx.delivery.route import RouteResolver, Target
 from backupmx.delivery.statistics import DestinationStatistics, EngineStatistics, Totals
-from backupmx.delivery.sweep import SWEEP_INTERVAL, DownSweep
+from backupmx.delivery.sweep import SWEEP_INTERVAL, DownSweep, HeldSweep
 from backupmx.delivery.work import MAX_RCPTS_PER_TRANSACTION, Destination, Job, Window
 from backupmx.maillog import MailLog
 from backupmx.model import Bounced, Deferred, Delivered
@@ -105,6 +105,8 @@ class DeliveryEngine:
         self._sweep = DownSweep(config, spool, self._window, self._recorder, owner=owner, lease=lease,
                                 protected=protected, deliverable=self._deliverable, outages=self._outages,
                                 notices=self._notices, totals=self._totals, poison=self._poison)
+        self._held = HeldSweep(config, spool, self._window, self._recorder, owner=owner, lease=lease,
+                               notices=self._notices, totals=self._totals)
         self._leases = LeaseKeeper(spool, clock, self._window, lease=lease, stopping=lambda: self._stopping)
         for name in sorted(protected):
             self._window.dest(name)  # every protected destination shows in statistics(), even before mail
@@ -184,6 +186,7 @@ class DeliveryEngine:
         if now - self._last_sweep >= SWEEP_INTERVAL:
             self._last_sweep = now
             await self._sweep.sweep(now)
+            await self._held.sweep(now)
         self._connections.expire()
         for dest in self._window.dests.values():
             if dest.queue and not self._deliverable(dest.domain):

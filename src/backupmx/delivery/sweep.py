@@ -22,9 +22,9 @@ from backupmx.delivery.poison import PoisonGuard
 from backupmx.delivery.retention import RetentionPolicy
 from backupmx.delivery.statistics import Totals
 from backupmx.delivery.work import Window
-from backupmx.model import Deferred, MessageRecord, RecipientRecord
+from backupmx.model import Deferred, MessageRecord, QueueId, RecipientRecord, RecipientState
 from backupmx.reply import Reply
-from backupmx.spool import Claim, OutagePeriod, RecipientUpdate, Spool
+from backupmx.spool import Claim, OutagePeriod, QueueFilter, RecipientUpdate, Spool
 
 log = logging.getLogger("backupmx.delivery")
 
@@ -142,3 +142,76 @@ class DownSweep:
         self._recorder.account(dest, msg, "none", events, now)
         self._totals.counts["dsns"] += len(dsns)
         return untouched
+
+
+HELD_EXPIRES = ("recovery-guard", "poison")  # holds that follow retention_cap; an operator's hold does not
+HELD_PAGE = 100
+
+
+class HeldSweep:
+    """Held is not forgotten: a recipient HELD by the recovery guard or as poison that reaches
+    `retention_cap` (wall clock since arrival) expires with its DSN, as queued mail does, unless the
+    operator released or deleted it first. Messages are read oldest first; the first one not yet at the
+    cap ends the scan (arrival order), so a sweep reads little more than what it expires."""
+
+    def __init__(self, config: Config, spool: Spool, window: Window, recorder: OutcomeRecorder, *, owner: str,
+                 lease: float, notices: Notices, totals: Totals) -> None:
+        self._cap = config.delivery.retention_cap.total_seconds()
+        self._spool = spool
+        self._window = window
+        self._recorder = recorder
+        self._owner = owner
+        self._lease = lease
+        self._notices = notices
+        self._totals = totals
+
+    async def sweep(self, now: float) -> None:
+        for reason in HELD_EXPIRES:
+            try:
+                await self._expire(reason, now)
+            except Exception:
+                log.exception("expiring recipients held as %s", reason)  # tried again at the next sweep
+
+    async def _expire(self, reason: str, now: float) -> None:
+        flt = QueueFilter(state=RecipientState.HELD, held_reason=reason)
+        after: QueueId | None = None
+        for _ in range(SWEEP_BATCHES):
+            page = await self._spool.list_messages(flt, limit=HELD_PAGE, after=after)
+            for msg in page:
+                if now - msg.received_at < self._cap:
+                    return
+                await self._expire_message(msg, reason, now)
+            if len(page) < HELD_PAGE:
+                return
+            after = page[-1].id
+
+    async def _expire_message(self, msg: MessageRecord, reason: str, now: float) -> None:
+        claim = await self._spool.claim_held(msg.id, reason=reason, owner=self._owner, lease_seconds=self._lease,
+                                             now=now)
+        if claim is None:
+            return
+        msg = claim.message
+        updates: list[RecipientUpdate] = []
+        failed: list[DsnRecipient] = []
+        events: list[Event] = []
+        for rcpt in claim.recipients:
+            why = Reply(451, "4.4.7", f"held ({reason}) until the retention cap")
+            outcome = Deferred(Reply.parse(rcpt.last_reply) if rcpt.last_reply else why)
+            updates.append(RecipientUpdate(msg.id, rcpt.index, None, expire=True))
+            events.append(("expired", rcpt, outcome, reason))
+            if dsn_owed(msg.envelope, rcpt.notify, DsnAction.FAILED):
+                failed.append(DsnRecipient(rcpt, DsnAction.FAILED, "4.4.7", None, None, rcpt.last_attempt_at,
+                                           detail=f"held ({reason}) until the retention cap; last reply: "
+                                                  f"{outcome.reply}"))
+        try:
+            dsns = await self._notices.build(msg, [failed], now)
+        except Exception:
+            log.exception("%s: the DSN for held recipients at the retention cap could not be built", msg.id)
+            await self._spool.release([claim])  # still held; tried again at the next sweep
+            return
+        status = await self._recorder.write_once(updates, dsns, now)
+        if not status.committed:
+            return  # still held; its lease runs out and the next sweep tries again
+        self._recorder.account(self._window.dest(claim.recipients[0].domain), msg, "none", events, now)
+        self._totals.counts["dsns"] += len(dsns)
+        log.warning("%s: %d recipients held as %s expired at the retention cap", msg.id, len(updates), reason)

@@ -98,6 +98,8 @@ class DomainStats:
     by_state: dict[str, int] = field(default_factory=dict)  # recipients per RecipientState value
     messages_pending: int = 0
     oldest_pending_at: float | None = None  # received_at of the oldest pending message
+    held_by_reason: dict[str, int] = field(default_factory=dict)  # HELD recipients per reason ("poison" ...)
+    held_since: dict[str, float] = field(default_factory=dict)  # per reason: when the longest-held was held
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,13 @@ class Spool(Protocol):
 
     async def renew(self, claims: Sequence[Claim], *, now: float, lease_seconds: float) -> None:
         """Extend the lease while a delivery runs. Raises LeaseLost if any lease was taken over."""
+        ...
+
+    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
+                         now: float) -> Claim | None:
+        """Lease the recipients of `message_id` HELD for `reason` (none under a live lease), so that
+        `record` can give them an outcome (expiry at the retention cap, with its DSN); they stay HELD
+        meanwhile. None when there are none."""
         ...
 
     async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:

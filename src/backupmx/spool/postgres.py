@@ -872,6 +872,32 @@ class PostgresSpool:
 
         await self._write(op)
 
+    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
+                         now: float) -> Claim | None:
+        until = now + lease_seconds
+
+        async def op(conn: Connection) -> Claim | None:
+            rows = await conn.fetch(
+                "SELECT idx FROM recipients WHERE message_id = $1 AND state = 'held' AND held_reason = $2"
+                " AND (lease_until IS NULL OR lease_until <= $3) ORDER BY idx FOR UPDATE SKIP LOCKED",
+                message_id, reason, now)
+            idxs = [int(r["idx"]) for r in rows]
+            if not idxs:
+                return None
+            mrows = await conn.fetch(f"SELECT {_MSG_COLS} FROM messages WHERE id = $1", message_id)
+            loaded = await _load_messages(conn, mrows)
+            if not loaded or loaded[0][1] is not None:
+                if loaded:
+                    await _mark_corrupt(conn, message_id, loaded[0][1] or "", now)
+                return None
+            await conn.execute("UPDATE recipients SET lease_owner = $1, lease_until = $2"
+                               " WHERE message_id = $3 AND idx = ANY($4::int[])", owner, until, message_id, idxs)
+            record = loaded[0][0]
+            wanted = set(idxs)
+            return Claim(record, tuple(r for r in record.recipients if r.index in wanted), owner, until)
+
+        return await self._write(op)
+
     async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
         if due is not None and len(due) != len(claims):
             raise SpoolError("release: due must be aligned with claims")
@@ -1146,9 +1172,18 @@ class PostgresSpool:
                 "SELECT d.domain, (SELECT m.received_at FROM msg_domains md JOIN messages m ON m.id = md.message_id"
                 " WHERE md.domain = d.domain AND md.pending > 0 ORDER BY md.message_id LIMIT 1) AS oldest"
                 " FROM unnest($1::text[]) AS d(domain)", list(per_domain))}
+            held: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
+            if by_state.get("held"):  # the partial index of held recipients: nothing read when none is held
+                for row in await conn.fetch(
+                        "SELECT domain, coalesce(held_reason, 'operator') AS reason, count(*) AS n,"
+                        " min(updated_at) AS since FROM recipients WHERE state = 'held' GROUP BY 1, 2"):
+                    n_by, at_by = held.setdefault(row["domain"], ({}, {}))
+                    n_by[row["reason"]] = int(row["n"])
+                    at_by[row["reason"]] = float(row["since"])
             domains = tuple(
                 DomainStats(domain=domain, by_state=states, messages_pending=dom_msgs.get(domain, 0),
-                            oldest_pending_at=oldest_by_domain.get(domain))
+                            oldest_pending_at=oldest_by_domain.get(domain),
+                            held_by_reason=held.get(domain, ({}, {}))[0], held_since=held.get(domain, ({}, {}))[1])
                 for domain, states in per_domain.items())
             pending = await conn.fetchval("SELECT coalesce(sum(n), 0) FROM msg_counts")
             oldest = await conn.fetchval("SELECT received_at FROM messages WHERE pending_rcpts > 0"

@@ -638,6 +638,28 @@ class SqliteSpool:
 
         await self._write(op)
 
+    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
+                         now: float) -> Claim | None:
+        until = now + lease_seconds
+
+        def op(conn: sqlite3.Connection) -> Claim | None:
+            idxs = [r[0] for r in conn.execute(
+                "SELECT idx FROM recipients WHERE message_id = ? AND +state = 'held' AND held_reason = ?"
+                " AND (lease_until IS NULL OR lease_until <= ?)", (message_id, reason, now))]
+            mrow = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if not idxs or mrow is None:
+                return None
+            record, problem = _load_message(conn, mrow)
+            if problem is not None:
+                _mark_corrupt(conn, message_id, problem, now)
+                return None
+            conn.executemany("UPDATE recipients SET lease_owner = ?, lease_until = ? WHERE message_id = ? AND idx = ?",
+                             [(owner, until, message_id, i) for i in idxs])
+            wanted = set(idxs)
+            return Claim(record, tuple(r for r in record.recipients if r.index in wanted), owner, until)
+
+        return await self._write(op)
+
     async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
         if due is not None and len(due) != len(claims):
             raise SpoolError("release: due must be aligned with claims")
@@ -963,6 +985,14 @@ class SqliteSpool:
                 per_domain.setdefault(row[0], {})[row[1]] = row[2]
                 by_state[row[1]] = by_state.get(row[1], 0) + row[2]
             dom_msgs = {row[0]: row[1] for row in conn.execute("SELECT domain, messages FROM dom_pending")}
+            held: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
+            if by_state.get("held"):  # the partial index of held recipients: nothing read when none is held
+                for row in conn.execute(
+                        "SELECT domain, coalesce(held_reason, 'operator'), count(*), min(updated_at)"
+                        " FROM recipients INDEXED BY rcpt_held WHERE state = 'held' GROUP BY 1, 2"):
+                    n_by, at_by = held.setdefault(row[0], ({}, {}))
+                    n_by[row[1]] = int(row[2])
+                    at_by[row[1]] = float(row[3])
             domains: list[DomainStats] = []
             for domain, states in per_domain.items():
                 oldest_id = conn.execute(
@@ -972,8 +1002,10 @@ class SqliteSpool:
                 if oldest_id is not None:
                     oldest = conn.execute("SELECT received_at FROM messages WHERE id = ?",
                                           (oldest_id,)).fetchone()[0]
+                held_n, held_at = held.get(domain, ({}, {}))
                 domains.append(DomainStats(domain=domain, by_state=states,
-                                           messages_pending=dom_msgs.get(domain, 0), oldest_pending_at=oldest))
+                                           messages_pending=dom_msgs.get(domain, 0), oldest_pending_at=oldest,
+                                           held_by_reason=held_n, held_since=held_at))
             pending = conn.execute("SELECT coalesce(sum(pending), 0) FROM msg_counts").fetchone()[0]
             oldest_row = conn.execute(
                 "SELECT received_at FROM messages INDEXED BY messages_pending WHERE pending = 1"

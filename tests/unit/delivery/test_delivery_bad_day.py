@@ -175,3 +175,56 @@ async def test_parallel_refused_connects_do_not_declare_an_outage(tmp_path: Path
     await h.monitor.report_delivery("example.com", ok=False, error="connection refused")
     assert not h.monitor.is_deliverable("example.com")
     await h.close()
+
+
+async def test_held_for_review_or_as_poison_expires_at_the_cap(tmp_path: Path, sink: Primary) -> None:
+    """Held is not forgotten: recovery-guard and poison holds follow retention_cap (a DSN at the cap, as
+    for queued mail); an operator's hold is the operator's."""
+    primary = await Primary().start()
+    try:
+        h = await Harness(tmp_path, make_config(primary.hostport, delivery={
+            "retention": "1h", "retention_cap": "2h"})).open()
+        h.engine.set_reroute("sender.test", [("127.0.0.1", sink.port)])
+        poison, guard, operator = (await h.put("a@example.com"), await h.put("b@example.com"),
+                                   await h.put("c@example.com"))
+        await h.spool.hold(poison, reason="poison", now=h.clock.now())
+        await h.spool.hold(guard, reason="recovery-guard", now=h.clock.now())
+        await h.spool.hold(operator, now=h.clock.now())
+        stats = {d.domain: d for d in (await h.spool.stats()).domains}["example.com"]
+        assert stats.held_by_reason == {"poison": 1, "recovery-guard": 1, "operator": 1}
+        h.fake.advance(3600)
+        await asyncio.wait_for(h.engine.run_once(), 20)
+        assert {(await h.rcpt(q)).state for q in (poison, guard, operator)} == {RecipientState.HELD}
+        h.fake.advance(3601)  # past the cap
+        await asyncio.wait_for(h.engine.run_once(), 20)
+        assert (await h.rcpt(poison)).state is RecipientState.EXPIRED
+        assert (await h.rcpt(guard)).state is RecipientState.EXPIRED
+        assert (await h.rcpt(operator)).state is RecipientState.HELD
+        assert len(sink.received) == 2 and primary.received == []  # two DSNs, nothing delivered
+        assert {e["reason"] for e in h.events.named("expired")} == {"poison", "recovery-guard"}
+        await h.close()
+    finally:
+        await primary.stop()
+
+
+async def test_queue_list_shows_why_and_how_long_mail_is_held(tmp_path: Path) -> None:
+    import json
+    import time
+
+    from backupmx.model import Envelope
+    from backupmx.spool import BodyBuffer
+    from backupmx.spool.sqlite import SqliteSpool
+    from tests.support.serve import ServeProcess
+
+    node = ServeProcess(tmp_path / "node", extra={"dns": {"nameservers": ["127.0.0.1:9"]}})
+    spool = SqliteSpool(node.data_dir)
+    await spool.open()
+    qid = await spool.put(Envelope("bob@sender.test", (Recipient("a@example.test"),)),
+                          BodyBuffer.from_bytes(b"Subject: x\r\n\r\nx\r\n"), now=time.time() - 7200)
+    await spool.hold(qid, reason="poison", now=time.time() - 3700)
+    await spool.close()
+    listing = (await asyncio.to_thread(node.cli, "queue", "list")).stdout
+    assert f"{qid}!" in listing and "(held by poison for 1h 1m)" in listing
+    doc = json.loads((await asyncio.to_thread(node.cli, "queue", "list", "--json")).stdout)
+    rcpt = doc["messages"][0]["recipients"][0]
+    assert rcpt["held_reason"] == "poison" and rcpt["held_since"] is not None
