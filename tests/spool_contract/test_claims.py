@@ -238,3 +238,17 @@ async def test_next_due_at(spool: Spool) -> None:
     await spool.record("n1", [RecipientUpdate(qid, 0, Deferred(LATER), next_attempt_at=T0 + 500)], now=T0 + 1)
     assert await spool.next_due_at() == T0 + 100
     assert await spool.next_due_at(domains=["a.example"]) == T0 + 500
+
+
+async def test_claim_with_exclusions_takes_many_small_domains_in_due_order(spool: Spool) -> None:
+    """DSNs to many senders' domains beside one excluded (DOWN) domain: all are handed out, oldest first
+    (SQLite serves the small domains with one query, not one per domain)."""
+    down = [await _put(spool, "a@down.example", at=T0 + i) for i in range(3)]
+    small = [await _put(spool, f"bob@s{i}.example", at=T0 + 10 + i) for i in range(40)]
+    claims = await spool.claim_due(now=T0 + 100, owner="n1", lease_seconds=60, limit=30,
+                                   exclude_domains=["down.example"])
+    assert [c.message.id for c in claims] == small[:30]
+    claims = await spool.claim_due(now=T0 + 100, owner="n1", lease_seconds=60, limit=30,
+                                   exclude_domains=["down.example"])
+    assert [c.message.id for c in claims] == small[30:]
+    assert not set(down) & {c.message.id for c in claims}

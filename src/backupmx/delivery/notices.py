@@ -6,6 +6,7 @@ A DSN whose original cannot be read is built without it (headers only are lost, 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -14,13 +15,18 @@ from backupmx.delivery.bounce import DsnRecipient, build_dsn
 from backupmx.model import MessageRecord
 from backupmx.spool import NewMessage, Spool
 
+DELAY_SENT_MIN = 10_000
+
 
 class Notices:
     def __init__(self, config: Config, spool: Spool) -> None:
         self._hostname = config.server.hostname
         self._warn: timedelta | None = config.delivery.delay_warning
         self._spool = spool
-        self._delay_sent: set[str] = set()  # message IDs with a delay DSN committed by this process
+        # message IDs with a delay DSN committed by this process: guards the other jobs of the same claim
+        # (whose message records predate the commit), so the oldest may go (bounded, insertion order)
+        self._delay_sent: OrderedDict[str, None] = OrderedDict()
+        self._delay_sent_max = max(DELAY_SENT_MIN, 2 * config.delivery.window)
 
     def delay_due(self, msg: MessageRecord, now: float) -> bool:
         if self._warn is None or str(msg.id) in self._delay_sent:
@@ -30,7 +36,9 @@ class Notices:
         return now - msg.received_at >= self._warn.total_seconds()
 
     def delay_sent(self, msg: MessageRecord) -> None:
-        self._delay_sent.add(str(msg.id))
+        self._delay_sent[str(msg.id)] = None
+        while len(self._delay_sent) > self._delay_sent_max:
+            self._delay_sent.popitem(last=False)
 
     async def build(self, msg: MessageRecord, groups: Sequence[list[DsnRecipient]], now: float
                     ) -> list[NewMessage]:

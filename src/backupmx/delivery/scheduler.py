@@ -188,6 +188,7 @@ class DeliveryEngine:
             await self._sweep.sweep(now)
             await self._held.sweep(now)
         self._connections.expire()
+        self._window.prune(set(self._config.domain_names) | set(self._reroutes))
         for dest in self._window.dests.values():
             if dest.queue and not self._deliverable(dest.domain):
                 await self._claimer.release(self._window.drop_queue(dest))

@@ -82,6 +82,12 @@ class Window:
         if dest is not None and job in dest.queue:
             dest.queue.remove(job)
 
+    def prune(self, keep: set[str]) -> None:
+        """Forget idle destinations not in `keep` (the protected and rerouted ones): senders' domains,
+        seen for a DSN, come and go; their totals stay in the statistics' totals."""
+        for name in [n for n, d in self.dests.items() if n not in keep and _idle(d)]:
+            del self.dests[name]
+
     def take_queue(self, dest: Destination) -> list[Job]:
         """Empty `dest`'s queue; the jobs stay in the window until each is done with."""
         jobs = list(dest.queue)
@@ -94,3 +100,7 @@ class Window:
         for job in jobs:
             self.jobs.discard(job)
         return jobs
+
+
+def _idle(dest: Destination) -> bool:
+    return not dest.queue and not dest.cache and dest.connections == 0 and dest.in_flight == 0

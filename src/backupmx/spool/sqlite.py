@@ -373,6 +373,9 @@ class _DueRow:
     idx: int
 
 
+SMALL_DOMAIN = 100  # queued recipients at most for a domain to share the claim's one query for small domains
+
+
 def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequence[str] | None,
               exclude: Sequence[str]) -> list[_DueRow]:
     """Up to `limit` due, unleased QUEUED recipients of sound messages, most overdue (then oldest) first."""
@@ -384,17 +387,32 @@ def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequenc
         sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_due"
                f" WHERE {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
         return [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit})]
+    small: list[str] = []
     if domains is None:
         excluded = {d.lower() for d in exclude}
-        domains = [row[0] for row in conn.execute(
-            "SELECT domain FROM rcpt_counts WHERE state = 'queued' AND n > 0") if row[0] not in excluded]
-    # One bounded, index-ordered query per domain, merged: a large excluded (DOWN) domain is never scanned.
+        big: list[str] = []
+        for domain, n in conn.execute("SELECT domain, n FROM rcpt_counts WHERE state = 'queued' AND n > 0"):
+            if domain not in excluded:
+                (small if n <= SMALL_DOMAIN else big).append(domain)
+        domains = big
+    # One bounded, index-ordered query per large domain, merged: a large excluded (DOWN) domain is never
+    # scanned. The many small ones (DSNs to senders' domains) share one query: a claim never runs one
+    # query per queued domain; that query reads at most SMALL_DOMAIN rows of each.
     sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_domain_due"
            f" WHERE r.domain = :domain AND {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
     per_domain = [
         [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit, "domain": d.lower()})]
         for d in dict.fromkeys(domains)
     ]
+    if small:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_domains (domain TEXT PRIMARY KEY) WITHOUT ROWID")
+        conn.execute("DELETE FROM claim_domains")
+        conn.executemany("INSERT OR IGNORE INTO claim_domains (domain) VALUES (?)", [(d,) for d in small])
+        rows = conn.execute(
+            f"SELECT r.next_attempt_at, r.message_id, r.idx FROM claim_domains c"
+            f" JOIN recipients r INDEXED BY rcpt_domain_due ON r.domain = c.domain AND {cond}"
+            f" ORDER BY r.next_attempt_at, r.message_id LIMIT :limit", {"now": now, "limit": limit})
+        per_domain.append([_DueRow(*row) for row in rows])
     merged = heapq.merge(*per_domain, key=lambda r: (r.next_attempt_at, r.message_id, r.idx))
     return [r for _, r in zip(range(limit), merged, strict=False)]
 

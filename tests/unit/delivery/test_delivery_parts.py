@@ -4,6 +4,7 @@ DSNs owed), the Window's bookkeeping, slow start's feedback and the statistics s
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from random import Random
 
 from backupmx.delivery.connections import Connections
@@ -109,3 +110,51 @@ def test_statistics_snapshot() -> None:
     t.count(w.dest("example.com"), "delivered")
     snap = t.snapshot(w, {})
     assert snap.delivered == 1 and snap.destinations["example.com"].delivered == 1 and snap.window == 10
+
+
+def test_window_prunes_idle_destinations_it_need_not_keep() -> None:
+    w = Window(10, 2)
+    msg = message(1)
+    w.dest("example.com")
+    w.dest("idle-sender.test")
+    busy = w.dest("busy-sender.test")
+    busy.connections = 1
+    w.add(Job(Claim(msg, msg.recipients, "n", T0 + 60), "queued-sender.test"))
+    w.prune({"example.com"})
+    assert set(w.dests) == {"example.com", "busy-sender.test", "queued-sender.test"}
+
+
+def test_delay_notices_remembered_are_bounded() -> None:
+    from backupmx.delivery.notices import DELAY_SENT_MIN, Notices
+    from backupmx.spool.sqlite import SqliteSpool
+
+    n = Notices(CFG, SqliteSpool(Path("/nonexistent")))
+    for i in range(DELAY_SENT_MIN + 5):
+        n.delay_sent(MessageRecord(QueueId(f"{i:014d}"), message(1).envelope, 1, T0))
+    assert len(n._delay_sent) == DELAY_SENT_MIN
+
+
+def test_last_good_routes_are_bounded_but_keep_protected_domains() -> None:
+    import asyncio
+
+    from backupmx.delivery import route
+    from backupmx.delivery.route import RouteResolver
+    from tests.unit.delivery.test_delivery_route import FakeDns
+
+    names = [f"s{i}.test" for i in range(60)]
+    dns = FakeDns({n: [(10, f"mx.{n}")] for n in names}, {f"mx.{n}": ["192.0.2.1"] for n in names})
+    r = RouteResolver(CFG, dns)
+
+    async def run() -> None:
+        await r.resolve("example.com")
+        for n in names:
+            await r.resolve(n)
+
+    old = route.LAST_GOOD_MAX
+    route.LAST_GOOD_MAX = 20
+    try:
+        asyncio.run(run())
+    finally:
+        route.LAST_GOOD_MAX = old
+    assert r.last_good("example.com") is not None and r.last_good(names[-1]) is not None
+    assert len(r._last_good) <= 21
