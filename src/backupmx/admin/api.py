@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from backupmx import __version__
-from backupmx.admin.auth import COOKIE, AdminAuth, is_loopback, listen_address, load_token
+from backupmx.admin.auth import COOKIE, AdminAuth, listen_address, load_token
 from backupmx.admin.mailevents import MailTally, MessageHistory
 from backupmx.admin.metrics import CONTENT_TYPE, Metrics
 from backupmx.admin.operations import (
@@ -32,14 +32,15 @@ from backupmx.admin.operations import (
     SmtpView,
     iso,
     message_json,
+    queue_filter,
 )
 from backupmx.admin.timeseries import SAMPLE_SECONDS, SeriesSampler, SeriesStore
 from backupmx.clock import Clock
-from backupmx.config import Config
+from backupmx.config import Config, is_loopback
 from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId, RecipientState
-from backupmx.spool import QueueFilter, Spool
+from backupmx.spool import Spool
 from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
 log = logging.getLogger("backupmx.admin")
@@ -98,19 +99,6 @@ def _int_arg(request: web.Request, name: str, default: int, lo: int, hi: int) ->
         return max(lo, min(hi, int(raw)))
     except ValueError:
         raise ActionError(f"{name}: not a number") from None
-
-
-def queue_filter(query: Any) -> QueueFilter:
-    """QueueFilter from query arguments (domain, recipient, sender, state, all), shared with the dashboard."""
-    state_raw = (query.get("state") or "").strip()
-    try:
-        state = RecipientState(state_raw) if state_raw else None
-    except ValueError:
-        raise ActionError(f"state: one of {', '.join(s.value for s in RecipientState)}") from None
-    return QueueFilter(domain=(query.get("domain") or "").strip().lower() or None,
-                       recipient=(query.get("recipient") or "").strip() or None,
-                       sender=(query.get("sender") or "").strip() or None,
-                       state=state, pending_only=query.get("all") not in ("1", "true", "yes", "on"))
 
 
 # --- the endpoint table (routes and OpenAPI both come from it) -------------------------------------
@@ -552,7 +540,8 @@ _SCHEMAS: dict[str, Any] = {
         "state": {"type": "string", "enum": [s.value for s in RecipientState]},
         "attempts": {"type": "integer"}, "next_attempt_at": {"type": "string", "nullable": True},
         "last_attempt_at": {"type": "string", "nullable": True}, "last_reply": {"type": "string", "nullable": True},
-        "held_reason": {"type": "string", "nullable": True}}},
+        "held_reason": {"type": "string", "nullable": True},
+        "held_since": {"type": "string", "nullable": True}}},
     "Message": {"type": "object", "properties": {
         "id": {"type": "string"}, "size": {"type": "integer"}, "received_at": {"type": "string"},
         "sender": {"type": "string"}, "kind": {"type": "string"}, "client_ip": {"type": "string"},
