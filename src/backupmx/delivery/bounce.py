@@ -29,7 +29,7 @@ from enum import StrEnum
 from backupmx.model import Envelope, MessageKind, MessageRecord, Recipient, RecipientRecord
 from backupmx.reply import Reply
 from backupmx.smtp.xtext import decode_unitext, decode_xtext, has_control
-from backupmx.spool import NewMessage
+from backupmx.spool import NewMessage, Spool
 
 __all__ = ["DsnAction", "DsnRecipient", "build_dsn", "decode_xtext", "dsn_owed"]
 
@@ -73,6 +73,28 @@ def dsn_owed(envelope: Envelope, notify: tuple[str, ...] | None, action: DsnActi
     if action is DsnAction.DELAYED:
         return flags is None or "DELAY" in flags  # without NOTIFY, delay notices are our option
     return flags is not None and "SUCCESS" in flags  # delivered / relayed / expanded
+
+
+HEADERS_LIMIT = 1024 * 1024  # a DSN without RET=FULL quotes at most this much of the header section
+
+
+async def original_for_dsn(spool: Spool, message: MessageRecord) -> bytes:
+    """What a DSN about `message` quotes, read from the spool without loading a large body whole:
+    the message itself for RET=FULL up to FULL_LIMIT, else the header section (at most HEADERS_LIMIT,
+    the reading stops at its end). Empty when the body cannot be read: the DSN goes out without it."""
+    whole = (message.envelope.ret or "").upper() == "FULL" and message.size <= FULL_LIMIT
+    limit = FULL_LIMIT if whole else HEADERS_LIMIT
+    got = bytearray()
+    try:
+        async for chunk in spool.iter_body(message.id, 256 * 1024):
+            got += chunk
+            if len(got) >= limit or (not whole and b"\r\n\r\n" in got):
+                break
+    except Exception:
+        log.warning("%s: body unreadable for the DSN; it is sent without the original", message.id,
+                    exc_info=True)
+        return b""
+    return bytes(got) if whole else _headers_of(bytes(got[:limit]))
 
 
 def build_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes,

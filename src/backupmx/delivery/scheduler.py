@@ -34,11 +34,18 @@ from typing import Protocol
 from backupmx.clock import Clock, SystemClock, wait_event_or_timeout
 from backupmx.config import Config
 from backupmx.delivery.backoff import JITTER, clamp_due, clock_went_back, next_attempt_at
-from backupmx.delivery.bounce import DsnAction, DsnRecipient, build_dsn, dsn_owed
-from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, TransactionResult
+from backupmx.delivery.bounce import DsnAction, DsnRecipient, build_dsn, dsn_owed, original_for_dsn
+from backupmx.delivery.relay import (
+    BODY_CHUNK,
+    ConnectFailed,
+    RelaySession,
+    RelaySettings,
+    StoredBody,
+    TransactionResult,
+)
 from backupmx.delivery.retention import RetentionPolicy
 from backupmx.delivery.route import Route, RouteResolver, RouteSource, Target
-from backupmx.errors import LeaseLost, NotFound, RouteError, SpoolError, SpoolUnavailable
+from backupmx.errors import LeaseLost, RouteError, SpoolError, SpoolUnavailable
 from backupmx.maillog import MailLog
 from backupmx.model import Bounced, Deferred, Delivered, MessageKind, MessageRecord, Outcome, RecipientRecord
 from backupmx.monitor import DestinationState
@@ -464,14 +471,9 @@ class DeliveryEngine:
     # -- one transaction -------------------------------------------------------------------------------
     async def _deliver(self, dest: _Destination, session: RelaySession, job: _Job) -> None:
         msg = job.claim.message
-        try:
-            body = await self._spool.read_body(msg.id)
-        except NotFound:
-            log.info("%s: gone from the queue before delivery", msg.id)
-            return
-        except Exception:
-            log.exception("%s: body unreadable; left to the lease", msg.id)
-            return
+        # streamed from the spool while it is sent (bounded memory); an unreadable body ends the
+        # transaction without the final dot, as a deferral
+        body = StoredBody(msg.size, lambda: self._spool.iter_body(msg.id, BODY_CHUNK))
         dest.in_flight += 1
         try:
             # the renew loop keeps the lease alive meanwhile: the job stays in self._jobs until recorded
@@ -631,10 +633,7 @@ class DeliveryEngine:
                           ) -> list[NewMessage]:
         if not any(groups):
             return []
-        try:
-            original = await self._spool.read_body(msg.id)
-        except Exception:
-            original = b""
+        original = await original_for_dsn(self._spool, msg)  # never raises; headers only unless RET=FULL
         out: list[NewMessage] = []
         for entries in groups:
             if entries:
