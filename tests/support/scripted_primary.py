@@ -84,8 +84,10 @@ class ScriptedPrimary:
     the next commands of that verb, `default(verb, spec)` replaces the standing answer."""
 
     def __init__(self, *, extensions: Iterable[str] = DEFAULT_EXTENSIONS, hostname: str = "primary.test",
-                 banner: Answer | bytes | str | None = None) -> None:
+                 banner: Answer | bytes | str | None = None, keep_bodies: bool = True) -> None:
         self.extensions = list(extensions)
+        self.keep_bodies = keep_bodies  # False: a sink (bodies recorded as b"", their sizes in body_sizes)
+        self.body_sizes: list[int] = []
         self.hostname = hostname
         self.banner = _as_answer(banner if banner is not None else f"220 {hostname} ESMTP scripted\r\n")
         self._defaults: dict[str, AnswerSpec] = {
@@ -101,6 +103,7 @@ class ScriptedPrimary:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._stopping: asyncio.Event | None = None
+        self._open: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # sessions, ended by stop()
         self._lock = threading.Lock()  # the threaded mode reads lists from another thread
 
     # -- scripting ---------------------------------------------------------------------------------
@@ -155,12 +158,18 @@ class ScriptedPrimary:
         return self
 
     async def stop(self) -> None:
+        """Stop listening and end every open session (Server.close leaves them open)."""
         if self._stopping is not None:
             self._stopping.set()
         if self._server is not None:
             self._server.close()
             self._server = None
-        await asyncio.sleep(0)
+        # abort their connections (a cancelled stream task makes asyncio log a spurious error)
+        open_sessions = dict(self._open)
+        for writer in open_sessions.values():
+            writer.transport.abort()
+        if open_sessions:
+            await asyncio.wait(list(open_sessions), timeout=5)
 
     @contextmanager
     def running(self, port: int = 0) -> Iterator[ScriptedPrimary]:
@@ -222,6 +231,9 @@ class ScriptedPrimary:
         return True
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = writer
         with self._lock:
             self.sessions += 1
         txn = Transaction()
@@ -248,7 +260,7 @@ class ScriptedPrimary:
                 if not await self._send(writer, answer):
                     return
                 if name == "DATA" and answer.parts and answer.parts[0][:3] == b"354":
-                    body = await self._read_body(reader)
+                    body = await self._read_body(reader, self.keep_bodies, self.body_sizes)
                     if body is None:
                         return
                     dot = self._answer_for(Command("DOT", b"", txn))
@@ -260,17 +272,23 @@ class ScriptedPrimary:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return
         finally:
+            self._open.pop(task, None)
             if not writer.is_closing():
                 writer.close()
 
     @staticmethod
-    async def _read_body(reader: asyncio.StreamReader) -> bytes | None:
+    async def _read_body(reader: asyncio.StreamReader, keep: bool, sizes: list[int]) -> bytes | None:
         """Lines up to the lone ".", un-stuffed; None when the client went away first."""
         lines: list[bytes] = []
+        size = 0
         while True:
             line = await reader.readline()
             if not line:
                 return None
             if line == b".\r\n":
+                sizes.append(size)
                 return b"".join(lines)
-            lines.append(line[1:] if line.startswith(b".") else line)
+            line = line[1:] if line.startswith(b".") else line
+            size += len(line)
+            if keep:
+                lines.append(line)
