@@ -280,7 +280,10 @@ class RelaySession:
 
         utf8 = envelope.smtputf8 and self.supports("smtputf8")
         if envelope.smtputf8 and not utf8:
-            needs = await _needs_smtputf8(envelope, recipients, body)
+            try:
+                needs = await _needs_smtputf8(envelope, recipients, body)
+            except BodyUnreadable as e:  # nothing sent yet; the next attempt reads it again
+                return result(Deferred(Reply(451, "4.3.0", readable(f"message body unreadable: {e}"))))
             if needs:
                 # RFC 6531 §3.4: there is no downgrade of what is UTF-8; the sender must hear of it
                 reply = Reply(554, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
@@ -455,24 +458,20 @@ async def _lease_ours(check: LeaseCheck, stage: str) -> bool:
 async def _needs_smtputf8(envelope: Envelope, recipients: Sequence[RecipientRecord], body: Body) -> bool:
     """RFC 6531 §3.2: a message needs SMTPUTF8 only for a UTF-8 envelope address or 8-bit text in
     its header section (UTF-8 header fields, RFC 6532). 8-bit body text is 8BITMIME's business. The
-    header section is read chunk by chunk up to its end; a body that cannot be read counts as
-    needing it (the bounce then says what the primary lacks, which stays true)."""
+    header section is read chunk by chunk up to its end; raises BodyUnreadable (a deferral, never a
+    bounce) when the spool cannot give it."""
     if not envelope.sender.isascii() or any(not r.address.isascii() for r in recipients):
         return True
     tail = b""
-    try:
-        async for chunk in _chunks(body):
-            data = tail + chunk
-            end = data.find(b"\r\n\r\n")
-            head = data if end < 0 else data[:end]
-            if not head.isascii():
-                return True
-            if end >= 0 or data.startswith(b"\r\n"):
-                return False
-            tail = data[-3:]  # the separator may straddle two chunks
-    except Exception:
-        log.warning("could not read the header section to decide on SMTPUTF8", exc_info=True)
-        return True
+    async for chunk in _chunks(body):
+        data = tail + chunk
+        end = data.find(b"\r\n\r\n")
+        head = data if end < 0 else data[:end]
+        if not head.isascii():
+            return True
+        if end >= 0 or data.startswith(b"\r\n"):
+            return False
+        tail = data[-3:]  # the separator may straddle two chunks
     return False
 
 

@@ -180,3 +180,16 @@ async def test_smtputf8_only_where_needed(primary: ScriptedPrimary, sender: str,
         assert isinstance(res.outcomes[0], Delivered)
         assert primary.bodies() == [body]
         assert b"SMTPUTF8" not in primary.transactions[0].mail  # plain SMTP (RFC 6531 §3.2)
+
+
+async def test_unreadable_body_in_the_smtputf8_check_defers(primary: ScriptedPrimary) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        raise RuntimeError("gone")
+        yield b""  # an async generator
+
+    s = await session(primary)
+    rs = rcpts("a@example.test")
+    res = await s.deliver(env(rs, smtputf8=True), rs, StoredBody(10, broken))
+    await s.quit()
+    assert isinstance(res.outcomes[0], Deferred) and "unreadable" in res.outcomes[0].reply.text
+    assert primary.transactions == []
