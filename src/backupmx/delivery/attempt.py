@@ -2,8 +2,8 @@
 it, and one transaction for one job (body read from the spool, handed to relay.py).
 
 Returns values, never raises for what a peer or the DNS does: a destination that cannot be reached is
-an `Unreachable` carrying the outcome every waiting job gets; a body that cannot be read is None (the
-job is left to its lease: it comes back later).
+an `Unreachable` carrying the outcome every waiting job gets; a body that cannot be read ends the
+transaction before the final dot, as a deferral (relay.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from backupmx.config import Config
-from backupmx.delivery.relay import ConnectFailed, RelaySession, RelaySettings, TransactionResult
+from backupmx.delivery.relay import (
+    BODY_CHUNK,
+    ConnectFailed,
+    LeaseCheck,
+    RelaySession,
+    RelaySettings,
+    StoredBody,
+    TransactionResult,
+)
 from backupmx.delivery.route import Route, RouteResolver, RouteSource, Target
 from backupmx.delivery.work import Destination, Job
-from backupmx.errors import NotFound, RouteError
+from backupmx.errors import RouteError
 from backupmx.model import Bounced, Deferred, Delivered
 from backupmx.reply import Reply
 from backupmx.spool import Spool
@@ -66,21 +74,18 @@ class Attempts:
         except ConnectFailed as e:
             return Unreachable(Deferred(e.reply), e.target.label if e.target else None, e.reply.text)
 
-    async def deliver(self, dest: Destination, session: RelaySession, job: Job) -> TransactionResult | None:
-        """One transaction; None when the body cannot be read (gone, or unreadable: left to the lease)."""
+    async def deliver(self, dest: Destination, session: RelaySession, job: Job,
+                      lease_check: LeaseCheck | None = None) -> TransactionResult:
+        """One transaction. `lease_check` is asked before MAIL FROM and before the final dot; when it
+        says the lease is gone the result says `lease_lost` (nothing was delivered; record nothing)."""
         msg = job.claim.message
-        try:
-            body = await self._spool.read_body(msg.id)
-        except NotFound:
-            log.info("%s: gone from the queue before delivery", msg.id)
-            return None
-        except Exception:
-            log.exception("%s: body unreadable; left to the lease", msg.id)
-            return None
+        # streamed from the spool while it is sent (bounded memory); an unreadable body ends the
+        # transaction without the final dot, as a deferral
+        body = StoredBody(msg.size, lambda: self._spool.iter_body(msg.id, BODY_CHUNK))
         dest.in_flight += 1
         try:
             # the lease keeper renews the lease meanwhile: the job stays in the window until recorded
-            result = await session.deliver(msg.envelope, job.claim.recipients, body)
+            result = await session.deliver(msg.envelope, job.claim.recipients, body, lease_check=lease_check)
         finally:
             dest.in_flight -= 1
         if any(isinstance(o, Delivered) for o in result.outcomes):

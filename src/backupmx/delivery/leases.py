@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from backupmx.clock import Clock
-from backupmx.delivery.work import Window
+from backupmx.delivery.work import Job, Window
 from backupmx.errors import LeaseLost
 from backupmx.spool import Spool
 
@@ -56,6 +56,22 @@ class LeaseKeeper:
                     log.exception("renewing a lease")
         except Exception:
             log.exception("renewing leases")
+
+    async def check(self, job: Job) -> bool:
+        """Before MAIL FROM and before the final dot: renew `job`'s lease; False when it is not ours any
+        more (another node, or our own re-claim after it ran out, may hold it) or cannot be shown to be
+        (the spool unavailable): the transaction is then abandoned, nothing delivered, a copy avoided."""
+        try:
+            await self._spool.renew([job.claim], now=self._clock.now(), lease_seconds=self._lease)
+        except LeaseLost:
+            log.warning("%s: lease lost before delivery; abandoned (someone else delivers it)", job.claim.message.id)
+            return False
+        except Exception as e:
+            log.warning("%s: lease could not be renewed before delivery (%s); abandoned, it comes back",
+                        job.claim.message.id, e)
+            return False
+        job.lease_ends = time.monotonic() + self._lease
+        return True
 
     async def _wait(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -1,7 +1,7 @@
 """Delay notices and DSN bodies for the engine: whether a message is due its (single) delay notice,
 and the DSN messages (bounce.py) for groups of recipients, with the original read from the spool.
 
-A DSN whose original cannot be read is built without it (headers only are lost, never the notice).
+A DSN whose original cannot be read is built without it (the quote is lost, never the notice).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from backupmx.config import Config
-from backupmx.delivery.bounce import DsnRecipient, build_dsn
+from backupmx.delivery.bounce import DsnRecipient, build_dsn, original_for_dsn
 from backupmx.model import MessageRecord
 from backupmx.spool import NewMessage, Spool
 
@@ -44,10 +44,7 @@ class Notices:
                     ) -> list[NewMessage]:
         if not any(groups):
             return []
-        try:
-            original = await self._spool.read_body(msg.id)
-        except Exception:
-            original = b""
+        original = await original_for_dsn(self._spool, msg)  # never raises; headers only unless RET=FULL
         out: list[NewMessage] = []
         for entries in groups:
             if entries:

@@ -306,15 +306,20 @@ class DeliveryEngine:
         return None
 
     async def _deliver(self, dest: Destination, session: RelaySession, job: Job) -> None:
+        async def lease_check(step: str) -> bool:
+            return await self._leases.check(job)
+
         try:
-            result = await self._attempts.deliver(dest, session, job)
+            result = await self._attempts.deliver(dest, session, job, lease_check)
         except Exception as e:  # relay.py maps what peers do; this is ours: the session is in doubt
             log.exception("%s: the delivery attempt failed", job.claim.message.id)
             session.abort()
             await self._poison.failed(job.claim.message.id, f"{type(e).__name__}: {e}")
             return
-        if result is not None:
-            await self._record(dest, job, result)
+        if result.lease_lost:
+            self._window.forget(job)  # someone else's now: record nothing
+            return
+        await self._record(dest, job, result)
 
     async def _record(self, dest: Destination, job: Job, result: TransactionResult) -> None:
         """Total: whatever happens, the job ends here in a recorded outcome, or left to its lease (it

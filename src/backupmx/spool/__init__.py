@@ -213,7 +213,11 @@ class Spool(Protocol):
         ...
 
     def iter_body(self, message_id: QueueId, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The stored body in chunks, for large messages."""
+        """The stored body in chunks of at most `chunk_size` bytes, never the whole body in memory:
+        delivery streams every body to the primary this way. Raises NotFound (also when the message
+        is deleted while it is read); a damaged body raises SpoolError, at the latest after its last
+        chunk, so a relay sends the final dot only once this iterator has ended cleanly. A reader may
+        stop early: it holds nothing (no lock, no transaction) between chunks."""
         ...
 
     async def next_due_at(self, *, domains: Sequence[str] | None = None) -> float | None:
