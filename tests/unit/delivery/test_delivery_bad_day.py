@@ -228,3 +228,30 @@ async def test_queue_list_shows_why_and_how_long_mail_is_held(tmp_path: Path) ->
     doc = json.loads((await asyncio.to_thread(node.cli, "queue", "list", "--json")).stdout)
     rcpt = doc["messages"][0]["recipients"][0]
     assert rcpt["held_reason"] == "poison" and rcpt["held_since"] is not None
+
+
+@pytest.mark.parametrize("slow", ["EHLO", "RCPT"])
+async def test_a_lease_taken_over_during_the_attempt_delivers_no_copy(tmp_path: Path, slow: str) -> None:
+    """Issue 12 item 5: the lease is checked (and renewed) before MAIL FROM and before the final dot. While
+    the primary is slow (EHLO: before MAIL; RCPT: before the dot) the lease runs out and another node
+    claims the recipient: this node abandons the transaction, records nothing, and no copy arrives."""
+    from tests.support.scripted_primary import Answer, ScriptedPrimary
+
+    primary = await ScriptedPrimary().start()
+    try:
+        ehlo = "250-primary.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        primary.script(slow, Answer.of("250 2.1.5 Ok\r\n" if slow == "RCPT" else ehlo, delay=1.0))
+        h = await Harness(tmp_path, make_config(primary.hostport)).open()
+        qid = await h.put("a@example.com")
+        run = asyncio.create_task(h.engine.run_once())
+        await asyncio.sleep(0.4)  # the engine waits for the slow answer
+        taken = await h.spool.claim_due(now=h.clock.now() + 61, owner="other", lease_seconds=60, limit=10)
+        assert [c.message.id for c in taken] == [qid]
+        await asyncio.wait_for(run, 20)
+        assert primary.delivered() == [] and primary.bodies() == []  # before: delivered here and by "other"
+        rcpt = await h.rcpt(qid)
+        assert rcpt.state is RecipientState.QUEUED and rcpt.attempts == 0
+        assert h.engine.statistics().claimed == 0
+        await h.close()
+    finally:
+        await primary.stop()
