@@ -16,7 +16,7 @@ from collections import OrderedDict
 from backupmx.clock import Clock
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId
-from backupmx.spool import Spool
+from backupmx.spool import Claim, Spool
 
 log = logging.getLogger("backupmx.delivery")
 
@@ -35,8 +35,9 @@ class PoisonGuard:
         self._suspects: OrderedDict[str, None] = OrderedDict()
         self.set_aside = 0  # messages this process set aside (statistics)
 
-    async def failed(self, message_id: QueueId, error: str) -> bool:
-        """Count one unexpected failure of `message_id`; True when it was set aside just now."""
+    async def failed(self, message_id: QueueId, error: str, claim: Claim | None = None) -> bool:
+        """Count one unexpected failure of `message_id`; True when it was set aside just now (then the
+        lease of `claim` is given back, so a release by the operator is tried at once)."""
         key = str(message_id)
         now = self._clock.now()
         try:
@@ -44,6 +45,8 @@ class PoisonGuard:
             count = _count(raw) + 1
             if count >= self._limit:
                 held = await self._spool.hold(message_id, reason=REASON, now=now)
+                if claim is not None:
+                    await self._spool.release([claim])
                 await self._spool.kv_delete(NAMESPACE, key)
                 self._suspects.pop(key, None)
                 self.set_aside += 1

@@ -314,7 +314,7 @@ class DeliveryEngine:
         except Exception as e:  # relay.py maps what peers do; this is ours: the session is in doubt
             log.exception("%s: the delivery attempt failed", job.claim.message.id)
             session.abort()
-            await self._poison.failed(job.claim.message.id, f"{type(e).__name__}: {e}")
+            await self._poison.failed(job.claim.message.id, f"{type(e).__name__}: {e}", job.claim)
             return
         if result.lease_lost:
             self._window.forget(job)  # someone else's now: record nothing
@@ -334,7 +334,7 @@ class DeliveryEngine:
         else:
             error = "recording the outcome failed (see the diagnostic log)"
         if status is Recorded.FAILED:
-            await self._poison.failed(msg_id, error)
+            await self._poison.failed(msg_id, error, job.claim)
             return
         if not status.committed:
             return  # left to the lease

@@ -130,11 +130,11 @@ class DownSweep:
             dsns = await self._notices.build(msg, [failed, delayed], now)
         except Exception as e:
             log.exception("%s: the sweep's outcomes could not be prepared", msg.id)
-            await self._poison.failed(msg.id, f"{type(e).__name__}: {e}")
+            await self._poison.failed(msg.id, f"{type(e).__name__}: {e}", claim)
             return []  # left to the lease
         status = await self._recorder.write_once(updates, dsns, now)
         if status is Recorded.FAILED:
-            await self._poison.failed(msg.id, "recording the sweep's outcomes failed (see the diagnostic log)")
+            await self._poison.failed(msg.id, "recording the sweep's outcomes failed (see the diagnostic log)", claim)
         if not status.committed:
             return []  # left to the lease: the next sweep after it runs out tries again
         if delayed:
