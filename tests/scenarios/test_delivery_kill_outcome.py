@@ -5,7 +5,8 @@ a second copy at the primary, except after a kill between the primary's 250 and 
 duplicate the promise allows).
 
 Kill points: after the remote 250; after "delivered" is committed (before any DSN work); during the
-commit of the bounce and its DSN (SQLite's group with a put, the second after the accept's)."""
+commit of the bounce and its DSN (SQLite's group with a put, the second after the accept's). And the
+poison limit, with an error raised (BACKUPMX_FAULT_ACTION=raise) where the DSN is about to be committed."""
 
 from __future__ import annotations
 
@@ -65,6 +66,42 @@ async def test_kill_in_the_outcome_path(tmp_path: Path, point: str, after: str, 
         assert len([m for m in msgs if m.kind is MessageKind.DSN]) == 1
         assert len(sink.received) == 1 and sink.received[0].mail_from == "<>"
         assert [r.rcpt_tos for r in primary.received] == [["a@example.test"]] * copies
+    finally:
+        node.kill()
+        await primary.stop()
+        await sink.stop()
+
+
+async def test_poison_message_against_a_real_serve(tmp_path: Path) -> None:
+    """A message whose DSN work raises every time (an unexpected error injected where the DSN is about to
+    be committed): a@'s 250 was committed first, so the primary gets one copy; b@ is tried
+    `poison_after` times, then held as poison, shown so by `queue list`, and never tried again."""
+    primary = await Primary().start()
+    primary.rcpt_rule = lambda a: "550 5.1.1 <b@example.test>: User unknown" if a.startswith("b@") else None
+    sink = await Primary(hostname="mx.sender.test").start()
+    node = ServeProcess(
+        tmp_path / "node",
+        domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"},
+                 {"name": "sender.test", "primary": [sink.hostport], "recipients": "any"}],
+        delivery={"lease": "1s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", "poison_after": 2},
+        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
+        env={"BACKUPMX_FAULT": "delivery.before_dsn_commit", "BACKUPMX_FAULT_ACTION": "raise"},
+    )
+    try:
+        await asyncio.to_thread(node.start)
+        qid = await asyncio.to_thread(send, node.port, make_body(1, size=2000), ["a@example.test", "b@example.test"])
+        deadline = time.monotonic() + 20
+        listing = ""
+        while "held by poison" not in listing and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            listing = (await asyncio.to_thread(node.cli, "queue", "list")).stdout
+        assert f"{qid}!" in listing and "(held by poison for " in listing, listing
+        rcpts = len(primary.received)
+        await asyncio.sleep(2.5)  # past two leases: nothing is tried again
+        assert len(primary.received) == rcpts
+        assert [r.rcpt_tos for r in primary.received if r.content] == [["a@example.test"]]  # one copy
+        assert sink.received == []  # the DSN never got built: b@ waits for the operator, not lost
+        assert "backupmx/held: " in node.log() and "reason=poison" in node.log()  # the mail log (stderr)
     finally:
         node.kill()
         await primary.stop()
