@@ -210,6 +210,7 @@ class DeliveryConfig(_Frozen):
     command_timeout: Duration = timedelta(minutes=5)
     data_timeout: Duration = timedelta(minutes=10)  # reply to the final dot (RFC 5321 4.5.3.2.6)
     lease: Duration1s = timedelta(minutes=15)
+    poison_after: int = Field(5, ge=1)  # unexpected errors in a row before a message is held as poison
 
 
 class PolicyConfig(_Frozen):
@@ -396,6 +397,7 @@ class Condition(StrEnum):
     FREE_DISK = "free_disk"  # the node: free space on the data directory below free_disk_below
     DELIVERY_FAILING = "delivery_failing"  # per domain: the primary answers, but refuses or fails deliveries
     BACKUP_PATH_BROKEN = "backup_path_broken"  # per domain: the canary ([[canary]]) failed while the primary was up
+    MAIL_SET_ASIDE = "mail_set_aside"  # per domain: recipients held as poison or by the recovery guard (review them)
 
 
 class AlertConfig(BaseModel):

@@ -552,7 +552,8 @@ _SCHEMAS: dict[str, Any] = {
         "state": {"type": "string", "enum": [s.value for s in RecipientState]},
         "attempts": {"type": "integer"}, "next_attempt_at": {"type": "string", "nullable": True},
         "last_attempt_at": {"type": "string", "nullable": True}, "last_reply": {"type": "string", "nullable": True},
-        "held_reason": {"type": "string", "nullable": True}}},
+        "held_reason": {"type": "string", "nullable": True},
+        "held_since": {"type": "string", "nullable": True}}},
     "Message": {"type": "object", "properties": {
         "id": {"type": "string"}, "size": {"type": "integer"}, "received_at": {"type": "string"},
         "sender": {"type": "string"}, "kind": {"type": "string"}, "client_ip": {"type": "string"},

@@ -40,6 +40,7 @@ METRICS: dict[str, str] = {
     "backupmx_disk_free_bytes": "Free space on the data directory's filesystem.",
     "backupmx_smtp_open_sessions": "SMTP sessions open now.",
     "backupmx_corrupt_messages": "Spool entries set aside as damaged.",
+    "backupmx_held_recipients": "Recipients HELD by domain and reason (operator, recovery-guard, poison, drill).",
     "backupmx_build_info": "Always 1; the version label says which backupmx runs.",
     "backupmx_log_write_errors_total": "Lines the mail log, continuity audit or alert state could not write, by log.",
 }
@@ -95,6 +96,14 @@ class SnapshotCollector(Collector):
         yield rcpts
         yield msgs
         yield oldest
+        held = _gauge("backupmx_held_recipients", ["domain", "reason"])
+        protected = {d.domain for d in snap.domains}  # labels: configured domains only
+        for ds in snap.stats.domains:
+            if ds.domain not in protected:
+                continue
+            for reason, n in sorted(ds.held_by_reason.items()):
+                held.add_metric([ds.domain, reason], n)
+        yield held
         corrupt = _gauge("backupmx_corrupt_messages")
         corrupt.add_metric([], snap.stats.corrupt)
         yield corrupt

@@ -37,6 +37,7 @@ from backupmx.smtp.address import (
     parse_path,
     split_path,
 )
+from backupmx.smtp.xtext import envid_carriable, orcpt_carriable
 
 CRLF = b"\r\n"
 LINE_LIMIT = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
@@ -606,6 +607,8 @@ class SmtpConnection:
             elif key == "ENVID":
                 if value is None or len(value) > 100 or not is_xtext(value, utf8=utf8):
                     return Reply(501, "5.5.4", "Bad ENVID parameter syntax")
+                if not envid_carriable(value):  # RFC 3461 §4.4: printable US-ASCII once decoded
+                    return Reply(501, "5.5.4", "Bad ENVID parameter: must be printable US-ASCII once decoded")
                 envid = value
             else:
                 return Reply(555, "5.5.4", f"Unsupported option: {key}")
@@ -669,6 +672,8 @@ class SmtpConnection:
                         or not addr_type.replace("-", "").isalnum() or not xtext
                         or not is_xtext(xtext, utf8=utf8)):
                     return Reply(501, "5.5.4", "Bad ORCPT parameter syntax")
+                if not orcpt_carriable(addr_type, xtext):  # a decoded CR/LF would break the DSN
+                    return Reply(501, "5.5.4", "Bad ORCPT parameter: control characters once decoded")
                 orcpt = value
             else:
                 return Reply(555, "5.5.4", f"Unsupported option: {key}")
