@@ -23,6 +23,7 @@ from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import Config
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus, RouteLookup, TargetLike
+from backupmx.reply import readable
 from backupmx.spool import Spool
 
 log = logging.getLogger("backupmx.monitor")
@@ -68,7 +69,7 @@ async def _probe_one(t: TargetLike, *, local_hostname: str, timeout: float, rcpt
             await smtp.quit(timeout=timeout)
         return ProbeResult(True, label)
     except aiosmtplib.SMTPResponseException as e:
-        return ProbeResult(False, label, f"{e.code} {e.message}".strip())
+        return ProbeResult(False, label, readable(f"{e.code} {e.message}").strip())  # 8-bit text too
     except aiosmtplib.SMTPConnectTimeoutError:
         return ProbeResult(False, label, "timed out waiting for the banner")
     except aiosmtplib.SMTPTimeoutError:

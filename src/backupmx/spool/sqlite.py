@@ -68,6 +68,7 @@ READ_POOL = 4  # idle reader connections kept open
 WRITER_CACHE_KIB = 4096  # page cache of the write connection
 LIST_CORRUPT_LIMIT = 10_000
 WHOLE_BODY_MAX = 1 << 20  # read_body reads bodies up to this size in one go
+SHRINK_ABOVE = 4 << 20  # iter_body frees the reader's page cache after each chunk of a larger body
 UPDATE_CHUNK = 2_000  # recipients per transaction in operator-wide updates (hold all, flush...)
 _DEFAULT_FILTER = QueueFilter()
 _PENDING = ("queued", "held")
@@ -774,7 +775,13 @@ class SqliteSpool:
                 raise _BodyDamaged(f"body is {row[1]} bytes, expected {size}")
             with conn.blobopen("bodies", "data", row[0], readonly=True) as blob:
                 blob.seek(start)
-                return blob.read(min(chunk_size, size - start))
+                data = blob.read(min(chunk_size, size - start))
+            if size > SHRINK_ABOVE:
+                # a body larger than the reader's page cache only thrashes it (each blob seek walks
+                # the overflow pages from the start): hand the pages back, so that 20 streams of
+                # 50 MB messages do not keep every reader connection's cache full of body pages
+                conn.execute("PRAGMA shrink_memory")
+            return data
 
         while True:
             if offset >= size and offset > 0:

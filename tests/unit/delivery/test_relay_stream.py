@@ -193,3 +193,12 @@ async def test_unreadable_body_in_the_smtputf8_check_defers(primary: ScriptedPri
     await s.quit()
     assert isinstance(res.outcomes[0], Deferred) and "unreadable" in res.outcomes[0].reply.text
     assert primary.transactions == []
+
+
+async def test_a_reply_that_never_ends_is_a_timeout_not_a_hang(primary: ScriptedPrimary) -> None:
+    primary.script("DOT", Answer.of(b"250-2.0.0 Ok, and then", hang=True))
+    s = await RelaySession.open([Target("127.0.0.1", primary.port, "127.0.0.1")], RelaySettings(
+        local_hostname="backup.test", connect_timeout=2.0, command_timeout=2.0, data_timeout=0.5))
+    rs = rcpts("a@example.test")
+    res = await s.deliver(env(rs), rs, BODY)
+    assert res.timed_out and isinstance(res.outcomes[0], Deferred) and not s.usable
