@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupmx import __version__
-from backupmx.config import Config, load_config
+from backupmx.config import Config, load_config, require_domains
 from backupmx.errors import BackupMXError, ConfigError
 from backupmx.model import MessageRecord, QueueId, RecipientState
 from backupmx.spool import QueueFilter, Spool
@@ -146,9 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    print(f"{cfg.source}: ok ({len(cfg.domains)} domain(s): {', '.join(d.name for d in cfg.domains) or 'none'})")
-    if not cfg.domains:
-        print(f"{cfg.source}: warning: no [[domains]]: every recipient will be refused", file=sys.stderr)
+    require_domains(cfg)
+    print(f"{cfg.source}: ok ({len(cfg.domains)} domain(s): {', '.join(d.name for d in cfg.domains)})")
     return EXIT_OK
 
 

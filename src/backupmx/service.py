@@ -14,7 +14,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from backupmx.clock import Clock, SystemClock
-from backupmx.config import Config
+from backupmx.config import Config, require_domains
+from backupmx.extras import POSTGRES, require
 from backupmx.maillog import MailLog
 from backupmx.spool import Spool
 
@@ -26,7 +27,8 @@ STOP_GRACE_SECONDS = 30.0
 async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
     """The configured spool backend, opened (schema created or migrated)."""
     spool: Spool
-    if cfg.spool.url and cfg.spool.url.startswith(("postgresql://", "postgres://")):
+    if cfg.spool.url and cfg.spool.postgres:
+        require(POSTGRES, "spool.url")  # checked with the config already; a broken install fails here
         from backupmx.spool.postgres import PostgresSpool  # type: ignore[import-not-found,unused-ignore]
 
         spool = PostgresSpool(cfg.spool.url, node=cfg.server.node, clock=clock)
@@ -273,6 +275,7 @@ def setup_logging(cfg: Config) -> None:
 
 
 def run_service(cfg: Config) -> int:
+    require_domains(cfg)
     setup_logging(cfg)
     try:
         import uvloop

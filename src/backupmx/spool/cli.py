@@ -21,6 +21,7 @@ from typing import Any
 
 from backupmx.config import load_config
 from backupmx.errors import ConfigError
+from backupmx.extras import POSTGRES, require
 from backupmx.spool import Spool
 from backupmx.spool.copy import CopyProgress, copy_spool
 
@@ -60,6 +61,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def open_url(url: str, *, node: str) -> Spool:
     """A spool (not yet opened) for `sqlite:PATH` or `postgresql://...`."""
     if url.startswith(POSTGRES_SCHEMES):
+        require(POSTGRES, "spool copy: a postgresql:// URL")
         from backupmx.spool.postgres import PostgresSpool
 
         return PostgresSpool(url, node=node)
