@@ -13,6 +13,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from backupmx import sdnotify
 from backupmx.clock import Clock, SystemClock
 from backupmx.config import Config, require_domains
 from backupmx.extras import POSTGRES, require
@@ -260,7 +261,8 @@ async def serve(cfg: Config) -> int:
         with contextlib.suppress(Exception):
             await service.stop(grace=0)
         return 1
-    await stop.wait()
+    async with sdnotify.running(f"serving {', '.join(d.name for d in cfg.domains)}"):  # READY=1: all bound
+        await stop.wait()
     log.info("stopping: new connections get 421, transactions in flight finish")
     await service.stop()
     return 0
