@@ -16,7 +16,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from backupmx.errors import ConfigError
 from backupmx.extras import POSTGRES, installed, missing
@@ -61,8 +70,21 @@ def parse_size(value: object) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
 
 
+def _at_least_1s(v: timedelta) -> timedelta:
+    if v < timedelta(seconds=1):
+        raise ValueError("must be at least 1s")
+    return v
+
+
+def _one_or_list(v: Any) -> Any:
+    """A lone string stands for a list of one (`listen = "[::]:25"`)."""
+    return (v,) if isinstance(v, str) else v
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Duration1s = Annotated[Duration, AfterValidator(_at_least_1s)]  # timers and TTLs: 0s would spin or expire at once
 Size = Annotated[int, BeforeValidator(parse_size)]
+Names = Annotated[tuple[str, ...], BeforeValidator(_one_or_list)]
 
 
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
@@ -78,6 +100,14 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
     return v, default_port
 
 
+def _hostport(item: str, *, default_port: int = 25) -> tuple[str, int]:
+    """parse_hostport with the message every host:port key gives."""
+    try:
+        return parse_hostport(item, default_port)
+    except ValueError as e:
+        raise ValueError(f"{item!r} is not host:port") from e
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -85,7 +115,7 @@ class _Frozen(BaseModel):
 class ServerConfig(_Frozen):
     hostname: str = Field(default_factory=socket.getfqdn)
     node_name: str = ""  # this node's name in Received headers, logs and leases; defaults to hostname
-    listen: tuple[str, ...] = ("0.0.0.0:25", "[::]:25")
+    listen: Names = ("0.0.0.0:25", "[::]:25")
     data_dir: Path = Path("/var/lib/backupmx")
     max_message_size: Size = 50_000_000
     max_recipients: int = Field(1000, ge=100)
@@ -100,19 +130,11 @@ class ServerConfig(_Frozen):
     greeting_delay: Duration = timedelta(0)
     min_free_disk: Size = 100_000_000
 
-    @field_validator("listen", mode="before")
-    @classmethod
-    def _listen_list(cls, v: Any) -> Any:
-        return (v,) if isinstance(v, str) else v
-
     @field_validator("listen")
     @classmethod
     def _listen_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
-            try:
-                parse_hostport(item)
-            except ValueError as e:
-                raise ValueError(f"{item!r} is not host:port") from e
+            _hostport(item)
         return v
 
     @property
@@ -122,15 +144,15 @@ class ServerConfig(_Frozen):
 
 class DomainConfig(_Frozen):
     name: str
-    primary: tuple[str, ...] = ("mx",)
+    primary: Names = ("mx",)
     recipients: str | tuple[str, ...] = "any"
     accept: Literal["always", "when_primary_down"] = "always"
     unknown_while_down: Literal["defer", "accept", "reject"] = "accept"
     tls_verify: bool = False
     probe_rcpt: str | None = None  # a known-good address the health probe may RCPT to (then RSET)
     # recipients = "verify": how long an answer of the primary is trusted (frozen while it is DOWN)
-    verify_positive_ttl: Duration = timedelta(days=30)
-    verify_negative_ttl: Duration = timedelta(days=1)
+    verify_positive_ttl: Duration1s = timedelta(days=30)
+    verify_negative_ttl: Duration1s = timedelta(days=1)
 
     @field_validator("name")
     @classmethod
@@ -139,11 +161,6 @@ class DomainConfig(_Frozen):
         if not v or " " in v or "@" in v:
             raise ValueError("must be a domain name such as example.com")
         return v
-
-    @field_validator("primary", mode="before")
-    @classmethod
-    def _primary_list(cls, v: Any) -> Any:
-        return (v,) if isinstance(v, str) else v
 
     @field_validator("primary")
     @classmethod
@@ -154,10 +171,7 @@ class DomainConfig(_Frozen):
             raise ValueError("[\"mx\"] stands alone: either the MX hosts or a host:port list")
         for item in v:
             if item != "mx":
-                try:
-                    parse_hostport(item)
-                except ValueError as e:
-                    raise ValueError(f"{item!r} is not host:port") from e
+                _hostport(item)
         return v
 
     @field_validator("recipients", mode="before")
@@ -169,13 +183,6 @@ class DomainConfig(_Frozen):
             raise ValueError('must be "any", "verify", "file:PATH" or a list of addresses')
         return v
 
-    @field_validator("verify_positive_ttl", "verify_negative_ttl")
-    @classmethod
-    def _ttl_at_least_1s(cls, v: timedelta) -> timedelta:
-        if v < timedelta(seconds=1):
-            raise ValueError("must be at least 1s")
-        return v
-
     @property
     def primary_hosts(self) -> list[tuple[str, int]] | None:
         """None when the primary is the domain's MX hosts ranked better than us."""
@@ -185,31 +192,23 @@ class DomainConfig(_Frozen):
 
 
 class DeliveryConfig(_Frozen):
-    retry_min: Duration = timedelta(minutes=1)
-    retry_max: Duration = timedelta(hours=1)
-    retention: Duration = timedelta(days=30)
-    retention_cap: Duration = timedelta(days=90)
-    probe_interval: Duration = timedelta(seconds=30)
-    probe_timeout: Duration = timedelta(seconds=10)
+    retry_min: Duration1s = timedelta(minutes=1)
+    retry_max: Duration1s = timedelta(hours=1)
+    retention: Duration1s = timedelta(days=30)
+    retention_cap: Duration1s = timedelta(days=90)
+    probe_interval: Duration1s = timedelta(seconds=30)
+    probe_timeout: Duration1s = timedelta(seconds=10)
     down_after: int = Field(2, ge=1)  # consecutive failed probes before a destination is DOWN
-    recovery_guard: Duration = timedelta(hours=6)
+    recovery_guard: Duration1s = timedelta(hours=6)
     delay_warning: Duration | None = None  # off by default
     concurrency_initial: int = Field(2, ge=1)
     concurrency_max: int = Field(20, ge=1)
     messages_per_connection: int = Field(100, ge=1)
     window: int = Field(1000, ge=10)  # recipients claimed into memory at most
-    connect_timeout: Duration = timedelta(seconds=30)
+    connect_timeout: Duration1s = timedelta(seconds=30)
     command_timeout: Duration = timedelta(minutes=5)
     data_timeout: Duration = timedelta(minutes=10)  # reply to the final dot (RFC 5321 4.5.3.2.6)
-    lease: Duration = timedelta(minutes=15)
-
-    @field_validator("retry_min", "retry_max", "probe_interval", "recovery_guard", "retention",
-                     "retention_cap", "probe_timeout", "connect_timeout", "lease")
-    @classmethod
-    def _at_least_1s(cls, v: timedelta) -> timedelta:
-        if v < timedelta(seconds=1):
-            raise ValueError("must be at least 1s")
-        return v
+    lease: Duration1s = timedelta(minutes=15)
 
 
 class PolicyConfig(_Frozen):
@@ -217,14 +216,9 @@ class PolicyConfig(_Frozen):
 
     rate_limit: int = Field(0, ge=0)  # messages (MAIL commands) per minute per client IP; 0 = no limit
     rate_burst: int = Field(0, ge=0)  # messages a client may send at once; 0 = the same as rate_limit
-    dnsbl: tuple[str, ...] = ()  # DNS blocklist zones, e.g. ["zen.spamhaus.org"]
+    dnsbl: Names = ()  # DNS blocklist zones, e.g. ["zen.spamhaus.org"]
     spf: bool = False  # check SPF, add Authentication-Results (RFC 8601) for the primary
     authserv_id: str = ""  # the authserv-id of that header; empty = server.hostname
-
-    @field_validator("dnsbl", mode="before")
-    @classmethod
-    def _dnsbl_list(cls, v: Any) -> Any:
-        return (v,) if isinstance(v, str) else v
 
     @field_validator("dnsbl")
     @classmethod
@@ -282,20 +276,13 @@ class CanaryConfig(_Frozen):
     domain: str
     to: str  # the canary mailbox at the primary; an address in `domain`
     mail_from: str = ""  # the envelope sender; "" is the null sender <> (nobody ever gets a bounce)
-    interval: Duration = timedelta(minutes=15)
-    deadline: Duration = timedelta(minutes=5)
+    interval: Duration1s = timedelta(minutes=15)
+    deadline: Duration1s = timedelta(minutes=5)
 
     @field_validator("domain")
     @classmethod
     def _domain(cls, v: str) -> str:
         return v.strip().lower().rstrip(".")
-
-    @field_validator("interval", "deadline")
-    @classmethod
-    def _at_least_1s(cls, v: timedelta) -> timedelta:
-        if v < timedelta(seconds=1):
-            raise ValueError("must be at least 1s")
-        return v
 
     @field_validator("to")
     @classmethod
@@ -326,10 +313,10 @@ class ContinuityConfig(_Frozen):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     secret_file: Path | None = None  # signing key; default data_dir/continuity.key (share it between nodes)
-    link_ttl: Duration = timedelta(hours=24)  # a sign-in link works once, within this time
-    session_ttl: Duration = timedelta(hours=12)  # a signed-in browser, never past the grant
-    grant_default: Duration = timedelta(days=7)  # `access grant` without --expires
-    grant_max: Duration = timedelta(days=90)
+    link_ttl: Duration1s = timedelta(hours=24)  # a sign-in link works once, within this time
+    session_ttl: Duration1s = timedelta(hours=12)  # a signed-in browser, never past the grant
+    grant_default: Duration1s = timedelta(days=7)  # `access grant` without --expires
+    grant_max: Duration1s = timedelta(days=90)
     smarthost: str | None = None  # "host:port" for `access grant --notify`; never a protected primary
     notify_from: str | None = None  # envelope and From: of those notices; default postmaster@<hostname>
     audit_log: Path | None = None  # default data_dir/continuity-audit.log
@@ -338,10 +325,7 @@ class ContinuityConfig(_Frozen):
     @field_validator("listen")
     @classmethod
     def _listen_ok(cls, v: str) -> str:
-        try:
-            parse_hostport(v, default_port=8026)
-        except ValueError as e:
-            raise ValueError(f"{v!r} is not host:port") from e
+        _hostport(v, default_port=8026)
         return v
 
     @field_validator("smarthost")
@@ -349,10 +333,7 @@ class ContinuityConfig(_Frozen):
     def _smarthost_ok(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        try:
-            host, _ = parse_hostport(v, default_port=25)
-        except ValueError as e:
-            raise ValueError(f"{v!r} is not host:port") from e
+        host, _ = _hostport(v, default_port=25)
         if not host:
             raise ValueError(f"{v!r} is not host:port")
         return v
@@ -376,13 +357,6 @@ class ContinuityConfig(_Frozen):
             zoneinfo.ZoneInfo(v)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
             raise ValueError(f"{v!r} is not a time zone such as \"UTC\" or \"Asia/Seoul\"") from e
-        return v
-
-    @field_validator("link_ttl", "session_ttl", "grant_default", "grant_max")
-    @classmethod
-    def _at_least_1s(cls, v: timedelta) -> timedelta:
-        if v < timedelta(seconds=1):
-            raise ValueError("must be at least 1s")
         return v
 
     @property
@@ -441,8 +415,9 @@ class AlertConfig(BaseModel):
 
     kind: Literal["webhook", "email"]
     name: str = ""  # for logs and the notice; defaults to the kind and target
-    on: tuple[Condition, ...] = tuple(Condition)  # the conditions this destination wants
-    interval: Duration = timedelta(seconds=30)  # how often conditions are evaluated (the smallest wins)
+    # the conditions this destination wants
+    on: Annotated[tuple[Condition, ...], BeforeValidator(_one_or_list)] = tuple(Condition)
+    interval: Duration1s = timedelta(seconds=30)  # how often conditions are evaluated (the smallest wins)
     # webhook: a JSON POST
     url: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)  # e.g. {Authorization = "Bearer ..."}
@@ -451,29 +426,17 @@ class AlertConfig(BaseModel):
     mail_from: str | None = None
     to: tuple[str, ...] = ()
     # delivery of the notice itself
-    timeout: Duration = timedelta(seconds=10)
+    timeout: Duration1s = timedelta(seconds=10)
     attempts: int = Field(6, ge=1, le=20)
-    retry_min: Duration = timedelta(seconds=2)
-    retry_max: Duration = timedelta(minutes=5)
+    retry_min: Duration1s = timedelta(seconds=2)
+    retry_max: Duration1s = timedelta(minutes=5)
     # thresholds
     outage_longer_than: Duration = timedelta(hours=1)
     held_above: int = Field(1000, ge=0)
     oldest_older_than: Duration = timedelta(days=2)
     free_disk_below: Size = 1_000_000_000
     delivery_failures: int = Field(5, ge=1)  # failures (not "primary unreachable") since the last success ...
-    failure_window: Duration = timedelta(minutes=15)  # ... within this window
-
-    @field_validator("on", mode="before")
-    @classmethod
-    def _on_list(cls, v: Any) -> Any:
-        return (v,) if isinstance(v, str) else v
-
-    @field_validator("interval", "timeout", "retry_min", "retry_max", "failure_window")
-    @classmethod
-    def _at_least_1s(cls, v: timedelta) -> timedelta:
-        if v < timedelta(seconds=1):
-            raise ValueError("must be at least 1s")
-        return v
+    failure_window: Duration1s = timedelta(minutes=15)  # ... within this window
 
     @model_validator(mode="after")
     def _kind_fields(self) -> AlertConfig:

@@ -16,30 +16,13 @@ from typing import Any
 from backupmx import sdnotify
 from backupmx.clock import Clock, SystemClock
 from backupmx.config import Config, require_domains
-from backupmx.extras import POSTGRES, require
 from backupmx.maillog import MailLog
 from backupmx.spool import Spool
+from backupmx.spool.backends import open_spool
 
 log = logging.getLogger("backupmx")
 
 STOP_GRACE_SECONDS = 30.0
-
-
-async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
-    """The configured spool backend, opened (schema created or migrated)."""
-    spool: Spool
-    if cfg.spool.url and cfg.spool.postgres:
-        require(POSTGRES, "spool.url")  # checked with the config already; a broken install fails here
-        from backupmx.spool.postgres import PostgresSpool  # type: ignore[import-not-found,unused-ignore]
-
-        spool = PostgresSpool(cfg.spool.url, node=cfg.server.node, clock=clock)
-    else:
-        from backupmx.spool.sqlite import SqliteSpool
-
-        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
-        spool = SqliteSpool(cfg.server.data_dir, node=cfg.server.node, clock=clock)
-    await spool.open()
-    return spool
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:

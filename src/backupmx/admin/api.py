@@ -32,6 +32,7 @@ from backupmx.admin.operations import (
     SmtpView,
     iso,
     message_json,
+    queue_filter,
 )
 from backupmx.admin.timeseries import SAMPLE_SECONDS, SeriesSampler, SeriesStore
 from backupmx.clock import Clock
@@ -39,7 +40,7 @@ from backupmx.config import Config
 from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId, RecipientState
-from backupmx.spool import QueueFilter, Spool
+from backupmx.spool import Spool
 from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
 log = logging.getLogger("backupmx.admin")
@@ -98,19 +99,6 @@ def _int_arg(request: web.Request, name: str, default: int, lo: int, hi: int) ->
         return max(lo, min(hi, int(raw)))
     except ValueError:
         raise ActionError(f"{name}: not a number") from None
-
-
-def queue_filter(query: Any) -> QueueFilter:
-    """QueueFilter from query arguments (domain, recipient, sender, state, all), shared with the dashboard."""
-    state_raw = (query.get("state") or "").strip()
-    try:
-        state = RecipientState(state_raw) if state_raw else None
-    except ValueError:
-        raise ActionError(f"state: one of {', '.join(s.value for s in RecipientState)}") from None
-    return QueueFilter(domain=(query.get("domain") or "").strip().lower() or None,
-                       recipient=(query.get("recipient") or "").strip() or None,
-                       sender=(query.get("sender") or "").strip() or None,
-                       state=state, pending_only=query.get("all") not in ("1", "true", "yes", "on"))
 
 
 # --- the endpoint table (routes and OpenAPI both come from it) -------------------------------------

@@ -22,7 +22,7 @@ from aiohttp import web
 from backupmx import __version__
 from backupmx.admin import charts
 from backupmx.admin.auth import COOKIE, AdminAuth
-from backupmx.admin.operations import ActionError, Operations
+from backupmx.admin.operations import ActionError, Operations, queue_filter
 from backupmx.clock import format_span
 from backupmx.model import QueueId, RecipientState
 from backupmx.monitor import DestinationState
@@ -188,8 +188,6 @@ class Dashboard:
         jump = (q.get("id") or "").strip().upper()
         if jump:
             raise web.HTTPSeeOther(f"/queue/{jump}" if jump.isalnum() else "/queue")
-        from backupmx.admin.api import queue_filter
-
         flt = queue_filter(q)
         after = q.get("after") or None
         page, nxt = await self.ops.queue_page(flt, after=QueueId(after) if after else None, limit=PAGE_SIZE)

@@ -30,7 +30,8 @@ from backupmx.continuity.tokens import (
     session_key,
 )
 from backupmx.errors import BackupMXError
-from backupmx.spool import KV_LIST_MAX, KvItem
+from backupmx.model import MessageKind
+from backupmx.spool import KV_LIST_MAX, KvItem, QueueFilter, Spool
 
 NS_GRANT = "continuity.grant"  # key: "alice@example.com" or "@example.com"; `access list` lists them
 # Before the Spool contract had kv_list, a JSON list of subjects was kept here (key "grants") for
@@ -234,3 +235,20 @@ class AccessStore:
 
     async def end_session(self, session: Session) -> None:
         await self.kv.kv_delete(NS_SESSION, session.key)
+
+
+async def held_recipients(spool: Spool, domain: str) -> dict[str, int]:
+    """Each recipient of `domain` with held (pending) mail, with how many messages (`access grant --domain`
+    issues a link to each)."""
+    out: dict[str, int] = {}
+    after = None
+    while True:
+        page = await spool.list_messages(QueueFilter(domain=domain), limit=500, after=after)
+        for m in page:
+            if m.kind is MessageKind.CANARY:
+                continue
+            for addr in {r.address.lower() for r in m.recipients if r.domain == domain and not r.state.is_final}:
+                out[addr] = out.get(addr, 0) + 1
+        if len(page) < 500:
+            return out
+        after = page[-1].id

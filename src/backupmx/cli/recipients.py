@@ -4,8 +4,9 @@ For `recipients = "verify"` domains this is the learned set in the spool (policy
 primary answered to RCPT probes, what deliveries taught, and the operator's own entries, which never
 expire unless given `--ttl`. `add --unknown` remembers an address as refused (550 5.1.1). Domains with
 a list or a `file:` are shown read-only (edit the config or the file; a file is re-read on change or
-SIGHUP). Works while `serve` runs (it opens the spool beside it, as `queue` does). Errors are one line on
-stderr: exit 2 for usage or configuration, 1 for a failed action.
+SIGHUP). The work is policy/learned.py's; this module parses, checks and prints. Works while `serve`
+runs (it opens the spool beside it, as `queue` does). Errors are one line on stderr: exit 2 for usage
+or configuration, 1 for a failed action.
 """
 
 from __future__ import annotations
@@ -15,24 +16,24 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
+from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import iso_time
 from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
-from backupmx.policy.domains import domain_of
+from backupmx.policy import domain_of
 from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source
 from backupmx.spool import Spool
-from backupmx.spool_command import config_arg, with_spool
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 PAGE = 500
 
 Command = Callable[[argparse.Namespace, Config, LearnedRecipients], Awaitable[int]]
 
 
-def add_recipients_parser(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     rec = sub.add_parser("recipients", help="see and edit the recipients backupmx knows (verify domains)")
     rsub = rec.add_subparsers(dest="recipients_command", metavar="ACTION")
 
@@ -71,10 +72,6 @@ def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
     return with_spool(over_store)
 
 
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
 def _mode(d: DomainConfig) -> str:
     if isinstance(d.recipients, tuple):
         return "list"
@@ -110,8 +107,8 @@ def _expiry(ttl: str | None, now: float) -> float | None:
 
 
 def _entry_json(e: LearnedRecipient, now: float) -> dict[str, Any]:
-    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": _iso(e.learned_at),
-            "expires_at": _iso(e.expires_at), "fresh": e.fresh(now)}
+    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": iso_time(e.learned_at),
+            "expires_at": iso_time(e.expires_at), "fresh": e.fresh(now)}
 
 
 async def _all(store: LearnedRecipients, domain: str) -> tuple[list[LearnedRecipient], int]:
@@ -245,4 +242,4 @@ async def cmd_import(args: argparse.Namespace, cfg: Config, store: LearnedRecipi
     return EXIT_OK
 
 
-__all__ = ["add_recipients_parser"]
+__all__ = ["add_parser"]

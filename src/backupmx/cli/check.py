@@ -1,8 +1,7 @@
-"""The `backupmx check DOMAIN` subcommand: argparse wiring around the audit in `backupmx.audit`.
+"""`backupmx check DOMAIN`: argparse wiring around the audit in `backupmx.audit`, which does the work.
 
 Exit status: 0 when no mark is a fail (warnings allowed; `--strict` makes warnings fail too), 1 when
-at least one is, 2 for usage errors (bad domain, nameserver, port or config file). The audit itself,
-`run_check`, and its renderers are re-exported here for the CLI and for scripts.
+at least one is, 2 for usage errors (bad domain, nameserver, port or config file).
 """
 
 from __future__ import annotations
@@ -14,15 +13,14 @@ import ssl
 import sys
 from typing import Any
 
-from backupmx.audit import CheckReport, parse_nameserver, render_json, render_text, run_check
+from backupmx.audit import parse_nameserver, render_json, render_text, run_check
+from backupmx.cli.exits import EXIT_USAGE
 from backupmx.config import load_config
 
-EXIT_USAGE = 2
-
-__all__ = ["CheckReport", "add_check_parser", "check_command", "render_json", "render_text", "run_check"]
+__all__ = ["add_parser", "check_command"]
 
 
-def add_check_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Registers `check` on the CLI's subparsers (`argparse._SubParsersAction`)."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "check",
