@@ -188,30 +188,29 @@ async def cmd_queue_flush(args: argparse.Namespace, cfg: Config, spool: Spool) -
     return EXIT_OK
 
 
-def _target(args: argparse.Namespace, action: str) -> QueueId | None:
+async def _hold_or_release(args: argparse.Namespace, spool: Spool, action: str) -> int:
+    """`queue hold` and `queue release`: one message (ID) or --all (of --domain), and how many recipients moved."""
     if args.all == bool(args.id):
         raise ConfigError(f"queue {action}: give a queue ID or --all")
-    return None if args.all else QueueId(args.id)
+    target = None if args.all else QueueId(args.id)
+    if target and await spool.get(target) is None:
+        print(f"backupmx: queue {action}: no message {target}", file=sys.stderr)
+        return EXIT_FAIL
+    if action == "hold":
+        n = await spool.hold(target, domain=args.domain, now=time.time())
+        print(f"held {n} recipient(s)")
+    else:
+        n = await spool.release_held(target, domain=args.domain, now=time.time())
+        print(f"released {n} recipient(s)")
+    return EXIT_OK
 
 
 async def cmd_queue_hold(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    target = _target(args, "hold")
-    if target and await spool.get(target) is None:
-        print(f"backupmx: queue hold: no message {target}", file=sys.stderr)
-        return EXIT_FAIL
-    n = await spool.hold(target, domain=args.domain, now=time.time())
-    print(f"held {n} recipient(s)")
-    return EXIT_OK
+    return await _hold_or_release(args, spool, "hold")
 
 
 async def cmd_queue_release(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    target = _target(args, "release")
-    if target and await spool.get(target) is None:
-        print(f"backupmx: queue release: no message {target}", file=sys.stderr)
-        return EXIT_FAIL
-    n = await spool.release_held(target, domain=args.domain, now=time.time())
-    print(f"released {n} recipient(s)")
-    return EXIT_OK
+    return await _hold_or_release(args, spool, "release")
 
 
 async def cmd_queue_delete(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
