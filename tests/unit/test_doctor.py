@@ -168,3 +168,11 @@ async def test_a_check_that_breaks_is_its_own_fail_line() -> None:
     [finding] = await _guarded("clock", broken, None)  # type: ignore[arg-type]
     assert finding == Finding("clock", Mark.FAIL, "the check itself failed: RuntimeError: boom",
                               "report this as a bug in backupmx doctor")
+
+
+def test_version() -> None:
+    from backupmx import __version__
+
+    res = subprocess.run([sys.executable, "-m", "backupmx.cli", "--version"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == f"backupmx {__version__}"

@@ -310,6 +310,9 @@ class _Session(asyncio.Protocol):
         self._queued = 0
         self._rejected = 0
         self._tls_info: str | None = None  # "using TLSv1.3 with cipher ..." for the Received header
+        # True while loop.start_tls() runs: what data_received() gets then came through TLS (the switch to
+        # the TLS protocol happens before start_tls first yields, so no plaintext can arrive this way)
+        self._tls_handshake = False
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -332,6 +335,10 @@ class _Session(asyncio.Protocol):
         self.task = loop.create_task(self._run(), name=f"smtp {self.client_ip}:{self.client_port}")
 
     def data_received(self, data: bytes) -> None:
+        if self._tls_handshake and not self._conn.tls:
+            # Python 3.12+'s asyncio hands over the client's first command (sent with its Finished)
+            # before start_tls() returns; in TLS_PENDING the protocol would discard it as injected
+            self._conn.tls_established()
         self._conn.receive_data(data)
         w = self._waiter
         if w is not None and not w.done():
@@ -723,16 +730,20 @@ class _Session(asyncio.Protocol):
         if ctx is None or self._transport is None:
             raise _SessionEnd
         loop = asyncio.get_running_loop()
+        self._tls_handshake = True
         try:
             transport = await loop.start_tls(self._transport, self, ctx, server_side=True,
                                              ssl_handshake_timeout=min(self.server._idle, TLS_HANDSHAKE_TIMEOUT))
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             log.info("client %s: TLS handshake failed: %s", self.client_ip, e)
             raise _SessionEnd from None
+        finally:
+            self._tls_handshake = False
         if transport is None:
             raise _SessionEnd
         self._transport = transport
-        self._conn.tls_established()
+        if not self._conn.tls:  # data_received() may have done it already
+            self._conn.tls_established()
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cipher = ssl_object.cipher()
