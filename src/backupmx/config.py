@@ -294,7 +294,8 @@ class CanaryConfig(_Frozen):
         return f"{local}@{domain.lower()}"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1)."""
     if host.lower() == "localhost":
         return True
     try:
@@ -383,7 +384,7 @@ def _check_continuity(cfg: Config, source: str) -> None:
         return
     host, _ = c.listen_address
     https = c.tls_cert is not None or (c.base_url or "").startswith("https://")
-    if not _is_loopback(host) and not https:
+    if not is_loopback(host) and not https:
         raise ConfigError(f"{source}: continuity.listen: {c.listen} is not a loopback address; set "
                           "continuity.tls_cert and tls_key, or serve it behind an HTTPS proxy and set "
                           "continuity.base_url = \"https://...\"")

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from backupmx import __version__
-from backupmx.admin.auth import COOKIE, AdminAuth, is_loopback, listen_address, load_token
+from backupmx.admin.auth import COOKIE, AdminAuth, listen_address, load_token
 from backupmx.admin.mailevents import MailTally, MessageHistory
 from backupmx.admin.metrics import CONTENT_TYPE, Metrics
 from backupmx.admin.operations import (
@@ -36,7 +36,7 @@ from backupmx.admin.operations import (
 )
 from backupmx.admin.timeseries import SAMPLE_SECONDS, SeriesSampler, SeriesStore
 from backupmx.clock import Clock
-from backupmx.config import Config
+from backupmx.config import Config, is_loopback
 from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId, RecipientState

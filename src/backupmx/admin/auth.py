@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
 import time
 from pathlib import Path
 
-from backupmx.config import Config, parse_hostport
+from backupmx.config import Config, is_loopback, parse_hostport
 from backupmx.errors import ConfigError
 
 log = logging.getLogger("backupmx.admin")
@@ -29,15 +28,6 @@ COOKIE = "backupmx_session"
 SESSION_SECONDS = 12 * 3600
 MIN_TOKEN_CHARS = 16
 GENERATED_TOKEN_FILE = "admin.token"
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def listen_address(config: Config) -> tuple[str, int]:

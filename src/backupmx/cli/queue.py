@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backupmx.cli.access import require_domain
 from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
 from backupmx.cli.spool_session import config_arg, with_spool
 from backupmx.clock import iso_time
@@ -222,7 +223,6 @@ async def cmd_queue_delete(args: argparse.Namespace, cfg: Config, spool: Spool) 
 
 
 async def cmd_export(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    from backupmx.cli.access import require_domain
     from backupmx.continuity.export import Format, Progress, Selection, count, export
 
     if args.domain:

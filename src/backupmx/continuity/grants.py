@@ -15,9 +15,8 @@ the spool passes through.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from backupmx.clock import Clock
 from backupmx.continuity.tokens import (
@@ -31,7 +30,7 @@ from backupmx.continuity.tokens import (
 )
 from backupmx.errors import BackupMXError
 from backupmx.model import MessageKind
-from backupmx.spool import KV_LIST_MAX, KvItem, QueueFilter, Spool
+from backupmx.spool import KV_LIST_MAX, KvStore, QueueFilter, Spool
 
 NS_GRANT = "continuity.grant"  # key: "alice@example.com" or "@example.com"; `access list` lists them
 # Before the Spool contract had kv_list, a JSON list of subjects was kept here (key "grants") for
@@ -45,20 +44,6 @@ USED_KEEP_SECONDS = 30 * 86400
 
 class GrantError(BackupMXError):
     """An operator's request that cannot be done (no grant, not a protected domain, ...)."""
-
-
-class KvStore(Protocol):
-    """The part of the Spool contract this module uses."""
-
-    async def kv_get(self, namespace: str, key: str) -> bytes | None: ...
-
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None: ...
-
-    async def kv_delete(self, namespace: str, key: str) -> bool: ...
-
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
 
 
 @dataclass(frozen=True, slots=True)

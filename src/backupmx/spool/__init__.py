@@ -92,6 +92,21 @@ class KvItem:
 KV_LIST_MAX = 1000  # the default and largest page of kv_list
 
 
+class KvStore(Protocol):
+    """The shared-state part of the Spool contract (kv_* below), for the parts that need only that: the
+    learned recipients, the emergency inbox's grants and gate."""
+
+    async def kv_get(self, namespace: str, key: str) -> bytes | None: ...
+
+    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
+                     now: float | None = None) -> None: ...
+
+    async def kv_delete(self, namespace: str, key: str) -> bool: ...
+
+    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
+                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DomainStats:
     domain: str
@@ -268,6 +283,7 @@ __all__ = [
     "Claim",
     "DomainStats",
     "KvItem",
+    "KvStore",
     "NewMessage",
     "OutagePeriod",
     "QueueFilter",
