@@ -1,10 +1,11 @@
 """`backupmx doctor`: checks a host before go-live, one ok/warn/fail line per subject with the fix.
 
-Config valid, data directory (owner, permissions), free disk against server.min_free_disk, the SMTP
-listen addresses bindable, the DNS resolver answering, the clock synchronised (the kernel's adjtimex
-status), each primary answering SMTP, the TLS certificate and the admin token readable only by the
-service user. It changes nothing on the host. Each check's own failure (an exception it did not
-expect) is reported as that check's `fail` line: doctor never ends in a traceback. Exit 1 on any fail.
+Config valid, the installation (version, uvloop), data directory (owner, permissions), free disk
+against server.min_free_disk, the SMTP listen addresses bindable, the DNS resolver answering, the clock
+synchronised (the kernel's adjtimex status), each primary answering SMTP, the TLS certificate and the
+admin token readable only by the service user. It changes nothing on the host. Each check's own
+failure (an exception it did not expect) is reported as that check's `fail` line: doctor never ends in a
+traceback. Exit 1 on any fail.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Mark(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    subject: str  # "config", "data_dir", "disk", "listen", "dns", "clock", "primary", "tls", "admin_token"
+    subject: str  # "config", "install", "data_dir", "disk", "listen", "dns", "clock", "primary", "tls", "admin_token"
     mark: Mark
     text: str
     fix: str = ""
@@ -62,6 +63,24 @@ def service_uid(cfg: Config) -> int:
         return cfg.server.data_dir.stat().st_uid
     except OSError:
         return os.geteuid()
+
+
+# --- the installation -------------------------------------------------------------------------------
+async def check_install(cfg: Config) -> list[Finding]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from backupmx import __version__
+    from backupmx.extras import FAST_LOOP, installed
+
+    text = f"backupmx {__version__} on Python {sys.version.split()[0]} ({sys.executable})"
+    if not installed(FAST_LOOP):
+        return [Finding("install", Mark.WARN, text + "; uvloop is missing: serve runs on asyncio's slower loop",
+                        f"{FAST_LOOP.install} (it does not build on every platform)")]
+    try:
+        loop = f"uvloop {version('uvloop')}"
+    except PackageNotFoundError:
+        loop = "uvloop"
+    return [Finding("install", Mark.OK, f"{text}, {loop}")]
 
 
 # --- data directory and disk ------------------------------------------------------------------------
@@ -365,8 +384,9 @@ async def check_admin_token(cfg: Config) -> list[Finding]:
 
 
 CHECKS: tuple[tuple[str, Check], ...] = (
-    ("data_dir", check_data_dir), ("disk", check_disk), ("listen", check_listen), ("dns", check_dns),
-    ("clock", check_clock), ("primary", check_primaries), ("tls", check_tls), ("admin_token", check_admin_token),
+    ("install", check_install), ("data_dir", check_data_dir), ("disk", check_disk), ("listen", check_listen),
+    ("dns", check_dns), ("clock", check_clock), ("primary", check_primaries), ("tls", check_tls),
+    ("admin_token", check_admin_token),
 )
 
 

@@ -81,7 +81,8 @@ nameservers = ["{dns.nameserver}"]
             code, lines = await doctor(config)
     finally:
         await primary.stop()
-    assert set(lines) == {"config", "data_dir", "disk", "listen", "dns", "clock", "primary", "tls", "admin_token"}
+    assert set(lines) == {"config", "install", "data_dir", "disk", "listen", "dns", "clock", "primary", "tls",
+                          "admin_token"}
     for subject, found in lines.items():
         if subject != "clock":  # this machine's clock may or may not be synchronised: ok or warn
             assert all(f.startswith("ok ") for f in found), (subject, found)
