@@ -102,3 +102,12 @@ def test_installed_and_require() -> None:
     assert not installed(nothing)
     with pytest.raises(ConfigError, match=r"^x.y needs a part that does not exist: pip install 'backupmx\[nothing\]'$"):
         require(nothing, "x.y")
+
+
+def test_doctor_names_a_missing_uvloop(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, DOMAIN + '[delivery]\nprobe_timeout = "1s"\n')
+    cfg.write_text(cfg.read_text().replace("[dns]\n", '[dns]\ntimeout = "1s"\n'))
+    res = backupmx("doctor", "--config", str(cfg), blocked="uvloop")
+    install = [line for line in res.stdout.splitlines() if line.startswith("warn  install ")]
+    assert install and "uvloop is missing" in install[0], res.stdout + res.stderr
+    assert "fix: pip install 'backupmx[fast]'" in res.stdout and "Traceback" not in res.stderr
