@@ -129,6 +129,9 @@ class ServerConfig(_Frozen):
     tls_key: Path | None = None
     greeting_delay: Duration = timedelta(0)
     min_free_disk: Size = 100_000_000
+    # 554 5.5.0 and disconnect for a client that sends before our EHLO/HELO or DATA reply (Postfix's
+    # smtpd_forbid_unauth_pipelining, on by default since Postfix 3.9): real MTAs wait, bots do not
+    forbid_early_pipelining: bool = True
 
     @field_validator("listen")
     @classmethod

@@ -105,9 +105,14 @@ async def check_data_dir(cfg: Config) -> list[Finding]:
     if st.st_uid == os.geteuid() and not os.access(d, os.W_OK | os.X_OK):
         return [Finding("data_dir", Mark.FAIL, f"{d} (owner {owner}, mode {mode:04o}) is not writable by its owner",
                         f"chmod u+rwx {d}")]
-    if mode & 0o007:
-        return [Finding("data_dir", Mark.FAIL, f"{d} (owner {owner}, mode {mode:04o}) is open to other users; "
-                        "it holds the mail and the admin token", f"chmod o-rwx {d}")]
+    from backupmx.privatefiles import unsafe_dir
+
+    refusal = unsafe_dir(d)
+    if refusal is not None:
+        return [_from_refusal("data_dir", refusal)]
+    if mode & 0o005:
+        return [Finding("data_dir", Mark.WARN, f"{d} (owner {owner}, mode {mode:04o}): other users can list "
+                        "the mail's files", f"chmod 700 {d}")]
     return [Finding("data_dir", Mark.OK, f"{d} (owner {owner}, mode {mode:04o})")]
 
 
@@ -307,16 +312,44 @@ async def check_clock(cfg: Config) -> list[Finding]:
 
 
 # --- secrets: TLS and the admin token ---------------------------------------------------------------
-def _private(path: Path, what: str, uid: int) -> Finding | None:
-    """A fail when `path` is readable by anyone but `uid` (the service user), None when it is private."""
+def _from_refusal(subject: str, refusal: str) -> Finding:
+    """privatefiles' "PATH: why; fix: chmod ..." as a fail line: serve refuses to start on it."""
+    text, _, fix = refusal.partition("; fix: ")
+    return Finding(subject, Mark.FAIL, f"{text} (serve refuses to start)", fix)
+
+
+def _can_read_as_group(uid: int, gid: int) -> bool:
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return gid in os.getgrouplist(user.pw_name, user.pw_gid)
+
+
+def _private(path: Path, subject: str, what: str, uid: int) -> Finding | None:
+    """None when only `uid` (the service user) can read `path`. A fail where serve would refuse it (others
+    may read or write it: privatefiles.unsafe_secret) or where the service user cannot read it; a warn
+    where someone else still can (its group, or another owner)."""
+    from backupmx.privatefiles import unsafe_secret
+
+    refusal = unsafe_secret(path, what)
+    if refusal is not None:
+        return _from_refusal(subject, refusal)
     st = path.stat()
     mode = stat.S_IMODE(st.st_mode)
     user = _owner_name(uid)
     if st.st_uid != uid:
-        return Finding(what, Mark.FAIL, f"{path} belongs to {_owner_name(st.st_uid)}, not the service user {user}",
-                       f"chown {user} {path}")
-    if mode & 0o077:
-        return Finding(what, Mark.FAIL, f"{path} (mode {mode:04o}) is readable by others than {user}",
+        owner = _owner_name(st.st_uid)
+        if not (mode & 0o040 and _can_read_as_group(uid, st.st_gid)):
+            return Finding(subject, Mark.FAIL, f"{path} belongs to {owner} (mode {mode:04o}): the service user "
+                           f"{user} cannot read it", f"chown {user} {path} && chmod 600 {path}")
+        return Finding(subject, Mark.WARN, f"{path} belongs to {owner}; {user} reads it through its group "
+                       f"(mode {mode:04o}), so others in that group can too",
+                       f"chown {user} {path} && chmod 600 {path}")
+    if mode & 0o040:
+        return Finding(subject, Mark.WARN, f"{path} (mode {mode:04o}) is readable by its group too",
                        f"chmod 600 {path}")
     return None
 
@@ -367,7 +400,7 @@ async def check_admin_token(cfg: Config) -> list[Finding]:
         if not path.exists():
             return [Finding("admin_token", Mark.OK, f"none yet: serve writes a random one into {path} (mode 0600)")]
     try:
-        private = _private(path, "admin_token", uid)
+        private = _private(path, "admin_token", "can use the admin API", uid)
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return [Finding("admin_token", Mark.FAIL, f"{path} does not exist (admin.token_file)",
@@ -375,11 +408,13 @@ async def check_admin_token(cfg: Config) -> list[Finding]:
     except OSError as e:
         return [Finding("admin_token", Mark.FAIL, f"{path}: {e.strerror}",
                         f"run doctor as the service user ({_owner_name(uid)}) or root")]
-    if private is not None:
+    if private is not None and private.mark is Mark.FAIL:
         return [private]
     if len(token) < MIN_TOKEN_CHARS:
         return [Finding("admin_token", Mark.FAIL, f"{path}: the token is shorter than {MIN_TOKEN_CHARS} characters",
                         f"head -c 32 /dev/urandom | base64 > {path}")]
+    if private is not None:
+        return [private]
     return [Finding("admin_token", Mark.OK, f"{path} is readable only by {_owner_name(uid)}")]
 
 

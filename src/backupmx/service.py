@@ -25,6 +25,14 @@ log = logging.getLogger("backupmx")
 STOP_GRACE_SECONDS = 30.0
 
 
+async def _named(what: str, address: str, start: Coroutine[Any, Any, None]) -> None:
+    """Await a listener's start; an OSError names the listener and its address (the cause stays chained)."""
+    try:
+        await start
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {address}: {e.strerror or e}") from e
+
+
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
     if cfg.server.tls_cert is None or cfg.server.tls_key is None:
         return None
@@ -73,9 +81,11 @@ class Service:
         from backupmx.delivery.scheduler import DeliveryEngine
         from backupmx.monitor.probe import HealthMonitor
         from backupmx.policy.domains import build_checks
+        from backupmx.privatefiles import refuse_unsafe
         from backupmx.smtp.server import SmtpServer
 
         cfg = self.cfg
+        refuse_unsafe(cfg)  # ConfigError (exit 2) before anything is bound or opened
         self.spool = await open_spool(cfg, clock=self.clock)
         self.resolver = RouteResolver(cfg)
         self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)
@@ -97,16 +107,22 @@ class Service:
                                        clock=self.clock, maillog=self.maillog, canary=self.canary)
             self.health.subscribe(self.alerts.on_health_change)
         await self.health.open()  # an outage declared before a restart is still declared
+        # Bind every listener first, then serve. SMTP is bound but accepts nothing until all are bound
+        # (the kernel refuses its clients meanwhile), so a start that fails gave no client a 220 or a
+        # 250; the web listeners serve once bound, and they take in nothing a failed start could lose.
+        await self.smtp.bind()
+        if cfg.admin.listen:
+            await _named("admin listener", cfg.admin.listen, self._start_admin())
+        if cfg.continuity.enabled:
+            await _named("continuity listener", "{}:{}".format(*cfg.continuity.listen_address),
+                         self._start_continuity())
+        # every listener is bound: serve
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
         self._spawn(self._purge_loop(), "purge")
-        await self.smtp.start()
-        if cfg.admin.listen:
-            await self._start_admin()
         if self.alerts is not None:
             await self.alerts.start()
-        if cfg.continuity.enabled:
-            await self._start_continuity()
+        await self.smtp.serve()
         await self._start_proofs()
         addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
@@ -227,6 +243,7 @@ class Service:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.spool is not None:
             await self.spool.close()
+        self.maillog.close()
         log.info("stopped")
 
 

@@ -5,6 +5,7 @@ and it exits 1. DNS goes to the tests' own server or to a loopback port where no
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backupmx.doctor import STA_UNSYNC, Finding, Mark, _guarded, judge_clock, read_kernel_clock
+from backupmx.doctor import STA_UNSYNC, Finding, Mark, _guarded, _private, judge_clock, read_kernel_clock
 from tests.support.dnsserver import DnsServer
 from tests.support.ports import free_port
 from tests.unit.delivery.fake_primary import Primary
@@ -122,9 +123,8 @@ timeout = "1s"
         busy.close()
     assert code == 1
     assert lines["config"][0].startswith("ok ")
-    assert lines["data_dir"] == [f"fail {data} (owner {lines['data_dir'][0].split('owner ')[1].split(',')[0]}, "
-                                 f"mode 0757) is open to other users; it holds the mail and the admin token | "
-                                 f"fix: chmod o-rwx {data}"]
+    assert lines["data_dir"] == [f"fail {data}: writable by other users (mode 0757): they could change the queue "
+                                 f"or the admin token (serve refuses to start) | fix: chmod 700 {data}"]
     assert lines["disk"][0].startswith("fail ") and "server.min_free_disk = 1000.0 TB" in lines["disk"][0]
     assert lines["listen"][0].startswith(f"fail 127.0.0.1:{port}: in use by another program")
     assert "fix: stop it" in lines["listen"][0]
@@ -132,9 +132,26 @@ timeout = "1s"
     assert lines["primary"][0].startswith("fail example.test: no primary answers")
     assert "connection refused" in lines["primary"][0]
     assert lines["tls"][0].startswith("warn no server.tls_cert")
-    assert lines["admin_token"] == [f"fail {data / 'admin.token'} (mode 0644) is readable by others than "
-                                    f"{lines['admin_token'][0].split('others than ')[1].split(' |')[0]} | "
-                                    f"fix: chmod 600 {data / 'admin.token'}"]
+    token = data / "admin.token"
+    assert lines["admin_token"] == [f"fail {token}: readable by other users (mode 0644): anyone who can read it can "
+                                    f"use the admin API (serve refuses to start) | fix: chmod 600 {token}"]
+
+
+def test_who_may_read_a_secret(tmp_path: Path) -> None:
+    uid = os.geteuid()
+    secret = write(tmp_path / "token", TOKEN, 0o600)
+    assert _private(secret, "admin_token", "can use the admin API", uid) is None
+    secret.chmod(0o640)  # serve accepts it; doctor says the group reads it too
+    finding = _private(secret, "admin_token", "can use the admin API", uid)
+    assert finding is not None and finding.mark is Mark.WARN and finding.fix == f"chmod 600 {secret}"
+    secret.chmod(0o604)
+    finding = _private(secret, "admin_token", "can use the admin API", uid)
+    assert finding is not None and finding.mark is Mark.FAIL and "serve refuses to start" in finding.text
+    if uid == 0:  # another owner and no group access: the service user could not read it
+        secret.chmod(0o600)
+        os.chown(secret, 65534, 65534)
+        finding = _private(secret, "admin_token", "can use the admin API", uid)
+        assert finding is not None and finding.mark is Mark.FAIL and "cannot read it" in finding.text
 
 
 async def test_an_invalid_config_is_one_fail_line(tmp_path: Path) -> None:

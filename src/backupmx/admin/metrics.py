@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from backupmx import __version__
 from backupmx.admin.mailevents import MailTally
 from backupmx.admin.operations import NodeSnapshot, Operations
+from backupmx.logfailures import FAILURES
 from backupmx.model import RecipientState
 from backupmx.monitor import DestinationState
 
@@ -40,6 +41,7 @@ METRICS: dict[str, str] = {
     "backupmx_smtp_open_sessions": "SMTP sessions open now.",
     "backupmx_corrupt_messages": "Spool entries set aside as damaged.",
     "backupmx_build_info": "Always 1; the version label says which backupmx runs.",
+    "backupmx_log_write_errors_total": "Lines the mail log, continuity audit or alert state could not write, by log.",
 }
 
 
@@ -68,6 +70,11 @@ class SnapshotCollector(Collector):
         for (kind, event, reason), n in sorted(self.tally.own_counts().items()):
             own.add_metric([kind.value, event.value, reason.value], n)
         yield own
+        lost = CounterMetricFamily("backupmx_log_write_errors", METRICS["backupmx_log_write_errors_total"],
+                                   labels=["log"])
+        for name, n in FAILURES.counts().items():
+            lost.add_metric([name.value], n)
+        yield lost
         snap = self.snapshot
         if snap is None:
             return

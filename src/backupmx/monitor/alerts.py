@@ -34,6 +34,7 @@ from typing import Protocol
 from backupmx.clock import Clock, format_span, wait_event_or_timeout
 from backupmx.config import AlertConfig, Condition, Config, parse_hostport
 from backupmx.errors import ConfigError
+from backupmx.logfailures import FAILURES, LogName
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus
 from backupmx.spool import SpoolStats
@@ -479,8 +480,10 @@ class AlertManager:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(doc), encoding="utf-8")
             os.replace(tmp, self._state_file)
-        except OSError as e:
-            log.warning("alerts: cannot save %s: %s", self._state_file, e)
+        except OSError as e:  # kept in memory; written again at the next change (logfailures reports it)
+            FAILURES.failed(LogName.ALERT_STATE, e, self._state_file)
+        else:
+            FAILURES.succeeded(LogName.ALERT_STATE, self._state_file)
 
     def _load_state(self) -> None:
         try:

@@ -10,6 +10,7 @@ from backupmx.clock import Clock
 from backupmx.config import POSTGRES_SCHEMES, Config
 from backupmx.errors import ConfigError
 from backupmx.extras import POSTGRES, require
+from backupmx.privatefiles import make_private_dir
 from backupmx.spool import Spool
 
 __all__ = ["POSTGRES_SCHEMES", "open_spool", "open_url"]
@@ -26,7 +27,7 @@ async def open_spool(cfg: Config, *, clock: Clock | None = None) -> Spool:
     else:
         from backupmx.spool.sqlite import SqliteSpool
 
-        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.server.data_dir)  # 0700 by chmod, whatever the umask
         spool = SqliteSpool(cfg.server.data_dir, node=cfg.server.node, clock=clock)
     await spool.open()
     return spool
