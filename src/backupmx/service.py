@@ -13,8 +13,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from backupmx import sdnotify
 from backupmx.clock import Clock, SystemClock
-from backupmx.config import Config
+from backupmx.config import Config, require_domains
 from backupmx.maillog import MailLog
 from backupmx.spool import Spool
 from backupmx.spool.backends import open_spool
@@ -260,7 +261,8 @@ async def serve(cfg: Config) -> int:
         with contextlib.suppress(Exception):
             await service.stop(grace=0)
         return 1
-    await stop.wait()
+    async with sdnotify.running(f"serving {', '.join(d.name for d in cfg.domains)}"):  # READY=1: all bound
+        await stop.wait()
     log.info("stopping: new connections get 421, transactions in flight finish")
     await service.stop()
     return 0
@@ -275,6 +277,7 @@ def setup_logging(cfg: Config) -> None:
 
 
 def run_service(cfg: Config) -> int:
+    require_domains(cfg)
     setup_logging(cfg)
     try:
         import uvloop
