@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -31,13 +29,11 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support`
 from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
 from bench.figures import fmt, fmt_triple, geomean, machine, machine_line, percentile, summary, table
 from bench.latency import latency
-from bench.signals import exit_on_sigterm
+from bench.preflight import cannot_run, work_dir
 from tests.support.ports import free_port
 from tests.support.postfix import (
     PostfixInstance,
-    postfix_unavailable_reason,
     smtp_source,
-    tools_unavailable_reason,
 )
 
 RECIPIENT = "alice@example.test"
@@ -223,24 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run before it is killed")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args(argv)
-    exit_on_sigterm()
     messages = args.messages or (200 if args.quick else 1000)
     repeat = args.repeat or (2 if args.quick else 5)
     cells = parse_cells(args.cells)
     lat_conc = [int(c) for c in args.latency_concurrency.split(",") if c.strip()]
     lat_messages = args.latency_messages or messages
-    for reason in (tools_unavailable_reason(), postfix_unavailable_reason() if args.only != "backupmx" else None):
-        if reason:
-            print(f"cannot run: {reason}", file=sys.stderr)
-            return 2
+    if cannot_run(postfix=args.only != "backupmx"):
+        return 2
 
     results = Results(machine=machine(), args={"messages": messages, "repeat": repeat, "cells": args.cells,
                                                 "latency_concurrency": lat_conc, "latency_messages": lat_messages})
-    print(machine_line(), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="bmx-bench-accept-"))
     targets: list[Target] = []
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        work = work_dir(stack, "accept")
         if args.only != "backupmx":
             pf = stack.enter_context(PostfixInstance("backup", domain="example.test"))
             targets.append(PostfixTarget(pf))

@@ -18,9 +18,7 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,14 +29,12 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support`
 
 from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
 from bench.figures import fmt, machine, machine_line, table
-from bench.signals import exit_on_sigterm
+from bench.preflight import cannot_run, work_dir
 from tests.support.ports import free_port
 from tests.support.postfix import (
     PostfixInstance,
     SmtpSink,
-    postfix_unavailable_reason,
     smtp_source,
-    tools_unavailable_reason,
 )
 
 RECIPIENT = "alice@example.test"
@@ -146,18 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for each load and each drain")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    exit_on_sigterm()
     n = args.messages or (2000 if args.quick else 20000)
-    for reason in (tools_unavailable_reason(), postfix_unavailable_reason() if args.only != "backupmx" else None):
-        if reason:
-            print(f"cannot run: {reason}", file=sys.stderr)
-            return 2
-    print(machine_line(), flush=True)
+    if cannot_run(postfix=args.only != "backupmx"):
+        return 2
     records: list[DrainRecord] = []
     pending = ""
-    work = Path(tempfile.mkdtemp(prefix="bmx-bench-drain-"))
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        work = work_dir(stack, "drain")
         if args.only != "backupmx":
             rec = drain_postfix(n, args.size_kb, args.timeout)
             records.append(rec)

@@ -1,12 +1,14 @@
 """Time, injected. Everything that schedules asks a Clock, so tests can jump ahead with FakeClock
 instead of sleeping. Wall time is float seconds since the epoch (what the spool stores).
-`wait_event_or_timeout` is the one "sleep until the timer runs out or someone wakes us" of every loop."""
+`wait_event_or_timeout` is the one "sleep until the timer runs out or someone wakes us" of every loop;
+`iso_time` and `format_span` write a time and a duration the one way the CLI, the API and the pages show them."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Protocol, overload
 
 
 class Clock(Protocol):
@@ -80,3 +82,14 @@ def format_span(seconds: float, *, minute_seconds: bool = False) -> str:
     if m:
         return f"{m}m {sec}s" if minute_seconds else f"{m}m"
     return f"{sec}s"
+
+
+@overload
+def iso_time(t: float) -> str: ...
+@overload
+def iso_time(t: None) -> None: ...
+@overload
+def iso_time(t: float | None) -> str | None: ...
+def iso_time(t: float | None) -> str | None:
+    """A wall time for machines and JSON: "2026-11-24T10:15:01+00:00" (None stays None)."""
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")

@@ -1,5 +1,5 @@
 """Core value types of the mail's path: envelopes, recipients and their states, queue IDs,
-delivery outcomes. Frozen dataclasses and enums; this module imports nothing of ours but reply."""
+delivery outcomes. Frozen dataclasses and enums; this module imports nothing of ours but reply and clock."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NewType
+from typing import Any, NewType
 
+from backupmx.clock import iso_time
 from backupmx.reply import Reply
 
 QueueId = NewType("QueueId", str)
@@ -163,6 +164,33 @@ class MessageRecord:
     @property
     def pending(self) -> bool:
         return any(not r.state.is_final for r in self.recipients)
+
+    def to_json(self, *, with_domains: bool = False) -> dict[str, Any]:
+        """The message as `backupmx queue list --json` shows it; the admin API adds each recipient's domain."""
+        recipients: list[dict[str, Any]] = []
+        for r in self.recipients:
+            doc: dict[str, Any] = {"address": r.address}
+            if with_domains:
+                doc["domain"] = r.domain
+            doc.update({
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "next_attempt_at": iso_time(r.next_attempt_at) if r.state is RecipientState.QUEUED else None,
+                "last_attempt_at": iso_time(r.last_attempt_at),
+                "last_reply": r.last_reply,
+                "held_reason": r.held_reason,
+                "held_since": iso_time(r.updated_at) if r.state is RecipientState.HELD else None,
+            })
+            recipients.append(doc)
+        return {
+            "id": self.id,
+            "size": self.size,
+            "received_at": iso_time(self.received_at),
+            "sender": self.envelope.sender,
+            "kind": self.kind.value,
+            "client_ip": self.envelope.client_ip,
+            "recipients": recipients,
+        }
 
 
 # --- delivery outcomes -----------------------------------------------------------------------------

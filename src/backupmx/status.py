@@ -1,30 +1,27 @@
-"""`backupmx status`: one screen for the operator. Per protected domain: the primary's state and since when,
-the mail waiting for it (messages, held recipients, the oldest one's age), the last canary and the last drill.
+"""What `backupmx status` shows, gathered (cli/status.py prints it). Per protected domain: the primary's state
+and since when, the mail waiting for it (messages, held recipients, the oldest one's age), the last canary,
+the last drill and, for `recipients = "ldap://..."`, the directory's last sync.
 
 It reads the spool (queue counts, declared outages, the canary's and the drill's records in the kv) and, when
 `serve` runs with its admin listener, the live state from the admin API (`/api/domains`, `/api/alerts`, with the
 token of `[admin] token_file` or `data_dir/admin.token`). Without `serve` the primary's state comes from the
 outages declared in the spool: "down" while one is open, "unknown" otherwise. It never changes anything.
-Exit 0, or 2 for a bad configuration.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from backupmx.clock import format_span
-from backupmx.config import Config, DomainConfig, load_config
-from backupmx.monitor.canary import CanaryOutcome, CanaryStatus, read_status
-from backupmx.monitor.drill import DrillReport, read_report, utc_text
-from backupmx.recipients_cli import ldap_summary
+from backupmx.config import Config, DomainConfig
+from backupmx.monitor.canary import CanaryStatus, read_status
+from backupmx.monitor.drill import read_report, utc_text
+from backupmx.policy.ldap import read_state
 from backupmx.spool import Spool
+from backupmx.spool.backends import open_spool
 
 API_TIMEOUT = 3.0
 
@@ -38,28 +35,7 @@ class Live:
     alerts: list[dict[str, Any]]
 
 
-def add_status_parser(subparsers: Any) -> None:
-    """Registers `status` on the CLI's subparsers (`argparse._SubParsersAction`)."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "status", help="one screen: each domain's primary, waiting mail, last canary, last drill",
-        description="Per protected domain: the primary's state and since when, the mail held for it and the "
-        "oldest one's age, the last canary and the last drill. Reads the spool, and the running serve's "
-        "admin API for the live state when it answers.")
-    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
-    p.add_argument("--json", action="store_true", help="one JSON document instead of text")
-    p.set_defaults(handler=status_command)
-
-
-def status_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    doc = asyncio.run(collect(cfg))
-    sys.stdout.write(json.dumps(doc, indent=1) + "\n" if args.json else render(doc))
-    return 0
-
-
 async def collect(cfg: Config) -> dict[str, Any]:
-    from backupmx.service import open_spool
-
     live_task = asyncio.create_task(fetch_live(cfg))
     spool = await open_spool(cfg)
     try:
@@ -116,11 +92,12 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
         entry = live.domains.get(name) if isinstance(live, Live) else None
         if entry is not None:
             p = entry["primary"]
-            primary = {"state": p["state"], "since": _iso(_parse(p["since"])),
-                       "outage_since": _iso(_parse(entry["outage"]["since"])),
+            primary = {"state": p["state"], "since": when_text(parse_when(p["since"])),
+                       "outage_since": when_text(parse_when(entry["outage"]["since"])),
                        "last_error": p.get("last_error"), "source": "serve"}
         elif name in open_outages:
-            primary = {"state": "down", "since": _iso(open_outages[name]), "outage_since": _iso(open_outages[name]),
+            down_since = when_text(open_outages[name])
+            primary = {"state": "down", "since": down_since, "outage_since": down_since,
                        "last_error": None, "source": "spool"}
         else:
             primary = {"state": "unknown", "since": None, "outage_since": None, "last_error": None,
@@ -134,7 +111,7 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
             "waiting": {"messages": ds.messages_pending if ds else 0,
                         "recipients_queued": ds.by_state.get("queued", 0) if ds else 0,
                         "recipients_held": ds.by_state.get("held", 0) if ds else 0,
-                        "oldest_at": _iso(oldest),
+                        "oldest_at": when_text(oldest),
                         "oldest_age_seconds": None if oldest is None else round(now - oldest)},
             "canary": _canary_json(canary, configured=any(c.domain == name for c in cfg.canary)),
             "ldap": await _ldap_json(spool, dc),
@@ -142,7 +119,7 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
             "alerts": [a for a in live.alerts if a.get("domain") == name] if isinstance(live, Live) else [],
         })
     return {
-        "node": node, "at": _iso(now),
+        "node": node, "at": when_text(now),
         "serve": {"reachable": isinstance(live, Live), "admin": live.url if isinstance(live, Live) else None,
                   "note": None if isinstance(live, Live) else live},
         "spool": {"messages_pending": stats.messages_pending, "corrupt": stats.corrupt},
@@ -154,11 +131,9 @@ async def _ldap_json(spool: Spool, dc: DomainConfig) -> dict[str, Any] | None:
     """recipients = "ldap://...": the last sync as recorded in the kv (policy/ldap.py); None otherwise."""
     if dc.ldap_url is None:
         return None
-    from backupmx.policy.ldap import read_state
-
     st = await read_state(spool, dc.name)
-    return {"url": dc.ldap_url, "count": st.count, "synced_at": _iso(st.synced_at),
-            "attempted_at": _iso(st.attempted_at), "error": st.error or None}
+    return {"url": dc.ldap_url, "count": st.count, "synced_at": when_text(st.synced_at),
+            "attempted_at": when_text(st.attempted_at), "error": st.error or None}
 
 
 def _canary_json(st: CanaryStatus | None, *, configured: bool) -> dict[str, Any] | None:
@@ -170,73 +145,13 @@ def _canary_json(st: CanaryStatus | None, *, configured: bool) -> dict[str, Any]
     return doc
 
 
-# --- text ----------------------------------------------------------------------------------------
-def render(doc: dict[str, Any]) -> str:
-    serve = doc["serve"]
-    where = f"serve answers at {serve['admin']}" if serve["reachable"] else f"serve: {serve['note']}"
-    spool = doc["spool"]
-    lines = [f"backupmx status of {doc['node']} at {doc['at']}; {where}",
-             f"spool: {spool['messages_pending']} message(s) waiting"
-             + (f", {spool['corrupt']} set aside as damaged" if spool["corrupt"] else "")]
-    now = _parse(doc["at"]) or time.time()
-    for d in doc["domains"]:
-        lines += ["", d["domain"]]
-        p = d["primary"]
-        since = f" since {p['since']} ({_ago(now, p['since'])})" if p["since"] else ""
-        err = f": {p['last_error']}" if p.get("last_error") else ""
-        src = "" if p["source"] == "serve" else " (from the spool's declared outages)"
-        lines.append(f"  primary     {p['state']}{since}{err}{src}")
-        w = d["waiting"]
-        held = f", {w['recipients_held']} recipient(s) held" if w["recipients_held"] else ""
-        age = w["oldest_age_seconds"]
-        oldest = f", oldest {format_span(age, minute_seconds=True)}" if age is not None else ""
-        lines.append(f"  waiting     {w['messages']} message(s){held}{oldest}")
-        lines.append(f"  canary      {_canary_text(d['canary'], now)}")
-        if d.get("ldap"):
-            lines.append(f"  recipients  {ldap_summary(d['ldap'])}")
-        lines.append(f"  last drill  {_drill_text(d['drill'])}")
-        for a in d["alerts"]:
-            lines.append(f"  ALERT       {a.get('summary')} (since {a.get('since')})")
-    return "\n".join(lines) + "\n"
-
-
-def _canary_text(c: dict[str, Any] | None, now: float) -> str:
-    if c is None:
-        return "off (no [[canary]] for this domain)"
-    last = c.get("last")
-    if last is None:
-        return "on, none judged yet"
-    at = last["finished_at"]
-    when = f"{_iso(at)} ({format_span(now - at, minute_seconds=True)} ago)"
-    outcome = CanaryOutcome(last["outcome"])
-    if outcome is CanaryOutcome.DELIVERED:
-        text = f"delivered in {last['latency']:.2f}s at {when}: {last.get('reply') or ''}".rstrip(": ")
-    elif outcome is CanaryOutcome.FAILED:
-        text = f"FAILED at {when}: {last.get('detail')}" + (f": {last['reply']}" if last.get("reply") else "")
-    else:
-        text = f"inconclusive at {when}: {last.get('detail')}"
-    if c.get("broken"):
-        text += f"\n              BACKUP PATH BROKEN since {_iso(c['broken_since'])}"
-    return text
-
-
-def _drill_text(r: dict[str, Any] | None) -> str:
-    if r is None:
-        return "none yet (`backupmx drill DOMAIN --for 10m`)"
-    rep = DrillReport.from_json(r)
-    verdict = "ok" if rep.ok else rep.state.value if rep.state.value != "done" else "NOT OK"
-    text = (f"{_iso(rep.started_at)}, {rep.window:g}s: {verdict}; {rep.accepted} accepted, {rep.delivered} delivered, "
-            f"{rep.held} held, {rep.bounced} bounced")
-    if rep.state.value == "done" and rep.accepted == 0:
-        text += " (no sender used the backup during the window)"
-    return text
-
-
-def _iso(t: float | None) -> str | None:
+def when_text(t: float | None) -> str | None:
+    """A time as `status` shows it ("2026-11-24 10:15:01Z"), None for none."""
     return None if t is None else utc_text(t)
 
 
-def _parse(text: str | None) -> float | None:
+def parse_when(text: str | None) -> float | None:
+    """A time as `status` or the admin API writes it, back to a timestamp; None for none or unreadable."""
     if not text:
         return None
     for fmt in ("%Y-%m-%d %H:%M:%SZ", "%Y-%m-%dT%H:%M:%S%z"):
@@ -248,9 +163,4 @@ def _parse(text: str | None) -> float | None:
     return None
 
 
-def _ago(now: float, text: str) -> str:
-    t = _parse(text)
-    return "?" if t is None else format_span(now - t, minute_seconds=True)
-
-
-__all__ = ["add_status_parser", "collect", "render", "status_command"]
+__all__ = ["Live", "collect", "fetch_live", "gather", "parse_when", "when_text"]

@@ -4,7 +4,8 @@ It serves zones given as zone-file text or as dicts, answers like an authoritati
 chains inside its zones, NXDOMAIN/NODATA with the SOA in the authority section, referrals below a
 delegation) and can be told to misbehave per name (SERVFAIL or any rcode, silence, delay). It is a
 stub resolver's only upstream in tests, so it answers every query it can, whatever the RD bit says;
-names outside its zones get REFUSED. Every query is logged in `server.queries`.
+names outside its zones get REFUSED. Every query is logged in `server.queries`. `secure(zone)` makes
+its answers carry the AD bit, as a validating resolver's would for a DNSSEC-signed zone (no signatures).
 
     with DnsServer({"example.test": {"@": {"MX": ["10 mx1", "20 mx2.other.test."]},
                                      "mx1": {"A": "127.1.0.1"}}}) as dns:
@@ -109,6 +110,7 @@ class DnsServer:
         self.queries: list[Query] = []
         self._zones: dict[dns.name.Name, dns.zone.Zone] = {}
         self._faults: dict[tuple[dns.name.Name, int | None], _Fault] = {}
+        self._secure: set[dns.name.Name] = set()
         self._lock = threading.Lock()
         self._udp: socketserver.BaseServer | None = None
         self._tcp: socketserver.BaseServer | None = None
@@ -131,6 +133,11 @@ class DnsServer:
         zone = build_zone(name, spec, default_ttl=self.default_ttl)
         with self._lock:
             self._zones[zone.origin] = zone
+
+    def secure(self, name: str) -> None:
+        """Answers from zone `name` carry AD=1 (authenticated data), as if it were signed and validated."""
+        with self._lock:
+            self._secure.add(_abs(name))
 
     def remove_zone(self, name: str) -> None:
         with self._lock:
@@ -234,6 +241,10 @@ class DnsServer:
             response.set_rcode(fault.rcode)
         else:
             self._answer(response, question.name, question.rdtype)
+            zone = self._zone_for(question.name)
+            with self._lock:
+                if zone is not None and zone.origin in self._secure:
+                    response.flags |= dns.flags.AD
         return self._to_wire(query, response, transport)
 
     def _log(self, q: Query) -> None:

@@ -19,12 +19,11 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from backupmx.admin.mailevents import HistoryEntry, MessageHistory
 from backupmx.admin.timeseries import Rates, SeriesPoint, SeriesStore, rates
-from backupmx.clock import Clock
+from backupmx.clock import Clock, iso_time
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
@@ -46,6 +45,19 @@ _QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{14}$")
 
 class ActionError(ValueError):
     """An operator's request that cannot be done as given (bad host:port, unknown state ...)."""
+
+
+def queue_filter(query: Any) -> QueueFilter:
+    """QueueFilter from query arguments (domain, recipient, sender, state, all), shared by the API and the dashboard."""
+    state_raw = (query.get("state") or "").strip()
+    try:
+        state = RecipientState(state_raw) if state_raw else None
+    except ValueError:
+        raise ActionError(f"state: one of {', '.join(s.value for s in RecipientState)}") from None
+    return QueueFilter(domain=(query.get("domain") or "").strip().lower() or None,
+                       recipient=(query.get("recipient") or "").strip() or None,
+                       sender=(query.get("sender") or "").strip() or None,
+                       state=state, pending_only=query.get("all") not in ("1", "true", "yes", "on"))
 
 
 # --- what we read from the other parts ------------------------------------------------------------
@@ -72,8 +84,7 @@ class SmtpView(Protocol):
 
 
 # --- reports ----------------------------------------------------------------------------------------
-def iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+iso = iso_time  # the name the API and the pages import
 
 
 def unknown_status(domain: str, now: float) -> DestinationStatus:
@@ -186,27 +197,7 @@ class GuardHold:
 
 def message_json(m: MessageRecord) -> dict[str, Any]:
     """The same shape as `backupmx queue list --json`, plus the domain of each recipient."""
-    return {
-        "id": m.id,
-        "size": m.size,
-        "received_at": iso(m.received_at),
-        "sender": m.envelope.sender,
-        "kind": m.kind.value,
-        "client_ip": m.envelope.client_ip,
-        "recipients": [
-            {
-                "address": r.address,
-                "domain": r.domain,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt_at": iso(r.next_attempt_at) if r.state is RecipientState.QUEUED else None,
-                "last_attempt_at": iso(r.last_attempt_at),
-                "last_reply": r.last_reply,
-                "held_reason": r.held_reason,
-            }
-            for r in m.recipients
-        ],
-    }
+    return m.to_json(with_domains=True)
 
 
 def split_headers(head: bytes) -> list[tuple[str, str]]:

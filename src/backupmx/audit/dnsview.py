@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from backupmx.audit.report import Address, DnsView, Host, MxRecord, Role, ZoneView
+from backupmx.audit.views import Address, DnsView, Host, MxRecord, Role, ZoneView
 from backupmx.config import parse_hostport
 
 MAX_MX = 20  # MX records considered; more is a misconfiguration, and every one costs SMTP sessions
@@ -62,6 +63,9 @@ def make_resolver(nameservers: Sequence[str], timeout: float) -> tuple[dns.async
             raise ValueError("no system resolver is configured (no /etc/resolv.conf): give a nameserver") from None
         described = "system (" + ", ".join(str(ns) for ns in resolver.nameservers) + ")"
     resolver.lifetime = timeout
+    # AD in the query asks a validating resolver to say whether the answer is DNSSEC-authenticated
+    # (RFC 6840 §5.7); DANE needs that for TLSA records
+    resolver.flags = dns.flags.RD | dns.flags.AD
     resolver.timeout = max(0.5, timeout / 3)  # per try: a lost UDP packet gets retried within the lifetime
     resolver.cache = dns.resolver.Cache()
     return resolver, described
@@ -100,6 +104,24 @@ async def gather_dns(domain: str, resolver: dns.asyncresolver.Resolver, describe
         zone_of=zone_of,
         zones=dict(zip(zones_list, zone_views, strict=True)),
     )
+
+
+async def lookup_records(resolver: dns.asyncresolver.Resolver, name: str,
+                         rdtype: str) -> tuple[list[Any], bool, str | None]:
+    """(rdatas, authenticated, error) for one question. No such record (NXDOMAIN, NODATA) is ([], False, None);
+    `authenticated` is the AD bit of the answer (only a validating resolver sets it)."""
+    try:
+        answer = await resolver.resolve(name, rdtype)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return [], False, None
+    except dns.exception.DNSException as e:
+        return [], False, describe_error(e, rdtype)
+    return list(answer), bool(answer.response.flags & dns.flags.AD), None
+
+
+def txt_strings(rdatas: Sequence[Any]) -> list[str]:
+    """TXT rdatas as text: the character-strings of one record joined without separator (RFC 7208 §3.3)."""
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in rdatas]
 
 
 def describe_error(e: BaseException, rdtype: str = "") -> str:

@@ -6,6 +6,10 @@ Check ids, by family (docs/check.md says what each means and what to do):
     node.domain  node.mx  node.recipients  node.arc-key  node.ehlo   this node's own view (with --config)
     smtp.connect smtp.ehlo smtp.starttls smtp.tls-cert smtp.null-sender
     smtp.postmaster smtp.unknown-user smtp.relay smtp.session   per MX address, over SMTP
+    site.asn  site.prefix                                    origin AS and prefix (asn.py)
+    sts.policy  sts.mx-match  sts.cert                       MTA-STS (sts.py)
+    dane.tlsa  dane.match                                    DANE (dane.py)
+    tlsrpt.record                                            TLS reporting (tlsrpt.py)
 Networks: addresses are "near" when they share an IPv4 /24 or IPv6 /48 (fail for a backup: one site),
 "close" when they share an IPv4 /16 or IPv6 /32 (warn: one provider or campus, probably).
 """
@@ -16,7 +20,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from backupmx.audit.report import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe, short_reply
+from backupmx.audit.views import CertInfo, DnsView, Host, Level, Mark, Role, SmtpProbe, short_reply
 from backupmx.config import Config
 from backupmx.policy.backscatter import ADVICE, backscatter_prone
 from backupmx.reply import Reply
@@ -33,6 +37,8 @@ CHECK_IDS = (
     "node.domain", "node.mx", "node.recipients", "node.arc-key", "node.ehlo",
     "smtp.connect", "smtp.ehlo", "smtp.starttls", "smtp.tls-cert", "smtp.null-sender",
     "smtp.postmaster", "smtp.unknown-user", "smtp.relay", "smtp.session",
+    "site.asn", "site.prefix", "sts.policy", "sts.mx-match", "sts.cert", "dane.tlsa", "dane.match",
+    "tlsrpt.record",
 )
 
 

@@ -14,6 +14,7 @@ STARTTLS, and the TLS object itself. Network and protocol errors end the probe a
 
 from __future__ import annotations
 
+import _ssl  # ENCODING_DER for the private chain objects of Python < 3.13
 import asyncio
 import errno
 import os
@@ -21,7 +22,7 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 
-from backupmx.audit.report import RcptTest, Role, SmtpProbe, TlsInfo
+from backupmx.audit.views import RcptTest, Role, SmtpProbe, TlsInfo
 from backupmx.audit.x509 import parse_certificate
 from backupmx.reply import Reply
 
@@ -184,7 +185,8 @@ class _Session:
             except ValueError:
                 cert = None
         cipher = obj.cipher()
-        return TlsInfo(obj.version() or "?", cipher[0] if cipher else "?", cert, verified, verify_error)
+        return TlsInfo(obj.version() or "?", cipher[0] if cipher else "?", cert, verified, verify_error,
+                       presented_chain(obj, der))
 
     async def close(self, transcript_note: str | None = None) -> None:
         if self.closed:
@@ -198,6 +200,20 @@ class _Session:
                 await self.writer.wait_closed()
         except (TimeoutError, OSError, ssl.SSLError):
             pass
+
+
+def presented_chain(obj: ssl.SSLObject, leaf: bytes | None) -> tuple[bytes, ...]:
+    """Every certificate the peer sent, DER, its own first. Python 3.13 has `get_unverified_chain()`;
+    3.10 to 3.12 have the same method only on the private `_sslobj`; without either, the leaf alone."""
+    getter = getattr(obj, "get_unverified_chain", None) or getattr(getattr(obj, "_sslobj", None),
+                                                                     "get_unverified_chain", None)
+    if getter is not None:
+        try:
+            chain = getter() or []
+            return tuple(c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain)
+        except (ssl.SSLError, ValueError, AttributeError):
+            pass  # fall back to the leaf: DANE-EE still works, DANE-TA then finds no match
+    return (leaf,) if leaf else ()
 
 
 def _reply(code: int, lines: list[str]) -> Reply:

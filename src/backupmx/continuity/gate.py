@@ -15,9 +15,8 @@ from enum import StrEnum
 from typing import Protocol
 
 from backupmx.clock import Clock
-from backupmx.continuity.grants import KvStore
 from backupmx.monitor import DestinationStatus
-from backupmx.spool import OutagePeriod
+from backupmx.spool import KvStore, OutagePeriod
 
 NS_MODE = "continuity.mode"  # key: domain; value {"mode": "open"|"closed", "by", "at"}
 

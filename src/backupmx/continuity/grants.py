@@ -15,9 +15,8 @@ the spool passes through.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from backupmx.clock import Clock
 from backupmx.continuity.tokens import (
@@ -30,7 +29,8 @@ from backupmx.continuity.tokens import (
     session_key,
 )
 from backupmx.errors import BackupMXError
-from backupmx.spool import KV_LIST_MAX, KvItem
+from backupmx.model import MessageKind
+from backupmx.spool import KV_LIST_MAX, KvStore, QueueFilter, Spool
 
 NS_GRANT = "continuity.grant"  # key: "alice@example.com" or "@example.com"; `access list` lists them
 # Before the Spool contract had kv_list, a JSON list of subjects was kept here (key "grants") for
@@ -44,20 +44,6 @@ USED_KEEP_SECONDS = 30 * 86400
 
 class GrantError(BackupMXError):
     """An operator's request that cannot be done (no grant, not a protected domain, ...)."""
-
-
-class KvStore(Protocol):
-    """The part of the Spool contract this module uses."""
-
-    async def kv_get(self, namespace: str, key: str) -> bytes | None: ...
-
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None: ...
-
-    async def kv_delete(self, namespace: str, key: str) -> bool: ...
-
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,3 +220,20 @@ class AccessStore:
 
     async def end_session(self, session: Session) -> None:
         await self.kv.kv_delete(NS_SESSION, session.key)
+
+
+async def held_recipients(spool: Spool, domain: str) -> dict[str, int]:
+    """Each recipient of `domain` with held (pending) mail, with how many messages (`access grant --domain`
+    issues a link to each)."""
+    out: dict[str, int] = {}
+    after = None
+    while True:
+        page = await spool.list_messages(QueueFilter(domain=domain), limit=500, after=after)
+        for m in page:
+            if m.kind is MessageKind.CANARY:
+                continue
+            for addr in {r.address.lower() for r in m.recipients if r.domain == domain and not r.state.is_final}:
+                out[addr] = out.get(addr, 0) + 1
+        if len(page) < 500:
+            return out
+        after = page[-1].id

@@ -14,12 +14,10 @@ A `serve` stopped during a drill releases first; the report says "interrupted".
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import secrets
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,8 +26,8 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from backupmx.clock import Clock, wait_event_or_timeout
-from backupmx.config import Config, load_config, parse_duration
-from backupmx.errors import ConfigError, SpoolError
+from backupmx.config import Config
+from backupmx.errors import SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import MessageKind, MessageRecord, QueueId, RecipientState
 from backupmx.monitor import DestinationState, DestinationStatus
@@ -394,97 +392,23 @@ def _warnings(report: DrillReport, settle: float) -> tuple[str, ...]:
     return tuple(out)
 
 
-# --- the CLI -------------------------------------------------------------------------------------
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-def add_drill_parser(subparsers: Any) -> None:
-    """Registers `drill` on the CLI's subparsers (`argparse._SubParsersAction`)."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "drill", help="hold a domain's delivery for a while as if its primary were down, then verify",
-        description="Ask the running `backupmx serve` (same --config) to hold delivery for DOMAIN for the given "
-        "time as if its primary were down (mail is still accepted), then release it and check that everything "
-        "accepted meanwhile was delivered. --report shows the last drill of each domain.")
-    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
-    p.add_argument("domain", nargs="?", metavar="DOMAIN")
-    p.add_argument("--for", dest="window", metavar="DURATION", help="how long to hold, e.g. 10m (at least 1s)")
-    p.add_argument("--settle", metavar="DURATION", default=f"{DEFAULT_SETTLE:g}s",
-                   help="after the release, how long to wait for the held mail to be delivered (default 5m)")
-    p.add_argument("--wait", action="store_true", help="wait for the drill to finish and print its report")
-    p.add_argument("--stop", action="store_true", help="end DOMAIN's running drill now")
-    p.add_argument("--report", action="store_true", help="print the last drill (of DOMAIN, or of every domain)")
-    p.add_argument("--json", action="store_true", help="JSON instead of text")
-    p.set_defaults(handler=drill_command)
-
-
-def drill_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    domain = args.domain.strip().lower().rstrip(".") if args.domain else None
-    if domain is not None and cfg.domain(domain) is None:
-        raise ConfigError(f"drill: {domain} is not one of the [[domains]] in {cfg.source}")
-    if args.report:
-        return asyncio.run(_with_spool(cfg, lambda spool: _cmd_report(spool, cfg, domain, as_json=args.json)))
-    if domain is None:
-        raise ConfigError("drill: give a DOMAIN (or --report)")
-    if args.stop:
-        req = DrillRequest(_new_id(), domain, cfg.server.node, "stop", requested_at=time.time())
-        return asyncio.run(_with_spool(cfg, lambda spool: _cmd_request(spool, req, wait=False, as_json=args.json)))
-    if not args.window:
-        raise ConfigError("drill: --for DURATION is needed (e.g. --for 10m)")
-    window, settle = _duration("--for", args.window), _duration("--settle", args.settle)
-    req = DrillRequest(_new_id(), domain, cfg.server.node, "start", window, settle, time.time())
-    return asyncio.run(_with_spool(cfg, lambda spool: _cmd_request(spool, req, wait=args.wait, as_json=args.json)))
-
-
-def _duration(flag: str, text: str) -> float:
-    try:
-        seconds = parse_duration(text).total_seconds()
-    except ValueError as e:
-        raise ConfigError(f"drill: {flag}: {e}") from None
-    if seconds < 1:
-        raise ConfigError(f"drill: {flag}: must be at least 1s")
-    return seconds
-
-
-def _new_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-async def _with_spool(cfg: Config, fn: Any) -> int:
-    from backupmx.service import open_spool
-
-    spool = await open_spool(cfg)
-    try:
-        result: int = await fn(spool)
-        return result
-    finally:
-        await spool.close()
-
-
-async def _cmd_request(spool: Spool, req: DrillRequest, *, wait: bool, as_json: bool) -> int:
+# --- the CLI's side of the request ----------------------------------------------------------------
+async def submit_request(spool: Spool, req: DrillRequest) -> tuple[dict[str, Any] | None, bool]:
+    """Writes `req` for `serve` to take and waits for its answer: (the ack, taken). Not taken: no `serve` of
+    req.node took it within ACK_TIMEOUT and it was withdrawn. Taken with no ack: taken but not answered."""
     key = request_key(req.node, req.domain)
     await spool.kv_put(KV_NAMESPACE, key, json.dumps(req.to_json()).encode(), expires_at=time.time() + REQUEST_TTL)
     ack = await _wait_ack(spool, req.id, ACK_TIMEOUT)
     if ack is None and await spool.kv_delete(KV_NAMESPACE, key):
-        print(f"backupmx drill: no `backupmx serve` with node name {req.node} took the request within "
-              f"{ACK_TIMEOUT:g}s: is it running with this configuration?", file=sys.stderr)
-        return EXIT_FAIL
+        return None, False
     if ack is None:  # taken just now: the answer follows
         ack = await _wait_ack(spool, req.id, ACK_TIMEOUT)
-    if ack is None or not ack.get("accepted"):
-        why = ack.get("detail") if ack else "serve took the request but did not answer"
-        print(f"backupmx drill: refused: {why}", file=sys.stderr)
-        return EXIT_FAIL
-    if req.action == "stop" or not wait:
-        if as_json:
-            print(json.dumps(ack, indent=1))
-        else:
-            print(ack.get("detail", "ok"))
-            if req.action == "start":
-                print(f"delivery for {req.domain} is held until {utc_text(req.requested_at + req.window)}; "
-                      f"then `backupmx drill --report {req.domain}`")
-        return EXIT_OK
-    # --wait: the window, the settling, and a margin for the last polls
+    return ack, True
+
+
+async def wait_report(spool: Spool, req: DrillRequest) -> DrillReport | None:
+    """The report of drill `req` once it is done or interrupted, or as it stands when the window, the settling
+    and a margin for the last polls have passed; None when there is none of this drill."""
     deadline = time.monotonic() + req.window + req.settle + 30
     report: DrillReport | None = None
     while time.monotonic() < deadline:
@@ -493,10 +417,8 @@ async def _cmd_request(spool: Spool, req: DrillRequest, *, wait: bool, as_json: 
             break
         await asyncio.sleep(0.5)
     if report is None or report.id != req.id:
-        print(f"backupmx drill: no report for drill {req.id} yet; see `backupmx drill --report`", file=sys.stderr)
-        return EXIT_FAIL
-    print(json.dumps(report.to_json(), indent=1) if as_json else render_report(report), end="" if not as_json else "\n")
-    return EXIT_OK if report.ok else EXIT_FAIL
+        return None
+    return report
 
 
 async def _wait_ack(spool: Spool, drill_id: str, timeout: float) -> dict[str, Any] | None:
@@ -510,15 +432,8 @@ async def _wait_ack(spool: Spool, drill_id: str, timeout: float) -> dict[str, An
     return None
 
 
-async def _cmd_report(spool: Spool, cfg: Config, domain: str | None, *, as_json: bool) -> int:
-    names = [domain] if domain else [d.name for d in cfg.domains]
-    reports = {n: await read_report(spool, n) for n in names}
-    if as_json:
-        print(json.dumps({"drills": {n: r.to_json() if r else None for n, r in reports.items()}}, indent=1))
-        return EXIT_OK
-    for n, r in reports.items():
-        print(render_report(r) if r else f"{n}: no drill yet (`backupmx drill {n} --for 10m`)\n", end="")
-    return EXIT_OK
+def new_drill_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def render_report(r: DrillReport) -> str:
@@ -545,5 +460,5 @@ def utc_text(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-__all__ = ["DrillReport", "DrillRequest", "DrillRunner", "DrillState", "add_drill_parser", "read_report",
-           "render_report", "utc_text"]
+__all__ = ["DrillReport", "DrillRequest", "DrillRunner", "DrillState", "new_drill_id", "read_report",
+           "render_report", "submit_request", "utc_text", "wait_report"]

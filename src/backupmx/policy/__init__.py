@@ -15,6 +15,13 @@ from typing import Protocol
 from backupmx.reply import Reply
 
 
+def domain_of(address: str) -> str:
+    """The domain of `local@domain` ("" when there is none); `@` inside a quoted local part is skipped
+    because the domain is what follows the last `@`, and a domain never contains one."""
+    local, at, domain = address.rpartition("@")
+    return domain.lower() if at and local else ""
+
+
 class Stage(StrEnum):
     CONNECT = "connect"
     HELO = "helo"

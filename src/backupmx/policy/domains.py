@@ -11,19 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from backupmx.config import Config
-from backupmx.policy import Check, SessionInfo, Stage, Verdict
+from backupmx.policy import Check, SessionInfo, Stage, Verdict, domain_of
+from backupmx.policy.recipients import RecipientCheck
 from backupmx.reply import Reply
 
 
 def relay_denied(address: str) -> Reply:
     return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
-
-
-def domain_of(address: str) -> str:
-    """The domain of `local@domain` ("" when there is none); `@` inside a quoted local part is skipped
-    because the domain is what follows the last `@`, and a domain never contains one."""
-    local, at, domain = address.rpartition("@")
-    return domain.lower() if at and local else ""
 
 
 class RelayControl:
@@ -52,6 +46,7 @@ class RelayControl:
 def build_checks(cfg: Config) -> list[Check]:
     """The checks in the order they run: relay control first (it must see every RCPT), then the
     recipient lists. Raises ConfigError when a recipient file cannot be read at start."""
-    from backupmx.policy.recipients import RecipientCheck
-
     return [RelayControl.from_config(cfg), RecipientCheck.from_config(cfg)]
+
+
+__all__ = ["RelayControl", "build_checks", "domain_of", "relay_denied"]

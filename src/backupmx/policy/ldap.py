@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from backupmx.clock import iso_time
 from backupmx.config import DomainConfig
-from backupmx.policy.learned import KvStore
-from backupmx.spool import Spool
+from backupmx.spool import KvStore, Spool
 
 log = logging.getLogger("backupmx.policy")
 
@@ -145,6 +145,25 @@ async def read_addresses(spool: KvStore, domain: str) -> tuple[float, list[str]]
     return float(doc["synced_at"]), [str(a) for a in doc["addresses"]]
 
 
+async def listing(spool: KvStore, domain: DomainConfig) -> dict[str, Any]:
+    """What `recipients list` shows of an LDAP domain: the last sync and its addresses (JSON-ready)."""
+    state = await read_state(spool, domain.name)
+    synced = await read_addresses(spool, domain.name)
+    return {"url": domain.ldap_url, "synced_at": iso_time(state.synced_at),
+            "attempted_at": iso_time(state.attempted_at), "error": state.error or None,
+            "entries": synced[1] if synced else []}
+
+
+def summary(item: dict[str, Any]) -> str:
+    """"ldap ldap://dir:389, 3 addresses, synced 2026-...; last attempt ... failed: ..." (`recipients list`
+    and `status`); `item` has url, count, synced_at, attempted_at and error."""
+    text = f"ldap {item['url']}, {item['count']} addresses, "
+    text += f"synced {item['synced_at']}" if item["synced_at"] else "never synced (unknown_while_down applies)"
+    if item["error"]:
+        text += f"; last attempt {item['attempted_at']} failed, the last synced set is kept: {item['error']}"
+    return text
+
+
 class LdapSync:
     """Keeps the LDAP domains' directories in step with the directory server and the kv."""
 
@@ -230,5 +249,5 @@ class LdapSync:
         self._stop.set()
 
 
-__all__ = ["LdapRecipients", "LdapSync", "LdapUnavailable", "SyncState", "addresses_from", "read_addresses",
-           "read_state"]
+__all__ = ["LdapRecipients", "LdapSync", "LdapUnavailable", "SyncState", "addresses_from", "listing",
+           "read_addresses", "read_state", "summary"]

@@ -12,11 +12,10 @@ operator never expire. Storage errors are raised as they come (the verifier trea
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
-from backupmx.spool import KV_LIST_MAX, KvItem
+from backupmx.spool import KV_LIST_MAX, KvStore
 
 NAMESPACE = "learned"
 
@@ -68,20 +67,6 @@ class LearnedPage:
     entries: list[LearnedRecipient]  # the readable entries of the page, in key order
     damaged: int  # rows of the page that could not be read (skipped)
     next: str | None  # the raw key to page on from (`after`); None: this was the last page
-
-
-class KvStore(Protocol):
-    """The part of the Spool contract this module needs."""
-
-    async def kv_get(self, namespace: str, key: str) -> bytes | None: ...
-
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None: ...
-
-    async def kv_delete(self, namespace: str, key: str) -> bool: ...
-
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
 
 
 class LearnedRecipients:

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from backupmx.policy import SessionInfo, Stage, Verdict
-from backupmx.policy.learned import KvStore
 from backupmx.reply import Reply
+from backupmx.spool import KvStore
 
 log = logging.getLogger("backupmx.policy")
 

@@ -22,8 +22,7 @@ from typing import Protocol
 
 from backupmx.config import Config, DomainConfig
 from backupmx.errors import ConfigError
-from backupmx.policy import SessionInfo, Stage, Verdict
-from backupmx.policy.domains import domain_of
+from backupmx.policy import SessionInfo, Stage, Verdict, domain_of
 from backupmx.reply import Reply
 
 log = logging.getLogger("backupmx.policy")

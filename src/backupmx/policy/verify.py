@@ -34,8 +34,7 @@ from backupmx.clock import Clock
 from backupmx.config import Config, DomainConfig
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus, RouteLookup, TargetLike
-from backupmx.policy import SessionInfo, Stage, Verdict
-from backupmx.policy.domains import domain_of
+from backupmx.policy import SessionInfo, Stage, Verdict, domain_of
 from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source, learned_key
 from backupmx.policy.recipients import unverified, user_unknown
 from backupmx.reply import Reply

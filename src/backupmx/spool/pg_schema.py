@@ -20,6 +20,70 @@ MIGRATION_LOCK = 0x62_6D78_7370_6F6F  # "bmxspoo": one advisory lock id for ever
 # A recipient is "pending" (the message still needs us) while QUEUED or HELD.
 _PENDING = "('queued','held')"
 
+
+def _rcpt_upd(*, finished_at: bool) -> str:
+    """The statement trigger that moves the counters when recipients change state (v1), and from v2 on
+    also stamps messages.finished_at with the last recipient's updated_at. One text for both versions, so
+    the migration differs only where the schema did."""
+    updated_at = ", n.updated_at" if finished_at else ""
+    set_finished = (",\n                          finished_at = CASE WHEN m.pending_rcpts + x.d = 0 THEN x.at END"
+                    if finished_at else "")
+    at = ", max(updated_at) AS at" if finished_at else ""
+    return f"""CREATE OR REPLACE FUNCTION rcpt_upd() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {SCHEMA}, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
+                   WHERE o.state <> n.state) THEN
+        RETURN NULL;  -- leases, attempts, replies: no counter moves
+    END IF;
+    WITH c AS (
+        SELECT o.message_id, o.domain, o.state AS old_state, n.state AS new_state{updated_at},
+               CASE WHEN (o.state IN {_PENDING}) = (n.state IN {_PENDING}) THEN 0
+                    WHEN n.state IN {_PENDING} THEN 1 ELSE -1 END AS d
+        FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
+        WHERE o.state <> n.state
+    ), counts AS (
+        INSERT INTO rcpt_counts (shard, domain, state, n)
+            SELECT shard(), domain, state, sum(d) FROM (
+                SELECT domain, old_state AS state, -1 AS d FROM c
+                UNION ALL
+                SELECT domain, new_state, 1 FROM c) x
+            GROUP BY domain, state
+            ON CONFLICT (shard, domain, state) DO UPDATE SET n = rcpt_counts.n + excluded.n
+    ), per_domain AS (
+        UPDATE msg_domains md SET pending = md.pending + x.d
+            FROM (SELECT message_id, domain, sum(d) AS d FROM c GROUP BY message_id, domain) x
+            WHERE md.message_id = x.message_id AND md.domain = x.domain AND x.d <> 0
+    )
+    UPDATE messages m SET pending_rcpts = m.pending_rcpts + x.d{set_finished}
+        FROM (SELECT message_id, sum(d) AS d{at} FROM c GROUP BY message_id) x
+        WHERE m.id = x.message_id AND x.d <> 0;
+    RETURN NULL;
+END $$;
+"""
+
+
+def _count_pending(*, function: str, counts: str, key: str, pending: str) -> str:
+    """A row trigger that moves `counts` (per shard and `key`) by one when its row starts or stops being
+    pending (`pending`, with {row} for OLD or NEW): messages per kind, messages per domain."""
+    was, now_ = pending.format(row="OLD"), pending.format(row="NEW")
+    return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {SCHEMA}, pg_temp AS $$
+DECLARE
+    was boolean := TG_OP <> 'INSERT' AND {was};
+    now_ boolean := TG_OP <> 'DELETE' AND {now_};
+BEGIN
+    IF was <> now_ THEN
+        INSERT INTO {counts} (shard, {key}, n)
+            VALUES (shard(), CASE WHEN TG_OP = 'DELETE' THEN OLD.{key} ELSE NEW.{key} END,
+                    CASE WHEN now_ THEN 1 ELSE -1 END)
+            ON CONFLICT (shard, {key}) DO UPDATE SET n = {counts}.n + excluded.n;
+    END IF;
+    RETURN NULL;
+END $$;
+"""
+
+
 _V1 = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -180,68 +244,10 @@ END $$;
 -- A state change moves counts between states and, when it crosses pending/final, updates the
 -- message's and the (message, domain)'s pending counts. `x = x + delta` is applied to the latest row
 -- version under its row lock, so concurrent nodes finishing recipients of one message cannot race.
-CREATE OR REPLACE FUNCTION rcpt_upd() RETURNS trigger LANGUAGE plpgsql
-SET search_path = {SCHEMA}, pg_temp AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
-                   WHERE o.state <> n.state) THEN
-        RETURN NULL;  -- leases, attempts, replies: no counter moves
-    END IF;
-    WITH c AS (
-        SELECT o.message_id, o.domain, o.state AS old_state, n.state AS new_state,
-               CASE WHEN (o.state IN {_PENDING}) = (n.state IN {_PENDING}) THEN 0
-                    WHEN n.state IN {_PENDING} THEN 1 ELSE -1 END AS d
-        FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
-        WHERE o.state <> n.state
-    ), counts AS (
-        INSERT INTO rcpt_counts (shard, domain, state, n)
-            SELECT shard(), domain, state, sum(d) FROM (
-                SELECT domain, old_state AS state, -1 AS d FROM c
-                UNION ALL
-                SELECT domain, new_state, 1 FROM c) x
-            GROUP BY domain, state
-            ON CONFLICT (shard, domain, state) DO UPDATE SET n = rcpt_counts.n + excluded.n
-    ), per_domain AS (
-        UPDATE msg_domains md SET pending = md.pending + x.d
-            FROM (SELECT message_id, domain, sum(d) AS d FROM c GROUP BY message_id, domain) x
-            WHERE md.message_id = x.message_id AND md.domain = x.domain AND x.d <> 0
-    )
-    UPDATE messages m SET pending_rcpts = m.pending_rcpts + x.d
-        FROM (SELECT message_id, sum(d) AS d FROM c GROUP BY message_id) x
-        WHERE m.id = x.message_id AND x.d <> 0;
-    RETURN NULL;
-END $$;
-
-CREATE OR REPLACE FUNCTION msg_count() RETURNS trigger LANGUAGE plpgsql
-SET search_path = {SCHEMA}, pg_temp AS $$
-DECLARE
-    was boolean := TG_OP <> 'INSERT' AND OLD.pending_rcpts > 0 AND OLD.corrupt_reason IS NULL;
-    now_ boolean := TG_OP <> 'DELETE' AND NEW.pending_rcpts > 0 AND NEW.corrupt_reason IS NULL;
-BEGIN
-    IF was <> now_ THEN
-        INSERT INTO msg_counts (shard, kind, n)
-            VALUES (shard(), CASE WHEN TG_OP = 'DELETE' THEN OLD.kind ELSE NEW.kind END,
-                    CASE WHEN now_ THEN 1 ELSE -1 END)
-            ON CONFLICT (shard, kind) DO UPDATE SET n = msg_counts.n + excluded.n;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE OR REPLACE FUNCTION dom_count() RETURNS trigger LANGUAGE plpgsql
-SET search_path = {SCHEMA}, pg_temp AS $$
-DECLARE
-    was boolean := TG_OP <> 'INSERT' AND OLD.pending > 0;
-    now_ boolean := TG_OP <> 'DELETE' AND NEW.pending > 0;
-BEGIN
-    IF was <> now_ THEN
-        INSERT INTO dom_pending (shard, domain, n)
-            VALUES (shard(), CASE WHEN TG_OP = 'DELETE' THEN OLD.domain ELSE NEW.domain END,
-                    CASE WHEN now_ THEN 1 ELSE -1 END)
-            ON CONFLICT (shard, domain) DO UPDATE SET n = dom_pending.n + excluded.n;
-    END IF;
-    RETURN NULL;
-END $$;
-
+{_rcpt_upd(finished_at=False)}
+{_count_pending(function="msg_count", counts="msg_counts", key="kind",
+                pending="{row}.pending_rcpts > 0 AND {row}.corrupt_reason IS NULL")}
+{_count_pending(function="dom_count", counts="dom_pending", key="domain", pending="{row}.pending > 0")}
 DROP TRIGGER IF EXISTS rcpt_ins ON recipients;
 CREATE TRIGGER rcpt_ins AFTER INSERT ON recipients REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION rcpt_ins();
@@ -270,39 +276,7 @@ DROP INDEX IF EXISTS messages_finished;
 CREATE INDEX IF NOT EXISTS messages_finished_at ON messages (finished_at, id)
     WHERE pending_rcpts = 0 AND corrupt_reason IS NULL;
 
-CREATE OR REPLACE FUNCTION rcpt_upd() RETURNS trigger LANGUAGE plpgsql
-SET search_path = {SCHEMA}, pg_temp AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
-                   WHERE o.state <> n.state) THEN
-        RETURN NULL;  -- leases, attempts, replies: no counter moves
-    END IF;
-    WITH c AS (
-        SELECT o.message_id, o.domain, o.state AS old_state, n.state AS new_state, n.updated_at,
-               CASE WHEN (o.state IN {_PENDING}) = (n.state IN {_PENDING}) THEN 0
-                    WHEN n.state IN {_PENDING} THEN 1 ELSE -1 END AS d
-        FROM old_rows o JOIN new_rows n ON n.message_id = o.message_id AND n.idx = o.idx
-        WHERE o.state <> n.state
-    ), counts AS (
-        INSERT INTO rcpt_counts (shard, domain, state, n)
-            SELECT shard(), domain, state, sum(d) FROM (
-                SELECT domain, old_state AS state, -1 AS d FROM c
-                UNION ALL
-                SELECT domain, new_state, 1 FROM c) x
-            GROUP BY domain, state
-            ON CONFLICT (shard, domain, state) DO UPDATE SET n = rcpt_counts.n + excluded.n
-    ), per_domain AS (
-        UPDATE msg_domains md SET pending = md.pending + x.d
-            FROM (SELECT message_id, domain, sum(d) AS d FROM c GROUP BY message_id, domain) x
-            WHERE md.message_id = x.message_id AND md.domain = x.domain AND x.d <> 0
-    )
-    UPDATE messages m SET pending_rcpts = m.pending_rcpts + x.d,
-                          finished_at = CASE WHEN m.pending_rcpts + x.d = 0 THEN x.at END
-        FROM (SELECT message_id, sum(d) AS d, max(updated_at) AS at FROM c GROUP BY message_id) x
-        WHERE m.id = x.message_id AND x.d <> 0;
-    RETURN NULL;
-END $$;
-"""
+{_rcpt_upd(finished_at=True)}"""
 
 _MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2}
 

@@ -1,23 +1,33 @@
-"""The `check` lab: a DNS server (tests/support/dnsserver.py) serving each case's zones, and SMTP servers
+"""The `check` lab: a DNS server (tests/support/dnsserver.py) serving each case's zones, SMTP servers
 (aiosmtpd) on distinct 127.x.y.z addresses, all on one port per lab, so that the MX records' A records
-lead `check` to them. Certificates come from a small PKI made with the openssl CLI once per session.
+lead `check` to them, and HTTPS servers for MTA-STS policies on port 443 of random 127.7.x.y addresses.
+Certificates come from a small PKI made with the openssl CLI once per session; so does the lab's ASN
+file (pyasn format), which every lab check uses unless a case sets `lab.asn_db`.
 
 Addresses: primaries in 127.1.0.0/16, backups in 127.2.0.0/16, nameservers of the shared DNS zones in
-127.3.0.0/16 and 127.4.0.0/16 (their addresses are data only: the one DnsServer answers for all zones).
+127.3.0.0/16 and 127.4.0.0/16 (their addresses are data only: the one DnsServer answers for all zones),
+MTA-STS policy servers in 127.7.0.0/16. In the ASN file every 127.1.x.0/24 is announced by AS64501 and
+every 127.2.x.0/24 by AS64502: one /24 is one prefix, one /16 one provider.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import http.server
 import random
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from backupmx.audit import CheckReport, run_check
 from backupmx.audit.report import Level
@@ -64,6 +74,32 @@ class Pki:
                      "-days", "30", "-out", cert, "-extfile", ext)
         self._issued[(name, kind)] = (cert, key)
         return cert, key
+
+    def fullchain(self, name: str) -> Path:
+        """The CA-signed certificate for `name` followed by the lab CA: what a server presents for DANE-TA."""
+        out = self.root / f"{name}.fullchain.pem"
+        if not out.exists():
+            out.write_text(self.leaf(name)[0].read_text() + self.ca.read_text())
+        return out
+
+    def tlsa(self, name: str | None, usage: int = 3, selector: int = 1, mtype: int = 1) -> str:
+        """TLSA rdata for the CA-signed certificate of `name` (None: the lab CA), e.g. "3 1 1 ab12..."."""
+        cert = x509.load_pem_x509_certificate((self.leaf(name)[0] if name else self.ca).read_bytes())
+        der = (cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) if selector == 1
+               else cert.public_bytes(Encoding.DER))
+        data = hashlib.sha256(der).digest() if mtype == 1 else hashlib.sha512(der).digest() if mtype == 2 else der
+        return f"{usage} {selector} {mtype} {data.hex()}"
+
+    @property
+    def asn_db(self) -> Path:
+        """The lab's ASN file: 127.1.x.0/24 -> AS64501, 127.2.x.0/24 -> AS64502, ::1 -> AS64502."""
+        out = self.root / "lab-asn.dat"
+        if not out.exists():
+            lines = ["; IP-ASN32-DAT file: the check lab's announcements"]
+            lines += [f"127.{net}.{x}.0/24\t6450{net}" for net in (1, 2) for x in range(256)]
+            lines += ["127.3.0.0/16\t64503", "127.4.0.0/16\t64504", "::1/128\t64502"]
+            out.write_text("\n".join(lines) + "\n")
+        return out
 
 
 _EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
@@ -123,7 +159,8 @@ class LabMx:
     name: str
     address: str
     handler: LabHandler
-    tls: str | None  # "ca" | "self-signed" | None (no STARTTLS)
+    tls: str | None  # "ca" | "self-signed" | "chain" (with the CA) | None (no STARTTLS)
+    cert_name: str | None = None  # the name its certificate is for (default: its own)
 
 
 def pick_port(addresses: list[str], tries: int = 100) -> int:
@@ -146,6 +183,78 @@ def pick_port(addresses: list[str], tries: int = 100) -> int:
     raise RuntimeError(f"no port free on all of {addresses}")
 
 
+# --- MTA-STS policy servers -------------------------------------------------------------------------
+@dataclass
+class PolicyReply:
+    status: int = 200
+    content_type: str = "text/plain"
+    body: str = ""
+    location: str | None = None  # for redirects
+    cert_name: str | None = None  # the name on the server's certificate (default: mta-sts.DOMAIN)
+
+
+class PolicyServer:
+    """https://mta-sts.DOMAIN/.well-known/mta-sts.txt on ADDRESS:443 (a random 127.7.x.y, bound at once so
+    that parallel test runs on this machine cannot collide), with a lab-CA certificate for the name."""
+
+    def __init__(self, pki: Pki, domain: str, reply: PolicyReply) -> None:
+        cert, key = pki.leaf(reply.cert_name or f"mta-sts.{domain}")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        handler = _policy_handler(reply)
+        rng = random.Random()
+        port = 443
+        for _ in range(50):  # bounded: another run may hold the address
+            self.address = f"127.7.{rng.randint(0, 254)}.{rng.randint(1, 254)}"  # 127.7.255.x: nothing listens
+            try:
+                self.httpd = http.server.ThreadingHTTPServer((self.address, port), handler)
+                break
+            except PermissionError:  # not root: any port, and `check --sts-port` (test-only) to find it
+                port = 0
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        else:
+            raise RuntimeError("no free 127.7.x.y:443 for the MTA-STS policy server")
+        self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _policy_handler(reply: PolicyReply) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/.well-known/mta-sts.txt":
+                self.send_error(404)
+                return
+            body = reply.body.encode()
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if reply.location:
+                self.send_header("Location", reply.location)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def sts_policy(mode: str, *mx: str, max_age: int = 604800) -> str:
+    return "".join([f"version: STSv1\r\nmode: {mode}\r\n", *(f"mx: {m}\r\n" for m in mx), f"max_age: {max_age}\r\n"])
+
+
 class Lab:
     """One case: zones plus SMTP servers. Use as a context manager, then `await lab.check(domain)`."""
 
@@ -155,22 +264,50 @@ class Lab:
         self.mxs: list[LabMx] = []
         self.port = 0
         self.dns = DnsServer(self.zones)
+        self.asn_db: Path | None = pki.asn_db  # None: the site.asn/site.prefix checks are not asked for
         self._controllers: list[Controller] = []
+        self._policy_servers: list[PolicyServer] = []
 
     def mx(self, name: str, address: str, *, domains: set[str] | frozenset[str], tls: str | None = "ca",
-           users: frozenset[str] | None = KNOWN_USERS, open_relay: bool = False) -> LabHandler:
+           users: frozenset[str] | None = KNOWN_USERS, open_relay: bool = False,
+           cert_name: str | None = None) -> LabHandler:
         handler = LabHandler(name, frozenset(domains), users, open_relay)
-        self.mxs.append(LabMx(name, address, handler, tls))
+        self.mxs.append(LabMx(name, address, handler, tls, cert_name))
         return handler
+
+    def add_records(self, zone_name: str, records: Mapping[str, Any]) -> None:
+        """More owners (relative names) -> {rdtype: rdata} in one of the lab's zones."""
+        key = zone_name.lower().rstrip(".") + "."
+        current = self.zones[key]
+        assert not isinstance(current, str), "add_records works on dict zones"
+        spec = dict(current)
+        spec.update(records)
+        self.zones[key] = spec
+        self.dns.set_zone(key, spec)
+
+    def sts(self, domain: str, policy: str | PolicyReply | None, *, txt: str = "v=STSv1; id=20261206") -> None:
+        """Publish MTA-STS for `domain`: the TXT record, and the policy served over HTTPS (None: the TXT
+        record only, mta-sts.DOMAIN pointing at an address where nothing listens)."""
+        address = "127.7.255.254"
+        if policy is not None:
+            reply = policy if isinstance(policy, PolicyReply) else PolicyReply(body=policy)
+            server = PolicyServer(self.pki, domain, reply)
+            self._policy_servers.append(server)
+            address = server.address
+        self.add_records(domain, {"_mta-sts": {"TXT": f'"{txt}"'}, "mta-sts": {"A": address}})
 
     def __enter__(self) -> Lab:
         self.dns.start()
         try:
+            for server in self._policy_servers:
+                server.start()
             self.port = pick_port([m.address for m in self.mxs]) if self.mxs else 25
             for m in self.mxs:
                 ctx = None
                 if m.tls:
-                    cert, key = self.pki.leaf(m.name, m.tls)
+                    cert, key = self.pki.leaf(m.cert_name or m.name, "ca" if m.tls == "chain" else m.tls)
+                    if m.tls == "chain":
+                        cert = self.pki.fullchain(m.cert_name or m.name)
                     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                     ctx.load_cert_chain(cert, key)
                 controller = Controller(m.handler, hostname=m.address, port=self.port, server_hostname=m.name,
@@ -188,15 +325,30 @@ class Lab:
         for c in self._controllers:
             c.stop()
         self._controllers.clear()
+        for server in self._policy_servers:
+            server.stop()
+        self._policy_servers.clear()
         self.dns.stop()
 
-    async def check(self, domain: str, *, config: Config | None = None, timeout: float = 3.0) -> CheckReport:
+    @property
+    def sts_port(self) -> int:
+        """Where the policy servers listen: 443, unless this run may not bind it."""
+        ports = {server.port for server in self._policy_servers} or {443}
+        assert len(ports) == 1, "one policy port per lab"
+        return ports.pop()
+
+    async def check(self, domain: str, *, config: Config | None = None, timeout: float = 3.0,
+                    **kw: Any) -> CheckReport:
+        kw.setdefault("asn_db", str(self.asn_db) if self.asn_db else None)
+        kw.setdefault("sts_port", self.sts_port)
         return await run_check(domain, nameserver=self.dns.nameserver, config=config, smtp_port=self.port,
-                               timeout=timeout, cafile=str(self.pki.ca), helo=LAB_HELO)
+                               timeout=timeout, cafile=str(self.pki.ca), helo=LAB_HELO, **kw)
 
     def cli_args(self, domain: str) -> list[str]:
+        asn = ["--asn-db", str(self.asn_db)] if self.asn_db else []
+        asn += ["--sts-port", str(self.sts_port)] if self.sts_port != 443 else []
         return ["check", domain, "--nameserver", self.dns.nameserver, "--port", str(self.port),
-                "--timeout", "3", "--cafile", str(self.pki.ca)]
+                "--timeout", "3", "--cafile", str(self.pki.ca), *asn]
 
     def assert_clean_sessions(self) -> None:
         """No DATA anywhere; every session that issued a command ended with RSET then QUIT."""
@@ -212,9 +364,16 @@ def problems(report: CheckReport) -> set[tuple[str, Level, str]]:
 
 
 # --- cases shared by the lab tests and the CLI tests -------------------------------------------------
-def zone(mx: list[str], hosts: dict[str, str], ns: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    """A case's zone: MX records, A records of the hosts, NS (the two shared nameservers by default)."""
+TLSRPT = "v=TLSRPTv1; rua=mailto:tlsrpt@reports.lab.test"
+
+
+def zone(mx: list[str], hosts: dict[str, str], ns: list[str] | None = None, tlsrpt: str | None = TLSRPT,
+         **extra: Any) -> dict[str, Any]:
+    """A case's zone: MX records, A records of the hosts, NS (the two shared nameservers by default) and,
+    with MX records, a TLS-RPT record (`tlsrpt`; None: none)."""
     spec: dict[str, Any] = {"@": {"NS": ns or STD_NS, "MX": mx} if mx else {"NS": ns or STD_NS}}
+    if mx and tlsrpt is not None:
+        spec["_smtp._tls"] = {"TXT": f'"{tlsrpt}"'}
     for name, ip in hosts.items():
         spec[name] = {"A": ip}
     spec.update(extra)
@@ -235,10 +394,15 @@ def node_config(hostname: str, domains: list[str], lab: Lab | None = None, **dom
 
 
 def worst_lab(pki: Pki) -> Lab:
-    """Everything at once: the backup shares the primary's /24, offers no STARTTLS, accepts unknown users
-    and relays; the domain's nameservers sit in the primary's network too."""
+    """Everything at once: the backup shares the primary's /24 (and so its announced prefix and AS),
+    offers no STARTTLS, accepts unknown users and relays; the domain's nameservers sit in the primary's
+    network too; the MTA-STS policy (enforce, max_age an hour) lists the primary only; only the primary
+    has a TLSA record (in a signed zone); there is no TLS-RPT record."""
     ns = ["ns1.worst.test.", "ns2.worst.test."]
-    lab = Lab(pki, two_mx("worst.test", "127.1.0.2", ns=ns, ns1={"A": "127.1.0.53"}, ns2={"A": "127.1.0.54"}))
+    lab = Lab(pki, two_mx("worst.test", "127.1.0.2", ns=ns, tlsrpt=None, ns1={"A": "127.1.0.53"},
+                          ns2={"A": "127.1.0.54"}, **{"_25._tcp.mx1": {"TLSA": pki.tlsa("mx1.worst.test")}}))
+    lab.dns.secure("worst.test")
+    lab.sts("worst.test", sts_policy("enforce", "mx1.worst.test", max_age=3600))
     lab.mx("mx1.worst.test", "127.1.0.1", domains={"worst.test"})
     lab.mx("mx2.worst.test", "127.1.0.2", domains={"worst.test"}, tls=None, users=None, open_relay=True)
     return lab

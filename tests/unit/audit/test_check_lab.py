@@ -23,8 +23,10 @@ from tests.unit.audit.lab import KNOWN_USERS, Lab, Pki, node_config, problems, t
 OK, INFO, WARN, FAIL = Level.OK, Level.INFO, Level.WARN, Level.FAIL
 SMTP_OK = {("smtp.connect", OK), ("smtp.ehlo", OK), ("smtp.starttls", OK), ("smtp.tls-cert", OK),
            ("smtp.postmaster", OK), ("smtp.unknown-user", OK), ("smtp.relay", OK)}
+# every lab check has the lab's ASN file and a TLS-RPT record, and no MTA-STS or TLSA unless a case adds them
+POLICY_OK = {("site.asn", OK), ("site.prefix", OK), ("sts.policy", OK), ("dane.tlsa", OK), ("tlsrpt.record", OK)}
 HEALTHY = {("mx.records", OK), ("mx.count", OK), ("mx.address", OK), ("mx.distinct", OK),
-           ("site.backup", OK), ("site.ns", OK), ("site.mx-zone", OK)} | SMTP_OK
+           ("site.backup", OK), ("site.ns", OK), ("site.mx-zone", OK)} | SMTP_OK | POLICY_OK
 
 
 async def audit(lab: Lab, domain: str, **kw: Any) -> CheckReport:
@@ -75,8 +77,8 @@ async def test_single_mx(pki: Pki) -> None:
     with lab:
         report = await audit(lab, "single.test")
     assert problems(report) == {("mx.count", FAIL, "single.test")}
-    assert report.pairs() == HEALTHY - {("mx.count", OK), ("mx.distinct", OK), ("site.backup", OK)} | {
-        ("mx.count", FAIL)}
+    assert report.pairs() == HEALTHY - {("mx.count", OK), ("mx.distinct", OK), ("site.backup", OK),
+                                        ("site.asn", OK), ("site.prefix", OK)} | {("mx.count", FAIL)}
     assert report.exit_code == 1
 
 
@@ -86,8 +88,11 @@ async def test_backup_in_the_primarys_slash_24(pki: Pki) -> None:
     lab.mx("mx2.samenet.test", "127.1.0.2", domains={"samenet.test"})
     with lab:
         report = await audit(lab, "samenet.test")
-    assert problems(report) == {("site.backup", FAIL, "mx2.samenet.test")}
-    assert report.pairs() == HEALTHY - {("site.backup", OK)} | {("site.backup", FAIL)}
+    # the lab's ASN file announces each /24 on its own: one prefix, one AS
+    assert problems(report) == {("site.backup", FAIL, "mx2.samenet.test"), ("site.prefix", FAIL, "mx2.samenet.test"),
+                                ("site.asn", WARN, "mx2.samenet.test")}
+    assert report.pairs() == HEALTHY - {("site.backup", OK), ("site.prefix", OK), ("site.asn", OK)} | {
+        ("site.backup", FAIL), ("site.prefix", FAIL), ("site.asn", WARN)}
     mark = next(m for m in report.marks if m.check == "site.backup")
     assert "127.1.0.0/24" in mark.text and "mx1.samenet.test" in mark.text
     assert report.exit_code == 1
@@ -99,7 +104,7 @@ async def test_backup_in_the_primarys_slash_16_is_a_warning(pki: Pki) -> None:
     lab.mx("mx2.nearby.test", "127.1.7.2", domains={"nearby.test"})
     with lab:
         report = await audit(lab, "nearby.test")
-    assert problems(report) == {("site.backup", WARN, "mx2.nearby.test")}
+    assert problems(report) == {("site.backup", WARN, "mx2.nearby.test"), ("site.asn", WARN, "mx2.nearby.test")}
     assert "127.1.0.0/16" in next(m.text for m in report.marks if m.check == "site.backup")
     assert report.exit_code == 0 and report.strict_exit_code == 1
 
@@ -111,6 +116,7 @@ async def test_all_mx_names_on_one_address(pki: Pki) -> None:
         report = await audit(lab, "sameaddr.test")
     # one server answers for both names with mx1's certificate: the mx2 probe sees a name mismatch
     assert problems(report) == {("mx.distinct", FAIL, "sameaddr.test"), ("site.backup", FAIL, "mx2.sameaddr.test"),
+                                ("site.prefix", FAIL, "mx2.sameaddr.test"), ("site.asn", WARN, "mx2.sameaddr.test"),
                                 ("smtp.tls-cert", WARN, subject("mx2.sameaddr.test", "127.1.0.1"))}
     mismatch = next(m for m in report.marks if m.check == "smtp.tls-cert" and m.level is WARN)
     assert "mismatch" in mismatch.text.lower()
@@ -294,7 +300,8 @@ async def test_equal_preferences_judge_each_host_against_the_others(pki: Pki) ->
     lab.mx("mx2.peers.test", "127.1.0.2", domains={"peers.test"})
     with lab:
         report = await audit(lab, "peers.test")
-    assert problems(report) == {("site.backup", FAIL, "mx1.peers.test"), ("site.backup", FAIL, "mx2.peers.test")}
+    assert problems(report) == {(check, level, host) for host in ("mx1.peers.test", "mx2.peers.test")
+                                for check, level in (("site.backup", FAIL), ("site.prefix", FAIL), ("site.asn", WARN))}
     assert all(r.role.value == "primary" for r in report.dns.mx)
 
 
@@ -327,12 +334,22 @@ async def test_config_nameservers_are_used_without_nameserver(pki: Pki) -> None:
         cfg = node_config("mx2.viacfg.test", ["viacfg.test"], lab)
         report = await run_check("viacfg.test", config=cfg, smtp_port=lab.port, timeout=3, cafile=str(pki.ca))
     assert report.dns.resolver == lab.dns.nameserver
-    assert report.pairs() == HEALTHY | {("node.domain", OK), ("node.mx", OK)}
+    # no --asn-db here: the network check says so
+    assert report.pairs() == HEALTHY - {("site.asn", OK), ("site.prefix", OK)} | {
+        ("site.asn", INFO), ("node.domain", OK), ("node.mx", OK)}
+    assert "not checked" in next(m.text for m in report.marks if m.check == "site.asn")
     assert lab.dns.queried("viacfg.test", "MX") >= 1
 
 
 WORST_PROBLEMS = {
     ("site.backup", FAIL, "mx2.worst.test"),
+    ("site.prefix", FAIL, "mx2.worst.test"),
+    ("site.asn", WARN, "mx2.worst.test"),
+    ("sts.policy", WARN, "worst.test"),
+    ("sts.mx-match", FAIL, "mx2.worst.test"),
+    ("sts.cert", FAIL, "mx2.worst.test [127.1.0.2]"),
+    ("dane.tlsa", FAIL, "mx2.worst.test"),
+    ("tlsrpt.record", INFO, "worst.test"),
     ("site.ns", WARN, "worst.test"),
     ("site.mx-zone", WARN, "worst.test"),
     ("smtp.starttls", FAIL, "mx2.worst.test [127.1.0.2]"),

@@ -169,3 +169,11 @@ def test_build_zone_adds_an_soa_but_never_ns() -> None:
     z = build_zone("bare.test", {"@": {"A": "127.0.0.1"}})
     assert z.get_rdataset("bare.test.", "SOA") is not None
     assert z.get_rdataset("bare.test.", "NS") is None
+
+
+def test_secure_zones_answer_with_the_ad_bit() -> None:
+    with DnsServer(ZONES) as server:
+        server.secure("example.test")
+        r = resolver_for(server)
+        assert r.resolve("mx1.example.test", "A").response.flags & dns.flags.AD
+        assert not r.resolve("mx2.other.test", "A").response.flags & dns.flags.AD

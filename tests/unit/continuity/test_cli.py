@@ -1,4 +1,4 @@
-"""The commands (continuity/cli.py) through backupmx.cli.main, in-process, on a real SQLite spool:
+"""The commands (cli/access.py) through backupmx.cli.main, in-process, on a real SQLite spool:
 access grant/link/revoke/list/audit, continuity open/close/auto/status, queue export, and --notify
 through a smarthost (aiosmtpd on loopback)."""
 

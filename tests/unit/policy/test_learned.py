@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backupmx import recipients_cli
+from backupmx.cli import recipients as recipients_cli
 from backupmx.clock import FakeClock
 from backupmx.config import config_from_dict
 from backupmx.policy.learned import NAMESPACE, LearnedRecipient, LearnedRecipients, Source, learned_key

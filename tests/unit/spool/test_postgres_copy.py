@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from backupmx.cli.spool import add_parser as add_spool_parser
 from backupmx.clock import FakeClock
 from backupmx.model import Bounced, Deferred, Delivered, Envelope, MessageKind, QueueId, Recipient, RecipientState
 from backupmx.reply import Reply
 from backupmx.spool import BodyBuffer, NewMessage, RecipientUpdate, Spool
-from backupmx.spool.cli import add_spool_parser
 from backupmx.spool.copy import CopyProgress, copy_spool
 from backupmx.spool.pg_schema import SCHEMA_VERSION
 from backupmx.spool.postgres import PostgresSpool

@@ -4,8 +4,8 @@
     backupmx spool copy --from URL --to URL       move a queue between backends (sqlite:DIR, postgresql://...)
     backupmx spool nodes --config FILE            the nodes sharing a PostgreSQL spool, last seen first
 
-Registered by cli.py through `add_spool_parser`. Errors are one line on stderr: exit 2 for usage or
-configuration, 1 for a failed action (a copy that left a message behind).
+The spool package does the work (spool/copy.py, spool/backends.py, the backends' migrations). Errors are one
+line on stderr: exit 2 for usage or configuration, 1 for a failed action (a copy that left a message behind).
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import socket
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+from backupmx.cli.exits import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from backupmx.config import load_config
 from backupmx.errors import ConfigError
-from backupmx.spool import Spool
+from backupmx.spool.backends import POSTGRES_SCHEMES, open_url
 from backupmx.spool.copy import CopyProgress, copy_spool
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-
-def add_spool_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Add `spool migrate|copy|nodes` to the `backupmx` command's subparsers."""
     spool = subparsers.add_parser("spool", help="the spool database: migrate, copy between backends, nodes")
     sub = spool.add_subparsers(dest="spool_command", metavar="ACTION")
@@ -55,22 +52,6 @@ def add_spool_parser(subparsers: Any) -> None:
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return EXIT_USAGE
-
-
-def open_url(url: str, *, node: str) -> Spool:
-    """A spool (not yet opened) for `sqlite:PATH` or `postgresql://...`."""
-    if url.startswith(POSTGRES_SCHEMES):
-        from backupmx.spool.postgres import PostgresSpool
-
-        return PostgresSpool(url, node=node)
-    if url.startswith("sqlite:"):
-        from backupmx.spool.sqlite import DB_NAME, SqliteSpool
-
-        path = Path(url.removeprefix("sqlite:").removeprefix("//"))
-        if path.name == DB_NAME or path.is_file():
-            path = path.parent
-        return SqliteSpool(path, node=node)
-    raise ConfigError(f"spool copy: {url!r}: expected sqlite:PATH or postgresql://...")
 
 
 # --- migrate -------------------------------------------------------------------------------------
@@ -195,4 +176,4 @@ def cmd_spool_nodes(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
-__all__ = ["add_spool_parser", "cmd_spool_copy", "cmd_spool_migrate", "cmd_spool_nodes", "open_url"]
+__all__ = ["add_parser", "cmd_spool_copy", "cmd_spool_migrate", "cmd_spool_nodes"]

@@ -4,8 +4,10 @@ For `recipients = "verify"` domains this is the learned set in the spool (policy
 primary answered to RCPT probes, what deliveries taught, and the operator's own entries, which never
 expire unless given `--ttl`. `add --unknown` remembers an address as refused (550 5.1.1). Domains with
 a list or a `file:` are shown read-only (edit the config or the file; a file is re-read on change or
-SIGHUP). Works while `serve` runs (it opens the spool beside it, as `queue` does). Errors are one line on
-stderr: exit 2 for usage or configuration, 1 for a failed action.
+SIGHUP); `ldap://` domains show their last sync and its addresses (policy/ldap.py), verify domains the
+end of a recovery guard still running. The work is policy/'s; this module parses, checks and prints.
+Works while `serve` runs (it opens the spool beside it, as `queue` does). Errors are one line on stderr:
+exit 2 for usage or configuration, 1 for a failed action.
 """
 
 from __future__ import annotations
@@ -15,24 +17,24 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
+from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import iso_time
 from backupmx.config import Config, DomainConfig, parse_duration
 from backupmx.errors import ConfigError
-from backupmx.policy.domains import domain_of
-from backupmx.policy.learned import KvStore, LearnedRecipient, LearnedRecipients, Source
+from backupmx.policy import domain_of, ldap
+from backupmx.policy.learned import LearnedRecipient, LearnedRecipients, Source
 from backupmx.spool import OutagePeriod, Spool
-from backupmx.spool_command import config_arg, with_spool
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 PAGE = 500
 
 Command = Callable[[argparse.Namespace, Config, LearnedRecipients], Awaitable[int]]
 
 
-def add_recipients_parser(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     rec = sub.add_parser("recipients", help="see and edit the recipients backupmx knows (verify domains)")
     rsub = rec.add_subparsers(dest="recipients_command", metavar="ACTION")
 
@@ -69,10 +71,6 @@ def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
         return await fn(args, cfg, LearnedRecipients(spool, keep=cfg.delivery.retention_cap.total_seconds()))
 
     return with_spool(over_store)
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _mode(d: DomainConfig) -> str:
@@ -112,8 +110,8 @@ def _expiry(ttl: str | None, now: float) -> float | None:
 
 
 def _entry_json(e: LearnedRecipient, now: float) -> dict[str, Any]:
-    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": _iso(e.learned_at),
-            "expires_at": _iso(e.expires_at), "fresh": e.fresh(now)}
+    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": iso_time(e.learned_at),
+            "expires_at": iso_time(e.expires_at), "fresh": e.fresh(now)}
 
 
 async def _all(store: LearnedRecipients, domain: str) -> tuple[list[LearnedRecipient], int]:
@@ -150,12 +148,12 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
         if mode == "verify":
             learned, skipped = await _all(store, d.name)
             item["learned"] = [_entry_json(e, now) for e in learned]
-            item["recovery_guard_until"] = _iso(await _guard_until(outages, cfg, d.name, now))
+            item["recovery_guard_until"] = iso_time(await _guard_until(outages, cfg, d.name, now))
             damaged += skipped
         elif mode == "list":
             item["entries"] = list(d.recipients)
         elif mode == "ldap":
-            item.update(await _ldap_item(store.kv, d))
+            item.update(await ldap.listing(store.kv, d))
         elif mode == "file":
             path = Path(str(d.recipients)[5:])
             item["file"] = str(path)
@@ -188,7 +186,7 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
         elif mode == "any":
             print(f"{name}: any (every address is accepted)")
         elif mode == "ldap":
-            print(f"{name}: {ldap_summary({**item, 'count': len(item['entries'])})}")
+            print(f"{name}: {ldap.summary({**item, 'count': len(item['entries'])})}")
             for entry in item["entries"]:
                 print(f"  {entry}")
         elif mode == "list":
@@ -216,25 +214,6 @@ async def _guard_until(outages: Callable[[], Awaitable[list[OutagePeriod]]] | No
         return None
     until = max(ended) + cfg.delivery.recovery_guard.total_seconds()
     return until if until > now else None
-
-
-async def _ldap_item(spool: KvStore, d: DomainConfig) -> dict[str, Any]:
-    from backupmx.policy.ldap import read_addresses, read_state
-
-    state = await read_state(spool, d.name)
-    synced = await read_addresses(spool, d.name)
-    return {"url": d.ldap_url, "synced_at": _iso(state.synced_at), "attempted_at": _iso(state.attempted_at),
-            "error": state.error or None, "entries": synced[1] if synced else []}
-
-
-def ldap_summary(item: dict[str, Any]) -> str:
-    """"ldap ldap://dir:389, 3 addresses, synced 2026-...; last attempt ... failed: ..." (also for status);
-    `item` has url, count, synced_at, attempted_at and error."""
-    text = f"ldap {item['url']}, {item['count']} addresses, "
-    text += f"synced {item['synced_at']}" if item["synced_at"] else "never synced (unknown_while_down applies)"
-    if item["error"]:
-        text += f"; last attempt {item['attempted_at']} failed, the last synced set is kept: {item['error']}"
-    return text
 
 
 async def cmd_add(args: argparse.Namespace, cfg: Config, store: LearnedRecipients) -> int:
@@ -296,4 +275,4 @@ async def cmd_import(args: argparse.Namespace, cfg: Config, store: LearnedRecipi
     return EXIT_OK
 
 
-__all__ = ["add_recipients_parser"]
+__all__ = ["add_parser"]

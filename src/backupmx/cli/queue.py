@@ -1,65 +1,31 @@
-"""The `backupmx` command: serve, config check, queue inspection and actions, and the audits.
+"""`backupmx queue list|show|count|flush|hold|release|delete|export`: see and act on held mail, like
+Postfix's mailq and postsuper.
 
-Every queue command opens the spool itself (SQLite allows a second process beside `serve`), does one
-thing and exits. Errors are one line on stderr and a non-zero exit (2 for usage or configuration,
-1 for a failed action), never a traceback.
+Every command opens the spool itself (SQLite allows a second process beside `serve`), does one thing and
+exits; the spool (spool/) and the exporter (continuity/export.py) do the work.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from backupmx import __version__
-from backupmx.config import Config, load_config
-from backupmx.errors import BackupMXError, ConfigError
+from backupmx.cli.access import require_domain
+from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
+from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import format_span, iso_time
+from backupmx.config import Config
+from backupmx.errors import ConfigError
 from backupmx.model import MessageRecord, QueueId, RecipientState
 from backupmx.spool import QueueFilter, Spool
-from backupmx.spool_command import config_arg, with_spool
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return handler(args)
-    except ConfigError as e:
-        print(f"backupmx: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except BackupMXError as e:
-        print(f"backupmx: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except KeyboardInterrupt:
-        return 130
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="backupmx", description="A backup MX that holds mail while the primary is down.")
-    p.add_argument("--version", action="version", version=f"backupmx {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    serve = sub.add_parser("serve", help="run the SMTP server, delivery and admin listener in the foreground")
-    config_arg(serve)
-    serve.set_defaults(handler=cmd_serve)
-
-    config = sub.add_parser("config", help="configuration tools")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    check = config_sub.add_parser("check", help="validate a configuration file")
-    config_arg(check)
-    check.set_defaults(handler=cmd_config_check)
-
+def add_parser(sub: Any) -> None:
     queue = sub.add_parser("queue", help="see and act on held mail")
     qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION")
     q = qsub.add_parser("list", help="list queued messages (like mailq)")
@@ -97,63 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(q)
     q.add_argument("id")
     q.set_defaults(handler=with_spool(cmd_queue_delete))
-    _add_queue_export(qsub)
-
-    for hook in _optional_hooks():
-        hook(sub)
-    return p
-
-
-# Subcommands that live with their feature: (module, function adding its parser). One line each; a
-# feature whose module is missing simply has no subcommand.
-SUBCOMMAND_HOOKS: tuple[tuple[str, str], ...] = (
-    ("backupmx.monitor.check", "add_check_parser"),
-    ("backupmx.spool.cli", "add_spool_parser"),
-    ("backupmx.recipients_cli", "add_recipients_parser"),
-    ("backupmx.monitor.drill", "add_drill_parser"),
-    ("backupmx.status", "add_status_parser"),
-    ("backupmx.continuity.cli", "add_parsers"),  # access, continuity
-)
-
-
-def _add_queue_export(qsub: Any) -> None:
-    """`queue export` lives with the emergency inbox (backupmx.continuity), registered if present."""
-    try:
-        from backupmx.continuity.cli import add_queue_export
-    except ImportError:
-        return
-    add_queue_export(qsub)
-
-
-def _optional_hooks() -> list[Callable[[Any], None]]:
-    hooks: list[Callable[[Any], None]] = []
-    for module_name, function in SUBCOMMAND_HOOKS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        hooks.append(getattr(module, function))
-    return hooks
-
-
-# --- serve / config ------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
-    from backupmx.service import run_service
-
-    cfg = load_config(args.config)
-    return run_service(cfg)
-
-
-def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    print(f"{cfg.source}: ok ({len(cfg.domains)} domain(s): {', '.join(d.name for d in cfg.domains) or 'none'})")
-    if not cfg.domains:
-        print(f"{cfg.source}: warning: no [[domains]]: every recipient will be refused", file=sys.stderr)
-    from backupmx.policy.backscatter import backscatter_warnings
-
-    for line in backscatter_warnings(cfg):
-        print(f"warning: {line}", file=sys.stderr)
-    return EXIT_OK
+    p = qsub.add_parser("export", help="write held mail out as mbox, Maildir or .eml files, one mailbox "
+                                       "per recipient")
+    config_arg(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--recipient", metavar="ADDRESS")
+    who.add_argument("--domain")
+    p.add_argument("--format", required=True, choices=["mbox", "maildir", "eml"])
+    p.add_argument("--all", action="store_true", help="also messages already delivered but still stored")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(handler=with_spool(cmd_export))
 
 
 # --- queue ---------------------------------------------------------------------------------------
@@ -161,33 +81,6 @@ def _ts(t: float | None) -> str:
     if t is None:
         return "-"
     return datetime.fromtimestamp(t, UTC).strftime("%a %b %d %H:%M:%S")
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
-def message_json(m: MessageRecord) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "size": m.size,
-        "received_at": _iso(m.received_at),
-        "sender": m.envelope.sender,
-        "kind": m.kind.value,
-        "client_ip": m.envelope.client_ip,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt_at": _iso(r.next_attempt_at) if r.state is RecipientState.QUEUED else None,
-                "last_attempt_at": _iso(r.last_attempt_at),
-                "last_reply": r.last_reply,
-                "held_reason": r.held_reason,
-            }
-            for r in m.recipients
-        ],
-    }
 
 
 async def _all_messages(spool: Spool, flt: QueueFilter, limit: int) -> list[MessageRecord]:
@@ -208,7 +101,7 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
                       state=RecipientState(args.state) if args.state else None, pending_only=not args.all)
     if args.json:
         msgs = await _all_messages(spool, flt, args.limit)
-        print(json.dumps({"messages": [message_json(m) for m in msgs], "count": len(msgs)}, indent=1))
+        print(json.dumps({"messages": [m.to_json() for m in msgs], "count": len(msgs)}, indent=1))
         return EXIT_OK
     # Text: stream page by page so a huge queue prints without holding it in memory.
     # Mail that has had no attempt yet because its primary is down says so, as Postfix shows the
@@ -225,10 +118,13 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
             print(f"{m.id}{mark} {m.size:8d} {_ts(m.received_at):20s}  {m.envelope.sender or 'MAILER-DAEMON'}")
             for r in pending:
                 note = r.last_reply or ""
-                if r.state is not RecipientState.QUEUED:
+                if r.state is RecipientState.HELD:  # how long: held mail is reviewed, never forgotten
+                    age = format_span(time.time() - r.updated_at)
+                    note = f"held by {r.held_reason or 'operator'} for {age}: {note}".rstrip(": ")
+                elif r.state is not RecipientState.QUEUED:
                     note = f"{r.state.value}{' by ' + r.held_reason if r.held_reason else ''}: {note}".rstrip(": ")
                 elif not note and r.domain in down_since:
-                    note = f"held: primary of {r.domain} down since {_iso(down_since[r.domain])}"
+                    note = f"held: primary of {r.domain} down since {iso_time(down_since[r.domain])}"
                 if note:
                     print(f"{'':46s}({note})")
                 print(f"{'':46s}{r.address}")
@@ -258,13 +154,13 @@ async def cmd_queue_show(args: argparse.Namespace, cfg: Config, spool: Spool) ->
     body = await spool.read_body(m.id)
     head, _, _ = body.partition(b"\r\n\r\n")
     if args.json:
-        doc = message_json(m)
+        doc = m.to_json()
         doc["headers"] = head.decode("utf-8", "replace")
         doc["envelope"] = m.envelope.to_json()
         print(json.dumps(doc, indent=1))
         return EXIT_OK
     print(f"Queue ID:   {m.id}")
-    print(f"Arrival:    {_iso(m.received_at)}")
+    print(f"Arrival:    {iso_time(m.received_at)}")
     print(f"Size:       {m.size}")
     print(f"Sender:     <{m.envelope.sender}>")
     print(f"Client:     {m.envelope.client_ip} ({m.envelope.client_helo})")
@@ -274,7 +170,7 @@ async def cmd_queue_show(args: argparse.Namespace, cfg: Config, spool: Spool) ->
     for r in m.recipients:
         line = f"  {r.address:40s} {r.state.value:9s} attempts={r.attempts}"
         if r.state is RecipientState.QUEUED:
-            line += f" next={_iso(r.next_attempt_at)}"
+            line += f" next={iso_time(r.next_attempt_at)}"
         if r.held_reason:
             line += f" held-by={r.held_reason}"
         print(line)
@@ -296,30 +192,29 @@ async def cmd_queue_flush(args: argparse.Namespace, cfg: Config, spool: Spool) -
     return EXIT_OK
 
 
-def _target(args: argparse.Namespace, action: str) -> QueueId | None:
+async def _hold_or_release(args: argparse.Namespace, spool: Spool, action: str) -> int:
+    """`queue hold` and `queue release`: one message (ID) or --all (of --domain), and how many recipients moved."""
     if args.all == bool(args.id):
         raise ConfigError(f"queue {action}: give a queue ID or --all")
-    return None if args.all else QueueId(args.id)
+    target = None if args.all else QueueId(args.id)
+    if target and await spool.get(target) is None:
+        print(f"backupmx: queue {action}: no message {target}", file=sys.stderr)
+        return EXIT_FAIL
+    if action == "hold":
+        n = await spool.hold(target, domain=args.domain, now=time.time())
+        print(f"held {n} recipient(s)")
+    else:
+        n = await spool.release_held(target, domain=args.domain, now=time.time())
+        print(f"released {n} recipient(s)")
+    return EXIT_OK
 
 
 async def cmd_queue_hold(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    target = _target(args, "hold")
-    if target and await spool.get(target) is None:
-        print(f"backupmx: queue hold: no message {target}", file=sys.stderr)
-        return EXIT_FAIL
-    n = await spool.hold(target, domain=args.domain, now=time.time())
-    print(f"held {n} recipient(s)")
-    return EXIT_OK
+    return await _hold_or_release(args, spool, "hold")
 
 
 async def cmd_queue_release(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    target = _target(args, "release")
-    if target and await spool.get(target) is None:
-        print(f"backupmx: queue release: no message {target}", file=sys.stderr)
-        return EXIT_FAIL
-    n = await spool.release_held(target, domain=args.domain, now=time.time())
-    print(f"released {n} recipient(s)")
-    return EXIT_OK
+    return await _hold_or_release(args, spool, "release")
 
 
 async def cmd_queue_delete(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
@@ -330,5 +225,17 @@ async def cmd_queue_delete(args: argparse.Namespace, cfg: Config, spool: Spool) 
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+async def cmd_export(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
+    from backupmx.continuity.export import Format, Progress, Selection, count, export
+
+    if args.domain:
+        sel = Selection(domain=require_domain(cfg, args.domain), include_delivered=args.all)
+    else:
+        sel = Selection(recipient=args.recipient.strip().lower(), include_delivered=args.all)
+    progress = None
+    if not args.quiet:
+        progress = Progress(await count(spool, sel))
+    result = await export(spool, sel, Format(args.format), Path(args.dir), progress=progress)
+    if args.quiet:
+        print(f"exported {result.messages} messages ({result.copies} copies) to {args.dir}")
+    return EXIT_OK

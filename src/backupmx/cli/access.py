@@ -1,4 +1,5 @@
-"""The emergency inbox's commands, registered by backupmx.cli:
+"""`backupmx access` and `backupmx continuity`: the operator's hand on the emergency inbox (continuity/ does
+the work: grants, tokens, the gate, the audit log).
 
   backupmx access grant ADDRESS [--expires 7d] [--notify OTHER]   a grant and a one-time sign-in link
   backupmx access grant --domain DOMAIN [--csv FILE]              every held recipient's link, as CSV
@@ -6,7 +7,6 @@
   backupmx access revoke ADDRESS | --domain DOMAIN                ends links and sessions at once
   backupmx access list | audit
   backupmx continuity open|close|auto DOMAIN, continuity status   the operator's hand on the gate
-  backupmx queue export --recipient ADDR | --domain D --format mbox|maildir|eml DIR
 
 Each opens the spool itself (beside a running `serve`, which sees the grants at once), does one thing
 and exits; errors are one line on stderr (exit 2 for usage, 1 for a failed action). Nothing here needs
@@ -20,20 +20,22 @@ import csv
 import getpass
 import io
 import json
+import os
 import sys
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 from typing import Any
 
+from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
+from backupmx.cli.spool_session import config_arg, with_spool
+from backupmx.clock import iso_time
 from backupmx.config import Config, load_config, parse_duration
 from backupmx.errors import ConfigError
-from backupmx.spool import QueueFilter, Spool
-from backupmx.spool_command import config_arg, with_spool
+from backupmx.spool import Spool
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
-def add_parsers(sub: Any) -> None:
-    """`access` and `continuity` (called from backupmx.cli's optional hooks)."""
+def add_parser(sub: Any) -> None:
+    """`access` and `continuity`."""
     access = sub.add_parser("access", help="who may read held mail in the emergency inbox")
     asub = access.add_subparsers(dest="access_command", metavar="ACTION")
     p = asub.add_parser("grant", help="grant access and print a one-time sign-in link")
@@ -81,31 +83,12 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(handler=with_spool(cmd_status))
 
 
-def add_queue_export(qsub: Any) -> None:
-    """`queue export` (called from backupmx.cli after the other queue actions)."""
-    p = qsub.add_parser("export", help="write held mail out as mbox, Maildir or .eml files, one mailbox "
-                                       "per recipient")
-    config_arg(p)
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--recipient", metavar="ADDRESS")
-    who.add_argument("--domain")
-    p.add_argument("--format", required=True, choices=["mbox", "maildir", "eml"])
-    p.add_argument("--all", action="store_true", help="also messages already delivered but still stored")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("dir", metavar="DIR")
-    p.set_defaults(handler=with_spool(cmd_export))
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 def _actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"
     except Exception:
         return "cli"
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _parts(cfg: Config, spool: Spool) -> tuple[Any, Any, Any]:
@@ -127,7 +110,7 @@ def _warn_disabled(cfg: Config) -> None:
               file=sys.stderr)
 
 
-def _require_domain(cfg: Config, domain: str) -> str:
+def require_domain(cfg: Config, domain: str) -> str:
     d = domain.strip().lower().lstrip("@")
     if d not in cfg.domain_names:
         raise ConfigError(f"{d} is not a protected domain of {cfg.source}")
@@ -135,8 +118,6 @@ def _require_domain(cfg: Config, domain: str) -> str:
 
 
 def _expiry(cfg: Config, value: str | None) -> float:
-    import time
-
     c = cfg.continuity
     try:
         span = parse_duration(value) if value else c.grant_default
@@ -154,8 +135,6 @@ def sign_in_url(cfg: Config, token: str) -> str:
 
 
 async def _notify(cfg: Config, audit: Any, to: str, link: Any) -> None:
-    import time
-
     from backupmx.continuity.notify import link_notice, send_notice
 
     msg = link_notice(cfg, to=to, address=link.address, link=sign_in_url(cfg, link.token),
@@ -168,9 +147,7 @@ async def _notify(cfg: Config, audit: Any, to: str, link: Any) -> None:
 
 # --- access ----------------------------------------------------------------------------------------
 async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
-    from backupmx.continuity.grants import subject_of
+    from backupmx.continuity.grants import held_recipients, subject_of
     from backupmx.continuity.notify import check_notify_target
 
     if bool(args.address) == bool(args.domain):
@@ -185,19 +162,19 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     ttl = cfg.continuity.link_ttl.total_seconds()
     if args.address:
         subject = subject_of(args.address)
-        _require_domain(cfg, subject.rpartition("@")[2])
+        require_domain(cfg, subject.rpartition("@")[2])
         notify_to = check_notify_target(cfg, args.notify) if args.notify else None
         g = await store.grant(subject, expires_at=expires_at, by=_actor())
         link = await store.issue_link(subject, ttl=ttl)
         audit.write(time.time(), "grant", actor=_actor(), address=subject, until=int(g.expires_at))
         audit.write(time.time(), "link", actor=_actor(), address=subject, until=int(link.expires_at))
-        print(f"access for {subject} until {_iso(g.expires_at)}")
-        print(f"one-time sign-in link (until {_iso(link.expires_at)}):")
+        print(f"access for {subject} until {iso_time(g.expires_at)}")
+        print(f"one-time sign-in link (until {iso_time(link.expires_at)}):")
         print(sign_in_url(cfg, link.token))
         if notify_to:
             await _notify(cfg, audit, notify_to, link)
         return EXIT_OK
-    domain = _require_domain(cfg, args.domain)
+    domain = require_domain(cfg, args.domain)
     g = await store.grant(subject_of(domain, domain=True), expires_at=expires_at, by=_actor())
     audit.write(time.time(), "grant", actor=_actor(), address=g.subject, domain=domain, until=int(g.expires_at))
     out = io.StringIO()
@@ -207,42 +184,20 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     for addr, n in sorted(addresses.items()):
         link = await store.issue_link(addr, ttl=ttl)
         audit.write(time.time(), "link", actor=_actor(), address=addr, until=int(link.expires_at), bulk=True)
-        w.writerow([addr, sign_in_url(cfg, link.token), _iso(link.expires_at), _iso(g.expires_at), n])
+        w.writerow([addr, sign_in_url(cfg, link.token), iso_time(link.expires_at), iso_time(g.expires_at), n])
     if args.csv:
         path = Path(args.csv)
-        import os
-
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the links are keys: not world-readable
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(out.getvalue())
-        print(f"access for every recipient of {domain} until {_iso(g.expires_at)}; "
+        print(f"access for every recipient of {domain} until {iso_time(g.expires_at)}; "
               f"{len(addresses)} link(s) written to {path}")
     else:
         sys.stdout.write(out.getvalue())
     return EXIT_OK
 
 
-async def held_recipients(spool: Spool, domain: str) -> dict[str, int]:
-    """Each recipient of `domain` with held (pending) mail, with how many messages."""
-    from backupmx.model import MessageKind
-
-    out: dict[str, int] = {}
-    after = None
-    while True:
-        page = await spool.list_messages(QueueFilter(domain=domain), limit=500, after=after)
-        for m in page:
-            if m.kind is MessageKind.CANARY:
-                continue
-            for addr in {r.address.lower() for r in m.recipients if r.domain == domain and not r.state.is_final}:
-                out[addr] = out.get(addr, 0) + 1
-        if len(page) < 500:
-            return out
-        after = page[-1].id
-
-
 async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.grants import subject_of
     from backupmx.continuity.notify import check_notify_target
 
@@ -252,7 +207,7 @@ async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     notify_to = check_notify_target(cfg, args.notify) if args.notify else None
     link = await store.issue_link(subject, ttl=cfg.continuity.link_ttl.total_seconds())
     audit.write(time.time(), "link", actor=_actor(), address=subject, until=int(link.expires_at))
-    print(f"one-time sign-in link for {subject} (until {_iso(link.expires_at)}):")
+    print(f"one-time sign-in link for {subject} (until {iso_time(link.expires_at)}):")
     print(sign_in_url(cfg, link.token))
     if notify_to:
         await _notify(cfg, audit, notify_to, link)
@@ -260,8 +215,6 @@ async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 async def cmd_revoke(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.grants import subject_of
 
     if bool(args.address) == bool(args.domain):
@@ -285,8 +238,8 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     store, _, _ = _parts(cfg, spool)
     grants = await store.grants()
     if args.json:
-        print(json.dumps({"grants": [{"subject": g.subject, "domain": g.domain, "created_at": _iso(g.created_at),
-                                      "expires_at": _iso(g.expires_at), "by": g.by} for g in grants]}, indent=1))
+        print(json.dumps({"grants": [{"subject": g.subject, "domain": g.domain, "created_at": iso_time(g.created_at),
+                                      "expires_at": iso_time(g.expires_at), "by": g.by} for g in grants]}, indent=1))
         return EXIT_OK
     if not grants:
         print("no access grants")
@@ -294,13 +247,11 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     print(f"{'SUBJECT':40s} {'EXPIRES':25s} {'GRANTED':25s} BY")
     for g in grants:
         label = f"{g.subject} (every recipient)" if g.is_domain else g.subject
-        print(f"{label:40s} {_iso(g.expires_at):25s} {_iso(g.created_at):25s} {g.by}")
+        print(f"{label:40s} {iso_time(g.expires_at):25s} {iso_time(g.created_at):25s} {g.by}")
     return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import time
-
     from backupmx.continuity.audit import AUDIT_FILE, AuditLog
 
     cfg = load_config(args.config)
@@ -318,7 +269,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(ev.to_line())
             continue
         extra = " ".join(f"{k}={v}" for k, v in ev.fields.items() if k != "node")
-        print(f"{_iso(ev.at)}  {ev.event:15s} {ev.address or '-':35s} {ev.actor:18s} {extra}".rstrip())
+        print(f"{iso_time(ev.at)}  {ev.event:15s} {ev.address or '-':35s} {ev.actor:18s} {extra}".rstrip())
     if n == 0 and not args.json:
         print("no audit events", file=sys.stderr)
     return EXIT_OK
@@ -333,11 +284,9 @@ def _gate(cfg: Config, spool: Spool) -> Any:
 
 
 async def cmd_gate(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.gate import Mode
 
-    domain = _require_domain(cfg, args.domain)
+    domain = require_domain(cfg, args.domain)
     _warn_disabled(cfg)
     gate = _gate(cfg, spool)
     mode = Mode(args.mode)
@@ -357,27 +306,10 @@ async def cmd_status(args: argparse.Namespace, cfg: Config, spool: Spool) -> int
     if args.json:
         print(json.dumps({"enabled": cfg.continuity.enabled, "url": cfg.continuity.public_url, "domains": [
             {"domain": s.domain, "open": s.open, "mode": s.mode.value,
-             "outage_since": _iso(s.outage_since) if s.outage_since else None} for s in states]}, indent=1))
+             "outage_since": iso_time(s.outage_since) if s.outage_since else None} for s in states]}, indent=1))
         return EXIT_OK
     print(f"emergency inbox: {'enabled' if cfg.continuity.enabled else 'NOT enabled'} at {cfg.continuity.public_url}")
     for s in states:
-        outage = f"outage since {_iso(s.outage_since)}" if s.outage_since else "no outage"
+        outage = f"outage since {iso_time(s.outage_since)}" if s.outage_since else "no outage"
         print(f"  {s.domain:30s} {'OPEN' if s.open else 'closed':7s} mode={s.mode.value:7s} {outage}")
-    return EXIT_OK
-
-
-# --- export ----------------------------------------------------------------------------------------
-async def cmd_export(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    from backupmx.continuity.export import Format, Progress, Selection, count, export
-
-    if args.domain:
-        sel = Selection(domain=_require_domain(cfg, args.domain), include_delivered=args.all)
-    else:
-        sel = Selection(recipient=args.recipient.strip().lower(), include_delivered=args.all)
-    progress = None
-    if not args.quiet:
-        progress = Progress(await count(spool, sel))
-    result = await export(spool, sel, Format(args.format), Path(args.dir), progress=progress)
-    if args.quiet:
-        print(f"exported {result.messages} messages ({result.copies} copies) to {args.dir}")
     return EXIT_OK
