@@ -205,14 +205,26 @@ def test_smtputf8_flagged_ascii_mail_goes_as_plain_smtp(bench: Bench) -> None:
     assert b"SMTPUTF8" not in t.mail
 
 
-def test_utf8_header_bounces_and_utf8_sender_gets_a_raw_utf8_to(bench: Bench) -> None:
+def test_utf8_header_bounces_and_utf8_sender_gets_a_raw_utf8_to(tmp_path: Path) -> None:
+    # Its own node, whose primary is down when the mail comes in: once the probe has seen a primary
+    # without SMTPUTF8, a UTF-8 sender is refused at MAIL (policy/mirror.py); accepted before that, the
+    # message is bounced at delivery, and the DSN to the UTF-8 sender is what this test reads.
+    port = free_port()
+    primary = ScriptedPrimary()  # no DSN, no SMTPUTF8
+    node = ServeProcess(
+        tmp_path / "utf8", domains=[{"name": "example.test", "primary": [f"127.0.0.1:{port}"], "recipients": "any"}],
+        delivery={"lease": "4s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s"},
+        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}})
     sender = "j\u00f6rg@b\u00fccher.test"
-    send(bench.node.port, sender, ["needsutf8@example.test"], body_for("needsutf8", "gr\u00fc\u00dfe"),
-         mail_options=("SMTPUTF8",))
-    msg, dsns = settle(bench, "needsutf8@example.test")
+    with node:
+        node.start()
+        send(node.port, sender, ["needsutf8@example.test"], body_for("needsutf8", "gr\u00fc\u00dfe"),
+             mail_options=("SMTPUTF8",))
+        with primary.running(port):
+            msg, dsns = settle(Bench(node, primary), "needsutf8@example.test")
     r = msg.recipients[0]
     assert r.state is RecipientState.BOUNCED and (r.last_reply or "").startswith("554 5.6.7 SMTPUTF8 is required")
-    assert not [t for t in bench.primary.transactions if "needsutf8@example.test" in t.recipients]
+    assert not [t for t in primary.transactions if "needsutf8@example.test" in t.recipients]
     assert len(dsns) == 1
     dsn_msg, dsn = dsns[0]
     assert [x.address for x in dsn_msg.recipients] == [sender]

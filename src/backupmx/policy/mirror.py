@@ -4,6 +4,9 @@ last saw it while the primary was up, mirrored at our door.
 A transaction that asks for what a domain's primary does not offer is refused while the sender is still
 on the line: at MAIL when no served domain's primary offers it, else at RCPT for the domains whose
 primary does not. SMTPUTF8 → 553 5.6.7, BODY=8BITMIME → 554 5.6.3, SIZE beyond the primary's → 552 5.3.4.
+SMTPUTF8 is refused only for what truly needs it at the door, a UTF-8 envelope address: the flag on
+all-ASCII mail is dropped on the way to such a primary (RFC 6531 §3.2; delivery/relay.py), and mail whose
+header section turns out to need it is bounced there with a DSN.
 A primary whose EHLO was never seen has no opinion (everything we offer is accepted). The last answers
 live in the spool's kv (namespace "primary_ehlo"), so a restart during an outage keeps them.
 """
@@ -44,6 +47,7 @@ class Offer:
         return cls(frozenset(k.upper() for k in extensions), size, seen_at)
 
     def refusal(self, *, smtputf8: bool, body: str | None, size: int | None) -> Reply | None:
+        """`smtputf8`: the transaction needs SMTPUTF8 (a UTF-8 envelope address), not merely asked for it."""
         if smtputf8 and "SMTPUTF8" not in self.keywords:
             return NO_SMTPUTF8
         if body == "8BITMIME" and "8BITMIME" not in self.keywords:
@@ -95,22 +99,24 @@ class MirrorCheck:
     def __init__(self, offers: PrimaryOffers) -> None:
         self._offers = offers
 
-    def _refusal(self, domain: str, session: SessionInfo) -> Reply | None:
+    def _refusal(self, domain: str, session: SessionInfo, *, utf8_address: bool) -> Reply | None:
         offer = self._offers.offers.get(domain)
         if offer is None:
             return None
-        return offer.refusal(smtputf8=session.smtputf8, body=session.body_type, size=session.size)
+        return offer.refusal(smtputf8=session.smtputf8 and utf8_address, body=session.body_type, size=session.size)
 
     async def check(self, stage: Stage, session: SessionInfo, address: str | None) -> Verdict:
+        utf8_sender = not (session.sender or "").isascii()
         if stage is Stage.MAIL:
-            refusals = [self._refusal(d, session) for d in sorted(self._offers.domains)]
+            refusals = [self._refusal(d, session, utf8_address=utf8_sender) for d in sorted(self._offers.domains)]
             if refusals and all(r is not None for r in refusals):
                 reply = refusals[0]
                 assert reply is not None
                 return Verdict.reject(reply, log_reason="the primary does not offer it")
             return Verdict.cont()
         domain = (address or "").rpartition("@")[2].lower()
-        reply = self._refusal(domain, session) if domain in self._offers.domains else None
+        utf8 = utf8_sender or not (address or "").isascii()
+        reply = self._refusal(domain, session, utf8_address=utf8) if domain in self._offers.domains else None
         if reply is not None:
             return Verdict.reject(reply, log_reason="the primary does not offer it")
         return Verdict.cont()
