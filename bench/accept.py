@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["postfix", "backupmx"], help="measure one server only")
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run before it is killed")
     ap.add_argument("--latency-repeat", type=int, help="repeats of each latency run (default 3; --quick 2)")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
     ap.add_argument("--lab-setup", action="store_true",
                     help="the former setup: recipients \"any\", no admin listener, mail log in a file, "
                          "queues emptied before each run")
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(PostfixTarget(pf, keep=keep))
         if args.only != "postfix":
             node = stack.enter_context(BackupmxNode(work / "backupmx", domains={"example.test": free_port()},
-                                                    setup=setup, recipients=[RECIPIENT]))
+                                                    setup=setup, recipients=[RECIPIENT],
+                                                    asyncio_loop=args.asyncio_loop))
             try:
                 node.start()
                 results.event_loop = node.event_loop()

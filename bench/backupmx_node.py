@@ -84,7 +84,7 @@ class BackupmxNode:
     def __init__(self, workdir: Path, *, domains: Mapping[str, int], port: int | None = None,
                  server: Mapping[str, Any] | None = None, delivery: Mapping[str, Any] | None = None,
                  extra: Mapping[str, Any] | None = None, setup: Setup = "lab",
-                 recipients: Sequence[str] = ()) -> None:
+                 recipients: Sequence[str] = (), asyncio_loop: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -130,6 +130,15 @@ class BackupmxNode:
         self.config_path.write_text(render_toml(sections))
         self.proc: subprocess.Popen[bytes] | None = None
         self._watchdog: Watchdog | None = None
+        self.env: dict[str, str] | None = None
+        if asyncio_loop:
+            # the default install without uvloop, measured in the same venv: serve imports uvloop and
+            # falls back to asyncio's loop on ImportError, so a package that raises it comes first
+            shim = workdir / "no-uvloop" / "uvloop"
+            shim.mkdir(parents=True, exist_ok=True)
+            (shim / "__init__.py").write_text('raise ImportError("uvloop blocked by the bench (--asyncio-loop)")\n')
+            path = os.environ.get("PYTHONPATH")
+            self.env = {**os.environ, "PYTHONPATH": str(shim.parent) + (os.pathsep + path if path else "")}
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, timeout: float = 60.0) -> float:
@@ -141,7 +150,7 @@ class BackupmxNode:
             self.proc = subprocess.Popen(
                 [*backupmx_command(), "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
-                start_new_session=True,
+                start_new_session=True, env=self.env,
             )
         # if this script dies (SIGKILL), serve dies too
         self._watchdog = Watchdog('kill -9 -- "-$1"', str(self.proc.pid))

@@ -132,8 +132,10 @@ class BackupmxDrain:
 
     name = "backupmx"
 
-    def __init__(self, stack: contextlib.ExitStack, work: Path, *, setup: Setup, probe_interval: str) -> None:
+    def __init__(self, stack: contextlib.ExitStack, work: Path, *, setup: Setup, probe_interval: str,
+                 asyncio_loop: bool = False) -> None:
         self.stack, self.work, self.setup, self.probe_interval = stack, work, setup, probe_interval
+        self.asyncio_loop = asyncio_loop
         self.node: BackupmxNode | None = None
         self.primary_port = 0
         self.event_loop = ""
@@ -146,7 +148,8 @@ class BackupmxDrain:
         self.primary_port = free_port()
         self.node = self.stack.enter_context(BackupmxNode(
             self.work / f"drain{rep}", domains={"example.test": self.primary_port},
-            delivery={"probe_interval": self.probe_interval}, setup=self.setup, recipients=[RECIPIENT]))
+            delivery={"probe_interval": self.probe_interval}, setup=self.setup, recipients=[RECIPIENT],
+            asyncio_loop=self.asyncio_loop))
         self.node.start()
         self.event_loop = self.node.event_loop()
         return self.node
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["postfix", "backupmx"])
     ap.add_argument("--probe-interval", default="1s", help="backupmx delivery.probe_interval (default 1s)")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
     ap.add_argument("--lab-setup", action="store_true",
                     help="the former setup: recipients \"any\", no admin listener, mail log in a file, "
                          "a fresh server and spool for every run")
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "backupmx":
             targets.append(PostfixDrain(stack, keep=setup == "operator"))
         if args.only != "postfix":
-            bmx = BackupmxDrain(stack, work, setup=setup, probe_interval=args.probe_interval)
+            bmx = BackupmxDrain(stack, work, setup=setup, probe_interval=args.probe_interval,
+                                asyncio_loop=args.asyncio_loop)
             targets.append(bmx)
         for rep in range(repeat):
             for t in targets if rep % 2 == 0 else list(reversed(targets)):

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=3, help="messages, one after the other (default %(default)s)")
     ap.add_argument("--drain", action="store_true", help="then deliver them to smtp-sink, sampling RSS")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the drain")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
     ap.add_argument("--lab-setup", action="store_true",
                     help="the former setup: recipients \"any\", no admin listener, mail log in a file")
     ap.add_argument("--json", type=Path)
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_start = load_average()
     drain: dict[str, float] = {}
+    loop = "-"
     size = int(args.size_mb * 1024 * 1024)
     print(machine_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bmx-bench-large-"))
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         primary = free_port()
         node = BackupmxNode(work / "node", domains={"example.test": primary},
                             server={"max_message_size": size + 4 * 1024 * 1024},
-                            delivery={"probe_interval": "1s"}, setup=setup, recipients=["alice@example.test"])
+                            delivery={"probe_interval": "1s"}, setup=setup, recipients=["alice@example.test"],
+                            asyncio_loop=args.asyncio_loop)
         with node:
             try:
                 node.start()
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"backupmx: pending ({str(e).splitlines()[0]})")
                 return 0
             time.sleep(1)  # let start-up allocations settle
+            loop = node.event_loop()
             base = node.memory()
             for i in range(args.count):
                 before = node.memory()
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
               f"growth {(drain['rss_peak_kib'] - drain['rss_before_kib']) / 1024:+.1f} MiB; "
               f"{'ok' if got == want and drain['queue_after'] == 0 else f'INVALID: sink got {got} of {want}'}")
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
-    print(f"backupmx: {setup_description(setup)}")
+    print(f"backupmx: {setup_description(setup)}; event loop of serve: {loop}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "records": records, "drain": drain}, indent=1))
     return 0

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default %(default)s)")
     ap.add_argument("--all-threads", action="store_true",
                     help="sample every thread, not only the one holding the GIL (waiting threads then count)")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
     ap.add_argument("--raw-dir", type=Path, help="keep py-spy's raw files here (accept.txt, deliver.txt)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the load and for the drain")
     args = ap.parse_args(argv)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         primary = free_port()
         node = stack.enter_context(BackupmxNode(work / "node", domains={"example.test": primary},
                                                 delivery={"probe_interval": "1s"}, setup="operator",
-                                                recipients=[RECIPIENT]))
+                                                recipients=[RECIPIENT], asyncio_loop=args.asyncio_loop))
         try:
             node.start()
         except BackupmxUnavailable as e:

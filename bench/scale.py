@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accept-sessions", type=int, default=10, help="accept runs' concurrency (default 10)")
     ap.add_argument("--accept-repeat", type=int, default=3,
                     help="accept runs per queue and restarts (default %(default)s; 0 = skip both)")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
     ap.add_argument("--lab-setup", action="store_true",
                     help="the former setup: recipients \"any\", no admin listener, mail log in a file")
     ap.add_argument("--json", type=Path)
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
     accept_messages = args.accept_messages or (500 if args.quick else 2000)
     load_start = load_average()
+    loop = "-"
     n = args.messages or (20_000 if args.quick else 1_000_000)
     slice_n = min(n, args.slice if args.slice is not None else (2_000 if args.quick else 100_000))
     reason = tools_unavailable_reason()
@@ -248,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         held_port, slice_port = free_port(), free_port()
         node = BackupmxNode(work / "node", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
-                            delivery={"probe_interval": "1s"}, setup=setup, recipients=[f"alice@{HELD_DOMAIN}"])
+                            delivery={"probe_interval": "1s"}, setup=setup, recipients=[f"alice@{HELD_DOMAIN}"],
+                            asyncio_loop=args.asyncio_loop)
         spec = {"messages": n, "slice": slice_n, "size_kb": args.size_kb}
         kept = json.loads(marker.read_text()) if marker.exists() else {}
         if kept.get("spec") == spec:
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"backupmx: pending ({fig.pending})")
                 return 0
             fig.rss_after_start_kib = node.memory()["VmRSS"]
+            loop = node.event_loop()
             time.sleep(args.settle)
             fig.rss_after_settle_kib = node.memory()["VmRSS"]
             fig.cli_baseline_s, _ = timed_cli(node, "config", "check")
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                       "full queue against an empty one ...", flush=True)
                 with BackupmxNode(work / "empty", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
                                   delivery={"probe_interval": "1s"}, setup=setup,
-                                  recipients=[f"alice@{HELD_DOMAIN}"]) as empty:
+                                  recipients=[f"alice@{HELD_DOMAIN}"], asyncio_loop=args.asyncio_loop) as empty:
                     empty.start(timeout=args.timeout)
                     compare_accept(node, empty, fig, messages=accept_messages, repeat=args.accept_repeat,
                                    size_kb=args.accept_size_kb, sessions=args.accept_sessions,
@@ -310,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(machine_line())
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
-    print(f"backupmx: {setup_description(setup)} (the big spool was filled through the spool API)")
+    print(f"backupmx: {setup_description(setup)}; event loop of serve: {loop} "
+          "(the big spool was filled through the spool API)")
     if fig.messages < n:
         print(f"\nNOTE: the fill stopped at {fig.messages:,} of {n:,} messages (--fill-budget)")
     print(f"\nbackupmx with {fig.messages:,} queued messages of {args.size_kb:g} KB "

@@ -5,6 +5,8 @@ only reaches a loopback port. If a config key they use changes, the benches woul
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -30,3 +32,13 @@ def test_setup_is_a_config_backupmx_accepts(tmp_path: Path, setup: Setup) -> Non
     assert lines[0] == "alice@example.test" and len(lines) == 1 + OTHER_RECIPIENTS
     assert cfg["admin"]["listen"] == f"127.0.0.1:{node.admin_port}"
     assert stat.S_IMODE(Path(cfg["admin"]["token_file"]).stat().st_mode) == 0o600
+
+
+def test_asyncio_loop_blocks_uvloop_for_serve_only(tmp_path: Path) -> None:
+    """--asyncio-loop: serve's environment makes `import uvloop` fail (so serve falls back to asyncio)."""
+    node = BackupmxNode(tmp_path, domains={"example.test": 1}, asyncio_loop=True)
+    assert node.env is not None
+    probe = [sys.executable, "-c", "import uvloop"]
+    res = subprocess.run(probe, env=node.env, capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and "blocked by the bench" in res.stderr
+    assert BackupmxNode(tmp_path / "plain", domains={"example.test": 1}).env is None
