@@ -28,7 +28,9 @@ from pydantic import (
 )
 
 from backupmx.errors import ConfigError
+from backupmx.extras import POSTGRES, installed, missing
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -127,6 +129,9 @@ class ServerConfig(_Frozen):
     tls_key: Path | None = None
     greeting_delay: Duration = timedelta(0)
     min_free_disk: Size = 100_000_000
+    # 554 5.5.0 and disconnect for a client that sends before our EHLO/HELO or DATA reply (Postfix's
+    # smtpd_forbid_unauth_pipelining, on by default since Postfix 3.9): real MTAs wait, bots do not
+    forbid_early_pipelining: bool = True
 
     @field_validator("listen")
     @classmethod
@@ -207,6 +212,7 @@ class DeliveryConfig(_Frozen):
     command_timeout: Duration = timedelta(minutes=5)
     data_timeout: Duration = timedelta(minutes=10)  # reply to the final dot (RFC 5321 4.5.3.2.6)
     lease: Duration1s = timedelta(minutes=15)
+    poison_after: int = Field(5, ge=1)  # unexpected errors in a row before a message is held as poison
 
 
 class PolicyConfig(_Frozen):
@@ -252,6 +258,18 @@ class SpoolConfig(_Frozen):
     # the dashboard and audits, then they are purged
     keep_finished: Duration = timedelta(days=7)
     purge_interval: Duration = timedelta(hours=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, v: str | None) -> str | None:
+        # anything else used to fall back to SQLite silently: a typo must not split a shared queue
+        if v is not None and not v.startswith(POSTGRES_SCHEMES):
+            raise ValueError("must be a postgresql://... URL (leave it out for the SQLite spool in server.data_dir)")
+        return v
+
+    @property
+    def postgres(self) -> bool:
+        return self.url is not None
 
 
 class CanaryConfig(_Frozen):
@@ -393,6 +411,7 @@ class Condition(StrEnum):
     FREE_DISK = "free_disk"  # the node: free space on the data directory below free_disk_below
     DELIVERY_FAILING = "delivery_failing"  # per domain: the primary answers, but refuses or fails deliveries
     BACKUP_PATH_BROKEN = "backup_path_broken"  # per domain: the canary ([[canary]]) failed while the primary was up
+    MAIL_SET_ASIDE = "mail_set_aside"  # per domain: recipients held as poison or by the recovery guard (review them)
 
 
 class AlertConfig(BaseModel):
@@ -520,7 +539,17 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     if (cfg.server.tls_cert is None) != (cfg.server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert: tls_cert and tls_key go together")
     _check_continuity(cfg, source)
+    if cfg.spool.postgres and not installed(POSTGRES):
+        raise ConfigError(f"{source}: {missing(POSTGRES, 'spool.url')}")
     return cfg
+
+
+def require_domains(cfg: Config) -> None:
+    """`serve` and `config check` refuse a config that protects nothing: it would bind port 25 on every
+    interface only to refuse every recipient (a new user's empty file must not look "ok")."""
+    if not cfg.domains:
+        raise ConfigError(f"{cfg.source}: domains: no [[domains]]: this node would protect nothing; add one "
+                          "(name = \"example.com\", primary = [\"mx1.example.com:25\"]), see the README")
 
 
 def _pretty_loc(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:

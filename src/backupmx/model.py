@@ -179,6 +179,7 @@ class MessageRecord:
                 "last_attempt_at": iso_time(r.last_attempt_at),
                 "last_reply": r.last_reply,
                 "held_reason": r.held_reason,
+                "held_since": iso_time(r.updated_at) if r.state is RecipientState.HELD else None,
             })
             recipients.append(doc)
         return {

@@ -6,7 +6,40 @@ replies that several layers share. Formatting never lets CR or LF from the text 
 
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass
+
+
+# A byte that is not UTF-8 is read as Latin-1: primaries in the wild answer "f\xfcr" (Latin-1), and
+# "für" is what the operator and the sender should read; every byte gives one character, so nothing
+# is dropped. A named codec error handler keeps the decode one linear pass.
+def _latin1(e: UnicodeError) -> tuple[str, int]:
+    if isinstance(e, UnicodeDecodeError):
+        return e.object[e.start:e.end].decode("latin-1"), e.end
+    raise e
+
+
+codecs.register_error("backupmx-latin1", _latin1)
+_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f]")  # all C0 but LF (which separates reply lines)
+
+
+def readable(text: str | bytes) -> str:
+    """Any reply text from a peer as valid UTF-8 fit for storage and DSNs: raw bytes or a str that
+    carries them as surrogates (aiosmtplib decodes with surrogateescape) are read as UTF-8 where they
+    are, Latin-1 where not; controls but LF become "?" (PostgreSQL text refuses NUL)."""
+    if isinstance(text, bytes):
+        raw = text
+    else:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+            raw = text.encode("utf-8", "replace")
+    try:
+        out = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        out = raw.decode("utf-8", "backupmx-latin1")
+    return _CONTROLS.sub("?", out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from backupmx import sdnotify
 from backupmx.clock import Clock, SystemClock
-from backupmx.config import Config
+from backupmx.config import Config, require_domains
 from backupmx.maillog import MailLog
 from backupmx.spool import Spool
 from backupmx.spool.backends import open_spool
@@ -22,6 +23,14 @@ from backupmx.spool.backends import open_spool
 log = logging.getLogger("backupmx")
 
 STOP_GRACE_SECONDS = 30.0
+
+
+async def _named(what: str, address: str, start: Coroutine[Any, Any, None]) -> None:
+    """Await a listener's start; an OSError names the listener and its address (the cause stays chained)."""
+    try:
+        await start
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {address}: {e.strerror or e}") from e
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -72,9 +81,11 @@ class Service:
         from backupmx.delivery.scheduler import DeliveryEngine
         from backupmx.monitor.probe import HealthMonitor
         from backupmx.policy.domains import build_checks
+        from backupmx.privatefiles import refuse_unsafe
         from backupmx.smtp.server import SmtpServer
 
         cfg = self.cfg
+        refuse_unsafe(cfg)  # ConfigError (exit 2) before anything is bound or opened
         self.spool = await open_spool(cfg, clock=self.clock)
         self.resolver = RouteResolver(cfg)
         self.health = HealthMonitor(cfg, self.spool, self.clock, self.maillog, self.resolver)
@@ -96,16 +107,22 @@ class Service:
                                        clock=self.clock, maillog=self.maillog, canary=self.canary)
             self.health.subscribe(self.alerts.on_health_change)
         await self.health.open()  # an outage declared before a restart is still declared
+        # Bind every listener first, then serve. SMTP is bound but accepts nothing until all are bound
+        # (the kernel refuses its clients meanwhile), so a start that fails gave no client a 220 or a
+        # 250; the web listeners serve once bound, and they take in nothing a failed start could lose.
+        await self.smtp.bind()
+        if cfg.admin.listen:
+            await _named("admin listener", cfg.admin.listen, self._start_admin())
+        if cfg.continuity.enabled:
+            await _named("continuity listener", "{}:{}".format(*cfg.continuity.listen_address),
+                         self._start_continuity())
+        # every listener is bound: serve
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
         self._spawn(self._purge_loop(), "purge")
-        await self.smtp.start()
-        if cfg.admin.listen:
-            await self._start_admin()
         if self.alerts is not None:
             await self.alerts.start()
-        if cfg.continuity.enabled:
-            await self._start_continuity()
+        await self.smtp.serve()
         await self._start_proofs()
         addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
@@ -226,6 +243,7 @@ class Service:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.spool is not None:
             await self.spool.close()
+        self.maillog.close()
         log.info("stopped")
 
 
@@ -243,7 +261,8 @@ async def serve(cfg: Config) -> int:
         with contextlib.suppress(Exception):
             await service.stop(grace=0)
         return 1
-    await stop.wait()
+    async with sdnotify.running(f"serving {', '.join(d.name for d in cfg.domains)}"):  # READY=1: all bound
+        await stop.wait()
     log.info("stopping: new connections get 421, transactions in flight finish")
     await service.stop()
     return 0
@@ -258,6 +277,7 @@ def setup_logging(cfg: Config) -> None:
 
 
 def run_service(cfg: Config) -> int:
+    require_domains(cfg)
     setup_logging(cfg)
     try:
         import uvloop

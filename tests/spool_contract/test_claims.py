@@ -90,6 +90,18 @@ async def test_release_makes_recipients_claimable_at_once(spool: Spool) -> None:
     assert rec is not None and all(r.attempts == 0 for r in rec.recipients)
 
 
+async def test_release_with_a_due_time_moves_on_without_an_attempt(spool: Spool) -> None:
+    first = await _put(spool, "x@example.com")
+    second = await _put(spool, "y@example.com")
+    claims = await spool.claim_due(now=T0, owner="n1", lease_seconds=600, limit=1)
+    assert _keys(claims) == [(first, 0)]
+    await spool.release(claims, due=[T0 + 300])
+    assert _keys(await spool.claim_due(now=T0 + 1, owner="n1", lease_seconds=600, limit=1)) == [(second, 0)]
+    assert _keys(await spool.claim_due(now=T0 + 300, owner="n2", lease_seconds=600, limit=1)) == [(first, 0)]
+    rec = await spool.get(first)
+    assert rec is not None and rec.recipients[0].attempts == 0
+
+
 async def test_record_outcomes(spool: Spool) -> None:
     qid = await _put(spool, "ok@example.com", "later@example.com", "guard@example.com", "old@example.com")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
@@ -226,3 +238,17 @@ async def test_next_due_at(spool: Spool) -> None:
     await spool.record("n1", [RecipientUpdate(qid, 0, Deferred(LATER), next_attempt_at=T0 + 500)], now=T0 + 1)
     assert await spool.next_due_at() == T0 + 100
     assert await spool.next_due_at(domains=["a.example"]) == T0 + 500
+
+
+async def test_claim_with_exclusions_takes_many_small_domains_in_due_order(spool: Spool) -> None:
+    """DSNs to many senders' domains beside one excluded (DOWN) domain: all are handed out, oldest first
+    (SQLite serves the small domains with one query, not one per domain)."""
+    down = [await _put(spool, "a@down.example", at=T0 + i) for i in range(3)]
+    small = [await _put(spool, f"bob@s{i}.example", at=T0 + 10 + i) for i in range(40)]
+    claims = await spool.claim_due(now=T0 + 100, owner="n1", lease_seconds=60, limit=30,
+                                   exclude_domains=["down.example"])
+    assert [c.message.id for c in claims] == small[:30]
+    claims = await spool.claim_due(now=T0 + 100, owner="n1", lease_seconds=60, limit=30,
+                                   exclude_domains=["down.example"])
+    assert [c.message.id for c in claims] == small[30:]
+    assert not set(down) & {c.message.id for c in claims}

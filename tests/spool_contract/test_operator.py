@@ -150,3 +150,17 @@ async def test_purge_deletes_only_finished_messages_older_than_the_cutoff(spool:
     assert await spool.get(fresh) is not None
     assert await spool.get(waiting) is not None
     assert await spool.purge(before=T0 + 50) == 0
+
+
+async def test_claim_held_leases_only_that_reason_and_record_expires_it(spool: Spool) -> None:
+    qid = await _put(spool, "x@a.example", "y@a.example")
+    await spool.hold(qid, reason="poison", now=T0 + 1)
+    assert await spool.claim_held(qid, reason="recovery-guard", owner="n1", lease_seconds=60, now=T0 + 2) is None
+    claim = await spool.claim_held(qid, reason="poison", owner="n1", lease_seconds=60, now=T0 + 2)
+    assert claim is not None and [r.index for r in claim.recipients] == [0, 1]
+    assert await spool.claim_held(qid, reason="poison", owner="n2", lease_seconds=60, now=T0 + 3) is None  # leased
+    assert await spool.claim_due(now=T0 + 3, owner="n2", lease_seconds=60, limit=10) == []  # still held
+    stats = {d.domain: d for d in (await spool.stats()).domains}["a.example"]
+    assert stats.held_by_reason == {"poison": 2} and stats.held_since == {"poison": T0 + 1}
+    await spool.record("n1", [RecipientUpdate(qid, 0, None, expire=True)], now=T0 + 4)
+    assert await _states(spool, qid) == [RecipientState.EXPIRED, RecipientState.HELD]

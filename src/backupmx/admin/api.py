@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -40,6 +41,7 @@ from backupmx.config import Config, is_loopback
 from backupmx.errors import NotFound, SpoolError
 from backupmx.maillog import MailLog
 from backupmx.model import QueueId, RecipientState
+from backupmx.signinlimit import FailureLimiter
 from backupmx.spool import Spool
 from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
@@ -366,6 +368,7 @@ class AdminServer:
         self.sampler = SeriesSampler(self.series, spool, self.tally, names, clock, interval=sample_interval)
         self.alerts = alerts
         self.auth: AdminAuth | None = None
+        self.limiter = FailureLimiter(clock)  # wrong tokens, per client network: 429 past the limit
         self._runner: web.AppRunner | None = None
         self._sampler_task: asyncio.Task[None] | None = None
         self._bound: tuple[str, int] | None = None
@@ -420,7 +423,7 @@ class AdminServer:
         from backupmx.admin.dashboard import Dashboard
 
         assert self.auth is not None
-        dashboard = Dashboard(self.ops, self.auth, alerts=self.alerts)
+        dashboard = Dashboard(self.ops, self.auth, alerts=self.alerts, limiter=self.limiter)
         app = web.Application(middlewares=[self._headers_mw, self._errors_mw(dashboard), self._auth_mw],
                               client_max_size=1024 * 1024)
         app.add_routes(Api(self.ops, self.alerts).routes())
@@ -469,8 +472,16 @@ class AdminServer:
             return await handler(request)
         if path == "/metrics" and self._loopback:
             return await handler(request)
-        if auth.bearer_ok(request.headers.get("Authorization")):
-            return await handler(request)
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            wait = self.limiter.retry_after(request.remote)
+            if wait is not None:
+                resp = _error(429, "too many wrong tokens from your network; try again later")
+                resp.headers["Retry-After"] = str(wait)
+                return resp
+            if auth.bearer_ok(authorization):
+                return await handler(request)
+            self.limiter.failed(request.remote)
         nonce = auth.session_nonce(request.cookies.get(COOKIE))
         if nonce is not None:
             if request.method not in SAFE_METHODS:
@@ -486,7 +497,8 @@ class AdminServer:
         if path.startswith("/api/") or path == "/metrics":
             return _error(401, "missing or wrong token")
         if request.method in SAFE_METHODS:
-            raise web.HTTPSeeOther(f"/login?next={request.rel_url.path_qs if path != '/' else '/'}")
+            # the target encoded whole, so its own "&" and "?" stay in it; /login checks it again
+            raise web.HTTPSeeOther("/login?" + urlencode({"next": request.rel_url.raw_path_qs}))
         return _error(401, "log in first")
 
 
@@ -540,7 +552,8 @@ _SCHEMAS: dict[str, Any] = {
         "state": {"type": "string", "enum": [s.value for s in RecipientState]},
         "attempts": {"type": "integer"}, "next_attempt_at": {"type": "string", "nullable": True},
         "last_attempt_at": {"type": "string", "nullable": True}, "last_reply": {"type": "string", "nullable": True},
-        "held_reason": {"type": "string", "nullable": True}}},
+        "held_reason": {"type": "string", "nullable": True},
+        "held_since": {"type": "string", "nullable": True}}},
     "Message": {"type": "object", "properties": {
         "id": {"type": "string"}, "size": {"type": "integer"}, "received_at": {"type": "string"},
         "sender": {"type": "string"}, "kind": {"type": "string"}, "client_ip": {"type": "string"},

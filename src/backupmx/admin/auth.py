@@ -14,20 +14,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
 
 from backupmx.config import Config, is_loopback, parse_hostport
 from backupmx.errors import ConfigError
+from backupmx.privatefiles import ADMIN_TOKEN_FILE, write_secret
 
 log = logging.getLogger("backupmx.admin")
 
 COOKIE = "backupmx_session"
 SESSION_SECONDS = 12 * 3600
 MIN_TOKEN_CHARS = 16
-GENERATED_TOKEN_FILE = "admin.token"
+GENERATED_TOKEN_FILE = ADMIN_TOKEN_FILE
 
 
 def listen_address(config: Config) -> tuple[str, int]:
@@ -67,17 +67,15 @@ def _generated_token(path: Path) -> str:
         token = path.read_text(encoding="utf-8").strip()
         if len(token) >= MIN_TOKEN_CHARS:
             return token
+        short = True
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+        short = False
     token = secrets.token_urlsafe(32)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
-    log.warning("admin token generated in %s (set admin.token_file to choose one)", path)
-    return token
+    # 0600 through an O_EXCL|O_NOFOLLOW temporary file; a token another process wrote first wins
+    written = write_secret(path, (token + "\n").encode(), replace=short).decode("utf-8", "replace").strip()
+    if written == token:
+        log.warning("admin token generated in %s (set admin.token_file to choose one)", path)
+    return written
 
 
 class AdminAuth:

@@ -10,6 +10,7 @@ and call the same `Operations` as the API. Login exchanges the admin token for a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,8 @@ from backupmx.admin.operations import ActionError, Operations, queue_filter
 from backupmx.clock import format_span
 from backupmx.model import QueueId, RecipientState
 from backupmx.monitor import DestinationState
+from backupmx.signinlimit import FailureLimiter
+from backupmx.weblisten import same_site_path
 
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE_SIZE = 50
@@ -64,10 +67,26 @@ def rate(v: float | None) -> str:
 
 
 def _safe_next(target: str | None, default: str = "/") -> str:
-    """Only local paths: never an absolute URL or a scheme-relative //host (open redirect)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return default
-    return target
+    """Only paths on this site after normalising (no //host, /\\host, control characters, schemes)."""
+    return same_site_path(target, default)
+
+
+# The notices an action's redirect may show (`?done=CODE`): fixed texts, never text from the URL. The
+# values put in are checked: `n` a count, `msg` a queue ID, `dom` a protected domain (names of their own,
+# so that they never clash with a page's filters such as /queue?domain= or its jump box's id=).
+NOTICES = {
+    "held": "Held {id} ({n} recipient(s)).",
+    "released": "Released {id} ({n} recipient(s)); delivery was woken.",
+    "deleted": "Deleted {id}.",
+    "flushed": "Flushed {domain}: {n} recipient(s) due now.",
+    "held-domain": "Held {n} recipient(s) of {domain}.",
+    "released-domain": "Released {n} held recipient(s) of {domain}.",
+    "released-guard": "Released {n} recovery-guard hold(s) of {domain}: they will be tried again now.",
+    "rerouted": "{domain} now goes to {hosts}; {n} recipient(s) flushed.",
+    "unrerouted": "{domain} goes to its primary again.",
+    "not-rerouted": "{domain} was not rerouted.",
+}
+_QUEUE_ID = re.compile(r"[0-9A-Z]{14}")
 
 
 STATE_LABELS = {
@@ -79,8 +98,10 @@ STATE_LABELS = {
 
 
 class Dashboard:
-    def __init__(self, ops: Operations, auth: AdminAuth, *, alerts: AlertView | None = None) -> None:
+    def __init__(self, ops: Operations, auth: AdminAuth, *, alerts: AlertView | None = None,
+                 limiter: FailureLimiter | None = None) -> None:
         self.ops = ops
+        self.limiter = limiter or FailureLimiter(ops.clock)
         self.auth = auth
         self.alerts = alerts
         self.env = jinja2.Environment(
@@ -114,13 +135,26 @@ class Dashboard:
         ctx.setdefault("refresh", 0)
         html = self.env.get_template(template).render(
             node=self.ops.config.server.node, csrf=self.auth.csrf_token(nonce) if nonce else "",
-            logged_in=nonce is not None, path=request.path, here=request.rel_url.path_qs,
-            flash=request.query.get("done", ""), problem=request.query.get("problem", ""),
+            logged_in=nonce is not None, path=request.path, here=request.rel_url.raw_path_qs,
+            flash=self._notice(request.query), problem=ctx.pop("problem", ""),
             now=self.ops.clock.now(), alerts=self.alerts.firing() if self.alerts else [], **ctx)
         return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
 
-    def error_page(self, request: web.Request, status: int, message: str) -> web.Response:
-        return self._render(request, "error.html", status=status, title=f"Error {status}", message=message)
+    def _notice(self, query: Mapping[str, str]) -> str:
+        """The text of `?done=CODE` from NOTICES, filled with checked values only; "" for anything else."""
+        text = NOTICES.get(query.get("done", ""))
+        if text is None:
+            return ""
+        n, qid, domain = query.get("n", ""), query.get("msg", ""), query.get("dom", "").lower()
+        if not n.isdigit() or len(n) > 9 or (qid and not _QUEUE_ID.fullmatch(qid)) or \
+                (domain and domain not in self.ops.domain_names):
+            return ""
+        hosts = ", ".join(self.ops.reroutes().get(domain) or ()) if domain else ""
+        return text.format(n=int(n), id=qid or "the message", domain=domain or "the domain", hosts=hosts or "?")
+
+    def error_page(self, request: web.Request, status: int, message: str, *, back: str = "/") -> web.Response:
+        return self._render(request, "error.html", status=status, title=f"Error {status}", message=message,
+                            back=back)
 
     async def _chrome(self) -> dict[str, Any]:
         """What every page shows: the outage banner and the review count."""
@@ -136,7 +170,14 @@ class Dashboard:
         form = await request.post()
         token = form.get("token")
         target = _safe_next(str(form.get("next") or ""))
+        wait = self.limiter.retry_after(request.remote)
+        if wait is not None:  # refused before the token is even compared
+            resp = self.error_page(request, 429, "Too many wrong tokens came from your network. "
+                                   f"Try again in {format_span(wait)}.")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
         if not isinstance(token, str) or not self.auth.token_ok(token):
+            self.limiter.failed(request.remote)
             return self._render(request, "login.html", status=401, title="Log in", next=target, wrong=True)
         resp = web.Response(status=303, headers={"Location": target})
         resp.set_cookie(COOKIE, self.auth.new_session(), max_age=int(self.auth.session_seconds), httponly=True,
@@ -230,49 +271,44 @@ class Dashboard:
         back = _safe_next(_field(form, "back"), f"/queue/{qid}")
         try:
             if action == "hold":
-                n = await self.ops.hold_message(qid, actor="dashboard")
-                done = f"Held {qid} ({n} recipient{'s' if n != 1 else ''})."
+                done, n = "held", await self.ops.hold_message(qid, actor="dashboard")
             elif action == "release":
-                n = await self.ops.release_message(qid, actor="dashboard")
-                done = f"Released {qid} ({n} recipient{'s' if n != 1 else ''}); delivery was woken."
+                done, n = "released", await self.ops.release_message(qid, actor="dashboard")
             else:
                 await self.ops.delete_message(qid, actor="dashboard")
-                done = f"Deleted {qid}."
+                done, n = "deleted", 1
                 if back.startswith(f"/queue/{qid}"):
                     back = "/queue"
-        except ActionError as e:
-            _back(back, problem=str(e))
-        _back(back, done=done)
+        except ActionError as e:  # shown on this POST's answer: the error's text never travels in a URL
+            return self.error_page(request, 400, str(e), back=back)
+        _back(back, done=done, n=str(n), msg=qid)
 
     async def domain_action(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         name, action = request.match_info["domain"], request.match_info["action"]
         back = _safe_next(_field(form, "back"), f"/domains/{name}")
+        n = 0
         try:
             if action == "flush":
-                n = await self.ops.flush(name, actor="dashboard")
-                done = f"Flushed {name}: {n} recipient(s) due now."
+                done, n = "flushed", await self.ops.flush(name, actor="dashboard")
             elif action == "hold":
-                n = await self.ops.hold_domain(name, actor="dashboard")
-                done = f"Held {n} recipient(s) of {name}."
+                done, n = "held-domain", await self.ops.hold_domain(name, actor="dashboard")
             elif action == "release":
-                n = await self.ops.release_domain(name, actor="dashboard")
-                done = f"Released {n} held recipient(s) of {name}."
+                done, n = "released-domain", await self.ops.release_domain(name, actor="dashboard")
             elif action == "release-guard":
-                n = await self.ops.release_domain(name, reason="recovery-guard", actor="dashboard")
-                done = f"Released {n} recovery-guard hold(s) of {name}: they will be tried again now."
+                done, n = "released-guard", await self.ops.release_domain(name, reason="recovery-guard",
+                                                                          actor="dashboard")
             elif action == "reroute":
                 hosts = _field(form, "hosts")
-                flushed, released = await self.ops.reroute(name, hosts, actor="dashboard",
-                                                            release_held=_field(form, "release_held") == "on")
-                done = (f"{name} now goes to {', '.join(self.ops.reroutes()[name])}; {flushed} recipient(s) "
-                        f"flushed" + (f", {released} released" if released else "") + ".")
+                n, _released = await self.ops.reroute(name, hosts, actor="dashboard",
+                                                      release_held=_field(form, "release_held") == "on")
+                done = "rerouted"
             else:
                 was = await self.ops.clear_reroute(name, actor="dashboard")
-                done = f"{name} goes to its primary again." if was else f"{name} was not rerouted."
+                done = "unrerouted" if was else "not-rerouted"
         except ActionError as e:
-            _back(back, problem=str(e))
-        _back(back, done=done)
+            return self.error_page(request, 400, str(e), back=back)
+        _back(back, done=done, n=str(n), dom=self.ops.require_domain(name))
 
 
 def _field(form: Mapping[str, Any], name: str) -> str:
@@ -280,10 +316,11 @@ def _field(form: Mapping[str, Any], name: str) -> str:
     return v if isinstance(v, str) else ""
 
 
-def _back(path: str, **msg: str) -> NoReturn:
+def _back(path: str, **notice: str) -> NoReturn:
+    """303 to `path` (already a same-site path) with the notice's code and values, replacing any before."""
     base, _, query = path.partition("?")
-    kept = "&".join(p for p in query.split("&") if p and not p.startswith(("done=", "problem=")))
-    extra = urlencode(msg)
+    kept = "&".join(p for p in query.split("&") if p and p.split("=", 1)[0] not in ("done", "problem", *notice))
+    extra = urlencode(notice)
     raise web.HTTPSeeOther(f"{base}?{kept + '&' if kept else ''}{extra}")
 
 

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from backupmx import __version__
 from backupmx.admin.mailevents import MailTally
 from backupmx.admin.operations import NodeSnapshot, Operations
+from backupmx.logfailures import FAILURES
 from backupmx.model import RecipientState
 from backupmx.monitor import DestinationState
 
@@ -39,7 +40,9 @@ METRICS: dict[str, str] = {
     "backupmx_disk_free_bytes": "Free space on the data directory's filesystem.",
     "backupmx_smtp_open_sessions": "SMTP sessions open now.",
     "backupmx_corrupt_messages": "Spool entries set aside as damaged.",
+    "backupmx_held_recipients": "Recipients HELD by domain and reason (operator, recovery-guard, poison, drill).",
     "backupmx_build_info": "Always 1; the version label says which backupmx runs.",
+    "backupmx_log_write_errors_total": "Lines the mail log, continuity audit or alert state could not write, by log.",
 }
 
 
@@ -68,6 +71,11 @@ class SnapshotCollector(Collector):
         for (kind, event, reason), n in sorted(self.tally.own_counts().items()):
             own.add_metric([kind.value, event.value, reason.value], n)
         yield own
+        lost = CounterMetricFamily("backupmx_log_write_errors", METRICS["backupmx_log_write_errors_total"],
+                                   labels=["log"])
+        for name, n in FAILURES.counts().items():
+            lost.add_metric([name.value], n)
+        yield lost
         snap = self.snapshot
         if snap is None:
             return
@@ -88,6 +96,14 @@ class SnapshotCollector(Collector):
         yield rcpts
         yield msgs
         yield oldest
+        held = _gauge("backupmx_held_recipients", ["domain", "reason"])
+        protected = {d.domain for d in snap.domains}  # labels: configured domains only
+        for ds in snap.stats.domains:
+            if ds.domain not in protected:
+                continue
+            for reason, n in sorted(ds.held_by_reason.items()):
+                held.add_metric([ds.domain, reason], n)
+        yield held
         corrupt = _gauge("backupmx_corrupt_messages")
         corrupt.add_metric([], snap.stats.corrupt)
         yield corrupt

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from backupmx.admin.mailevents import CounterKey, MailEvent, MailTally
 from backupmx.clock import Clock
+from backupmx.privatefiles import create_private_file, tighten
 from backupmx.spool import SpoolStats
 
 log = logging.getLogger("backupmx.admin")
@@ -72,6 +73,9 @@ class SeriesStore:
             if self._db is not None:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(self.path)  # SQLite gives -wal and -shm the database file's mode
+            for side in ("-wal", "-shm"):  # made 0644 by versions before this one
+                tighten(self.path.with_name(self.path.name + side))
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # charts, not mail: a lost last minute is fine

@@ -1,5 +1,5 @@
 """The `backupmx` command. One module per command group, each a thin layer over the package that owns the
-work: serve, config, queue, check, spool, recipients, drill, status, access (and continuity). The tree of
+work: serve, config, doctor, queue, check, spool, recipients, drill, status, access (and continuity). The tree of
 commands is assembled here, in help order; `main` runs the chosen handler and turns errors into one line on
 stderr and an exit code (2 usage or configuration, 1 a failed action), never a traceback.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backupmx import __version__
-from backupmx.cli import access, check, config, drill, queue, recipients, serve, spool, status
+from backupmx.cli import access, check, config, doctor, drill, queue, recipients, serve, spool, status
 from backupmx.cli.exits import EXIT_FAIL, EXIT_USAGE
 from backupmx.errors import BackupMXError, ConfigError
 
@@ -21,6 +21,7 @@ from backupmx.errors import BackupMXError, ConfigError
 GROUPS: tuple[Callable[[Any], None], ...] = (
     serve.add_parser,
     config.add_parser,
+    doctor.add_parser,
     queue.add_parser,
     check.add_parser,
     spool.add_parser,

@@ -20,7 +20,9 @@ import csv
 import getpass
 import io
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +118,6 @@ def require_domain(cfg: Config, domain: str) -> str:
 
 
 def _expiry(cfg: Config, value: str | None) -> float:
-    import time
-
     c = cfg.continuity
     try:
         span = parse_duration(value) if value else c.grant_default
@@ -135,8 +135,6 @@ def sign_in_url(cfg: Config, token: str) -> str:
 
 
 async def _notify(cfg: Config, audit: Any, to: str, link: Any) -> None:
-    import time
-
     from backupmx.continuity.notify import link_notice, send_notice
 
     msg = link_notice(cfg, to=to, address=link.address, link=sign_in_url(cfg, link.token),
@@ -149,8 +147,6 @@ async def _notify(cfg: Config, audit: Any, to: str, link: Any) -> None:
 
 # --- access ----------------------------------------------------------------------------------------
 async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.grants import held_recipients, subject_of
     from backupmx.continuity.notify import check_notify_target
 
@@ -191,8 +187,6 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         w.writerow([addr, sign_in_url(cfg, link.token), iso_time(link.expires_at), iso_time(g.expires_at), n])
     if args.csv:
         path = Path(args.csv)
-        import os
-
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the links are keys: not world-readable
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(out.getvalue())
@@ -204,8 +198,6 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.grants import subject_of
     from backupmx.continuity.notify import check_notify_target
 
@@ -223,8 +215,6 @@ async def cmd_link(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 async def cmd_revoke(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.grants import subject_of
 
     if bool(args.address) == bool(args.domain):
@@ -262,8 +252,6 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import time
-
     from backupmx.continuity.audit import AUDIT_FILE, AuditLog
 
     cfg = load_config(args.config)
@@ -296,8 +284,6 @@ def _gate(cfg: Config, spool: Spool) -> Any:
 
 
 async def cmd_gate(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    import time
-
     from backupmx.continuity.gate import Mode
 
     domain = require_domain(cfg, args.domain)

@@ -4,12 +4,11 @@ it protects."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from backupmx.cli.exits import EXIT_OK
 from backupmx.cli.spool_session import config_arg
-from backupmx.config import load_config
+from backupmx.config import load_config, require_domains
 
 
 def add_parser(sub: Any) -> None:
@@ -22,7 +21,6 @@ def add_parser(sub: Any) -> None:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    print(f"{cfg.source}: ok ({len(cfg.domains)} domain(s): {', '.join(d.name for d in cfg.domains) or 'none'})")
-    if not cfg.domains:
-        print(f"{cfg.source}: warning: no [[domains]]: every recipient will be refused", file=sys.stderr)
+    require_domains(cfg)  # a file that protects nothing is not "ok"
+    print(f"{cfg.source}: ok ({len(cfg.domains)} domain(s): {', '.join(d.name for d in cfg.domains)})")
     return EXIT_OK

@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backupmx.cli.access import require_domain
 from backupmx.cli.exits import EXIT_FAIL, EXIT_OK
 from backupmx.cli.spool_session import config_arg, with_spool
-from backupmx.clock import iso_time
+from backupmx.clock import format_span, iso_time
 from backupmx.config import Config
 from backupmx.errors import ConfigError
 from backupmx.model import MessageRecord, QueueId, RecipientState
@@ -117,7 +118,10 @@ async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) ->
             print(f"{m.id}{mark} {m.size:8d} {_ts(m.received_at):20s}  {m.envelope.sender or 'MAILER-DAEMON'}")
             for r in pending:
                 note = r.last_reply or ""
-                if r.state is not RecipientState.QUEUED:
+                if r.state is RecipientState.HELD:  # how long: held mail is reviewed, never forgotten
+                    age = format_span(time.time() - r.updated_at)
+                    note = f"held by {r.held_reason or 'operator'} for {age}: {note}".rstrip(": ")
+                elif r.state is not RecipientState.QUEUED:
                     note = f"{r.state.value}{' by ' + r.held_reason if r.held_reason else ''}: {note}".rstrip(": ")
                 elif not note and r.domain in down_since:
                     note = f"held: primary of {r.domain} down since {iso_time(down_since[r.domain])}"
@@ -222,7 +226,6 @@ async def cmd_queue_delete(args: argparse.Namespace, cfg: Config, spool: Spool) 
 
 
 async def cmd_export(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    from backupmx.cli.access import require_domain
     from backupmx.continuity.export import Format, Progress, Selection, count, export
 
     if args.domain:

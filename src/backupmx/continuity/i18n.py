@@ -73,6 +73,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "footer": "backupmx emergency inbox · read-only",
         "error_title": "Something went wrong",
         "bad_request": "This request could not be understood.",
+        "too_large_title": "Too large to show here",
+        "too_large_body": "This message ({size}) is too large or has too many parts to show in the browser. "
+                          "Download it and open it with your mail program.",
+        "slow_down_title": "Too many attempts",
+        "slow_down_body": "Too many sign-in links that do not work came from your network. Wait a few minutes, "
+                          "then open the newest link your mail administrator sent you.",
         "lang_switch": "한국어",
     },
     "ko": {
@@ -135,6 +141,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "footer": "backupmx 비상 메일함 · 읽기 전용",
         "error_title": "문제가 발생했습니다",
         "bad_request": "요청을 처리할 수 없습니다.",
+        "too_large_title": "여기에 표시하기에는 너무 큽니다",
+        "too_large_body": "이 메일({size})은 너무 크거나 첨부된 부분이 너무 많아 브라우저에서 표시할 수 없습니다. "
+                          "다운로드하여 메일 프로그램으로 여세요.",
+        "slow_down_title": "시도가 너무 많습니다",
+        "slow_down_body": "사용할 수 없는 로그인 링크가 사용자의 네트워크에서 너무 많이 열렸습니다. 몇 분 뒤에 메일 "
+                          "관리자가 보낸 가장 최근 링크를 여세요.",
         "lang_switch": "English",
     },
 }

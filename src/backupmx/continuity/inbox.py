@@ -44,16 +44,18 @@ from backupmx.continuity.render import (
     ParsedMessage,
     SafeHtml,
     Summary,
+    TooLarge,
     attachment_bytes,
     frame_document,
-    parse_message,
     read_head,
     safe_html,
     summarize,
 )
 from backupmx.continuity.tokens import SECRET_FILE, LinkRefused, Refusal, Signer, load_secret
+from backupmx.continuity.viewcache import ViewCache
 from backupmx.errors import NotFound, SpoolError
 from backupmx.model import MessageKind, MessageRecord, QueueId
+from backupmx.signinlimit import FailureLimiter, client_network
 from backupmx.spool import QueueFilter, Spool
 from backupmx.weblisten import same_origin, set_security_headers, site_url, start_site
 
@@ -65,6 +67,7 @@ Sanitizer = Callable[[str, dict[str, str]], SafeHtml]
 COOKIE = "backupmx_inbox"
 LANG_COOKIE = "backupmx_lang"
 PAGE_SIZE = 50
+AUDIT_FLUSH_SECONDS = 15.0  # how often ended bursts of refusals are written out
 MAX_LISTED = 20_000  # messages of one person scanned for the list, newest kept
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; frame-src 'self'; form-action 'self'; "
@@ -83,10 +86,11 @@ SECURITY_HEADERS = {
 class _Page(Exception):
     """Stop here and answer with this page (raised from helpers, turned into a response once)."""
 
-    def __init__(self, status: int, template: str, **ctx: Any) -> None:
+    def __init__(self, status: int, template: str, *, headers: dict[str, str] | None = None, **ctx: Any) -> None:
         super().__init__(template)
         self.status = status
         self.template = template
+        self.headers = headers or {}
         self.ctx = ctx
 
 
@@ -114,8 +118,11 @@ class InboxApp:
     """The handlers. Built by ContinuityServer; tests build it directly around a spool and a gate."""
 
     def __init__(self, config: Config, spool: Spool, gate: Gate, access: AccessStore, signer: Signer,
-                 audit: AuditLog, clock: Clock, *, sanitize: Sanitizer = safe_html) -> None:
+                 audit: AuditLog, clock: Clock, *, sanitize: Sanitizer = safe_html,
+                 limiter: FailureLimiter | None = None) -> None:
         self.config = config
+        self.limiter = limiter or FailureLimiter(clock)
+        self.views = ViewCache()  # parses once per view, on threads of its own
         self.spool = spool
         self.gate = gate
         self.access = access
@@ -167,7 +174,9 @@ class InboxApp:
         try:
             return await handler(request)
         except _Page as p:
-            return self._render(request, p.template, status=p.status, **p.ctx)
+            resp = self._render(request, p.template, status=p.status, **p.ctx)
+            resp.headers.update(p.headers)
+            return resp
         except web.HTTPException as e:
             if e.status in (404, 405):
                 return self._render(request, "notice.html", status=e.status, heading="not_found_title",
@@ -214,9 +223,29 @@ class InboxApp:
             request.headers.get("X-Forwarded-Proto", "").lower() == "https" or \
             (self.config.continuity.base_url or "").startswith("https://")
 
+    def _same_origin(self, request: web.Request) -> bool:
+        """The request's own origin, or the public one in sign-in links (base_url, behind a proxy)."""
+        return same_origin(request, also=[self.config.continuity.public_url])
+
     @staticmethod
     def _actor(request: web.Request) -> str:
         return request.remote or "?"
+
+    def _throttle(self, request: web.Request) -> None:
+        """429 with Retry-After for a client network that spent its failed sign-ins (signinlimit.py)."""
+        wait = self.limiter.retry_after(request.remote)
+        if wait is not None:
+            self.audit.refusal(self.clock.now(), "signin-refused", actor=self._actor(request),
+                               client=client_network(request.remote), why="rate-limited")
+            raise _Page(429, "notice.html", heading="slow_down_title", body="slow_down_body",
+                        headers={"Retry-After": str(wait)})
+
+    def _link_refused(self, request: web.Request, e: LinkRefused) -> _Page:
+        """A link that cannot be used: counted against the client, audited (aggregated), its page."""
+        self.limiter.failed(request.remote)
+        self.audit.refusal(self.clock.now(), "signin-refused", actor=self._actor(request),
+                           client=client_network(request.remote), why=e.reason.value, address=e.address)
+        return _Page(403, "refused.html", reason=e.reason.value)
 
     async def _session(self, request: web.Request) -> tuple[Session, GateState]:
         """The signed-in person and their domain's gate; a page instead when there is none."""
@@ -236,19 +265,29 @@ class InboxApp:
         """The message of this URL when it is the session's; the same 404 page for every other case."""
         qid, tok = request.match_info["id"], request.match_info["tok"]
         if not self.signer.message_token_ok(qid, session.address, tok):
-            self.audit.write(self.clock.now(), "view-refused", actor=self._actor(request), address=session.address,
-                             id=qid, why="token")
+            self.audit.refusal(self.clock.now(), "view-refused", actor=self._actor(request),
+                               client=client_network(request.remote), why="token", address=session.address, id=qid)
             raise _Page(404, "notice.html", heading="not_found_title", body="not_found_body", session=session)
         rec = await self.spool.get(QueueId(qid))
         if rec is None or not is_owned(rec, session.address):
-            self.audit.write(self.clock.now(), "view-refused", actor=self._actor(request), address=session.address,
-                             id=qid, why="not held for this address")
+            self.audit.refusal(self.clock.now(), "view-refused", actor=self._actor(request),
+                               client=client_network(request.remote), why="not held for this address",
+                               address=session.address, id=qid)
             raise _Page(404, "notice.html", heading="not_found_title", body="not_found_body", session=session)
         return rec
 
-    async def _parsed(self, rec: MessageRecord) -> ParsedMessage:
-        body = await self.spool.read_body(rec.id)
-        return await asyncio.to_thread(parse_message, body)
+    async def _parsed(self, rec: MessageRecord) -> ParsedMessage | TooLarge:
+        async def body() -> bytes:
+            return await self.spool.read_body(rec.id)
+
+        return await self.views.view(rec.id, rec.size, body)
+
+    def _too_large(self, request: web.Request, session: Session, state: GateState | None, rec: MessageRecord,
+                   big: TooLarge) -> web.Response:
+        """The page for a message past the view's budget: what it is and the .eml to download."""
+        return self._render(request, "toolarge.html", session=session,
+                            banner=self._banner(state) if state is not None else None, m=rec, big=big,
+                            base=self.message_url(rec.id, session.address), compact_banner=True)
 
     def _banner(self, state: GateState) -> dict[str, Any]:
         since = datetime.fromtimestamp(state.outage_since, UTC) if state.outage_since else None
@@ -287,7 +326,7 @@ class InboxApp:
                 head = await read_head(self.spool, m.id)
             except NotFound:
                 continue  # delivered and purged a moment ago
-            summary = await asyncio.to_thread(summarize, head)
+            summary = await self.views.run(summarize, head)
             rows.append(Row(m.id, self.message_url(m.id, session.address), summary, m.size, m.received_at))
         self.audit.write(self.clock.now(), "list", actor=self._actor(request), address=session.address,
                          count=len(held), page=page_no)
@@ -298,11 +337,15 @@ class InboxApp:
         session, state = await self._session(request)
         rec = await self._owned(request, session)
         parsed = await self._parsed(rec)
+        if isinstance(parsed, TooLarge):
+            self.audit.write(self.clock.now(), "view", actor=self._actor(request), address=session.address,
+                             id=rec.id, shown="too-large")
+            return self._too_large(request, session, state, rec, parsed)
         view = request.query.get("view")
         show_html = parsed.html is not None and (view != "text" or parsed.text is None)
         remote = False
         if show_html and parsed.html is not None:
-            remote = (await asyncio.to_thread(self.sanitize, parsed.html, parsed.inline_images)).remote_blocked
+            remote = (await self.views.run(self.sanitize, parsed.html, parsed.inline_images)).remote_blocked
         base = self.message_url(rec.id, session.address)
         self.audit.write(self.clock.now(), "view", actor=self._actor(request), address=session.address, id=rec.id)
         return self._render(request, "message.html", session=session, banner=self._banner(state), m=rec,
@@ -314,9 +357,9 @@ class InboxApp:
         session, _ = await self._session(request)
         rec = await self._owned(request, session)
         parsed = await self._parsed(rec)
-        if parsed.html is None:
+        if isinstance(parsed, TooLarge) or parsed.html is None:
             raise web.HTTPNotFound()
-        safe = await asyncio.to_thread(self.sanitize, parsed.html, parsed.inline_images)
+        safe = await self.views.run(self.sanitize, parsed.html, parsed.inline_images)
         return web.Response(text=frame_document(safe.html, self._lang(request)), content_type="text/html",
                             charset="utf-8", headers={
                                 "Content-Security-Policy": FRAME_CSP,
@@ -325,9 +368,11 @@ class InboxApp:
                             })
 
     async def part(self, request: web.Request) -> web.Response:
-        session, _ = await self._session(request)
+        session, state = await self._session(request)
         rec = await self._owned(request, session)
         parsed = await self._parsed(rec)
+        if isinstance(parsed, TooLarge):
+            return self._too_large(request, session, state, rec, parsed)
         found = attachment_bytes(parsed, int(request.match_info["n"]))
         if found is None:
             raise web.HTTPNotFound()
@@ -374,9 +419,7 @@ class InboxApp:
         try:
             claims = await self.access.peek(token)
         except LinkRefused as e:
-            self.audit.write(self.clock.now(), "signin-refused", actor=self._actor(request), address=e.address,
-                             why=e.reason.value)
-            raise _Page(403, "refused.html", reason=e.reason.value) from None
+            raise self._link_refused(request, e) from None
         if not (await self.gate.state(claims.address.rpartition("@")[2])).open:
             self.audit.write(self.clock.now(), "signin-refused", actor=self._actor(request), address=claims.address,
                              why=Refusal.CLOSED.value)
@@ -388,14 +431,16 @@ class InboxApp:
 
     async def signin_form(self, request: web.Request) -> web.Response:
         """The page a link opens: a button, so a link previewer fetching it spends nothing."""
+        self._throttle(request)
         token = request.query.get("t", "")
         address, until = await self._check_link(request, token)
         return self._render(request, "signin.html", token=token, address=address,
                             until=datetime.fromtimestamp(until, UTC))
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
-        if not same_origin(request):
+        if not self._same_origin(request):
             raise _Page(403, "notice.html", heading="error_title", body="bad_request")
+        self._throttle(request)
         form = await request.post()
         token = form.get("t")
         if not isinstance(token, str):
@@ -405,9 +450,7 @@ class InboxApp:
             session, cookie = await self.access.redeem(token, session_ttl=self.config.continuity.session_ttl
                                                        .total_seconds(), used_by=self._actor(request))
         except LinkRefused as e:
-            self.audit.write(self.clock.now(), "signin-refused", actor=self._actor(request), address=e.address,
-                             why=e.reason.value)
-            raise _Page(403, "refused.html", reason=e.reason.value) from None
+            raise self._link_refused(request, e) from None
         old = await self.access.session(request.cookies.get(COOKIE))
         if old is not None:
             await self.access.end_session(old)
@@ -423,8 +466,8 @@ class InboxApp:
         form = await request.post()
         csrf = form.get("csrf")
         if session is not None:
-            if not same_origin(request) or not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str)
-                                                                      else None):
+            if not self._same_origin(request) or \
+                    not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str) else None):
                 raise _Page(403, "notice.html", heading="error_title", body="bad_request", session=session)
             await self.access.end_session(session)
             self.audit.write(self.clock.now(), "signout", actor=self._actor(request), address=session.address)
@@ -459,6 +502,7 @@ class ContinuityServer:
         self.app = InboxApp(config, spool, self.gate, self.access, self.signer, self.audit, clock, sanitize=sanitize)
         self._runner: web.AppRunner | None = None
         self._bound: tuple[str, int] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def bound(self) -> tuple[str, int]:
@@ -482,11 +526,26 @@ class ContinuityServer:
     async def start(self) -> None:
         host, port = self.config.continuity.listen_address
         self._runner, self._bound = await start_site(self.app.build(), host, port, ssl_context=self._tls())
+        self._flusher = asyncio.create_task(self._flush_audit(), name="continuity-audit")
         log.info("continuity: emergency inbox listening on %s (public address %s)", self.url,
                  self.config.continuity.public_url)
 
+    async def _flush_audit(self) -> None:
+        """Writes the count of each burst of refusals once it has ended, until cancelled."""
+        while True:
+            # real time, not self.clock: a housekeeping tick (a test's FakeClock would spin it)
+            await asyncio.sleep(AUDIT_FLUSH_SECONDS)
+            self.audit.flush(self.clock.now())
+
     async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.audit.flush(self.clock.now(), everything=True)
+        self.app.views.close()
 

@@ -8,6 +8,9 @@ parts are inlined as data: URIs), so nothing remote is ever fetched. The result 
 document under `FRAME_CSP` (no script, no network) inside an iframe sandboxed without allow-scripts:
 each layer alone stops the attacks the tests try.
 Parsing never raises on a damaged message: bad charsets and headers degrade to replacement characters.
+Parsing is bounded: `too_large` tells, in one pass of C-speed byte counting, a message above
+MAX_VIEW_BYTES or with more than MAX_VIEW_PARTS parts, which is then offered as an .eml download only
+(Python's email parser takes seconds for 20,000 small parts).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any, Protocol
 import nh3
 
 HEAD_LIMIT = 64 * 1024  # a list row reads at most this much of a message
+MAX_VIEW_BYTES = 25 * 1024 * 1024  # a bigger message is not parsed for the view: download the .eml
+MAX_VIEW_PARTS = 500  # nor one with more parts than this (real mail has a few dozen at most)
 INLINE_IMAGE_MAX = 2 * 1024 * 1024  # one cid: image inlined as data:, at most
 INLINE_TOTAL_MAX = 10 * 1024 * 1024
 INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})  # never SVG
@@ -180,6 +185,34 @@ async def read_head(spool: BodySource, message_id: Any, limit: int = HEAD_LIMIT)
 
 
 # --- the full view ------------------------------------------------------------------------------------
+_BOUNDARY = re.compile(rb"""boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))""", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """A message the view does not parse, and why (shown to the reader with the .eml link)."""
+
+    size: int
+    parts: int  # an upper bound: delimiter lines of the boundaries the message declares
+
+
+def too_large(body: bytes, *, max_bytes: int = MAX_VIEW_BYTES, max_parts: int = MAX_VIEW_PARTS) -> TooLarge | None:
+    """The message is past the view's budget, or None. Counts delimiter lines of every declared boundary
+    (bytes.count, no parsing): an upper bound on the parts, so nothing under the cap is refused by it."""
+    if len(body) > max_bytes:
+        return TooLarge(len(body), 0)
+    boundaries: set[bytes] = set()
+    parts = 0
+    for m in _BOUNDARY.finditer(body):
+        b = m.group(1) or m.group(2)
+        if b and b not in boundaries:
+            boundaries.add(b)
+            parts += body.count(b"\n--" + b) + body.startswith(b"--" + b)
+            if parts > max_parts + len(boundaries) or len(boundaries) > max_parts:  # + one closing line each
+                return TooLarge(len(body), parts)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Attachment:
     index: int  # position of the part in walk order; the URL names it

@@ -15,15 +15,16 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from backupmx.privatefiles import CONTINUITY_KEY_FILE, write_secret
+
 log = logging.getLogger("backupmx.continuity")
 
-SECRET_FILE = "continuity.key"
+SECRET_FILE = CONTINUITY_KEY_FILE
 SECRET_BYTES = 32
 LINK_PREFIX = "v1"
 
@@ -39,18 +40,12 @@ def load_secret(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = secrets.token_bytes(SECRET_BYTES)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first: use theirs
-            return load_secret(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        log.info("continuity: signing secret created in %s", path)
-        return data
+        fresh = secrets.token_bytes(SECRET_BYTES)
+        # 0600 through an O_EXCL|O_NOFOLLOW temporary file, linked into place: a half-written key is
+        # never seen, and of two processes creating it at once both end up with the first one's
+        data = write_secret(path, fresh)
+        if data == fresh:
+            log.info("continuity: signing secret created in %s", path)
     if len(data) < SECRET_BYTES:
         raise ValueError(f"{path}: the continuity secret must hold at least {SECRET_BYTES} bytes")
     if path.stat().st_mode & 0o077:

@@ -4,12 +4,15 @@
 NOTIFY per RFC 3461); `build_dsn` returns a NewMessage from `<>` to the envelope sender, which the
 engine queues in the same `spool.record` commit as the outcome it reports. The result always has CRLF
 line endings and no bare CR or LF. Building never raises for odd input: a body without a header/body
-separator is treated as all headers, 8-bit bytes pass through (the DSN is then marked 8BITMIME).
+separator is treated as all headers, 8-bit bytes pass through (the DSN is then marked 8BITMIME), no
+envelope or reply value can put a line break into a header or DSN field (controls become spaces), and
+should anything still fail, a minimal all-ASCII DSN is built instead (`_minimal_dsn`).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +28,12 @@ from enum import StrEnum
 
 from backupmx.model import Envelope, MessageKind, MessageRecord, Recipient, RecipientRecord
 from backupmx.reply import Reply
-from backupmx.spool import NewMessage
+from backupmx.smtp.xtext import decode_unitext, decode_xtext, has_control
+from backupmx.spool import NewMessage, Spool
+
+__all__ = ["DsnAction", "DsnRecipient", "build_dsn", "decode_xtext", "dsn_owed"]
+
+log = logging.getLogger(__name__)
 
 FULL_LIMIT = 10 * 1024 * 1024  # RET=FULL above this returns the headers only (as Postfix does)
 _POLICY = email_policy.SMTP.clone(max_line_length=78)
@@ -67,27 +75,65 @@ def dsn_owed(envelope: Envelope, notify: tuple[str, ...] | None, action: DsnActi
     return flags is not None and "SUCCESS" in flags  # delivered / relayed / expanded
 
 
+HEADERS_LIMIT = 1024 * 1024  # a DSN without RET=FULL quotes at most this much of the header section
+
+
+async def original_for_dsn(spool: Spool, message: MessageRecord) -> bytes:
+    """What a DSN about `message` quotes, read from the spool without loading a large body whole:
+    the message itself for RET=FULL up to FULL_LIMIT, else the header section (at most HEADERS_LIMIT,
+    the reading stops at its end). Empty when the body cannot be read: the DSN goes out without it."""
+    whole = (message.envelope.ret or "").upper() == "FULL" and message.size <= FULL_LIMIT
+    limit = FULL_LIMIT if whole else HEADERS_LIMIT
+    got = bytearray()
+    try:
+        async for chunk in spool.iter_body(message.id, 256 * 1024):
+            got += chunk
+            if len(got) >= limit or (not whole and b"\r\n\r\n" in got):
+                break
+    except Exception:
+        log.warning("%s: body unreadable for the DSN; it is sent without the original", message.id,
+                    exc_info=True)
+        return b""
+    return bytes(got) if whole else _headers_of(bytes(got[:limit]))
+
+
 def build_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes,
               reporting_mta: str, now: float) -> NewMessage:
-    """A multipart/report DSN about `recipients` of `message`, addressed to its envelope sender."""
+    """A multipart/report DSN about `recipients` of `message`, addressed to its envelope sender.
+    Never raises for what the message or a primary carried: the full DSN, or the minimal one."""
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
+    try:
+        body = _full_dsn(message, recipients, original=original, reporting_mta=reporting_mta, now=now)
+    except Exception:  # whatever slipped past the cleaning: the sender still hears of it
+        log.exception("DSN for %s: the full report failed to build, sending the minimal one", message.id)
+        body = _minimal_dsn(message, recipients, reporting_mta=reporting_mta, now=now)
+    env = message.envelope
+    sender_local, _, sender_domain = env.sender.rpartition("@")
+    to = f"{sender_local}@{sender_domain.lower()}" if sender_local else env.sender
+    dsn_env = Envelope(
+        sender="",
+        recipients=(Recipient(address=to),),
+        body_type="8BITMIME" if any(b >= 0x80 for b in body) else None,
+        smtputf8=env.smtputf8,
+        kind=MessageKind.DSN,
+    )
+    return NewMessage(envelope=dsn_env, body=body)
+
+
+def _full_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes,
+              reporting_mta: str, now: float) -> bytes:
     env = message.envelope
     utf8 = env.smtputf8
     actions = {r.action for r in recipients}
+    mta = _clean(reporting_mta)
     outer = MIMEMultipart("report", report_type="delivery-status", policy=_POLICY)
-    outer["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
-    outer["To"] = f"<{env.sender}>"
-    outer["Subject"] = _subject(actions)
-    outer["Date"] = _date(now)
-    outer["Message-ID"] = make_msgid(idstring=str(message.id), domain=reporting_mta)
-    outer["Auto-Submitted"] = "auto-replied"
     outer.preamble = "This is a MIME-encapsulated message."
 
-    text = _human_text(message, recipients, reporting_mta)
+    text = _human_text(message, recipients, mta)
     outer.attach(_text_part(text, "plain"))
 
-    blocks = _status_blocks(message, recipients, reporting_mta, utf8)
+    blocks = _status_blocks(message, recipients, mta, utf8)
     if utf8:
         # RFC 6533; the stdlib has no writer for this type, so the fields are rendered here
         outer.attach(_verbatim_part("message", "global-delivery-status", _render_blocks(blocks)))
@@ -110,18 +156,49 @@ def build_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, ori
 
     buf = io.BytesIO()
     _Generator(buf, policy=_POLICY).flatten(outer)
-    body = buf.getvalue()
-    eight_bit = any(b >= 0x80 for b in body)
-    sender_local, _, sender_domain = env.sender.rpartition("@")
-    to = f"{sender_local}@{sender_domain.lower()}" if sender_local else env.sender
-    dsn_env = Envelope(
-        sender="",
-        recipients=(Recipient(address=to),),
-        body_type="8BITMIME" if eight_bit else None,
-        smtputf8=utf8,
-        kind=MessageKind.DSN,
-    )
-    return NewMessage(envelope=dsn_env, body=body)
+    return _top_headers(message, actions, mta, now) + buf.getvalue()
+
+
+def _top_headers(message: MessageRecord, actions: set[DsnAction], mta: str, now: float) -> bytes:
+    """From/To/Subject/Date/Message-ID, written here and not through the email package's header
+    registry: it turns a UTF-8 address into an encoded-word (invalid inside an address) and re-parses
+    odd but valid quoted local parts. To is the envelope sender verbatim: raw UTF-8 for an SMTPUTF8
+    message (RFC 6532 §3.2), with any control made a space (the SMTP parser never lets one through)."""
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
+        f"To: <{_clean(message.envelope.sender)}>",
+        f"Subject: {_subject(actions)}",
+        f"Date: {_date(now)}",
+        f"Message-ID: {make_msgid(idstring=_ascii(str(message.id)), domain=_ascii(mta))}",
+        "Auto-Submitted: auto-replied",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def _minimal_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, reporting_mta: str,
+                 now: float) -> bytes:
+    """The fallback: plain string work only, every value cleaned and (but for To) made ASCII; the
+    addresses in RFC 6533 utf-8-addr-xtext form, so the report still names who failed."""
+    mta = _ascii(_clean(reporting_mta))
+    boundary = f"backupmx-minimal-{_ascii(str(message.id))}"
+    fields = [f"Reporting-MTA: dns; {mta}", f"Arrival-Date: {_date(message.received_at)}", ""]
+    text = [f"This is the mail system at host {mta}.", "",
+            "This is a delivery status report about your message:", ""]
+    for r in recipients:
+        addr = _unitext(r.record.address)
+        detail = _ascii(_one_line(str(r.diagnostic))) if r.diagnostic is not None else r.action.value
+        text.append(f"<{addr}>: {r.action.value} ({_ascii(r.status)}) {detail}")
+        fields += [f"Final-Recipient: utf-8; {addr}", f"Action: {r.action.value}",
+                   f"Status: {_ascii(_clean(r.status))}", ""]
+    parts = [
+        f"--{boundary}", "Content-Type: text/plain; charset=us-ascii", "", *text, "",
+        f"--{boundary}", "Content-Type: message/delivery-status", "", *fields,
+        f"--{boundary}--", "",
+    ]
+    head = _top_headers(message, {r.action for r in recipients}, mta, now)
+    mime = (f'MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n'
+            f' boundary="{boundary}"\r\n\r\n')
+    return head + mime.encode("ascii") + "\r\n".join(parts).encode("ascii", "replace")
 
 
 class _Generator(BytesGenerator):
@@ -171,7 +248,7 @@ def _human_text(message: MessageRecord, recipients: Sequence[DsnRecipient], mta:
             reason = f"{where}{_one_line(str(r.diagnostic))}"
         else:
             reason = r.detail or _default_detail(r)
-        lines.append(f"<{r.record.address}>: {reason}")
+        lines.append(_clean(f"<{r.record.address}>: {reason}"))
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +279,8 @@ def _status_blocks(message: MessageRecord, recipients: Sequence[DsnRecipient], m
         block = [("Final-Recipient", f"{addr_type}; {r.record.address}")]
         if r.record.orcpt:
             kind, _, raw = r.record.orcpt.partition(";")
-            block.append(("Original-Recipient", f"{kind.strip()}; {decode_xtext(raw.strip())}"))
+            decoded = decode_unitext(raw.strip()) if kind.strip().lower() == "utf-8" else decode_xtext(raw.strip())
+            block.append(("Original-Recipient", f"{kind.strip()}; {decoded}"))
         block.append(("Action", r.action.value))
         block.append(("Status", r.status))
         if r.remote_mta:
@@ -214,7 +292,9 @@ def _status_blocks(message: MessageRecord, recipients: Sequence[DsnRecipient], m
         if r.will_retry_until is not None and r.action is DsnAction.DELAYED:
             block.append(("Will-Retry-Until", _date(r.will_retry_until)))
         blocks.append(block)
-    return blocks
+    # one field, one line: no value from the envelope or a reply may break or add a line
+    fit = _clean if utf8 else _ascii
+    return [[(name, fit(value)) for name, value in block] for block in blocks]
 
 
 def _block_message(block: _Block) -> Message:
@@ -291,23 +371,18 @@ def _fold(line: str, width: int = 78) -> str:
     return "\r\n".join(out)
 
 
-def decode_xtext(value: str) -> str:
-    """RFC 3461 xtext: "+HH" stands for one octet."""
-    if "+" not in value:
-        return value
-    out = bytearray()
-    i = 0
-    raw = value.encode("ascii", "replace")
-    while i < len(raw):
-        c = raw[i]
-        if c == 0x2B and i + 2 < len(raw) + 0 and _is_hex(raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(c)
-            i += 1
-    return out.decode("utf-8", "replace")
+def _clean(text: str) -> str:
+    """Every control (CR, LF, NUL, C1, U+2028/9, all of which some parser takes as a line break) made a
+    space, and lone surrogates replaced: a value fit for one header or DSN field line."""
+    if has_control(text):
+        text = "".join(" " if has_control(c) else c for c in text)
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def _is_hex(b: bytes) -> bool:
-    return len(b) == 2 and all(chr(x) in "0123456789ABCDEFabcdef" for x in b)
+def _ascii(text: str) -> str:
+    return _clean(text).encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _unitext(address: str) -> str:
+    """RFC 6533 §3 utf-8-addr-xtext: printable ASCII kept, "+", "\\", "=" and the rest as \\x{HH}."""
+    return "".join(c if "!" <= c <= "~" and c not in "+\\=" else f"\\x{{{ord(c):X}}}" for c in address)

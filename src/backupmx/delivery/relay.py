@@ -11,9 +11,10 @@ never Bounced. Only a 5xx from the primary (or its missing SMTPUTF8 for an SMTPU
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -21,9 +22,12 @@ import aiosmtplib
 from backupmx.config import Config
 from backupmx.delivery.route import Target
 from backupmx.model import Bounced, Deferred, Delivered, Envelope, Outcome, RecipientRecord
-from backupmx.reply import Reply
+from backupmx.reply import Reply, readable
 
-CHUNK = 64 * 1024
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024  # one write to the primary, then wait for the kernel to take it
+BODY_CHUNK = 256 * 1024  # one read from the spool while a body is streamed
 _STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
@@ -70,27 +74,63 @@ class TransactionResult:
     dsn_offered: bool  # the primary advertised DSN (NOTIFY/ORCPT/RET/ENVID were passed on)
     timed_out: bool = False  # a timeout or dropped connection ended the transaction
     final_reply: Reply | None = None  # the reply to the final dot, when there was one
+    lease_lost: bool = False  # lease_check said no: abandoned, outcomes are not to be recorded
+
+
+LeaseCheck = Callable[[str], Awaitable[bool]]  # "mail" | "dot" -> is the lease still ours (renewed)?
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBody:
+    """A body read from the spool while it is sent: `open()` gives a fresh iterator of its chunks
+    (Spool.iter_body), so a 50 MB message never sits in memory whole. The iterator may raise after
+    its last chunk (a checksum mismatch); the final dot is sent only once it has ended cleanly."""
+
+    size: int
+    open: Callable[[], AsyncIterator[bytes]]
+
+
+Body = bytes | StoredBody
 
 
 def reply_from(code: int, message: str) -> Reply:
     """An aiosmtplib response as our Reply; the enhanced status code is split off when present, the
-    text is otherwise kept verbatim (DSNs quote it)."""
-    text = message.strip()
+    text is otherwise kept verbatim (DSNs quote it) but for bytes that are not UTF-8 (read as Latin-1)
+    and controls, so that any reply a primary sends can be recorded (issue 12 item 1)."""
+    text = readable(message).strip()
     m = _STATUS_RE.match(text)
     if m:
         return Reply(code, f"{m.group(1)}.{m.group(2)}.{m.group(3)}", text[m.end():])
     return Reply(code, "", text)
 
 
+class DotStuffer:
+    """RFC 5321 §4.5.2 on a stream: a line starting with "." gets another, also when the CRLF before it
+    ended the previous chunk (or its CR did and its LF begins this one). Bodies in the spool never hold
+    bare CR or LF, so lines are CRLF-separated. `end()` gives the terminator, with a CRLF first when
+    the body did not end with one."""
+
+    def __init__(self) -> None:
+        self._tail = b"\r\n"  # the last two bytes seen; the body starts as if after a line end
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        data = self._tail + chunk
+        # a match of CRLF "." begins at index 0 at the earliest, so the dot it adds lands after the two
+        # tail bytes: they come out unchanged and are cut off again
+        stuffed = data.replace(b"\r\n.", b"\r\n..")[2:]
+        self._tail = data[-2:]
+        return stuffed
+
+    def end(self) -> bytes:
+        return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
+
+
 def dot_stuff(body: bytes) -> bytes:
-    """RFC 5321 §4.5.2: a line starting with "." gets another; the result ends with CRLF . CRLF.
-    Bodies in the spool never contain bare CR or LF, so lines are CRLF-separated and `^` = after CRLF."""
-    stuffed = body.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
+    """The whole body dot-stuffed and terminated (CRLF . CRLF)."""
+    stuffer = DotStuffer()
+    return stuffer.feed(body) + stuffer.end()
 
 
 def _as_outcome(reply: Reply) -> Outcome:
@@ -103,7 +143,7 @@ def _as_outcome(reply: Reply) -> Outcome:
 
 
 def _temp(text: str, status: str = "4.4.2") -> Reply:
-    return Reply(451, status, text)
+    return Reply(451, status, readable(text))  # may quote an exception, which may quote the peer
 
 
 class RelaySession:
@@ -215,10 +255,12 @@ class RelaySession:
         self._smtp.close()
 
     # -- one transaction ---------------------------------------------------------------------------
-    async def deliver(self, envelope: Envelope, recipients: Sequence[RecipientRecord],
-                      body: bytes) -> TransactionResult:
+    async def deliver(self, envelope: Envelope, recipients: Sequence[RecipientRecord], body: Body, *,
+                      lease_check: LeaseCheck | None = None) -> TransactionResult:
         """One MAIL/RCPT.../DATA transaction. Never raises for what the primary does; an error of our
-        own is Deferred like any other surprise."""
+        own is Deferred like any other surprise. `lease_check` is awaited with "mail" before MAIL FROM
+        and with "dot" right before the final dot; False (or an error: the lease cannot be shown to be
+        ours) abandons the transaction before anything is delivered, and the result says lease_lost."""
         self.transactions += 1
         n = len(recipients)
         outcomes: list[Outcome | None] = [None] * n
@@ -226,21 +268,38 @@ class RelaySession:
         relay, host = self.target.label, self.target.host
         cmd_t = self._settings.command_timeout
 
-        def result(fill: Outcome, *, timed_out: bool = False, final: Reply | None = None) -> TransactionResult:
+        def result(fill: Outcome, *, timed_out: bool = False, final: Reply | None = None,
+                   lease_lost: bool = False) -> TransactionResult:
             done = tuple(o if o is not None else fill for o in outcomes)
-            return TransactionResult(done, relay, host, dsn, timed_out, final)
+            return TransactionResult(done, relay, host, dsn, timed_out, final, lease_lost)
 
-        if envelope.smtputf8 and not self.supports("smtputf8"):
-            # RFC 6531 §3.4: there is no downgrade; the sender must hear of it
-            reply = Reply(554, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
-            return result(Bounced(reply))
+        def lost() -> TransactionResult:
+            outcomes[:] = [None] * n  # nothing was delivered; whatever RCPT said is not ours to record
+            return result(Deferred(Reply(451, "4.3.0", "lease lost: another worker holds this message")),
+                          lease_lost=True)
+
+        utf8 = envelope.smtputf8 and self.supports("smtputf8")
+        if envelope.smtputf8 and not utf8:
+            try:
+                needs = await _needs_smtputf8(envelope, recipients, body)
+            except BodyUnreadable as e:  # nothing sent yet; the next attempt reads it again
+                return result(Deferred(Reply(451, "4.3.0", readable(f"message body unreadable: {e}"))))
+            if needs:
+                # RFC 6531 §3.4: there is no downgrade of what is UTF-8; the sender must hear of it
+                reply = Reply(554, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
+                return result(Bounced(reply))
+            # RFC 6531 §3.2: nothing in it needs the extension, so it goes as plain SMTP
+
+        if lease_check is not None and not await _lease_ours(lease_check, "mail"):
+            return lost()
 
         stage = "MAIL FROM"
         try:
-            encoding = "utf-8" if envelope.smtputf8 else "ascii"
+            encoding = "utf-8" if utf8 else "ascii"
             sender = "" if envelope.sender in ("", "<>") else envelope.sender  # aiosmtplib: "" is <>
+            size = body.size if isinstance(body, StoredBody) else len(body)
             try:
-                await self._smtp.mail(sender, options=self._mail_options(envelope, len(body), dsn),
+                await self._smtp.mail(sender, options=self._mail_options(envelope, size, dsn, utf8),
                                       encoding=encoding, timeout=cmd_t)
             except aiosmtplib.SMTPSenderRefused as e:
                 await self._reset_quietly()
@@ -254,7 +313,7 @@ class RelaySession:
                     if rcpt.notify:
                         options.append("NOTIFY=" + ",".join(rcpt.notify))
                     if rcpt.orcpt:
-                        options.append("ORCPT=" + rcpt.orcpt)
+                        options.append("ORCPT=" + (rcpt.orcpt if utf8 else _ascii_orcpt(rcpt.orcpt)))
                 try:
                     await self._smtp.rcpt(rcpt.address, options=options, encoding=encoding, timeout=cmd_t)
                     accepted.append(i)
@@ -268,7 +327,9 @@ class RelaySession:
                 return result(Deferred(_temp("no recipient accepted")))
 
             stage = "DATA"
-            final = await self._data(body)
+            final = await self._data(body, lease_check)
+            if final is None:
+                return lost()
             outcome = _as_outcome(final)
             for i in accepted:
                 outcomes[i] = outcome
@@ -286,12 +347,15 @@ class RelaySession:
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError):
             self.abort()
             return result(Deferred(_temp(f"lost connection with {relay} after {stage}")), timed_out=True)
-        except Exception as e:  # unknown error = temporary (never a bounce)
-            self.abort()
-            return result(Deferred(Reply(451, "4.3.0", f"internal error talking to {relay}: "
-                                                        f"{type(e).__name__}")))
+        except BodyUnreadable as e:
+            self.abort()  # closes without the final dot: the primary takes nothing
+            return result(Deferred(Reply(451, "4.3.0", readable(f"message body unreadable: {e}"))))
+        except Exception as e:  # unknown error = temporary, never a bounce
+            self.abort()  # closes without the final dot: the primary takes nothing
+            return result(Deferred(Reply(451, "4.3.0", readable(f"internal error talking to {relay}: "
+                                                                f"{type(e).__name__}"))))
 
-    def _mail_options(self, envelope: Envelope, size: int, dsn: bool) -> list[str]:
+    def _mail_options(self, envelope: Envelope, size: int, dsn: bool, utf8: bool) -> list[str]:
         opts: list[str] = []
         if self.supports("size"):
             opts.append(f"SIZE={size}")
@@ -299,22 +363,23 @@ class RelaySession:
             # Without 8BITMIME on the primary we still send the bytes unchanged: converting to 7 bit
             # would break signatures and the byte-exact promise, and primaries accept 8-bit in practice.
             opts.append("BODY=8BITMIME")
-        if envelope.smtputf8:
+        if utf8:
             opts.append("SMTPUTF8")
         if dsn:
             if envelope.ret:
                 opts.append(f"RET={envelope.ret}")
             if envelope.envid:
-                opts.append(f"ENVID={envelope.envid}")
+                opts.append(f"ENVID={envelope.envid if utf8 else _xtext_ascii(envelope.envid)}")
         return opts
 
-    async def _data(self, body: bytes) -> Reply:
+    async def _data(self, body: Body, lease_check: LeaseCheck | None) -> Reply | None:
         """DATA, our own way, because aiosmtplib's `data()` uses one timeout for the 354, the whole
-        upload and the final reply, writes the whole message without flow control, and rewrites line
-        endings. Here: the 354 within command_timeout, each block drained within command_timeout,
-        then the reply to the final dot within data_timeout (10 min, RFC 5321 §4.5.3.2.6), so a slow
-        primary never causes a false retry, hence a duplicate. The body goes out byte for byte,
-        dot-stuffed. Raises aiosmtplib errors for the caller to map."""
+        upload and the final reply, needs the whole message in memory and rewrites line endings. Here:
+        the 354 within command_timeout, the body streamed (read from the spool chunk by chunk,
+        dot-stuffed on the fly) with each block drained within command_timeout, then the reply to the
+        final dot within data_timeout (10 min, RFC 5321 §4.5.3.2.6), so a slow primary never causes a
+        false retry, hence a duplicate. Returns None when the lease was lost before the dot (the
+        connection is then closed without it). Raises aiosmtplib errors for the caller to map."""
         smtp = self._smtp
         start = await smtp.execute_command(b"DATA", timeout=self._settings.command_timeout)
         if start.code != 354:
@@ -322,15 +387,18 @@ class RelaySession:
         protocol = smtp.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
-        payload = dot_stuff(body)
-        view = memoryview(payload)
-        for offset in range(0, len(payload), CHUNK):
-            last = offset + CHUNK >= len(payload)
-            protocol.write(bytes(view[offset:offset + CHUNK]))
-            if not last:
-                # between blocks, wait for the kernel to take them (aiosmtplib's flow control helper)
+        stuffer = DotStuffer()
+        async for chunk in _chunks(body):
+            for offset in range(0, len(chunk), CHUNK):
+                protocol.write(stuffer.feed(chunk[offset:offset + CHUNK]))
+                # wait for the kernel to take each block (aiosmtplib's flow control helper): memory
+                # stays at a few blocks however large the message
                 await asyncio.wait_for(protocol._drain_helper(), self._settings.command_timeout)
+        if lease_check is not None and not await _lease_ours(lease_check, "dot"):
+            self.abort()  # without the dot the primary discards what it got (RFC 5321 §4.1.1.4)
+            return None
         # no await between the last write and read_response: the final reply cannot slip past
+        protocol.write(stuffer.end())
         try:
             final = await protocol.read_response(timeout=self._settings.data_timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
@@ -362,3 +430,66 @@ def _connect_reason(e: BaseException) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(e) or type(e).__name__
+
+
+class BodyUnreadable(Exception):
+    """The spool could not give the body (gone, or set aside as damaged) while it was being sent."""
+
+
+async def _chunks(body: Body) -> AsyncIterator[bytes]:
+    if isinstance(body, bytes):
+        yield body
+        return
+    try:
+        async for chunk in body.open():
+            yield chunk
+    except Exception as e:
+        raise BodyUnreadable(f"{type(e).__name__}: {e}") from e
+
+
+async def _lease_ours(check: LeaseCheck, stage: str) -> bool:
+    try:
+        return bool(await check(stage))
+    except Exception:  # the lease cannot be shown to be ours: sending on would risk a second copy
+        log.warning("lease check before %s failed; the transaction is abandoned", stage, exc_info=True)
+        return False
+
+
+async def _needs_smtputf8(envelope: Envelope, recipients: Sequence[RecipientRecord], body: Body) -> bool:
+    """RFC 6531 §3.2: a message needs SMTPUTF8 only for a UTF-8 envelope address or 8-bit text in
+    its header section (UTF-8 header fields, RFC 6532). 8-bit body text is 8BITMIME's business. The
+    header section is read chunk by chunk up to its end; raises BodyUnreadable (a deferral, never a
+    bounce) when the spool cannot give it."""
+    if not envelope.sender.isascii() or any(not r.address.isascii() for r in recipients):
+        return True
+    tail = b""
+    async for chunk in _chunks(body):
+        data = tail + chunk
+        end = data.find(b"\r\n\r\n")
+        head = data if end < 0 else data[:end]
+        if not head.isascii():
+            return True
+        if end >= 0 or data.startswith(b"\r\n"):
+            return False
+        tail = data[-3:]  # the separator may straddle two chunks
+    return False
+
+
+def _xtext_ascii(value: str) -> str:
+    """A DSN parameter value with its non-ASCII characters as xtext ("+HH" per UTF-8 octet), for a
+    primary that has no SMTPUTF8 (RFC 6533 §6: ASCII only there)."""
+    if value.isascii():
+        return value
+    return "".join(c if c.isascii() else "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in value)
+
+
+def _ascii_orcpt(orcpt: str) -> str:
+    """ORCPT for a primary without SMTPUTF8: a utf-8 address in utf-8-addr-xtext form ("\\x{HH}",
+    RFC 6533 §3), any other type's non-ASCII as xtext."""
+    kind, _, value = orcpt.partition(";")
+    if value.isascii():
+        return orcpt
+    if kind.strip().lower() == "utf-8":
+        return kind + ";" + "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in value)
+    return kind + ";" + _xtext_ascii(value)
+

@@ -155,6 +155,9 @@ class Route:
     failure: Reply | None = None  # permanent: no such domain / null MX (never for protected domains)
 
 
+LAST_GOOD_MAX = 10_000  # last good routes kept; protected domains' are never dropped
+
+
 class RouteResolver:
     """Routes per destination domain, shared by the engine and the health monitor (one cache of the
     last good answers). `mx_port` exists for tests; MX delivery is to port 25."""
@@ -192,6 +195,9 @@ class RouteResolver:
             raise RouteError(f"{domain}: DNS lookup failed ({e}) and no earlier answer is known") from e
         if route.targets:
             self._last_good[domain] = route
+            if len(self._last_good) > LAST_GOOD_MAX:  # senders' domains (DSNs) come and go: bounded
+                for name in [n for n in self._last_good if self._config.domain(n) is None][:LAST_GOOD_MAX // 10]:
+                    del self._last_good[name]  # the oldest answers of unprotected domains (insertion order)
         return route
 
     # -- configured primaries ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Alerts: tell a human when a protected primary goes down or comes back, when an outage drags on, when
-held mail piles up or ages, when the disk fills, when delivery fails for reasons other than the primary
+held mail piles up or ages, when mail is set aside for review (poison, recovery guard),
+when the disk fills, when delivery fails for reasons other than the primary
 being down, and when the canary finds the path through this node broken. Each `[[alerts]]` entry is one
 destination (a webhook, or email through a smarthost) with its own thresholds and the conditions it wants.
 
@@ -34,6 +35,7 @@ from typing import Protocol
 from backupmx.clock import Clock, format_span, wait_event_or_timeout
 from backupmx.config import AlertConfig, Condition, Config, parse_hostport
 from backupmx.errors import ConfigError
+from backupmx.logfailures import FAILURES, LogName
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus
 from backupmx.spool import SpoolStats
@@ -44,6 +46,7 @@ log = logging.getLogger("backupmx.alerts")
 STATE_FILE = "alerts-state.json"
 QUEUE_LIMIT = 1000  # notices waiting per destination; beyond it the oldest is dropped (and logged)
 LEVEL_HYSTERESIS = 0.9  # a level alert ends only once the value is back below 90 % of its threshold
+SET_ASIDE = ("poison", "recovery-guard")  # held reasons that need a human (an operator's own hold does not)
 
 
 
@@ -359,6 +362,16 @@ class AlertManager:
                        f"no message for {domain} is older than {format_span(a.oldest_older_than.total_seconds())} now",
                        oldest_seconds=round(age))
 
+                set_aside = {r: n for r, n in (ds.held_by_reason.items() if ds else ()) if r in SET_ASIDE and n}
+                held_at = min((ds.held_since[r] for r in set_aside if ds and r in ds.held_since), default=now)
+                change(Condition.MAIL_SET_ASIDE, domain, bool(set_aside),
+                       f"{sum(set_aside.values())} recipients of {domain} are set aside "
+                       f"({', '.join(f'{r}: {n}' for r, n in sorted(set_aside.items()))}), the longest for "
+                       f"{format_span(max(now - held_at, 0.0))}: review them (`backupmx queue list --state held`),"
+                       " then release or delete; at retention_cap they expire with a DSN",
+                       f"no recipient of {domain} is set aside any more", recipients=sum(set_aside.values()),
+                       reasons=dict(set_aside), held_seconds=round(max(now - held_at, 0.0)))
+
             window = a.failure_window.total_seconds()
             recent = self.failures.recent(domain, window)
             key = (Condition.DELIVERY_FAILING, domain)
@@ -479,8 +492,10 @@ class AlertManager:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(doc), encoding="utf-8")
             os.replace(tmp, self._state_file)
-        except OSError as e:
-            log.warning("alerts: cannot save %s: %s", self._state_file, e)
+        except OSError as e:  # kept in memory; written again at the next change (logfailures reports it)
+            FAILURES.failed(LogName.ALERT_STATE, e, self._state_file)
+        else:
+            FAILURES.succeeded(LogName.ALERT_STATE, self._state_file)
 
     def _load_state(self) -> None:
         try:

@@ -23,6 +23,7 @@ from backupmx.clock import Clock, wait_event_or_timeout
 from backupmx.config import Config
 from backupmx.maillog import MailLog
 from backupmx.monitor import DestinationState, DestinationStatus, RouteLookup, TargetLike
+from backupmx.reply import readable
 from backupmx.spool import Spool
 
 log = logging.getLogger("backupmx.monitor")
@@ -68,7 +69,7 @@ async def _probe_one(t: TargetLike, *, local_hostname: str, timeout: float, rcpt
             await smtp.quit(timeout=timeout)
         return ProbeResult(True, label)
     except aiosmtplib.SMTPResponseException as e:
-        return ProbeResult(False, label, f"{e.code} {e.message}".strip())
+        return ProbeResult(False, label, readable(f"{e.code} {e.message}").strip())  # 8-bit text too
     except aiosmtplib.SMTPConnectTimeoutError:
         return ProbeResult(False, label, "timed out waiting for the banner")
     except aiosmtplib.SMTPTimeoutError:
@@ -95,6 +96,7 @@ class _Dest:
     last_error: str | None = None
     failures: int = 0
     first_failure_at: float | None = None
+    delivery_failure_at: float | None = None  # the last delivery-reported failure that was counted
     target: str = ""
     forced: str | None = None  # reason, while an operator drill holds the destination DOWN
     next_probe_at: float = 0.0
@@ -235,16 +237,24 @@ class HealthMonitor:
 
     # -- what deliveries report --------------------------------------------------------------------
     async def report_delivery(self, domain: str, *, ok: bool, error: str | None = None) -> None:
-        """A delivery result: a refused/timed-out connection counts as a failed probe, a delivered
-        message as a successful one. Unwatched domains are ignored."""
+        """A delivery result: a delivered message counts as a successful probe; a refused/timed-out
+        connection as a failed one, but at most one per probe interval: parallel workers failing at
+        once (a primary restarting) are one observation, not `down_after` of them, so a blip never
+        declares an outage; failures spread over time (or the probe's own) do. Unwatched domains are
+        ignored."""
         dest = self._dests.get(domain.lower())
         if dest is None:
             return
         now = self._clock.now()
         if ok:
             await self._success(dest, now, from_probe=False)
-        else:
-            await self._failure(dest, now, error or "delivery failed")
+            return
+        last = dest.delivery_failure_at
+        if last is not None and 0.0 <= now - last < self._interval:
+            dest.last_error = error or "delivery failed"  # the same burst: seen, not counted again
+            return
+        dest.delivery_failure_at = now
+        await self._failure(dest, now, error or "delivery failed")
 
     # -- drills ------------------------------------------------------------------------------------
     async def force_down(self, domain: str, reason: str) -> None:

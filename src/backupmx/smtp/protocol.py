@@ -37,6 +37,7 @@ from backupmx.smtp.address import (
     parse_path,
     split_path,
 )
+from backupmx.smtp.xtext import envid_carriable, orcpt_carriable
 
 CRLF = b"\r\n"
 LINE_LIMIT = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
@@ -99,6 +100,7 @@ R_BARE_NEWLINE = Reply(550, "5.5.2", "Message contains bare CR or LF")
 R_NUL = Reply(550, "5.5.2", "Message contains NUL character")
 R_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
 R_PREGREET = Reply(554, "5.5.1", "Protocol error: talked before greeting")
+R_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 
 _SYNTAX = {
     "MAIL": Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"),
@@ -136,6 +138,9 @@ class ProtocolConfig:
     max_received_headers: int = 50
     tls_available: bool = False
     postmaster_domain: str = ""  # a bare <postmaster> becomes postmaster@this (empty: kept bare)
+    # Postfix's smtpd_forbid_unauth_pipelining: input already waiting when we answer EHLO/HELO or DATA
+    # (RFC 2920: they end a group), or any command of a HELO session, gets 554 5.5.0 and the end
+    forbid_early_pipelining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +244,7 @@ class SmtpConnection:
         self.commands = 0
         self.errors = 0
         self.talked_early = False
+        self._sync_error: Rejected | None = None  # early pipelining seen at a decision: reported first
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._pending: Event | None = None
@@ -327,6 +333,8 @@ class SmtpConnection:
         if isinstance(self._pending, DataComplete) and reply is None:
             raise ProtocolUsageError("the end of DATA needs an explicit reply")
         ev = self._take_pending()
+        if self._pipelined_early(ev):
+            return
         if isinstance(ev, Hello):
             self.helo = ev.name
             self.extended = ev.extended
@@ -348,6 +356,25 @@ class SmtpConnection:
             assert reply is not None
             self._end_transaction()
             self._reply(reply)
+
+    def _pipelined_early(self, ev: Event) -> bool:
+        """With forbid_early_pipelining: input is already waiting although this reply was due first (checked
+        at the decision, so it also sees what came while the policy was asked). Answers 554 and closes."""
+        if not self.config.forbid_early_pipelining or not self._buf:
+            return False
+        if isinstance(ev, Hello):
+            verb = "EHLO" if ev.extended else "HELO"
+        elif isinstance(ev, DataRequested):
+            verb = "DATA"
+        elif isinstance(ev, MailFrom | RcptTo) and not self.extended:
+            verb = "MAIL" if isinstance(ev, MailFrom) else "RCPT"
+        else:
+            return False
+        early = bytes(self._buf[:100]).decode("utf-8", "replace")
+        self._reply(R_SYNC)
+        self._close()
+        self._sync_error = Rejected(verb, f"pipelined before our reply: {early}", R_SYNC)
+        return True
 
     def refuse(self, reply: Reply) -> None:
         ev = self._take_pending()
@@ -386,6 +413,10 @@ class SmtpConnection:
     def next_event(self) -> Event | Sentinel:
         if self._pending is not None:
             raise ProtocolUsageError("a decision is pending: call accept() or refuse() first")
+        sync_error = self._sync_error
+        if sync_error is not None:
+            self._sync_error = None
+            return sync_error
         while True:
             if self.state is State.CLOSED:
                 return CLOSED
@@ -576,6 +607,8 @@ class SmtpConnection:
             elif key == "ENVID":
                 if value is None or len(value) > 100 or not is_xtext(value, utf8=utf8):
                     return Reply(501, "5.5.4", "Bad ENVID parameter syntax")
+                if not envid_carriable(value):  # RFC 3461 §4.4: printable US-ASCII once decoded
+                    return Reply(501, "5.5.4", "Bad ENVID parameter: must be printable US-ASCII once decoded")
                 envid = value
             else:
                 return Reply(555, "5.5.4", f"Unsupported option: {key}")
@@ -639,6 +672,8 @@ class SmtpConnection:
                         or not addr_type.replace("-", "").isalnum() or not xtext
                         or not is_xtext(xtext, utf8=utf8)):
                     return Reply(501, "5.5.4", "Bad ORCPT parameter syntax")
+                if not orcpt_carriable(addr_type, xtext):  # a decoded CR/LF would break the DSN
+                    return Reply(501, "5.5.4", "Bad ORCPT parameter: control characters once decoded")
                 orcpt = value
             else:
                 return Reply(555, "5.5.4", f"Unsupported option: {key}")

@@ -2,12 +2,16 @@
 
 Each connection is an asyncio.Protocol feeding bytes to an SmtpConnection and one session task that
 pumps its events, asks the policy checks, streams DATA into a BodyBuffer and commits to the spool. Replies
-of a pipelined batch go out in one write. Limits: connections in total and per IP (421 4.7.0), commands
+of a pipelined batch go out in one write. Limits: connections in total and per IP (421 4.7.0; the last
+tenth of the total only for addresses without a session, so a few slow addresses cannot fill it), commands
 per session, idle time between commands or DATA chunks (re-armed per chunk) and a cap on the whole
 session (421 4.4.2). `250 ... queued as ID` is sent only after `spool.put_with_id` returned: the COMMIT
 POINT. A spool failure answers 452 4.3.1 (full) or 451 4.3.0 (anything else) and never ends the server.
 `stop(grace)` answers new connections and idle sessions 421 4.3.2, lets a transaction in DATA finish (its
 commit and 250) within the grace time, then answers it 421; a commit in progress is never cut.
+STARTTLS: plaintext sent after the command is dropped (injection defence); what arrives inside TLS together
+with the client's Finished (asyncio hands it over before start_tls() returns) is kept. The mail log is
+best-effort (maillog.py): a log that cannot be written never stops a session.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import cast
 from backupmx.clock import Clock
 from backupmx.config import Config, parse_hostport
 from backupmx.errors import SpoolFullError
-from backupmx.maillog import MailLog
+from backupmx.maillog import AddressList, MailLog
 from backupmx.model import Envelope, MessageKind, QueueId, new_queue_id
 from backupmx.policy import Check, HeaderFilter, HeaderStamp, SessionInfo, Stage, Verdict, run_checks
 from backupmx.reply import DISK_FULL, SHUTTING_DOWN, SPOOL_FAILED, Reply
@@ -65,6 +69,7 @@ READ_HIGH_WATER = 1024 * 1024
 DISK_CHECK_INTERVAL = 1.0
 STOP_HARD_EXTRA = 10.0  # after the grace time, how long a commit in progress may still take
 TLS_HANDSHAKE_TIMEOUT = 60.0
+RESERVED_SHARE = 10  # 1/10 of max_connections is kept for client addresses with no session open
 
 _STAGE_OF = {"MAIL": Stage.MAIL, "RCPT": Stage.RCPT, "DATA": Stage.DATA, "EHLO": Stage.HELO, "HELO": Stage.HELO}
 
@@ -153,13 +158,21 @@ class SmtpServer:
             max_commands=s.max_commands,
             max_received_headers=s.max_received_headers,
             postmaster_domain=config.domains[0].name if config.domains else "",
+            forbid_early_pipelining=s.forbid_early_pipelining,
         )
         self._proto_tls = dataclasses.replace(self._proto_base, tls_available=True)
 
     # -- public API --------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind every configured listener (port 0 = ephemeral). Raises OSError when one cannot be bound
-        (an IPv6 listener on a host without IPv6 is skipped with a warning)."""
+        """bind() then serve()."""
+        await self.bind()
+        await self.serve()
+
+    async def bind(self) -> None:
+        """Bind every configured listener (port 0 = ephemeral) without accepting anything yet: a client
+        that connects now is refused by the kernel, so a start that fails later answered nobody. Raises
+        OSError when one cannot be bound (an IPv6 listener on a host without IPv6 is skipped with a
+        warning); then none stays bound."""
         try:
             assert self._tmp_dir is not None
             self._tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -171,17 +184,22 @@ class SmtpServer:
             host, port = parse_hostport(item)
             try:
                 srv = await loop.create_server(lambda: _Session(self), host or None, port,
-                                               reuse_address=True, backlog=1024)
+                                               reuse_address=True, backlog=1024, start_serving=False)
             except OSError as e:
                 if ":" in host and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     log.warning("listener %s skipped: %s", item, e.strerror)
                     continue
                 await self._close_listeners()
-                raise
+                raise OSError(e.errno, f"smtp listener {item}: {e.strerror or e}") from e
             self._servers.append(srv)
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 self.bound.append((str(addr[0]), int(addr[1])))
+
+    async def serve(self) -> None:
+        """Start accepting on the listeners bind() made."""
+        for srv in self._servers:
+            await srv.start_serving()
         log.info("smtp listening on %s", " ".join(f"{h}:{p}" for h, p in self.bound))
 
     def statistics(self) -> ServerStats:
@@ -244,7 +262,12 @@ class SmtpServer:
         if self._stopping:
             return SHUTTING_DOWN
         s = self.cfg.server
-        if len(self._sessions) >= s.max_connections or self._per_ip.get(ip, 0) >= s.max_connections_per_ip:
+        held = self._per_ip.get(ip, 0)
+        if len(self._sessions) >= s.max_connections or held >= s.max_connections_per_ip:
+            return TOO_MANY_CONNECTIONS
+        # the last tenth of the slots only for addresses that hold none: slow clients from a few
+        # addresses (one byte a second in DATA until session_timeout) cannot keep a new sender out
+        if held and len(self._sessions) >= s.max_connections - max(1, s.max_connections // RESERVED_SHARE):
             return TOO_MANY_CONNECTIONS
         self._sessions.add(session)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
@@ -310,6 +333,9 @@ class _Session(asyncio.Protocol):
         self._queued = 0
         self._rejected = 0
         self._tls_info: str | None = None  # "using TLSv1.3 with cipher ..." for the Received header
+        # Set while loop.start_tls() runs: from that call on, every byte reaching data_received came through
+        # the TLS layer (decrypted, after the handshake), so it is kept here, not dropped as plaintext.
+        self._tls_early: bytearray | None = None
 
     # -- asyncio.Protocol callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -332,6 +358,12 @@ class _Session(asyncio.Protocol):
         self.task = loop.create_task(self._run(), name=f"smtp {self.client_ip}:{self.client_port}")
 
     def data_received(self, data: bytes) -> None:
+        early = self._tls_early
+        if early is not None:
+            # asyncio hands over what arrived with the client's Finished before start_tls() returns; at
+            # most one read's worth (the handshake ends in that read), so this stays small
+            early += data
+            return
         self._conn.receive_data(data)
         w = self._waiter
         if w is not None and not w.done():
@@ -372,8 +404,8 @@ class _Session(asyncio.Protocol):
     async def _run(self) -> None:
         srv = self.server
         conn = self._conn
-        srv.maillog.event("connect", client=self.client_ip)
         try:
+            srv.maillog.event("connect", client=self.client_ip)  # never raises; inside the try all the same
             verdict = await self._ask(Stage.CONNECT, None)
             if verdict.refuses:
                 self._log_reject(Stage.CONNECT, verdict.reply or CHECK_FAILED, verdict.log_reason)
@@ -703,7 +735,7 @@ class _Session(asyncio.Protocol):
             srv._n.bytes_accepted += size
             srv.maillog.event(
                 "queued", data.queue_id, client=self.client_ip, helo=conn.helo or "",
-                size=size, nrcpt=len(tx.recipients), to=",".join(f"<{r.address}>" for r in tx.recipients),
+                size=size, nrcpt=len(tx.recipients), to=AddressList(r.address for r in tx.recipients),
                 kind=None if envelope.kind is MessageKind.USER else envelope.kind.value,
                 **{"from": f"<{tx.sender}>"})
             if srv.on_queued is not None:
@@ -723,16 +755,24 @@ class _Session(asyncio.Protocol):
         if ctx is None or self._transport is None:
             raise _SessionEnd
         loop = asyncio.get_running_loop()
+        # Plaintext that came before this point was dropped by the protocol (STARTTLS injection defence);
+        # start_tls() moves the socket to the TLS layer before it first yields, so what reaches
+        # data_received from here on was sent inside TLS.
+        self._tls_early = bytearray()
         try:
             transport = await loop.start_tls(self._transport, self, ctx, server_side=True,
                                              ssl_handshake_timeout=min(self.server._idle, TLS_HANDSHAKE_TIMEOUT))
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             log.info("client %s: TLS handshake failed: %s", self.client_ip, e)
             raise _SessionEnd from None
+        finally:
+            early, self._tls_early = self._tls_early, None
         if transport is None:
             raise _SessionEnd
         self._transport = transport
         self._conn.tls_established()
+        if early:
+            self.data_received(bytes(early))  # e.g. EHLO in the same segment as the client's Finished
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cipher = ssl_object.cipher()

@@ -113,6 +113,8 @@ class DomainStats:
     by_state: dict[str, int] = field(default_factory=dict)  # recipients per RecipientState value
     messages_pending: int = 0
     oldest_pending_at: float | None = None  # received_at of the oldest pending message
+    held_by_reason: dict[str, int] = field(default_factory=dict)  # HELD recipients per reason ("poison" ...)
+    held_since: dict[str, float] = field(default_factory=dict)  # per reason: when the longest-held was held
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +186,17 @@ class Spool(Protocol):
         """Extend the lease while a delivery runs. Raises LeaseLost if any lease was taken over."""
         ...
 
-    async def release(self, claims: Sequence[Claim]) -> None:
-        """Give leases back without an outcome (shutdown, destination went DOWN before an attempt)."""
+    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
+                         now: float) -> Claim | None:
+        """Lease the recipients of `message_id` HELD for `reason` (none under a live lease), so that
+        `record` can give them an outcome (expiry at the retention cap, with its DSN); they stay HELD
+        meanwhile. None when there are none."""
+        ...
+
+    async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
+        """Give leases back without an outcome (shutdown, destination went DOWN before an attempt).
+        `due`, aligned with `claims`: each claim's recipients become due then (no attempt counted), so
+        a sweep that looked at them moves on to others; None keeps their due time."""
         ...
 
     async def record(self, owner: str, updates: Sequence[RecipientUpdate],
@@ -202,7 +213,11 @@ class Spool(Protocol):
         ...
 
     def iter_body(self, message_id: QueueId, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The stored body in chunks, for large messages."""
+        """The stored body in chunks of at most `chunk_size` bytes, never the whole body in memory:
+        delivery streams every body to the primary this way. Raises NotFound (also when the message
+        is deleted while it is read); a damaged body raises SpoolError, at the latest after its last
+        chunk, so a relay sends the final dot only once this iterator has ended cleanly. A reader may
+        stop early: it holds nothing (no lock, no transaction) between chunks."""
         ...
 
     async def next_due_at(self, *, domains: Sequence[str] | None = None) -> float | None:

@@ -63,6 +63,27 @@ END $$;
 """
 
 
+def _count_pending(*, function: str, counts: str, key: str, pending: str) -> str:
+    """A row trigger that moves `counts` (per shard and `key`) by one when its row starts or stops being
+    pending (`pending`, with {row} for OLD or NEW): messages per kind, messages per domain."""
+    was, now_ = pending.format(row="OLD"), pending.format(row="NEW")
+    return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {SCHEMA}, pg_temp AS $$
+DECLARE
+    was boolean := TG_OP <> 'INSERT' AND {was};
+    now_ boolean := TG_OP <> 'DELETE' AND {now_};
+BEGIN
+    IF was <> now_ THEN
+        INSERT INTO {counts} (shard, {key}, n)
+            VALUES (shard(), CASE WHEN TG_OP = 'DELETE' THEN OLD.{key} ELSE NEW.{key} END,
+                    CASE WHEN now_ THEN 1 ELSE -1 END)
+            ON CONFLICT (shard, {key}) DO UPDATE SET n = {counts}.n + excluded.n;
+    END IF;
+    RETURN NULL;
+END $$;
+"""
+
+
 _V1 = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -224,36 +245,9 @@ END $$;
 -- message's and the (message, domain)'s pending counts. `x = x + delta` is applied to the latest row
 -- version under its row lock, so concurrent nodes finishing recipients of one message cannot race.
 {_rcpt_upd(finished_at=False)}
-CREATE OR REPLACE FUNCTION msg_count() RETURNS trigger LANGUAGE plpgsql
-SET search_path = {SCHEMA}, pg_temp AS $$
-DECLARE
-    was boolean := TG_OP <> 'INSERT' AND OLD.pending_rcpts > 0 AND OLD.corrupt_reason IS NULL;
-    now_ boolean := TG_OP <> 'DELETE' AND NEW.pending_rcpts > 0 AND NEW.corrupt_reason IS NULL;
-BEGIN
-    IF was <> now_ THEN
-        INSERT INTO msg_counts (shard, kind, n)
-            VALUES (shard(), CASE WHEN TG_OP = 'DELETE' THEN OLD.kind ELSE NEW.kind END,
-                    CASE WHEN now_ THEN 1 ELSE -1 END)
-            ON CONFLICT (shard, kind) DO UPDATE SET n = msg_counts.n + excluded.n;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE OR REPLACE FUNCTION dom_count() RETURNS trigger LANGUAGE plpgsql
-SET search_path = {SCHEMA}, pg_temp AS $$
-DECLARE
-    was boolean := TG_OP <> 'INSERT' AND OLD.pending > 0;
-    now_ boolean := TG_OP <> 'DELETE' AND NEW.pending > 0;
-BEGIN
-    IF was <> now_ THEN
-        INSERT INTO dom_pending (shard, domain, n)
-            VALUES (shard(), CASE WHEN TG_OP = 'DELETE' THEN OLD.domain ELSE NEW.domain END,
-                    CASE WHEN now_ THEN 1 ELSE -1 END)
-            ON CONFLICT (shard, domain) DO UPDATE SET n = dom_pending.n + excluded.n;
-    END IF;
-    RETURN NULL;
-END $$;
-
+{_count_pending(function="msg_count", counts="msg_counts", key="kind",
+                pending="{row}.pending_rcpts > 0 AND {row}.corrupt_reason IS NULL")}
+{_count_pending(function="dom_count", counts="dom_pending", key="domain", pending="{row}.pending > 0")}
 DROP TRIGGER IF EXISTS rcpt_ins ON recipients;
 CREATE TRIGGER rcpt_ins AFTER INSERT ON recipients REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION rcpt_ins();

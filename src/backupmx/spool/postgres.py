@@ -24,7 +24,7 @@ import socket
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -431,7 +431,7 @@ _CLAIM_ANY = """
 WITH due AS (
     SELECT r.message_id, r.idx FROM recipients r
     WHERE r.state = 'queued' AND r.next_attempt_at <= $1
-      AND (r.lease_until IS NULL OR r.lease_until <= $1)
+      AND (r.lease_until IS NULL OR r.lease_until <= $5)
       AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id AND m.corrupt_reason IS NOT NULL)
     ORDER BY r.next_attempt_at, r.message_id, r.idx
     LIMIT $2
@@ -450,7 +450,7 @@ WITH due AS (
     CROSS JOIN LATERAL (
         SELECT r.message_id, r.idx, r.next_attempt_at FROM recipients r
         WHERE r.domain = d.domain AND r.state = 'queued' AND r.next_attempt_at <= $1
-          AND (r.lease_until IS NULL OR r.lease_until <= $1)
+          AND (r.lease_until IS NULL OR r.lease_until <= $6)
           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id AND m.corrupt_reason IS NOT NULL)
         ORDER BY r.next_attempt_at, r.message_id, r.idx
         LIMIT $2
@@ -544,10 +544,15 @@ class PostgresSpool:
     `received_by` and the nodes table; leases are owned by the `owner` the delivery engine passes."""
 
     def __init__(self, url: str, *, node: str = "local", clock: Clock | None = None, pool_size: int = 4,
-                 connect_timeout: float = 5.0, command_timeout: float = 60.0) -> None:
+                 connect_timeout: float = 5.0, command_timeout: float = 60.0,
+                 lease_clock: Literal["database", "node"] | None = None) -> None:
         self.url = url
         self.node = node
         self.clock: Clock = clock or SystemClock()
+        # Leases are kept on the database's clock, so a node whose clock is ahead can never see a live
+        # lease of another node as run out (two copies). A test clock (FakeClock) keeps them on its own
+        # time, so tests can let leases run out by moving it.
+        self.lease_clock = lease_clock or ("database" if isinstance(self.clock, SystemClock) else "node")
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -555,6 +560,13 @@ class PostgresSpool:
         self._pool: Any = None
         self._open_lock = asyncio.Lock()
         self._node_seen_at: float | None = None
+
+    async def _lease_now(self, conn: Connection, now: float) -> float:
+        """The time leases are measured on: the database's (clock_timestamp, not the transaction's
+        start) or, with `lease_clock = "node"`, the caller's `now`."""
+        if self.lease_clock == "node":
+            return now
+        return float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8"))
 
     # -- connections ---------------------------------------------------------------------------------
     def _server_settings(self) -> dict[str, str]:
@@ -785,7 +797,6 @@ class PostgresSpool:
                         exclude_domains: Sequence[str] = ()) -> list[Claim]:
         if limit <= 0 or (domains is not None and not domains):
             return []
-        until = now + lease_seconds
         wanted = None if domains is None else list(dict.fromkeys(d.lower() for d in domains))
         excluded = {d.lower() for d in exclude_domains}
 
@@ -797,10 +808,12 @@ class PostgresSpool:
                     if r["domain"] not in excluded]
                 if not doms:
                     return []
+            lease_now = await self._lease_now(conn, now)
+            until = lease_now + lease_seconds
             if doms is None:
-                rows = await conn.fetch(_CLAIM_ANY, now, limit, owner, until)
+                rows = await conn.fetch(_CLAIM_ANY, now, limit, owner, until, lease_now)
             else:
-                rows = await conn.fetch(_CLAIM_DOMAINS, now, limit, owner, until, doms)
+                rows = await conn.fetch(_CLAIM_DOMAINS, now, limit, owner, until, doms, lease_now)
             await self._touch_node(conn, now)
             if not rows:
                 return []
@@ -853,9 +866,9 @@ class PostgresSpool:
         keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
         if not keys:
             return
-        until = now + lease_seconds
 
         async def op(conn: Connection) -> None:
+            until = await self._lease_now(conn, now) + lease_seconds
             rows = await conn.fetch(
                 "SELECT r.message_id, r.idx, r.lease_owner FROM recipients r"
                 " JOIN unnest($1::text[], $2::int[]) AS k(qid, idx) ON r.message_id = k.qid AND r.idx = k.idx"
@@ -872,17 +885,47 @@ class PostgresSpool:
 
         await self._write(op)
 
-    async def release(self, claims: Sequence[Claim]) -> None:
-        keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
+    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
+                         now: float) -> Claim | None:
+        async def op(conn: Connection) -> Claim | None:
+            lease_now = await self._lease_now(conn, now)
+            until = lease_now + lease_seconds
+            rows = await conn.fetch(
+                "SELECT idx FROM recipients WHERE message_id = $1 AND state = 'held' AND held_reason = $2"
+                " AND (lease_until IS NULL OR lease_until <= $3) ORDER BY idx FOR UPDATE SKIP LOCKED",
+                message_id, reason, lease_now)
+            idxs = [int(r["idx"]) for r in rows]
+            if not idxs:
+                return None
+            mrows = await conn.fetch(f"SELECT {_MSG_COLS} FROM messages WHERE id = $1", message_id)
+            loaded = await _load_messages(conn, mrows)
+            if not loaded or loaded[0][1] is not None:
+                if loaded:
+                    await _mark_corrupt(conn, message_id, loaded[0][1] or "", now)
+                return None
+            await conn.execute("UPDATE recipients SET lease_owner = $1, lease_until = $2"
+                               " WHERE message_id = $3 AND idx = ANY($4::int[])", owner, until, message_id, idxs)
+            record = loaded[0][0]
+            wanted = set(idxs)
+            return Claim(record, tuple(r for r in record.recipients if r.index in wanted), owner, until)
+
+        return await self._write(op)
+
+    async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
+        if due is not None and len(due) != len(claims):
+            raise SpoolError("release: due must be aligned with claims")
+        keys = [(c.owner, r.message_id, r.index, None if due is None else due[n])
+                for n, c in enumerate(claims) for r in c.recipients]
         if not keys:
             return
 
         async def op(conn: Connection) -> None:
             await conn.execute(
-                "UPDATE recipients r SET lease_owner = NULL, lease_until = NULL"
-                " FROM unnest($1::text[], $2::int[], $3::text[]) AS k(qid, idx, owner)"
+                "UPDATE recipients r SET lease_owner = NULL, lease_until = NULL,"
+                " next_attempt_at = coalesce(k.due, r.next_attempt_at)"
+                " FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[]) AS k(qid, idx, owner, due)"
                 " WHERE r.message_id = k.qid AND r.idx = k.idx AND r.lease_owner = k.owner",
-                [k[1] for k in keys], [k[2] for k in keys], [k[0] for k in keys])
+                [k[1] for k in keys], [k[2] for k in keys], [k[0] for k in keys], [k[3] for k in keys])
 
         await self._write(op)
 
@@ -1142,9 +1185,18 @@ class PostgresSpool:
                 "SELECT d.domain, (SELECT m.received_at FROM msg_domains md JOIN messages m ON m.id = md.message_id"
                 " WHERE md.domain = d.domain AND md.pending > 0 ORDER BY md.message_id LIMIT 1) AS oldest"
                 " FROM unnest($1::text[]) AS d(domain)", list(per_domain))}
+            held: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
+            if by_state.get("held"):  # the partial index of held recipients: nothing read when none is held
+                for row in await conn.fetch(
+                        "SELECT domain, coalesce(held_reason, 'operator') AS reason, count(*) AS n,"
+                        " min(updated_at) AS since FROM recipients WHERE state = 'held' GROUP BY 1, 2"):
+                    n_by, at_by = held.setdefault(row["domain"], ({}, {}))
+                    n_by[row["reason"]] = int(row["n"])
+                    at_by[row["reason"]] = float(row["since"])
             domains = tuple(
                 DomainStats(domain=domain, by_state=states, messages_pending=dom_msgs.get(domain, 0),
-                            oldest_pending_at=oldest_by_domain.get(domain))
+                            oldest_pending_at=oldest_by_domain.get(domain),
+                            held_by_reason=held.get(domain, ({}, {}))[0], held_since=held.get(domain, ({}, {}))[1])
                 for domain, states in per_domain.items())
             pending = await conn.fetchval("SELECT coalesce(sum(n), 0) FROM msg_counts")
             oldest = await conn.fetchval("SELECT received_at FROM messages WHERE pending_rcpts > 0"

@@ -68,6 +68,7 @@ READ_POOL = 4  # idle reader connections kept open
 WRITER_CACHE_KIB = 4096  # page cache of the write connection
 LIST_CORRUPT_LIMIT = 10_000
 WHOLE_BODY_MAX = 1 << 20  # read_body reads bodies up to this size in one go
+SHRINK_ABOVE = 4 << 20  # iter_body frees the reader's page cache after each chunk of a larger body
 UPDATE_CHUNK = 2_000  # recipients per transaction in operator-wide updates (hold all, flush...)
 _DEFAULT_FILTER = QueueFilter()
 _PENDING = ("queued", "held")
@@ -373,6 +374,9 @@ class _DueRow:
     idx: int
 
 
+SMALL_DOMAIN = 100  # queued recipients at most for a domain to share the claim's one query for small domains
+
+
 def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequence[str] | None,
               exclude: Sequence[str]) -> list[_DueRow]:
     """Up to `limit` due, unleased QUEUED recipients of sound messages, most overdue (then oldest) first."""
@@ -384,17 +388,32 @@ def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequenc
         sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_due"
                f" WHERE {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
         return [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit})]
+    small: list[str] = []
     if domains is None:
         excluded = {d.lower() for d in exclude}
-        domains = [row[0] for row in conn.execute(
-            "SELECT domain FROM rcpt_counts WHERE state = 'queued' AND n > 0") if row[0] not in excluded]
-    # One bounded, index-ordered query per domain, merged: a large excluded (DOWN) domain is never scanned.
+        big: list[str] = []
+        for domain, n in conn.execute("SELECT domain, n FROM rcpt_counts WHERE state = 'queued' AND n > 0"):
+            if domain not in excluded:
+                (small if n <= SMALL_DOMAIN else big).append(domain)
+        domains = big
+    # One bounded, index-ordered query per large domain, merged: a large excluded (DOWN) domain is never
+    # scanned. The many small ones (DSNs to senders' domains) share one query: a claim never runs one
+    # query per queued domain; that query reads at most SMALL_DOMAIN rows of each.
     sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_domain_due"
            f" WHERE r.domain = :domain AND {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
     per_domain = [
         [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit, "domain": d.lower()})]
         for d in dict.fromkeys(domains)
     ]
+    if small:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_domains (domain TEXT PRIMARY KEY) WITHOUT ROWID")
+        conn.execute("DELETE FROM claim_domains")
+        conn.executemany("INSERT OR IGNORE INTO claim_domains (domain) VALUES (?)", [(d,) for d in small])
+        rows = conn.execute(
+            f"SELECT r.next_attempt_at, r.message_id, r.idx FROM claim_domains c"
+            f" JOIN recipients r INDEXED BY rcpt_domain_due ON r.domain = c.domain AND {cond}"
+            f" ORDER BY r.next_attempt_at, r.message_id LIMIT :limit", {"now": now, "limit": limit})
+        per_domain.append([_DueRow(*row) for row in rows])
     merged = heapq.merge(*per_domain, key=lambda r: (r.next_attempt_at, r.message_id, r.idx))
     return [r for _, r in zip(range(limit), merged, strict=False)]
 
@@ -638,16 +657,42 @@ class SqliteSpool:
 
         await self._write(op)
 
-    async def release(self, claims: Sequence[Claim]) -> None:
-        keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
+    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
+                         now: float) -> Claim | None:
+        until = now + lease_seconds
+
+        def op(conn: sqlite3.Connection) -> Claim | None:
+            idxs = [r[0] for r in conn.execute(
+                "SELECT idx FROM recipients WHERE message_id = ? AND +state = 'held' AND held_reason = ?"
+                " AND (lease_until IS NULL OR lease_until <= ?)", (message_id, reason, now))]
+            mrow = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if not idxs or mrow is None:
+                return None
+            record, problem = _load_message(conn, mrow)
+            if problem is not None:
+                _mark_corrupt(conn, message_id, problem, now)
+                return None
+            conn.executemany("UPDATE recipients SET lease_owner = ?, lease_until = ? WHERE message_id = ? AND idx = ?",
+                             [(owner, until, message_id, i) for i in idxs])
+            wanted = set(idxs)
+            return Claim(record, tuple(r for r in record.recipients if r.index in wanted), owner, until)
+
+        return await self._write(op)
+
+    async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
+        if due is not None and len(due) != len(claims):
+            raise SpoolError("release: due must be aligned with claims")
+        keys = [(c.owner, r.message_id, r.index, None if due is None else due[n])
+                for n, c in enumerate(claims) for r in c.recipients]
         if not keys:
             return
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+                "UPDATE recipients SET lease_owner = NULL, lease_until = NULL,"
+                " next_attempt_at = coalesce(?, next_attempt_at)"
                 " WHERE message_id = ? AND idx = ? AND lease_owner = ?",
-                [(qid, idx, owner) for owner, qid, idx in keys],
+                [(at, qid, idx, owner) for owner, qid, idx, at in keys],
             )
 
         await self._write(op)
@@ -730,7 +775,13 @@ class SqliteSpool:
                 raise _BodyDamaged(f"body is {row[1]} bytes, expected {size}")
             with conn.blobopen("bodies", "data", row[0], readonly=True) as blob:
                 blob.seek(start)
-                return blob.read(min(chunk_size, size - start))
+                data = blob.read(min(chunk_size, size - start))
+            if size > SHRINK_ABOVE:
+                # a body larger than the reader's page cache only thrashes it (each blob seek walks
+                # the overflow pages from the start): hand the pages back, so that 20 streams of
+                # 50 MB messages do not keep every reader connection's cache full of body pages
+                conn.execute("PRAGMA shrink_memory")
+            return data
 
         while True:
             if offset >= size and offset > 0:
@@ -959,6 +1010,14 @@ class SqliteSpool:
                 per_domain.setdefault(row[0], {})[row[1]] = row[2]
                 by_state[row[1]] = by_state.get(row[1], 0) + row[2]
             dom_msgs = {row[0]: row[1] for row in conn.execute("SELECT domain, messages FROM dom_pending")}
+            held: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
+            if by_state.get("held"):  # the partial index of held recipients: nothing read when none is held
+                for row in conn.execute(
+                        "SELECT domain, coalesce(held_reason, 'operator'), count(*), min(updated_at)"
+                        " FROM recipients INDEXED BY rcpt_held WHERE state = 'held' GROUP BY 1, 2"):
+                    n_by, at_by = held.setdefault(row[0], ({}, {}))
+                    n_by[row[1]] = int(row[2])
+                    at_by[row[1]] = float(row[3])
             domains: list[DomainStats] = []
             for domain, states in per_domain.items():
                 oldest_id = conn.execute(
@@ -968,8 +1027,10 @@ class SqliteSpool:
                 if oldest_id is not None:
                     oldest = conn.execute("SELECT received_at FROM messages WHERE id = ?",
                                           (oldest_id,)).fetchone()[0]
+                held_n, held_at = held.get(domain, ({}, {}))
                 domains.append(DomainStats(domain=domain, by_state=states,
-                                           messages_pending=dom_msgs.get(domain, 0), oldest_pending_at=oldest))
+                                           messages_pending=dom_msgs.get(domain, 0), oldest_pending_at=oldest,
+                                           held_by_reason=held_n, held_since=held_at))
             pending = conn.execute("SELECT coalesce(sum(pending), 0) FROM msg_counts").fetchone()[0]
             oldest_row = conn.execute(
                 "SELECT received_at FROM messages INDEXED BY messages_pending WHERE pending = 1"

@@ -211,6 +211,30 @@ async def test_level_and_age_thresholds_fire_once_and_recover_once(tmp_path: Pat
     assert [(n.condition, n.firing) for _, n in await mgr.evaluate()] == [(Condition.OUTAGE_LONG, False)]
 
 
+async def test_mail_set_aside_fires_while_poison_or_guard_holds_exist(tmp_path: Path) -> None:
+    """Held is not forgotten: on by default, fires while a recipient is held as poison or by the recovery
+    guard (an operator's own hold does not), says how long, recovers when none is left."""
+    clock = FakeClock(time.time())
+    health = FakeHealth(clock)
+    stats = FakeStats()
+    for d in ("example.test", "other.test"):
+        health.set(d, DestinationState.UP)
+    mgr = manager(admin_config(tmp_path / "d"), [webhook("http://127.0.0.1:9/")], clock, health, stats)
+    stats.domains["example.test"] = DomainStats("example.test", {"held": 1}, 1, clock.now(),
+                                                held_by_reason={"operator": 1}, held_since={"operator": clock.now()})
+    assert [n for _, n in await mgr.evaluate() if n.condition is Condition.MAIL_SET_ASIDE] == []
+    stats.domains["example.test"] = DomainStats(
+        "example.test", {"held": 3}, 2, clock.now() - 7200, held_by_reason={"operator": 1, "poison": 2},
+        held_since={"operator": clock.now(), "poison": clock.now() - 7200})
+    got = [n for _, n in await mgr.evaluate() if n.condition is Condition.MAIL_SET_ASIDE]
+    assert [(n.scope, n.firing) for n in got] == [("example.test", True)]
+    assert "2 recipients of example.test are set aside (poison: 2), the longest for 2h" in got[0].summary
+    assert [n for _, n in await mgr.evaluate() if n.condition is Condition.MAIL_SET_ASIDE] == []  # once
+    stats.domains["example.test"] = DomainStats("example.test", {}, 0, None)
+    got = [n for _, n in await mgr.evaluate() if n.condition is Condition.MAIL_SET_ASIDE]
+    assert [(n.scope, n.firing) for n in got] == [("example.test", False)]
+
+
 async def test_free_disk_below_threshold(tmp_path: Path) -> None:
     clock = FakeClock(time.time())
     health = FakeHealth(clock)

@@ -31,6 +31,7 @@ async def test_metrics_match_the_spool_and_the_monitor(tmp_path: Path) -> None:
         q1 = await put(h.spool, ["a@example.test", "b@example.test"], now=now - 300)
         await put(h.spool, ["c@example.test", "d@other.test"], now=now - 60)
         await h.spool.hold(q1)
+        await h.spool.hold(await put(h.spool, ["p@other.test"], now=now - 30), reason="poison")
         h.maillog.event("queued", "Q1", to="<a@example.test>,<b@example.test>", nrcpt=2)
         h.maillog.event("reject", None, recipient="<x@elsewhere.test>", reply="554 5.7.1 Relay access denied")
         h.maillog.event("reject", None, recipient="<nobody@example.test>", reply="550 5.1.1 unknown user")
@@ -56,6 +57,8 @@ async def test_metrics_match_the_spool_and_the_monitor(tmp_path: Path) -> None:
     assert v("backupmx_queue_recipients", domain="example.test", state="queued") == 1
     assert v("backupmx_queue_recipients", domain="other.test", state="queued") == 1
     assert v("backupmx_queue_messages", domain="example.test") == 2
+    assert v("backupmx_held_recipients", domain="example.test", reason="operator") == 2
+    assert v("backupmx_held_recipients", domain="other.test", reason="poison") == 1
     assert 290 <= v("backupmx_oldest_message_age_seconds", domain="example.test") <= 400
     assert v("backupmx_primary_up", domain="example.test") == 0
     assert v("backupmx_primary_up", domain="other.test") == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from email import policy
 from email.message import Message
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 
 import pytest
 
@@ -179,3 +179,41 @@ def test_dsn_owed(sender: str, kind: MessageKind, notify: tuple[str, ...] | None
 )
 def test_xtext(raw: str, decoded: str) -> None:
     assert decode_xtext(raw) == decoded
+
+
+def test_utf8_sender_to_is_raw_utf8_not_an_encoded_word() -> None:
+    """Issue 12 item 9: RFC 6532 §3.2 lets a message/global DSN carry the address as raw UTF-8."""
+    msg = message(smtputf8=True, sender="j\u00f6rg@b\u00fccher.test")
+    dsn = build_dsn(msg, [failed(msg)], original=ORIGINAL, reporting_mta="backup.test", now=T0)
+    assert "\r\nTo: <j\u00f6rg@b\u00fccher.test>\r\n".encode() in dsn.body
+    assert b"=?utf-8?" not in dsn.body.split(b"\r\n\r\n", 1)[0]
+    # the stdlib's BytesParser reads 8-bit headers as surrogates; the text parser reads UTF-8
+    top = Parser(policy=policy.default).parsestr(dsn.body.decode("utf-8"))
+    assert top["To"].addresses[0].addr_spec == "j\u00f6rg@b\u00fccher.test"
+    assert [r.address for r in dsn.envelope.recipients] == ["j\u00f6rg@b\u00fccher.test"]
+
+
+def test_minimal_dsn_when_the_full_one_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever slips past the cleaning, a DSN is still built: the minimal all-ASCII one."""
+    import backupmx.delivery.bounce as bounce
+
+    def boom(*_a: object, **_k: object) -> bytes:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(bounce, "_full_dsn", boom)
+    msg = message(smtputf8=True, sender="j\u00f6rg@b\u00fccher.test")
+    rec = DsnRecipient(RecipientRecord(QueueId("0ABC"), 0, "\u00fc\r\nX: y@example.com", "example.com",
+                                       RecipientState.QUEUED), DsnAction.FAILED, "5.1.1",
+                       Reply(550, "5.1.1", "f\u00fcr\r\nX-Injected: 1"))
+    dsn = build_dsn(msg, [rec], original=ORIGINAL, reporting_mta="backup.test", now=T0)
+    assert no_bare_newlines(dsn.body)
+    top = parse(dsn.body)
+    assert top.get_content_type() == "multipart/report" and not top.defects
+    assert set(top.keys()) == {"From", "To", "Subject", "Date", "Message-ID", "Auto-Submitted", "MIME-Version",
+                               "Content-Type"}
+    parts = top.get_payload()
+    assert isinstance(parts, list) and parts[1].get_content_type() == "message/delivery-status"
+    block = parts[1].get_payload()[1]
+    assert block["Final-Recipient"] == "utf-8; \\x{FC}\\x{D}\\x{A}X:\\x{20}y@example.com"
+    assert block["Action"] == "failed" and block["Status"] == "5.1.1"
+    assert b"\r\nX-Injected" not in dsn.body

@@ -91,7 +91,11 @@ async def test_declared_outage_survives_restart(tmp_path: Path) -> None:
 
 async def test_delivery_results_feed_the_monitor(tmp_path: Path, primary: Primary) -> None:
     h = await make(tmp_path, primary.hostport, down_after=3)
-    for _ in range(3):
+    for _ in range(3):  # a burst is one observation (issue 12 item 7) ...
+        await h.monitor.report_delivery("example.com", ok=False, error="connection refused")
+    assert h.monitor.status("example.com").consecutive_failures == 1
+    for _ in range(2):  # ... failures a probe interval (1 s) apart count each
+        h.fake.advance(1.0)
         await h.monitor.report_delivery("example.com", ok=False, error="connection refused")
     assert h.monitor.status("example.com").state is S.DOWN
     await h.monitor.report_delivery("example.com", ok=True)

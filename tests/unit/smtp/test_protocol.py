@@ -18,6 +18,7 @@ from backupmx.smtp.protocol import (
     ProtocolConfig,
     ProtocolUsageError,
     RcptTo,
+    Rejected,
     SmtpConnection,
     StartTls,
     State,
@@ -589,3 +590,44 @@ def test_send_and_close() -> None:
     assert h.conn.next_event() is CLOSED
     h.conn.receive_data(b"NOOP\r\n")
     assert h.conn.next_event() is CLOSED
+
+
+# --- forbid_early_pipelining (Postfix's smtpd_forbid_unauth_pipelining) ----------------------------
+SYNC = "554 5.5.0 Error: SMTP protocol synchronization"
+
+
+@pytest.mark.parametrize(("prelude", "payload", "verb"), [
+    (b"", b"EHLO bot.test\r\nMAIL FROM:<a@b.test>\r\n", "EHLO"),
+    (b"", b"HELO bot.test\r\nMAIL FROM:<a@b.test>\r\n", "HELO"),
+    (b"", b"EHLO bot.test\r\n\r\n", "EHLO"),
+    (b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\n", b"DATA\r\nSubject: early\r\n", "DATA"),
+    (b"HELO c.test\r\n", b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\n", "MAIL"),
+], ids=["ehlo+mail", "helo+mail", "ehlo+empty line", "data+content", "helo session: mail+rcpt"])
+def test_early_pipelining_is_554_and_closed(prelude: bytes, payload: bytes, verb: str) -> None:
+    h = Harness.make(forbid_early_pipelining=True)
+    if prelude:
+        for line in prelude.split(b"\r\n")[:-1]:
+            h.feed(line + b"\r\n")  # one command at a time: allowed
+    out = h.feed(payload)
+    assert out[-1] == SYNC
+    assert h.conn.state is State.CLOSED and h.stored == []
+    rejected = [e for e in h.events if isinstance(e, Rejected)]
+    assert rejected[-1].command == verb and rejected[-1].reply.code == 554
+    assert "pipelined before our reply" in rejected[-1].argument
+
+
+def test_pipelining_within_the_rules_is_fine_when_forbidding() -> None:
+    h = Harness.make(forbid_early_pipelining=True)
+    h.feed(b"EHLO c.test\r\n")
+    # RFC 2920: MAIL, RCPT... DATA in one group; the content, the end and the next group in one write
+    out = h.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\nRCPT TO:<v@ours.test>\r\nDATA\r\n")
+    assert out == ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+    out = h.feed(b"one\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\nDATA\r\n")
+    assert out == ["250 2.0.0 Ok: queued as Q1", "250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+    assert h.feed(b"two\r\n.\r\nQUIT\r\n") == ["250 2.0.0 Ok: queued as Q2", "221 2.0.0 Bye"]
+
+
+def test_early_pipelining_allowed_when_not_forbidden() -> None:
+    h = Harness.make(forbid_early_pipelining=False)
+    out = h.feed(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert out[-1] == "250 2.0.0 Ok: queued as Q1"

@@ -66,7 +66,7 @@ async def test_message_stored_byte_exact_with_one_received_header(make_server: M
 
 
 async def test_whole_session_pipelined_in_one_packet(make_server: MakeServer) -> None:
-    r = await make_server()
+    r = await make_server(server={"forbid_early_pipelining": False})  # this test pipelines early on purpose
     c = await Client.connect(r.port)
     tx = b"MAIL FROM:<>\r\nRCPT TO:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
     await c.send(b"EHLO c.test\r\n" + tx + b"one\r\n.\r\n" + tx + b"two\r\n.\r\nQUIT\r\n")
@@ -96,7 +96,7 @@ async def test_pipelined_batch_answered_in_one_write(make_server: MakeServer,
         return out
 
     monkeypatch.setattr(SmtpConnection, "data_to_send", recording)
-    r = await make_server()
+    r = await make_server(server={"forbid_early_pipelining": False})  # this test pipelines early on purpose
     c = await Client.connect(r.port)
     await c.send(b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\n" +
                  b"".join(b"RCPT TO:<u%d@example.test>\r\n" % i for i in range(5)) + b"DATA\r\n")
@@ -167,7 +167,7 @@ async def test_ipv6_listener(make_server: MakeServer) -> None:
 
 
 async def test_half_closing_client_still_gets_its_replies(make_server: MakeServer) -> None:
-    r = await make_server()
+    r = await make_server(server={"forbid_early_pipelining": False})  # this test pipelines early on purpose
     c = await Client.connect(r.port)
     await c.send(b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
                  b"Subject: x\r\n\r\nhalf-closed\r\n.\r\nQUIT\r\n")
@@ -503,7 +503,7 @@ async def test_stop_idle_sessions_and_new_connections_get_421(make_server: MakeS
 
 
 async def test_stop_past_grace_answers_421_and_stores_nothing(make_server: MakeServer) -> None:
-    r = await make_server()
+    r = await make_server(server={"forbid_early_pipelining": False})  # this test pipelines early on purpose
     busy = await Client.connect(r.port)
     await busy.ehlo()
     await busy.send(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\npart one\r\n")
