@@ -29,12 +29,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="accept-cell-") as tmp:
         # the primary is a loopback port where nothing listens: everything stays queued
         # [dns] on a loopback port where nothing listens: no lookup leaves the machine
-        node = BackupmxNode(Path(tmp), domains={"example.test": free_port()},
-                            extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}})
+        node = BackupmxNode(
+            Path(tmp),
+            domains={"example.test": free_port()},
+            extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}},
+        )
         with node:
             node.start()
-            res = smtp_source(node.host, node.port, messages=args.messages, sessions=args.sessions,
-                              size_kb=args.size, timeout=600)
+            res = smtp_source(
+                node.host, node.port, messages=args.messages, sessions=args.sessions, size_kb=args.size, timeout=600
+            )
             count = node.wait_queue_count(args.messages, timeout=60)
             if count != args.messages or res.timed_out:
                 print(f"INVALID: queued {count} of {args.messages}", file=sys.stderr)

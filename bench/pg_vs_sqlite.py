@@ -45,12 +45,14 @@ def main() -> int:
                         return 1
                     rates[backend] = run.rate
                 ratios.append(rates["postgres"] / rates["sqlite"])
-                print(f"repeat {r}: sqlite {rates['sqlite']:.0f} msg/s, postgres {rates['postgres']:.0f} msg/s,"
-                      f" ratio {ratios[-1]:.2f}  (load {os.getloadavg()[0]:.1f})", flush=True)
+                print(
+                    f"repeat {r}: sqlite {rates['sqlite']:.0f} msg/s, postgres {rates['postgres']:.0f} msg/s,"
+                    f" ratio {ratios[-1]:.2f}  (load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"ratio postgres/sqlite: min {min(ratios):.2f} median {statistics.median(ratios):.2f}"
-          f" max {max(ratios):.2f}")
+    print(f"ratio postgres/sqlite: min {min(ratios):.2f} median {statistics.median(ratios):.2f} max {max(ratios):.2f}")
     return 0
 
 
