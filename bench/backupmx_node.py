@@ -1,7 +1,8 @@
 """Runs the real `backupmx serve` for the benchmarks: writes a TOML config (one protected domain,
-example.test, whose primary is a loopback port), starts `.venv/bin/backupmx serve --config FILE` in its
-own session, waits until its port greets 220, reads its memory from /proc, runs `backupmx queue ...`,
-and always stops it (SIGTERM, then SIGKILL). Fails with BackupmxUnavailable when serve does not start."""
+example.test, whose primary is a loopback port) in the operator's setup (a recipient list, the admin
+listener with a token file, the mail log on stderr) or the lab setup, starts `.venv/bin/backupmx serve
+--config FILE` in its own session, waits until its port greets 220, reads its memory from /proc, runs
+`backupmx queue ...`, and always stops it (SIGTERM, then SIGKILL). BackupmxUnavailable: serve did not start."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from bench.figures import proc_status
 from tests.support import toml_config
@@ -33,6 +34,31 @@ def backupmx_command() -> list[str]:
     return [sys.executable, "-m", "backupmx.cli"]
 
 
+Setup = Literal["operator", "lab"]
+SETUPS: tuple[Setup, ...] = ("operator", "lab")
+OTHER_RECIPIENTS = 5000  # addresses in the operator's recipient list besides those the load sends to
+
+
+def setup_description(setup: Setup) -> str:
+    """What a figure's config was, for the line printed next to it."""
+    if setup == "operator":
+        return (f"operator setup: recipients from a file (the load's addresses + {OTHER_RECIPIENTS:,} others), "
+                "admin listener on 127.0.0.1 with a token file, mail log on stderr redirected by the parent "
+                "to a file (as journald takes it), [dns] to a loopback port where nothing listens, "
+                "spool kept across runs")
+    return ("lab setup: recipients = \"any\", no admin listener, mail log to its own file, [dns] to a loopback "
+            "port where nothing listens, empty spool before each run")
+
+
+def write_recipient_file(path: Path, domains: Sequence[str], addresses: Sequence[str]) -> int:
+    """The operator's list: the addresses the load sends to and OTHER_RECIPIENTS others spread over
+    the domains. Returns how many lines it holds."""
+    lines = list(dict.fromkeys(a.lower() for a in addresses))
+    lines += [f"user{i:05d}@{domains[i % len(domains)]}" for i in range(OTHER_RECIPIENTS)]
+    path.write_text("# recipients of the bench's domains, one a line\n" + "\n".join(lines) + "\n")
+    return len(lines)
+
+
 class BackupmxUnavailable(RuntimeError):
     """`backupmx serve` did not come up (not written yet, or broken): its log says why."""
 
@@ -46,13 +72,19 @@ def render_toml(sections: Mapping[str, Any]) -> str:
 class BackupmxNode:
     """One `backupmx serve` with its own data directory under `workdir`.
 
-    domains: {name: primary port on 127.0.0.1}; recipients = "any" for each.
+    domains: {name: primary port on 127.0.0.1}.
+    setup "lab": recipients = "any" for each, no admin listener, the mail log in its own file.
+    setup "operator": a recipient file (`recipients`, the addresses the load sends to, plus
+    OTHER_RECIPIENTS others), the admin listener on a loopback port with a token file, the mail log
+    on stderr (which start() sends with the diagnostic log to serve.log, as journald would take it).
+    Both: [dns] nameservers is a loopback port where nothing listens, so no lookup leaves the machine.
     server/delivery/extra: added to or overriding the generated sections.
     """
 
     def __init__(self, workdir: Path, *, domains: Mapping[str, int], port: int | None = None,
                  server: Mapping[str, Any] | None = None, delivery: Mapping[str, Any] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None, setup: Setup = "lab",
+                 recipients: Sequence[str] = (), asyncio_loop: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -76,7 +108,21 @@ class BackupmxNode:
             "delivery": dict(delivery or {}),
             "admin": {"listen": ""},
             "log": {"maillog": str(workdir / "mail.log")},
+            "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
         }
+        self.setup: Setup = setup
+        self.admin_port: int | None = None
+        if setup == "operator":
+            rfile = workdir / "recipients.txt"
+            write_recipient_file(rfile, list(domains), recipients)
+            for d in sections["domains"]:
+                d["recipients"] = f"file:{rfile}"
+            token = workdir / "admin.token"
+            token.write_text(os.urandom(24).hex() + "\n")
+            token.chmod(0o600)
+            self.admin_port = free_port()
+            sections["admin"] = {"listen": f"127.0.0.1:{self.admin_port}", "token_file": str(token)}
+            del sections["log"]  # the default: the mail log on stderr
         if not sections["delivery"]:
             del sections["delivery"]
         for k, v in (extra or {}).items():
@@ -84,6 +130,15 @@ class BackupmxNode:
         self.config_path.write_text(render_toml(sections))
         self.proc: subprocess.Popen[bytes] | None = None
         self._watchdog: Watchdog | None = None
+        self.env: dict[str, str] | None = None
+        if asyncio_loop:
+            # the default install without uvloop, measured in the same venv: serve imports uvloop and
+            # falls back to asyncio's loop on ImportError, so a package that raises it comes first
+            shim = workdir / "no-uvloop" / "uvloop"
+            shim.mkdir(parents=True, exist_ok=True)
+            (shim / "__init__.py").write_text('raise ImportError("uvloop blocked by the bench (--asyncio-loop)")\n')
+            path = os.environ.get("PYTHONPATH")
+            self.env = {**os.environ, "PYTHONPATH": str(shim.parent) + (os.pathsep + path if path else "")}
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, timeout: float = 60.0) -> float:
@@ -95,7 +150,7 @@ class BackupmxNode:
             self.proc = subprocess.Popen(
                 [*backupmx_command(), "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
-                start_new_session=True,
+                start_new_session=True, env=self.env,
             )
         # if this script dies (SIGKILL), serve dies too
         self._watchdog = Watchdog('kill -9 -- "-$1"', str(self.proc.pid))
@@ -165,6 +220,15 @@ class BackupmxNode:
     def memory(self) -> dict[str, int]:
         """VmRSS/VmHWM/... of the serve process, KiB."""
         return proc_status(self.pid)
+
+    def event_loop(self) -> str:
+        """Which event loop the running serve uses: uvloop when its extension is mapped into the process
+        (serve uses uvloop whenever it imports), else asyncio's own."""
+        try:
+            maps = Path(f"/proc/{self.pid}/maps").read_text()
+        except OSError:
+            return "unknown"
+        return "uvloop" if "/uvloop/" in maps else "asyncio (no uvloop)"
 
     def log_tail(self, n: int = 3000) -> str:
         try:

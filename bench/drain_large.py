@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support`
 from backupmx.model import Envelope, Recipient
 from backupmx.spool.body import BodyBuffer
 from backupmx.spool.sqlite import SqliteSpool
-from bench.backupmx_node import BackupmxNode, BackupmxUnavailable
-from bench.figures import fmt_triple, machine_line, summary, table
+from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, setup_description
+from bench.figures import fmt_triple, load_average, machine_line, summary, table
 from bench.signals import exit_on_sigterm
 from tests.support.ports import free_port
 from tests.support.scripted_primary import ScriptedPrimary
@@ -68,12 +68,14 @@ async def fill(data_dir: Path, n: int, size: int, tmp: Path) -> list[int]:
         await spool.close()
 
 
-def one_run(work: Path, n: int, size: int, timeout: float) -> dict[str, object]:
+def one_run(work: Path, n: int, size: int, timeout: float, *, setup: Setup = "operator",
+            asyncio_loop: bool = False) -> dict[str, object]:
     port = free_port()
     node = BackupmxNode(work / "node", domains={"example.test": port},
                         delivery={"concurrency_initial": n, "concurrency_max": n, "probe_interval": "1s",
                                   "retry_min": "1s", "retry_max": "2s"},
-                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}})
+                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}}, setup=setup,
+                        asyncio_loop=asyncio_loop)
     sizes = asyncio.run(fill(node.data_dir, n, size, work))
     sink = ScriptedPrimary(keep_bodies=False)
     with node:
@@ -107,16 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mb", type=float, default=50)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
+    ap.add_argument("--lab-setup", action="store_true",
+                    help="the former setup: recipients \"any\", no admin listener, mail log in a file")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     exit_on_sigterm()
+    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
     print(machine_line(), flush=True)
+    print(f"backupmx: {setup_description(setup)}", flush=True)
+    load_start = load_average()
     work = Path(tempfile.mkdtemp(prefix="bmx-bench-drain-large-"))
     records: list[dict[str, object]] = []
     try:
         for run in range(args.runs):
             try:
-                rec = one_run(work, args.messages, int(args.size_mb * MIB), args.timeout)
+                rec = one_run(work, args.messages, int(args.size_mb * MIB), args.timeout, setup=setup,
+                              asyncio_loop=args.asyncio_loop)
             except BackupmxUnavailable as e:
                 print(f"backupmx: pending ({str(e).splitlines()[0]})")
                 return 0
@@ -132,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     growth = [int(r["growth_kib"]) / 1024 for r in good]  # type: ignore[call-overload]
     secs = [float(r["seconds"]) for r in good]  # type: ignore[arg-type]
     print()
+    print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
     print(table(["messages", "valid runs", "RSS growth MiB (min/median/max)", "drain s (min/median/max)"],
                 [[f"{args.messages} x {args.size_mb:g} MiB", f"{len(good)}/{len(records)}",
                   fmt_triple(growth), fmt_triple(secs, 1)]]))

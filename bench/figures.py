@@ -103,15 +103,20 @@ def fsync_ms(directory: str | None = None, rounds: int = 100) -> tuple[float, fl
     return percentile(times, 50), percentile(times, 99)
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load average, as `uptime` prints it."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine_line() -> str:
     """The machine, its disk's fsync latency, and its load average now (other work on it makes
     figures noisy)."""
     m = machine()
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     p50, p99 = fsync_ms()
     return (f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
             f"Python {m['python']}, Postfix {m['postfix']}; fsync 4 KiB p50 {p50:.2f} ms p99 {p99:.2f} ms; "
-            f"load average {load}")
+            f"load average (1/5/15 min) {load}")
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -1,9 +1,12 @@
 """A big queue: N messages (default 1,000,000) are put into the SQLite spool through its API
 (SqliteSpool.put_with_id, concurrent puts in batches, so they group-commit as accepted mail does); then
-`backupmx serve` starts on that spool and we measure: time until it greets 220, its memory (VmRSS right
+`backupmx serve` starts on that spool (operator's setup: recipient file, admin listener, mail log on
+stderr; `--lab-setup` for the former) and we measure: time until it greets 220, its memory (VmRSS right
 after start, after a while, and VmHWM at the end), the latency of `backupmx queue count` and of the
-first page of `backupmx queue list`, and the drain of a slice (default 100,000) whose primary comes
-back (smtp-sink), while the rest stays held for a primary that is still down.
+first page of `backupmx queue list`, the accept rate with the full queue against the same serve
+setup with an empty one (smtp-source, interleaved, --accept-repeat times), the drain of a slice
+(default 100,000) whose primary comes back (smtp-sink), while the rest stays held for a primary that
+is still down, and the restart time (stop, start to 220) --accept-repeat times.
 
     .venv/bin/python bench/scale.py               # 1,000,000 messages of 2 KB, slice 100,000
     .venv/bin/python bench/scale.py --quick       # 20,000 messages, slice 2,000
@@ -21,18 +24,18 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from bench.backupmx_node import BackupmxNode, BackupmxUnavailable, backupmx_command
+from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, backupmx_command, setup_description
 from bench.drain import watch_drain
-from bench.figures import fmt, machine, machine_line, table
+from bench.figures import fmt, fmt_triple, load_average, machine, machine_line, summary, table
 from bench.signals import exit_on_sigterm
 from tests.support.ports import free_port
-from tests.support.postfix import SmtpSink, tools_unavailable_reason
+from tests.support.postfix import SmtpSink, smtp_source, tools_unavailable_reason
 
 HELD_DOMAIN = "example.test"  # its primary stays down
 SLICE_DOMAIN = "slice.test"  # its primary comes back (smtp-sink)
@@ -120,11 +123,24 @@ class ScaleFigures:
     rss_end_kib: int = 0
     stop_exit: int | None = None
     pending: str = ""
+    accept_full: list[float] = field(default_factory=list)  # msg/s into the full queue, per repeat
+    accept_empty: list[float] = field(default_factory=list)  # msg/s into an empty queue, per repeat
+    accept_invalid: int = 0
+    restart_s: list[float] = field(default_factory=list)  # stop + start to 220 on the full queue
+    accepted_extra: int = 0  # what the accept runs added to the full queue (held with the rest)
 
     @property
     def valid(self) -> bool:
         return (self.queue_count == self.messages and self.slice_sink_count == self.slice
-                and self.queue_count_after == self.messages - self.slice)
+                and self.queue_count_after == self.messages - self.slice + self.accepted_extra)
+
+    def accept_ratio(self) -> str:
+        ratios = [f / e for f, e in zip(self.accept_full, self.accept_empty, strict=False) if e > 0]
+        if not ratios:
+            return "-"
+        lo, mid, hi = summary(ratios)
+        invalid = f", {self.accept_invalid} INVALID runs" if self.accept_invalid else ""
+        return f"{mid:.2f} ({lo:.2f}-{hi:.2f}){invalid}"
 
     def rows(self) -> list[list[str]]:
         mib = 1024
@@ -142,6 +158,10 @@ class ScaleFigures:
             [f"drain of {self.slice:,}: done in queue",
              f"{fmt(self.slice_done_s, 2)} s ({fmt(self.slice / self.slice_done_s)} msg/s)"],
             ["RSS peak (VmHWM) / at end", f"{self.rss_hwm_kib / mib:.0f} / {self.rss_end_kib / mib:.0f} MiB"],
+            ["accept msg/s, full queue (min / median / max)", fmt_triple(self.accept_full)],
+            ["accept msg/s, empty queue (min / median / max)", fmt_triple(self.accept_empty)],
+            ["accept full / empty, paired (median, min-max)", self.accept_ratio()],
+            ["restart: stop, start to 220 (min / median / max)", fmt_triple(self.restart_s, 2) + " s"],
             ["check", "ok" if self.valid else
              f"INVALID: count {self.queue_count}, sink {self.slice_sink_count}, after {self.queue_count_after}"],
         ]
@@ -158,6 +178,36 @@ def timed_cli(node: BackupmxNode, *args: str, runs: int = 3) -> tuple[float, str
     return statistics.median(times), out
 
 
+def accept_rate(node: BackupmxNode, messages: int, size_kb: float, sessions: int, timeout: float) -> float | None:
+    """msg/s of smtp-source into `node` (its primary down), or None when the queue did not grow by exactly
+    `messages` (an invalid run)."""
+    before = node.queue_count()
+    res = smtp_source(node.host, node.port, messages=messages, sessions=sessions, size_kb=size_kb,
+                      recipient=f"alice@{HELD_DOMAIN}", timeout=timeout)
+    got = node.wait_queue_count(before + messages, timeout=60)
+    return res.rate if res.ok and got == before + messages else None
+
+
+def compare_accept(full: BackupmxNode, empty: BackupmxNode, fig: ScaleFigures, *, messages: int, repeat: int,
+                   size_kb: float, sessions: int, timeout: float) -> None:
+    """Accept into the full queue and into an empty one, interleaved; the empty one is emptied each time."""
+    for rep in range(repeat):
+        pair: dict[str, float | None] = {}
+        for which in (("full", "empty") if rep % 2 == 0 else ("empty", "full")):
+            node = full if which == "full" else empty
+            if which == "empty":
+                empty.reset()
+            pair[which] = accept_rate(node, messages, size_kb, sessions, timeout)
+            print(f"  accept repeat {rep + 1}/{repeat} {which} queue: {pair[which] or 0:.0f} msg/s"
+                  f"{'' if pair[which] else ' INVALID'}", flush=True)
+        f, e = pair["full"], pair["empty"]
+        if f is None or e is None:
+            fig.accept_invalid += 1
+            continue
+        fig.accept_full.append(f)
+        fig.accept_empty.append(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, help="messages in the spool (default 1,000,000; --quick 20,000)")
@@ -171,9 +221,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fill-budget", type=float, default=3600.0,
                     help="seconds the fill may take; it stops there and the rest runs with what is queued")
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound for the start and for the drain")
+    ap.add_argument("--accept-messages", type=int, help="messages per accept run (default 2,000; --quick 500)")
+    ap.add_argument("--accept-size-kb", type=float, default=5, help="accept runs' message size (default 5)")
+    ap.add_argument("--accept-sessions", type=int, default=10, help="accept runs' concurrency (default 10)")
+    ap.add_argument("--accept-repeat", type=int, default=3,
+                    help="accept runs per queue and restarts (default %(default)s; 0 = skip both)")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
+    ap.add_argument("--lab-setup", action="store_true",
+                    help="the former setup: recipients \"any\", no admin listener, mail log in a file")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     exit_on_sigterm()
+    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
+    accept_messages = args.accept_messages or (500 if args.quick else 2000)
+    load_start = load_average()
+    loop = "-"
     n = args.messages or (20_000 if args.quick else 1_000_000)
     slice_n = min(n, args.slice if args.slice is not None else (2_000 if args.quick else 100_000))
     reason = tools_unavailable_reason()
@@ -188,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         held_port, slice_port = free_port(), free_port()
         node = BackupmxNode(work / "node", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
-                            delivery={"probe_interval": "1s"})
+                            delivery={"probe_interval": "1s"}, setup=setup, recipients=[f"alice@{HELD_DOMAIN}"],
+                            asyncio_loop=args.asyncio_loop)
         spec = {"messages": n, "slice": slice_n, "size_kb": args.size_kb}
         kept = json.loads(marker.read_text()) if marker.exists() else {}
         if kept.get("spec") == spec:
@@ -212,12 +276,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"backupmx: pending ({fig.pending})")
                 return 0
             fig.rss_after_start_kib = node.memory()["VmRSS"]
+            loop = node.event_loop()
             time.sleep(args.settle)
             fig.rss_after_settle_kib = node.memory()["VmRSS"]
             fig.cli_baseline_s, _ = timed_cli(node, "config", "check")
             fig.queue_count_s, out = timed_cli(node, "queue", "count")
             fig.queue_count = int(out.strip())
             fig.queue_list_first_page_s, _ = timed_cli(node, "queue", "list", "--limit", "100")
+            if args.accept_repeat > 0:
+                print(f"accept {accept_messages:,} x {args.accept_size_kb:g} KB, {args.accept_sessions} sessions: "
+                      "full queue against an empty one ...", flush=True)
+                with BackupmxNode(work / "empty", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
+                                  delivery={"probe_interval": "1s"}, setup=setup,
+                                  recipients=[f"alice@{HELD_DOMAIN}"], asyncio_loop=args.asyncio_loop) as empty:
+                    empty.start(timeout=args.timeout)
+                    compare_accept(node, empty, fig, messages=accept_messages, repeat=args.accept_repeat,
+                                   size_kb=args.accept_size_kb, sessions=args.accept_sessions,
+                                   timeout=args.timeout)
+                held = node.queue_count() - fig.slice  # the accept runs' messages stay held too
+                fig.accepted_extra = held - (fig.messages - fig.slice)
             with SmtpSink("127.0.0.1", slice_port) as sink:
                 fig.slice_first_s, fig.slice_all_at_primary_s, fig.slice_done_s = watch_drain(
                     sink, fig.slice, lambda: max(0, node.queue_count() - held),
@@ -227,12 +304,19 @@ def main(argv: list[str] | None = None) -> int:
             mem = node.memory()
             fig.rss_hwm_kib, fig.rss_end_kib = mem["VmHWM"], mem["VmRSS"]
             fig.stop_exit = node.stop(timeout=120)
+            for i in range(args.accept_repeat):
+                fig.restart_s.append(node.start(timeout=args.timeout))
+                print(f"  restart {i + 1}/{args.accept_repeat}: 220 after {fig.restart_s[-1]:.2f}s", flush=True)
+                node.stop(timeout=120)
     finally:
         if not (args.keep and args.workdir):
             shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(machine_line())
+    print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
+    print(f"backupmx: {setup_description(setup)}; event loop of serve: {loop} "
+          "(the big spool was filled through the spool API)")
     if fig.messages < n:
         print(f"\nNOTE: the fill stopped at {fig.messages:,} of {n:,} messages (--fill-budget)")
     print(f"\nbackupmx with {fig.messages:,} queued messages of {args.size_kb:g} KB "

@@ -21,6 +21,12 @@ KNOWN = frozenset({"example.test", "other.test"})
     ({"reply": "250 2.0.0 Ok"}, ReasonClass.OK),
     ({"reply": "421 too busy"}, ReasonClass.OTHER),
     ({"reason": "recovery-guard"}, ReasonClass.OTHER),  # text that is not a reply is not misread
+    ({"status": "5.7.1"}, ReasonClass.POLICY),
+    ({"status": "5.7"}, ReasonClass.OTHER),  # not a status code: two parts
+    ({"status": "3.1.1"}, ReasonClass.OTHER),  # no such class
+    ({"status": "5..1"}, ReasonClass.OTHER),
+    ({"status": "5.1.1x"}, ReasonClass.OTHER),
+    ({"reply": "250 5.x ok"}, ReasonClass.OK),  # a 2xx reply without a valid status code
     ({}, ReasonClass.OTHER),
 ])
 def test_reason_class(fields: dict[str, object], expected: ReasonClass) -> None:

@@ -49,3 +49,15 @@ def test_protocol_names() -> None:
     assert protocol_name(extended=True, tls=True, smtputf8=False) == "ESMTPS"
     assert protocol_name(extended=False, tls=False, smtputf8=False) == "SMTP"
     assert protocol_name(extended=True, tls=True, smtputf8=True) == "UTF8SMTPS"
+
+
+def test_cached_parts_follow_each_call() -> None:
+    """The from/by parts and the date are cached: each call still shows its own client, HELO and second."""
+    a = hdr(helo="a.test", ip="192.0.2.1")
+    b = hdr(helo="b.test", ip="192.0.2.2")
+    assert a.startswith(b"Received: from a.test ([192.0.2.1] [192.0.2.1])")
+    assert b.startswith(b"Received: from b.test ([192.0.2.2] [192.0.2.2])")
+    later = received_header(helo="a.test", client_ip="192.0.2.1", hostname="mx2.test", node="n2",
+                            protocol="ESMTP", queue_id="Q2", recipients=["u@ours.test"], when=WHEN + 61.9)
+    assert b"\tby mx2.test (backupmx n2) with ESMTP id Q2\r\n" in later
+    assert later.endswith(b"; Tue, 14 Nov 2023 22:14:21 +0000\r\n")  # whole seconds, as format_datetime
