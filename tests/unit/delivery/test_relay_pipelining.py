@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from aiosmtplib.email import quote_address
 
-from backupmx.delivery.relay import RelaySession, RelaySettings
+from backupmx.delivery.relay import RelaySession, RelaySettings, _path
 from backupmx.delivery.route import Target
 from backupmx.model import Bounced, Deferred, Delivered, Envelope, QueueId, Recipient, RecipientRecord, RecipientState
 from tests.support.scripted_primary import Answer, ScriptedPrimary
@@ -144,3 +145,9 @@ async def test_dsn_parameters_ride_in_the_group() -> None:
         assert b"RCPT TO:<a@example.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;orig@example.test\r\n" in p.commands
     finally:
         await p.stop()
+
+
+@pytest.mark.parametrize("address", ["", "a@example.test", "Ünïcode@bücher.test", "first.last+tag@sub.example.test",
+                                     '"quoted local"@example.test', "a@[127.0.0.1]", "odd(comment)@example.test"])
+def test_path_as_aiosmtplib_writes_it(address: str) -> None:
+    assert _path(address) == quote_address(address)
