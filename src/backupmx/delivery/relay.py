@@ -400,32 +400,20 @@ class RelaySession:
         reader = GroupReplies.take(protocol)
         try:
             write_group(protocol, group)
-            mail = reply_from(*await reader.read(cmd_t))
-            if mail.code == 421:
-                self.abort()
-                return [], Deferred(mail)
-            self._stage = "RCPT TO"
-            accepted: list[int] = []
-            for i in range(len(recipients)):
-                code, text = await reader.read(cmd_t)
-                if code == 421:
-                    self.abort()
-                    return [], Deferred(reply_from(code, text))
-                if mail.code // 100 != 2:
-                    continue
-                if code in (250, 251):
-                    accepted.append(i)
-                else:
-                    outcomes[i] = _as_outcome(reply_from(code, text))
-            self._stage = "DATA"
-            data = reply_from(*await reader.read(cmd_t))
-        finally:
-            in_step = reader.give_back()
-        if not in_step:
-            raise aiosmtplib.SMTPResponseException(-1, "unexpected data after the replies to the command group")
-        if data.code == 421:
+            mail, accepted, data = await self._group_replies(reader, len(recipients), outcomes)
+            if not reader.give_back():
+                raise aiosmtplib.SMTPResponseException(-1, "unexpected data after the command group's replies")
+        except _SessionEnded as e:  # a 421: the primary closes; every recipient still open is deferred
+            reader.give_back()
             self.abort()
-            return [], Deferred(data)
+            return [], Deferred(e.reply)
+        except BaseException:
+            # out of step with the primary (a reply missing, malformed or late): an RSET now could be
+            # answered by a reply meant for the group, and a 354 still due would make our next commands
+            # a message body; so this connection ends here, and the outcome is a deferral
+            reader.give_back()
+            self.abort()
+            raise
         if mail.code // 100 == 2 and accepted and data.code == 354:
             return accepted, None
         if data.code == 354:  # nothing to deliver, yet the primary waits for a message: an empty one ends it
@@ -437,6 +425,29 @@ class RelaySession:
         if not accepted:
             return [], Deferred(_temp("no recipient accepted"))
         return [], _as_outcome(data)  # DATA refused: the recipients it accepted share that reply
+
+    async def _group_replies(self, reader: GroupReplies, n: int, outcomes: list[Outcome | None]
+                             ) -> tuple[Reply, list[int], Reply]:
+        """The replies to MAIL, n RCPTs and DATA, in order. Raises _SessionEnded at a 421."""
+        mail = await self._group_reply(reader)
+        self._stage = "RCPT TO"
+        accepted: list[int] = []
+        for i in range(n):
+            reply = await self._group_reply(reader)
+            if mail.code // 100 != 2:
+                continue  # "503 need MAIL": the refused MAIL decides, not this
+            if reply.code in (250, 251):
+                accepted.append(i)
+            else:
+                outcomes[i] = _as_outcome(reply)
+        self._stage = "DATA"
+        return mail, accepted, await self._group_reply(reader)
+
+    async def _group_reply(self, reader: GroupReplies) -> Reply:
+        reply = reply_from(*await reader.read(self._settings.command_timeout))
+        if reply.code == 421:
+            raise _SessionEnded(reply)
+        return reply
 
     def _mail_options(self, envelope: Envelope, size: int, dsn: bool, utf8: bool) -> list[str]:
         opts: list[str] = []
@@ -510,6 +521,14 @@ def _connect_reason(e: BaseException) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(e) or type(e).__name__
+
+
+class _SessionEnded(Exception):
+    """A 421 in a pipelined group's replies: the primary is closing the session (RFC 5321 §3.8)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
 
 
 class BodyUnreadable(Exception):

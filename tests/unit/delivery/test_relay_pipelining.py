@@ -151,3 +151,17 @@ async def test_dsn_parameters_ride_in_the_group() -> None:
                                      '"quoted local"@example.test', "a@[127.0.0.1]", "odd(comment)@example.test"])
 def test_path_as_aiosmtplib_writes_it(address: str) -> None:
     assert _path(address) == quote_address(address)
+
+
+@pytest.mark.parametrize("verb, answer", [("RCPT", b"garbage, not a reply\r\n"),
+                                          ("DATA", b"354 go ahead\r\n250 2.0.0 and an extra reply\r\n")])
+async def test_out_of_step_ends_the_connection(primary: ScriptedPrimary, verb: str, answer: bytes) -> None:
+    # a reply that is not one, or one nobody asked for: no RSET on a session out of step (a 354 still
+    # due would make the next commands a body), a deferral, and the connection closed at once (before,
+    # an RSET was sent into the body and its reply waited for until command_timeout)
+    primary.script(verb, answer)
+    s = await session(primary)
+    rs = rcpts("a@example.test")
+    res = await s.deliver(env(rs), rs, BODY)
+    assert isinstance(res.outcomes[0], Deferred) and not s.usable
+    assert primary.bodies() == [] and b"RSET\r\n" not in primary.commands
