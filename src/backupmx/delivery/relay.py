@@ -483,10 +483,8 @@ class RelaySession:
             for offset in range(0, len(chunk), CHUNK):
                 protocol.write(stuffer.feed(chunk[offset:offset + CHUNK]))
                 # wait for the kernel to take each block (aiosmtplib's flow control helper): memory
-                # stays at a few blocks however large the message. Only when the transport is paused
-                # (or gone): a wait_for per block costs a task and a loop turn, for every 5 KB message
-                if protocol._paused or protocol._connection_lost:
-                    await asyncio.wait_for(protocol._drain_helper(), self._settings.command_timeout)
+                # stays at a few blocks however large the message
+                await asyncio.wait_for(protocol._drain_helper(), self._settings.command_timeout)
         if lease_check is not None and not await _lease_ours(lease_check, "dot"):
             self.abort()  # without the dot the primary discards what it got (RFC 5321 §4.1.1.4)
             return None
