@@ -84,8 +84,13 @@ class ScriptedPrimary:
     the next commands of that verb, `default(verb, spec)` replaces the standing answer."""
 
     def __init__(self, *, extensions: Iterable[str] = DEFAULT_EXTENSIONS, hostname: str = "primary.test",
-                 banner: Answer | bytes | str | None = None, keep_bodies: bool = True) -> None:
+                 banner: Answer | bytes | str | None = None, keep_bodies: bool = True,
+                 grouped: bool = False) -> None:
         self.extensions = list(extensions)
+        # True: the replies to MAIL and RCPT are held and written with the reply to the next other
+        # command (DATA) in one write, as Postfix answers a pipelined group (RFC 2920); a client that
+        # waits for the reply to MAIL before sending on then waits forever
+        self.grouped = grouped
         self.keep_bodies = keep_bodies  # False: a sink (bodies recorded as b"", their sizes in body_sizes)
         self.body_sizes: list[int] = []
         self.hostname = hostname
@@ -214,11 +219,19 @@ class ScriptedPrimary:
             await asyncio.sleep(0.02)
 
     # -- one session -------------------------------------------------------------------------------
-    async def _send(self, writer: asyncio.StreamWriter, answer: Answer) -> bool:
-        """Write one answer; False when the session is to end (closed or hanging)."""
-        for part in answer.parts:
+    async def _send(self, writer: asyncio.StreamWriter, answer: Answer, held: list[bytes] | None = None,
+                    *, hold: bool = False) -> bool:
+        """Write one answer; False when the session is to end (closed or hanging). With `held` (grouped
+        mode), `hold` keeps the answer there, else it goes out after what is held, in the same write."""
+        if held is not None and hold and not (answer.delay or answer.close or answer.hang):
+            held.extend(answer.parts)
+            return True
+        for i, part in enumerate(answer.parts):
             if answer.delay:
                 await asyncio.sleep(answer.delay)
+            if held and i == 0:
+                part = b"".join(held) + part
+                held.clear()
             writer.write(part)
             await writer.drain()
         if answer.hang:
@@ -237,6 +250,7 @@ class ScriptedPrimary:
         with self._lock:
             self.sessions += 1
         txn = Transaction()
+        held: list[bytes] | None = [] if self.grouped else None
         try:
             if not await self._send(writer, self.banner):
                 return
@@ -257,7 +271,7 @@ class ScriptedPrimary:
                 answer = self._answer_for(Command(name, arg, txn))
                 if name == "RCPT" and answer.parts and answer.parts[0][:1] == b"2":
                     txn.rcpts.append(arg)
-                if not await self._send(writer, answer):
+                if not await self._send(writer, answer, held, hold=name in ("MAIL", "RCPT")):
                     return
                 if name == "DATA" and answer.parts and answer.parts[0][:3] == b"354":
                     body = await self._read_body(reader, self.keep_bodies, self.body_sizes)

@@ -18,8 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 
 from backupmx.config import Config
+from backupmx.delivery.pipelining import GroupReplies, write_group
 from backupmx.delivery.route import Target
 from backupmx.model import Bounced, Deferred, Delivered, Envelope, Outcome, RecipientRecord
 from backupmx.reply import Reply, readable
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024  # one write to the primary, then wait for the kernel to take it
 BODY_CHUNK = 256 * 1024  # one read from the spool while a body is streamed
 _STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_PLAIN_ADDRESS = re.compile(r'[^\s<>()\[\]\\,;:@"]+@[^\s<>()\[\]\\,;:@"]+')  # local@domain, UTF-8 too
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never on a command line: CR/LF would inject commands
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +160,7 @@ class RelaySession:
         self.tls = tls
         self.transactions = 0
         self._broken = False
+        self._stage = ""  # the command a transaction is at, for the reply when the connection fails
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -266,7 +271,6 @@ class RelaySession:
         outcomes: list[Outcome | None] = [None] * n
         dsn = self.supports("dsn")
         relay, host = self.target.label, self.target.host
-        cmd_t = self._settings.command_timeout
 
         def result(fill: Outcome, *, timed_out: bool = False, final: Reply | None = None,
                    lease_lost: bool = False) -> TransactionResult:
@@ -293,43 +297,28 @@ class RelaySession:
         if lease_check is not None and not await _lease_ours(lease_check, "mail"):
             return lost()
 
-        stage = "MAIL FROM"
+        self._stage = "MAIL FROM"
         try:
             encoding = "utf-8" if utf8 else "ascii"
             sender = "" if envelope.sender in ("", "<>") else envelope.sender  # aiosmtplib: "" is <>
             size = body.size if isinstance(body, StoredBody) else len(body)
-            try:
-                await self._smtp.mail(sender, options=self._mail_options(envelope, size, dsn, utf8),
-                                      encoding=encoding, timeout=cmd_t)
-            except aiosmtplib.SMTPSenderRefused as e:
-                await self._reset_quietly()
-                return result(_as_outcome(reply_from(e.code, e.message)))
+            mail_options = self._mail_options(envelope, size, dsn, utf8)
+            rcpt_options = [_rcpt_options(r, dsn, utf8) for r in recipients]
+            if self.supports("pipelining"):
+                accepted, ended = await self._envelope_pipelined(
+                    sender, mail_options, recipients, rcpt_options, encoding, outcomes)
+            else:
+                accepted, ended = await self._envelope_one_by_one(
+                    sender, mail_options, recipients, rcpt_options, encoding, outcomes)
+            if ended is not None:
+                return result(ended)
 
-            stage = "RCPT TO"
-            accepted: list[int] = []
-            for i, rcpt in enumerate(recipients):
-                options: list[str] = []
-                if dsn:
-                    if rcpt.notify:
-                        options.append("NOTIFY=" + ",".join(rcpt.notify))
-                    if rcpt.orcpt:
-                        options.append("ORCPT=" + (rcpt.orcpt if utf8 else _ascii_orcpt(rcpt.orcpt)))
-                try:
-                    await self._smtp.rcpt(rcpt.address, options=options, encoding=encoding, timeout=cmd_t)
-                    accepted.append(i)
-                except aiosmtplib.SMTPRecipientRefused as e:
-                    outcomes[i] = _as_outcome(reply_from(e.code, e.message))
-                    if e.code == 421:
-                        self._broken = True
-                        return result(Deferred(reply_from(e.code, e.message)))
-            if not accepted:
-                await self._reset_quietly()
-                return result(Deferred(_temp("no recipient accepted")))
-
-            stage = "DATA"
-            final = await self._data(body, lease_check)
+            self._stage = "DATA"
+            final = await self._body(body, lease_check)
             if final is None:
                 return lost()
+            if final.code == 421:
+                self._broken = True  # the primary closes the session after a 421 (RFC 5321 §3.8)
             outcome = _as_outcome(final)
             for i in accepted:
                 outcomes[i] = outcome
@@ -343,10 +332,11 @@ class RelaySession:
             return result(_as_outcome(reply))
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as e:
             self.abort()
-            return result(Deferred(_temp(f"timed out after {stage} with {relay}: {e}")), timed_out=True)
+            return result(Deferred(_temp(f"timed out after {self._stage} with {relay}: {e}")), timed_out=True)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError):
             self.abort()
-            return result(Deferred(_temp(f"lost connection with {relay} after {stage}")), timed_out=True)
+            return result(Deferred(_temp(f"lost connection with {relay} after {self._stage}")),
+                          timed_out=True)
         except BodyUnreadable as e:
             self.abort()  # closes without the final dot: the primary takes nothing
             return result(Deferred(Reply(451, "4.3.0", readable(f"message body unreadable: {e}"))))
@@ -354,6 +344,110 @@ class RelaySession:
             self.abort()  # closes without the final dot: the primary takes nothing
             return result(Deferred(Reply(451, "4.3.0", readable(f"internal error talking to {relay}: "
                                                                 f"{type(e).__name__}"))))
+
+    async def _envelope_one_by_one(self, sender: str, mail_options: list[str],
+                                   recipients: Sequence[RecipientRecord], rcpt_options: list[list[str]],
+                                   encoding: str, outcomes: list[Outcome | None]
+                                   ) -> tuple[list[int], Outcome | None]:
+        """MAIL, each RCPT and DATA, each awaiting its reply (a primary without PIPELINING). Returns the
+        accepted recipients' indexes and, when the transaction ended before the body, the outcome for
+        every recipient without one; refused recipients get theirs in `outcomes`. A reply that ends
+        the transaction otherwise (DATA refused, 421 to MAIL) is raised, as aiosmtplib raises it."""
+        cmd_t = self._settings.command_timeout
+        try:
+            await self._smtp.mail(sender, options=mail_options, encoding=encoding, timeout=cmd_t)
+        except aiosmtplib.SMTPSenderRefused as e:
+            await self._reset_quietly()
+            return [], _as_outcome(reply_from(e.code, e.message))
+        self._stage = "RCPT TO"
+        accepted: list[int] = []
+        for i, rcpt in enumerate(recipients):
+            try:
+                await self._smtp.rcpt(rcpt.address, options=rcpt_options[i], encoding=encoding, timeout=cmd_t)
+                accepted.append(i)
+            except aiosmtplib.SMTPRecipientRefused as e:
+                outcomes[i] = _as_outcome(reply_from(e.code, e.message))
+                if e.code == 421:
+                    self._broken = True
+                    return [], Deferred(reply_from(e.code, e.message))
+        if not accepted:
+            await self._reset_quietly()
+            return [], Deferred(_temp("no recipient accepted"))
+        self._stage = "DATA"
+        start = await self._smtp.execute_command(b"DATA", timeout=cmd_t)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        return accepted, None
+
+    async def _envelope_pipelined(self, sender: str, mail_options: list[str],
+                                  recipients: Sequence[RecipientRecord], rcpt_options: list[list[str]],
+                                  encoding: str, outcomes: list[Outcome | None]
+                                  ) -> tuple[list[int], Outcome | None]:
+        """The same with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one write, then their
+        replies read in order, each within command_timeout, by our own reader (pipelining.py: aiosmtplib
+        loses replies that arrive together). Every reply is checked (§3.1): a refused MAIL decides for
+        all (the RCPT replies to it are 503s, not verdicts); with no recipient accepted a DATA that was
+        refused is followed by RSET, one that got 354 by a lone dot, and no body is sent; a 421 anywhere
+        ends the session without reading on."""
+        smtp, cmd_t = self._smtp, self._settings.command_timeout
+        protocol = smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before MAIL FROM")
+        group = [_command(b"MAIL", b"FROM:" + _path(sender).encode(encoding), mail_options)]
+        group += [_command(b"RCPT", b"TO:" + _path(r.address).encode(encoding), rcpt_options[i])
+                  for i, r in enumerate(recipients)]
+        group.append(b"DATA\r\n")
+        reader = GroupReplies.take(protocol)
+        try:
+            write_group(protocol, group)
+            mail, accepted, data = await self._group_replies(reader, len(recipients), outcomes)
+            if not reader.give_back():
+                raise aiosmtplib.SMTPResponseException(-1, "unexpected data after the command group's replies")
+        except _SessionEnded as e:  # a 421: the primary closes; every recipient still open is deferred
+            reader.give_back()
+            self.abort()
+            return [], Deferred(e.reply)
+        except BaseException:
+            # out of step with the primary (a reply missing, malformed or late): an RSET now could be
+            # answered by a reply meant for the group, and a 354 still due would make our next commands
+            # a message body; so this connection ends here, and the outcome is a deferral
+            reader.give_back()
+            self.abort()
+            raise
+        if mail.code // 100 == 2 and accepted and data.code == 354:
+            return accepted, None
+        if data.code == 354:  # nothing to deliver, yet the primary waits for a message: an empty one ends it
+            protocol.write(b".\r\n")
+            await protocol.read_response(timeout=cmd_t)
+        await self._reset_quietly()
+        if mail.code // 100 != 2:
+            return [], _as_outcome(mail)
+        if not accepted:
+            return [], Deferred(_temp("no recipient accepted"))
+        return [], _as_outcome(data)  # DATA refused: the recipients it accepted share that reply
+
+    async def _group_replies(self, reader: GroupReplies, n: int, outcomes: list[Outcome | None]
+                             ) -> tuple[Reply, list[int], Reply]:
+        """The replies to MAIL, n RCPTs and DATA, in order. Raises _SessionEnded at a 421."""
+        mail = await self._group_reply(reader)
+        self._stage = "RCPT TO"
+        accepted: list[int] = []
+        for i in range(n):
+            reply = await self._group_reply(reader)
+            if mail.code // 100 != 2:
+                continue  # "503 need MAIL": the refused MAIL decides, not this
+            if reply.code in (250, 251):
+                accepted.append(i)
+            else:
+                outcomes[i] = _as_outcome(reply)
+        self._stage = "DATA"
+        return mail, accepted, await self._group_reply(reader)
+
+    async def _group_reply(self, reader: GroupReplies) -> Reply:
+        reply = reply_from(*await reader.read(self._settings.command_timeout))
+        if reply.code == 421:
+            raise _SessionEnded(reply)
+        return reply
 
     def _mail_options(self, envelope: Envelope, size: int, dsn: bool, utf8: bool) -> list[str]:
         opts: list[str] = []
@@ -372,18 +466,15 @@ class RelaySession:
                 opts.append(f"ENVID={envelope.envid if utf8 else _xtext_ascii(envelope.envid)}")
         return opts
 
-    async def _data(self, body: Body, lease_check: LeaseCheck | None) -> Reply | None:
-        """DATA, our own way, because aiosmtplib's `data()` uses one timeout for the 354, the whole
-        upload and the final reply, needs the whole message in memory and rewrites line endings. Here:
-        the 354 within command_timeout, the body streamed (read from the spool chunk by chunk,
+    async def _body(self, body: Body, lease_check: LeaseCheck | None) -> Reply | None:
+        """The message after DATA's 354, our own way, because aiosmtplib's `data()` uses one timeout
+        for the 354, the whole upload and the final reply, needs the whole message in memory and
+        rewrites line endings. Here the body is streamed (read from the spool chunk by chunk,
         dot-stuffed on the fly) with each block drained within command_timeout, then the reply to the
         final dot within data_timeout (10 min, RFC 5321 §4.5.3.2.6), so a slow primary never causes a
         false retry, hence a duplicate. Returns None when the lease was lost before the dot (the
         connection is then closed without it). Raises aiosmtplib errors for the caller to map."""
         smtp = self._smtp
-        start = await smtp.execute_command(b"DATA", timeout=self._settings.command_timeout)
-        if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
         protocol = smtp.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
@@ -432,6 +523,14 @@ def _connect_reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+class _SessionEnded(Exception):
+    """A 421 in a pipelined group's replies: the primary is closing the session (RFC 5321 §3.8)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
 class BodyUnreadable(Exception):
     """The spool could not give the body (gone, or set aside as damaged) while it was being sent."""
 
@@ -473,6 +572,36 @@ async def _needs_smtputf8(envelope: Envelope, recipients: Sequence[RecipientReco
             return False
         tail = data[-3:]  # the separator may straddle two chunks
     return False
+
+
+def _rcpt_options(rcpt: RecipientRecord, dsn: bool, utf8: bool) -> list[str]:
+    options: list[str] = []
+    if dsn:
+        if rcpt.notify:
+            options.append("NOTIFY=" + ",".join(rcpt.notify))
+        if rcpt.orcpt:
+            options.append("ORCPT=" + (rcpt.orcpt if utf8 else _ascii_orcpt(rcpt.orcpt)))
+    return options
+
+
+def _path(address: str) -> str:
+    """`<address>` for MAIL/RCPT as aiosmtplib writes it. Its quote_address runs email.utils.parseaddr,
+    3.9 % of the delivery profile (docs/performance.md); a plain local@domain (what our SMTP server
+    accepted, nearly always) needs none of that, anything else still goes through it."""
+    if not address:
+        return "<>"
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return f"<{address}>"
+    return quote_address(address)
+
+
+def _command(verb: bytes, arg: bytes, options: Sequence[str]) -> bytes:
+    """One command line of a pipelined group, checked as aiosmtplib checks its own (a ValueError, which
+    ends the attempt as a deferral before anything is written)."""
+    parts = [verb, arg, *(o.encode("ascii") for o in options)]
+    if any(_CONTROL.search(p) for p in parts):
+        raise ValueError("command argument contains a control character")
+    return b" ".join(parts) + b"\r\n"
 
 
 def _xtext_ascii(value: str) -> str:

@@ -42,6 +42,8 @@ class _Handler:
         session.host_name = hostname
         if self.p.dsn:
             responses.insert(len(responses) - 1, "250-DSN")
+        if self.p.pipelining:  # aiosmtpd reads pipelined commands fine; it just does not say so
+            responses.insert(len(responses) - 1, "250-PIPELINING")
         if self.p.drop_extensions:
             responses = [r for r in responses if not any(x in r for x in self.p.drop_extensions)]
             last = responses[-1]
@@ -143,8 +145,9 @@ class _SMTP(SMTP):
 
 class Primary:
     def __init__(self, *, dsn: bool = False, smtputf8: bool = True, hostname: str = "primary.test",
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, pipelining: bool = False) -> None:
         self.tls_context = tls_context
+        self.pipelining = pipelining
         self.dsn = dsn
         self.smtputf8 = smtputf8
         self.hostname = hostname

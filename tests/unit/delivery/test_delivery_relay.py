@@ -1,5 +1,5 @@
-"""The relay client against aiosmtpd primaries on loopback: per-recipient outcomes, timeouts,
-dropped connections, DSN parameters, SMTPUTF8, dot-stuffing and byte-exact bodies."""
+"""The relay client against aiosmtpd primaries on loopback, with and without PIPELINING: per-recipient
+outcomes, timeouts, dropped connections, DSN parameters, SMTPUTF8, dot-stuffing and byte-exact bodies."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def target(p: Primary | Greeter | BlackHole | int) -> Target:
     return Target("127.0.0.1", port, "127.0.0.1")
 
 
-@pytest.fixture
-async def primary() -> Primary:
-    p = await Primary().start()
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelined"])
+async def primary(request: pytest.FixtureRequest) -> Primary:
+    p = await Primary(pipelining=request.param).start()
     yield p  # type: ignore[misc]
     await p.stop()
 
@@ -294,9 +294,10 @@ def _tls(**kw: object) -> RelaySettings:
                          data_timeout=5.0, **kw)  # type: ignore[arg-type]
 
 
-async def test_starttls_opportunistic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_starttls_opportunistic(tmp_path: Path, pipelining: bool) -> None:
     _, ctx = self_signed(tmp_path)
-    p = await Primary(tls_context=ctx).start()
+    p = await Primary(tls_context=ctx, pipelining=pipelining).start()
     try:
         s = await RelaySession.open([target(p)], _tls(tls_verify=False))  # self-signed is fine
         assert s.tls
