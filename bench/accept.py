@@ -30,7 +30,7 @@ from typing import Protocol
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, setup_description
+from bench.backupmx_node import BackupmxNode, BackupmxUnavailable, add_setup_options, chosen_setup, setup_description
 from bench.figures import (
     fmt,
     fmt_triple,
@@ -274,17 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["postfix", "backupmx"], help="measure one server only")
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run before it is killed")
     ap.add_argument("--latency-repeat", type=int, help="repeats of each latency run (default 3; --quick 2)")
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
-    ap.add_argument("--lab-setup", action="store_true",
-                    help="the former setup: recipients \"any\", no admin listener, mail log in a file, "
-                         "queues emptied before each run")
+    add_setup_options(ap, ", queues emptied before each run")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args(argv)
     messages = args.messages or (200 if args.quick else 1000)
     repeat = args.repeat or (2 if args.quick else 5)
     lat_repeat = args.latency_repeat or (2 if args.quick else 3)
-    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
+    setup = chosen_setup(args)
     keep = setup == "operator"
     cells = parse_cells(args.cells)
     lat_conc = [int(c) for c in args.latency_concurrency.split(",") if c.strip()]

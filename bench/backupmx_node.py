@@ -6,6 +6,7 @@ listener with a token file, the mail log on stderr) or the lab setup, starts `.v
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -48,6 +49,25 @@ def setup_description(setup: Setup) -> str:
                 "spool kept across runs")
     return ("lab setup: recipients = \"any\", no admin listener, mail log to its own file, [dns] to a loopback "
             "port where nothing listens, empty spool before each run")
+
+
+def add_loop_option(ap: argparse.ArgumentParser) -> None:
+    """--asyncio-loop, the same in every bench that starts serve."""
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
+
+
+def add_setup_options(ap: argparse.ArgumentParser, lab_also: str = "") -> None:
+    """--asyncio-loop and --lab-setup; `lab_also` ends the latter's help with what that bench's lab
+    setup does besides (", a fresh server ... for every run")."""
+    add_loop_option(ap)
+    ap.add_argument("--lab-setup", action="store_true",
+                    help="the former setup: recipients \"any\", no admin listener, mail log in a file" + lab_also)
+
+
+def chosen_setup(args: argparse.Namespace) -> Setup:
+    """The setup --lab-setup picked (operator unless it was given)."""
+    return SETUPS[1] if args.lab_setup else SETUPS[0]
 
 
 def write_recipient_file(path: Path, domains: Sequence[str], addresses: Sequence[str]) -> int:

@@ -33,7 +33,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, setup_description
+from bench.backupmx_node import (
+    BackupmxNode,
+    BackupmxUnavailable,
+    Setup,
+    add_setup_options,
+    chosen_setup,
+    setup_description,
+)
 from bench.figures import fmt_triple, load_average, machine, machine_line, summary, table
 from bench.preflight import cannot_run, work_dir
 from tests.support.ports import free_port
@@ -211,17 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["postfix", "backupmx"])
     ap.add_argument("--probe-interval", default="1s", help="backupmx delivery.probe_interval (default 1s)")
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
-    ap.add_argument("--lab-setup", action="store_true",
-                    help="the former setup: recipients \"any\", no admin listener, mail log in a file, "
-                         "a fresh server and spool for every run")
+    add_setup_options(ap, ", a fresh server and spool for every run")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for each load and each drain")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     n = args.messages or (2000 if args.quick else 20000)
     repeat = args.repeat or (2 if args.quick else 3)
-    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
+    setup = chosen_setup(args)
     if cannot_run(postfix=args.only != "backupmx"):
         return 2
     load_start = load_average()

@@ -28,7 +28,14 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support`
 from backupmx.model import Envelope, Recipient
 from backupmx.spool.body import BodyBuffer
 from backupmx.spool.sqlite import SqliteSpool
-from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, setup_description
+from bench.backupmx_node import (
+    BackupmxNode,
+    BackupmxUnavailable,
+    Setup,
+    add_setup_options,
+    chosen_setup,
+    setup_description,
+)
 from bench.figures import fmt_triple, load_average, machine_line, summary, table
 from bench.signals import exit_on_sigterm
 from tests.support.ports import free_port
@@ -109,14 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mb", type=float, default=50)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
-    ap.add_argument("--lab-setup", action="store_true",
-                    help="the former setup: recipients \"any\", no admin listener, mail log in a file")
+    add_setup_options(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     exit_on_sigterm()
-    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
+    setup = chosen_setup(args)
     print(machine_line(), flush=True)
     print(f"backupmx: {setup_description(setup)}", flush=True)
     load_start = load_average()

@@ -12,12 +12,10 @@ difference to the plain run, and the load average before and after. Prints figur
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import os
 import smtplib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support`
 
 from tests.support.dnsserver import DnsServer
 from tests.support.ports import free_port
+from tests.support.rsa_key import new_rsa_key
 from tests.support.rspamd import Rspamd
 from tests.support.serve import ServeProcess
 
@@ -44,10 +43,8 @@ def node(workdir: Path, extra: dict[str, object], nameserver: str) -> ServeProce
 
 def dkim_key(tmp: Path) -> tuple[bytes, str]:
     key = tmp / "dkim.pem"
-    subprocess.run(["openssl", "genrsa", "-traditional", "-out", str(key), "2048"], check=True, capture_output=True)
-    der = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
-                         capture_output=True).stdout
-    return key.read_bytes(), base64.b64encode(der).decode()
+    public = new_rsa_key(key, 2048)
+    return key.read_bytes(), public
 
 
 def signed(i: int, key: bytes | None) -> bytes:

@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, setup_description
+from bench.backupmx_node import BackupmxNode, BackupmxUnavailable, add_setup_options, chosen_setup, setup_description
 from bench.figures import load_average, machine, machine_line, table
 from bench.signals import exit_on_sigterm
 from tests.support.ports import free_port
@@ -68,14 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=3, help="messages, one after the other (default %(default)s)")
     ap.add_argument("--drain", action="store_true", help="then deliver them to smtp-sink, sampling RSS")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the drain")
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
-    ap.add_argument("--lab-setup", action="store_true",
-                    help="the former setup: recipients \"any\", no admin listener, mail log in a file")
+    add_setup_options(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     exit_on_sigterm()
-    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
+    setup = chosen_setup(args)
     if args.drain and tools_unavailable_reason():
         print(f"cannot run: {tools_unavailable_reason()}", file=sys.stderr)
         return 2

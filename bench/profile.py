@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from bench.backupmx_node import BackupmxNode, BackupmxUnavailable, setup_description
+from bench.backupmx_node import BackupmxNode, BackupmxUnavailable, add_loop_option, setup_description
 from bench.drain import watch_drain
 from bench.figures import load_average, machine_line, table
 from bench.preflight import cannot_run, work_dir
@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default %(default)s)")
     ap.add_argument("--all-threads", action="store_true",
                     help="sample every thread, not only the one holding the GIL (waiting threads then count)")
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
+    add_loop_option(ap)
     ap.add_argument("--raw-dir", type=Path, help="keep py-spy's raw files here (accept.txt, deliver.txt)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the load and for the drain")
     args = ap.parse_args(argv)

@@ -30,7 +30,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` and `tests.support` importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from bench.backupmx_node import SETUPS, BackupmxNode, BackupmxUnavailable, Setup, backupmx_command, setup_description
+from bench.backupmx_node import (
+    BackupmxNode,
+    BackupmxUnavailable,
+    add_setup_options,
+    backupmx_command,
+    chosen_setup,
+    setup_description,
+)
 from bench.drain import watch_drain
 from bench.figures import fmt, fmt_triple, load_average, machine, machine_line, summary, table
 from bench.signals import exit_on_sigterm
@@ -226,14 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accept-sessions", type=int, default=10, help="accept runs' concurrency (default 10)")
     ap.add_argument("--accept-repeat", type=int, default=3,
                     help="accept runs per queue and restarts (default %(default)s; 0 = skip both)")
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
-    ap.add_argument("--lab-setup", action="store_true",
-                    help="the former setup: recipients \"any\", no admin listener, mail log in a file")
+    add_setup_options(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     exit_on_sigterm()
-    setup: Setup = SETUPS[1] if args.lab_setup else SETUPS[0]
+    setup = chosen_setup(args)
     accept_messages = args.accept_messages or (500 if args.quick else 2000)
     load_start = load_average()
     loop = "-"

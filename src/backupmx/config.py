@@ -108,6 +108,16 @@ def _hostport(item: str, *, default_port: int = 25) -> tuple[str, int]:
         raise ValueError(f"{item!r} is not host:port") from e
 
 
+def _http_url(v: str | None, wrong: str) -> str | None:
+    """An http(s) base address without its trailing slash; `wrong` is the key's own message."""
+    if v is None:
+        return v
+    v = v.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", v):
+        raise ValueError(wrong)
+    return v
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -282,12 +292,7 @@ class FilterConfig(_Frozen):
     @field_validator("rspamd")
     @classmethod
     def _rspamd_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = v.strip().rstrip("/")
-        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", v):
-            raise ValueError("must be an http:// address such as \"http://127.0.0.1:11333\"")
-        return v
+        return _http_url(v, "must be an http:// address such as \"http://127.0.0.1:11333\"")
 
     @field_validator("timeout")
     @classmethod
@@ -407,12 +412,7 @@ class ContinuityConfig(_Frozen):
     @field_validator("base_url")
     @classmethod
     def _base_url_ok(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = v.strip().rstrip("/")
-        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", v):
-            raise ValueError("must be an http:// or https:// address such as https://mail-backup.example.com")
-        return v
+        return _http_url(v, "must be an http:// or https:// address such as https://mail-backup.example.com")
 
     @field_validator("timezone")
     @classmethod

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from backupmx.clock import Clock
+from backupmx.policy.ratelimit import address_key
 
 BURST = 10  # failures allowed at once
 WINDOW_SECONDS = 600.0  # ... refilled over this time (one every minute)
@@ -26,11 +27,7 @@ def client_network(remote: str | None) -> str:
         addr = ipaddress.ip_address((remote or "").split("%", 1)[0])
     except ValueError:
         return remote or "?"
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
-    return str(addr)
+    return address_key(addr)
 
 
 @dataclass(slots=True)

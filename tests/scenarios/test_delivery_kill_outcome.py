@@ -26,12 +26,10 @@ from tests.support.serve import ServeProcess
 from tests.unit.delivery.fake_primary import Primary
 
 
-@pytest.mark.parametrize(("point", "after", "copies"), [
-    ("delivery.after_remote_250", "1", 2),
-    ("delivery.after_delivered_commit", "1", 1),
-    ("spool.before_commit", "2", 1),  # the 1st put group is the accept; the 2nd carries the DSN
-])
-async def test_kill_in_the_outcome_path(tmp_path: Path, point: str, after: str, copies: int) -> None:
+async def _setup(tmp_path: Path, delivery: dict[str, object], *, env: dict[str, str] | None = None,
+                 ) -> tuple[Primary, Primary, ServeProcess]:
+    """The primary (250 for a@, 550 for b@), the sender's MX that gets the DSN, and the (unstarted) node
+    protecting both, with short retries and `delivery`'s own lease (and poison limit)."""
     primary = await Primary().start()
     primary.rcpt_rule = lambda a: "550 5.1.1 <b@example.test>: User unknown" if a.startswith("b@") else None
     sink = await Primary(hostname="mx.sender.test").start()
@@ -39,9 +37,20 @@ async def test_kill_in_the_outcome_path(tmp_path: Path, point: str, after: str, 
         tmp_path / "node",
         domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"},
                  {"name": "sender.test", "primary": [sink.hostport], "recipients": "any"}],
-        delivery={"lease": "2s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s"},
+        delivery={"retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", **delivery},
         extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
+        env=env,
     )
+    return primary, sink, node
+
+
+@pytest.mark.parametrize(("point", "after", "copies"), [
+    ("delivery.after_remote_250", "1", 2),
+    ("delivery.after_delivered_commit", "1", 1),
+    ("spool.before_commit", "2", 1),  # the 1st put group is the accept; the 2nd carries the DSN
+])
+async def test_kill_in_the_outcome_path(tmp_path: Path, point: str, after: str, copies: int) -> None:
+    primary, sink, node = await _setup(tmp_path, {"lease": "2s"})
     try:
         await asyncio.to_thread(node.start, env={"BACKUPMX_FAULT": point, "BACKUPMX_FAULT_AFTER": after})
         await asyncio.to_thread(send, node.port, make_body(1, size=2000), ["a@example.test", "b@example.test"])
@@ -76,17 +85,9 @@ async def test_poison_message_against_a_real_serve(tmp_path: Path) -> None:
     """A message whose DSN work raises every time (an unexpected error injected where the DSN is about to
     be committed): a@'s 250 was committed first, so the primary gets one copy; b@ is tried
     `poison_after` times, then held as poison, shown so by `queue list`, and never tried again."""
-    primary = await Primary().start()
-    primary.rcpt_rule = lambda a: "550 5.1.1 <b@example.test>: User unknown" if a.startswith("b@") else None
-    sink = await Primary(hostname="mx.sender.test").start()
-    node = ServeProcess(
-        tmp_path / "node",
-        domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"},
-                 {"name": "sender.test", "primary": [sink.hostport], "recipients": "any"}],
-        delivery={"lease": "1s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", "poison_after": 2},
-        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
-        env={"BACKUPMX_FAULT": "delivery.before_dsn_commit", "BACKUPMX_FAULT_ACTION": "raise"},
-    )
+    primary, sink, node = await _setup(
+        tmp_path, {"lease": "1s", "poison_after": 2},
+        env={"BACKUPMX_FAULT": "delivery.before_dsn_commit", "BACKUPMX_FAULT_ACTION": "raise"})
     try:
         await asyncio.to_thread(node.start)
         qid = await asyncio.to_thread(send, node.port, make_body(1, size=2000), ["a@example.test", "b@example.test"])

@@ -156,6 +156,16 @@ MAIL2 = (b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\n"
          b"From: alice@sender.test\r\nSubject: Hello World 2\r\n\r\nThis is mail 2/2 to test pipelining\r\n.\r\n")
 
 
+def mail_1_then_2_before_354(c: EdgeClient) -> None:
+    """smtpsmug's "pipelining" test: a proper transaction up to 354, then mail 1's content, its end, and mail 2's
+    commands and content in the same write (before any reply to mail 1's end)."""
+    assert c.cmd("EHLO sender.test").startswith("250 ")
+    assert c.cmd("MAIL FROM:<alice@sender.test>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@ours.test>") == "250 2.1.5 Ok"
+    assert c.cmd("DATA").startswith("354 ")
+    c.send(MAIL1 + MAIL2)
+
+
 def test_early_pipelining_gets_554_and_the_end(tmp_path: Path) -> None:
     with node_at(tmp_path / "node") as node:
         node.start()
@@ -166,11 +176,7 @@ def test_early_pipelining_gets_554_and_the_end(tmp_path: Path) -> None:
             assert c.closed()
         # smtpsmug's "pipelining" test: mail 1 ends, then mail 2's commands AND content before our 354
         with EdgeClient(node.port) as c:
-            assert c.cmd("EHLO sender.test").startswith("250 ")
-            assert c.cmd("MAIL FROM:<alice@sender.test>") == "250 2.1.0 Ok"
-            assert c.cmd("RCPT TO:<bob@ours.test>") == "250 2.1.5 Ok"
-            assert c.cmd("DATA").startswith("354 ")
-            c.send(MAIL1 + MAIL2)
+            mail_1_then_2_before_354(c)
             first = c.reply()
             assert first.startswith("250 2.0.0 Ok: queued as ")  # mail 1 is a proper message
             assert [c.reply() for _ in range(3)] == ["250 2.1.0 Ok", "250 2.1.5 Ok", SYNC]
@@ -186,11 +192,7 @@ def test_early_pipelining_allowed_when_switched_off(tmp_path: Path) -> None:
     with node_at(tmp_path / "node", server={"forbid_early_pipelining": False}) as node:
         node.start()
         with EdgeClient(node.port) as c:
-            assert c.cmd("EHLO sender.test").startswith("250 ")
-            assert c.cmd("MAIL FROM:<alice@sender.test>") == "250 2.1.0 Ok"
-            assert c.cmd("RCPT TO:<bob@ours.test>") == "250 2.1.5 Ok"
-            assert c.cmd("DATA").startswith("354 ")
-            c.send(MAIL1 + MAIL2)
+            mail_1_then_2_before_354(c)
             replies = [c.reply() for _ in range(5)]
             assert replies[0].startswith("250 2.0.0 Ok: queued as ") and replies[4].startswith("250 2.0.0 Ok: queued")
         assert node.queue_count() == 2

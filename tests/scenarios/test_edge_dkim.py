@@ -6,8 +6,6 @@ for one without."""
 
 from __future__ import annotations
 
-import base64
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from tests.scenarios.test_edge_client import EdgeClient
 from tests.scenarios.test_edge_rspamd import header_of, stored
 from tests.support.dnsserver import DnsServer
 from tests.support.ports import free_port, wait_for_smtp
+from tests.support.rsa_key import new_rsa_key
 from tests.support.serve import ServeProcess
 
 dkim = pytest.importorskip("dkim")
@@ -26,10 +25,8 @@ pytest.importorskip("spf")
 def rsa_key(tmp: Path) -> tuple[bytes, str]:
     """A 1024-bit RSA key (PEM) and its public half for the DKIM record (p=, base64 of the DER)."""
     key = tmp / "dkim.pem"
-    subprocess.run(["openssl", "genrsa", "-traditional", "-out", str(key), "1024"], check=True, capture_output=True)
-    der = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
-                         capture_output=True).stdout
-    return key.read_bytes(), base64.b64encode(der).decode()
+    public = new_rsa_key(key, 1024)
+    return key.read_bytes(), public
 
 
 def zones(public: str) -> dict[str, object]:

@@ -7,12 +7,12 @@ softreject@spam.test. It starts in about a second; `stop()` ends it (SIGTERM, th
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.peer_process import PeerProcess
 from tests.support.ports import free_port
 
 RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
@@ -57,7 +57,7 @@ url_tld = "$LOCAL_CONFDIR/tld.dat";
 """
 
 
-class Rspamd:
+class Rspamd(PeerProcess):
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -133,19 +133,3 @@ class Rspamd:
             if p.exists()
         ]
         return "\n".join(parts)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Rspamd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -7,11 +7,11 @@ the same data (the "directory down" case)."""
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
+from tests.support.peer_process import PeerProcess
 from tests.support.ports import free_port
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
@@ -43,7 +43,7 @@ access to * by * read
 """
 
 
-class Slapd:
+class Slapd(PeerProcess):
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -111,19 +111,3 @@ class Slapd:
         conn = self.connection()
         conn.delete(f"uid={uid},ou=people,{BASE}")
         conn.unbind()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Slapd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -73,6 +73,20 @@ def test_errors_name_file_and_key(raw: dict[str, object], message: str) -> None:
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(("section", "key", "message"), [
+    ("filter", "rspamd", 'must be an http:// address such as "http://127.0.0.1:11333"'),
+    ("continuity", "base_url", "must be an http:// or https:// address such as https://mail-backup.example.com"),
+])
+def test_http_url_keys(section: str, key: str, message: str) -> None:
+    """Both http(s) address keys trim the trailing slash and keep their own message for a bad one."""
+    cfg = config_from_dict({section: {key: " https://h.test:8/x/ "}})
+    assert getattr(getattr(cfg, section), key) == "https://h.test:8/x"
+    for bad in ("ftp://h.test", "http://", "http://h.test/a b", "h.test"):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({section: {key: bad}}, source="f.toml")
+        assert f"f.toml: {section}.{key}: {message}" in str(e.value)
+
+
 def test_load_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.toml")

@@ -30,7 +30,7 @@ from backupmx.delivery.statistics import Totals
 from backupmx.delivery.work import Destination, Job
 from backupmx.errors import LeaseLost, SpoolError, SpoolFullError, SpoolUnavailable
 from backupmx.maillog import MailLog
-from backupmx.model import Bounced, Deferred, Delivered, MessageKind, MessageRecord, Outcome, RecipientRecord
+from backupmx.model import Bounced, Deferred, Delivered, MessageKind, MessageRecord, Outcome, QueueId, RecipientRecord
 from backupmx.spool import NewMessage, OutagePeriod, RecipientUpdate, Spool
 
 log = logging.getLogger("backupmx.delivery")
@@ -115,6 +115,14 @@ def plan(msg: MessageRecord, recipients: Sequence[RecipientRecord], result: Tran
                     will_retry_until=retention.expires_at(msg.received_at, now, outages),
                     detail=f"delivery temporarily suspended: {outcome.reply}"))
     return p
+
+
+def _not_recorded(msg_id: QueueId, e: Exception) -> Recorded:
+    """In OutcomeRecorder.write's `except`, for an error no retry there cures: logged with its traceback;
+    a full disk LEFT (the lease runs out, the recipients come back), anything else FAILED (counted toward
+    the poison limit)."""
+    log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
+    return Recorded.LEFT if isinstance(e, SpoolFullError) else Recorded.FAILED
 
 
 class OutcomeRecorder:
@@ -204,12 +212,8 @@ class OutcomeRecorder:
             return Recorded.LEFT
         except SpoolUnavailable as e:
             log.warning("%s: recording outcomes failed (%s); trying again while the lease lasts", msg_id, e)
-        except SpoolFullError:
-            log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
-            return Recorded.LEFT
-        except Exception:
-            log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
-            return Recorded.FAILED
+        except Exception as e:
+            return _not_recorded(msg_id, e)
         # renewals could keep the lease forever (a database that renews but refuses the record): bounded
         give_up_at = time.monotonic() + self._lease - margin
         while True:
@@ -242,12 +246,8 @@ class OutcomeRecorder:
                 return Recorded.LEFT
             except SpoolUnavailable:
                 continue
-            except SpoolFullError:
-                log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
-                return Recorded.LEFT
-            except Exception:
-                log.exception("%s: recording outcomes failed; the lease will run out and they come back", msg_id)
-                return Recorded.FAILED
+            except Exception as e:
+                return _not_recorded(msg_id, e)
             log.info("%s: outcomes recorded after %d tries", msg_id, tries)
             return Recorded.COMMITTED
 

@@ -33,6 +33,12 @@ def client_key(ip: str) -> str:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return ip
+    return address_key(addr)
+
+
+def address_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """client_key of a parsed address (an IPv4-mapped IPv6 address counts as IPv4); signinlimit.py's
+    failed sign-ins are counted by the same unit."""
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:
             return str(addr.ipv4_mapped)
@@ -107,4 +113,4 @@ class MessageRateLimit:
         return Verdict.defer(too_much_mail(session.client_ip), log_reason="message rate limit")
 
 
-__all__ = ["MessageRateLimit", "TokenBuckets", "client_key", "too_much_mail"]
+__all__ = ["MessageRateLimit", "TokenBuckets", "address_key", "client_key", "too_much_mail"]

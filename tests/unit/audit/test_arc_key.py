@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,16 +9,14 @@ import pytest
 from backupmx.audit.report import Level
 from backupmx.audit.rules import arc_marks
 from backupmx.config import config_from_dict
+from tests.support.rsa_key import new_rsa_key
 
 pytest.importorskip("dkim")
 
 
 def key(tmp: Path, name: str) -> tuple[Path, str]:
     pem = tmp / f"{name}.pem"
-    subprocess.run(["openssl", "genrsa", "-traditional", "-out", str(pem), "1024"], check=True, capture_output=True)
-    der = subprocess.run(["openssl", "rsa", "-in", str(pem), "-pubout", "-outform", "DER"], check=True,
-                         capture_output=True).stdout
-    return pem, base64.b64encode(der).decode()
+    return pem, new_rsa_key(pem, 1024)
 
 
 def test_arc_key_published_or_not(tmp_path: Path) -> None:

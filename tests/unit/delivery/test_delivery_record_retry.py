@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backupmx.errors import SpoolUnavailable
+from backupmx.delivery.outcomes import Recorded, _not_recorded
+from backupmx.errors import SpoolFullError, SpoolUnavailable
 from backupmx.model import QueueId, RecipientState
 from backupmx.spool import NewMessage, RecipientUpdate
 from tests.unit.delivery.fake_primary import Primary
@@ -128,3 +129,17 @@ async def test_gives_up_before_the_lease_runs_out(tmp_path: Path, primary: Prima
     assert await h.engine.run_once() == 1
     assert (await h.rcpt(qid)).state is RecipientState.DELIVERED and len(primary.received) == 2
     await h.close()
+
+
+@pytest.mark.parametrize(("error", "recorded"), [
+    (SpoolFullError("disk full (injected)"), Recorded.LEFT),  # the lease runs out, the recipients come back
+    (RuntimeError("a bug (injected)"), Recorded.FAILED),  # counted toward the poison limit
+])
+def test_an_error_no_retry_cures(error: Exception, recorded: Recorded, caplog: pytest.LogCaptureFixture) -> None:
+    """What write() answers (on the first try and on a retry alike) for an error it does not try again."""
+    try:
+        raise error
+    except Exception as e:
+        assert _not_recorded(QueueId("Q1"), e) is recorded
+    assert caplog.records[-1].getMessage() == "Q1: recording outcomes failed; the lease will run out and they come back"
+    assert caplog.records[-1].exc_info is not None and caplog.records[-1].exc_info[1] is error
