@@ -167,25 +167,52 @@ def parse_cells(text: str) -> list[tuple[int, int]]:
     return cells
 
 
-def throughput_run(t: Target, size_kb: int, conc: int, repeat: int, messages: int,
-                   timeout: float) -> RunRecord:
+def throughput_run(t: Target, size_kb: int, conc: int, repeat: int, messages: int, timeout: float) -> RunRecord:
     t.reset()
-    res = smtp_source(t.host, t.port, messages=messages, sessions=conc, size_kb=size_kb, sender=SENDER,
-                      recipient=RECIPIENT, timeout=timeout)
+    res = smtp_source(
+        t.host,
+        t.port,
+        messages=messages,
+        sessions=conc,
+        size_kb=size_kb,
+        sender=SENDER,
+        recipient=RECIPIENT,
+        timeout=timeout,
+    )
     valid, detail = (False, f"smtp-source failed: {res.output.strip()[-300:]}") if not res.ok else t.verify(messages)
     return RunRecord(t.name, size_kb, conc, repeat, messages, res.elapsed, res.rate, valid, detail)
 
 
 def latency_run(t: Target, size_kb: int, conc: int, repeat: int, messages: int, timeout: float) -> LatencyRecord:
     t.reset()
-    run = latency(t.host, t.port, messages=messages, concurrency=conc, size_bytes=size_kb * 1024,
-                  sender=SENDER, recipient=RECIPIENT, overall_timeout=timeout)
+    run = latency(
+        t.host,
+        t.port,
+        messages=messages,
+        concurrency=conc,
+        size_bytes=size_kb * 1024,
+        sender=SENDER,
+        recipient=RECIPIENT,
+        overall_timeout=timeout,
+    )
     valid, detail = t.verify(run.sent)
     if run.errors:
         valid, detail = False, f"{len(run.errors)} errors, first: {run.errors[0]}; {detail}"
-    return LatencyRecord(t.name, size_kb, conc, repeat, run.sent, len(run.errors), run.elapsed,
-                         percentile(run.total, 50), percentile(run.total, 99),
-                         percentile(run.commit, 50), percentile(run.commit, 99), valid, detail)
+    return LatencyRecord(
+        t.name,
+        size_kb,
+        conc,
+        repeat,
+        run.sent,
+        len(run.errors),
+        run.elapsed,
+        percentile(run.total, 50),
+        percentile(run.total, 99),
+        percentile(run.commit, 50),
+        percentile(run.commit, 99),
+        valid,
+        detail,
+    )
 
 
 def latency_report(records: list[LatencyRecord], names: list[str]) -> str:
@@ -199,25 +226,52 @@ def latency_report(records: list[LatencyRecord], names: list[str]) -> str:
             rs = [lr for lr in records if lr.valid and lr.target == n and (lr.size_kb, lr.concurrency) == (size, conc)]
             p99_ratio = "-"
             if n == "backupmx" and "postfix" in names:
-                pf = {lr.repeat: lr.total_p99 for lr in records if lr.valid and lr.target == "postfix"
-                      and (lr.size_kb, lr.concurrency) == (size, conc)}
+                pf = {
+                    lr.repeat: lr.total_p99
+                    for lr in records
+                    if lr.valid and lr.target == "postfix" and (lr.size_kb, lr.concurrency) == (size, conc)
+                }
                 ratios = [lr.total_p99 / pf[lr.repeat] for lr in rs if pf.get(lr.repeat)]
                 if ratios:
                     lo, mid, hi = summary(ratios)
                     p99_ratio = f"{fmt(mid, 2)} ({fmt(lo, 2)}-{fmt(hi, 2)})"
-            rows.append([f"{size} KB x {conc}", n, str(len(rs)),
-                         fmt_triple([lr.total_p50 * 1000 for lr in rs], 1),
-                         fmt_triple([lr.total_p99 * 1000 for lr in rs], 1),
-                         fmt_triple([lr.commit_p99 * 1000 for lr in rs], 1),
-                         fmt_triple([lr.sent / lr.elapsed for lr in rs if lr.elapsed]), p99_ratio])
-    out.append(table(["size x conc", "server", "runs", "total p50", "total p99", "commit p99", "msg/s",
-                      "p99 backupmx/postfix paired"], rows))
+            rows.append(
+                [
+                    f"{size} KB x {conc}",
+                    n,
+                    str(len(rs)),
+                    fmt_triple([lr.total_p50 * 1000 for lr in rs], 1),
+                    fmt_triple([lr.total_p99 * 1000 for lr in rs], 1),
+                    fmt_triple([lr.commit_p99 * 1000 for lr in rs], 1),
+                    fmt_triple([lr.sent / lr.elapsed for lr in rs if lr.elapsed]),
+                    p99_ratio,
+                ]
+            )
+    out.append(
+        table(
+            [
+                "size x conc",
+                "server",
+                "runs",
+                "total p50",
+                "total p99",
+                "commit p99",
+                "msg/s",
+                "p99 backupmx/postfix paired",
+            ],
+            rows,
+        )
+    )
     return "\n".join(out)
 
 
 def report(results: Results, cells: list[tuple[int, int]], names: list[str]) -> str:
-    out = [machine_line(), f"load average (1/5/15 min) at start {results.load_start}, at end {results.load_end}",
-           f"backupmx: {results.config}; event loop of serve: {results.event_loop}", ""]
+    out = [
+        machine_line(),
+        f"load average (1/5/15 min) at start {results.load_start}, at end {results.load_end}",
+        f"backupmx: {results.config}; event loop of serve: {results.event_loop}",
+        "",
+    ]
     rates: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     by_repeat: dict[tuple[str, int, int, int], float] = {}
     invalid = [r for r in results.runs if not r.valid]
@@ -236,8 +290,11 @@ def report(results: Results, cells: list[tuple[int, int]], names: list[str]) -> 
     for size, conc in cells:
         row = [f"{size} KB x {conc}"] + [fmt_triple(rates[(n, size, conc)]) for n in names]
         if paired:
-            ratios = [by_repeat[("backupmx", s, c, rep)] / rate for (tgt, s, c, rep), rate in by_repeat.items()
-                      if tgt == "postfix" and (s, c) == (size, conc) and ("backupmx", s, c, rep) in by_repeat]
+            ratios = [
+                by_repeat[("backupmx", s, c, rep)] / rate
+                for (tgt, s, c, rep), rate in by_repeat.items()
+                if tgt == "postfix" and (s, c) == (size, conc) and ("backupmx", s, c, rep) in by_repeat
+            ]
             lo, mid, hi = summary(ratios)
             row.append(f"{fmt(mid, 2)} ({fmt(lo, 2)}-{fmt(hi, 2)})" if ratios else "-")
             if ratios:
@@ -265,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, help="messages per run (default 1000; --quick 200)")
     ap.add_argument("--repeat", type=int, help="repeats per cell (default 5; --quick 2)")
-    ap.add_argument("--cells", default="5x1,5x10,5x50,100x1,100x10,100x50",
-                    help="SIZE_KBxCONCURRENCY list (default %(default)s)")
-    ap.add_argument("--latency-concurrency", default="50",
-                    help="concurrency list for the latency client, empty = skip (default %(default)s)")
+    ap.add_argument(
+        "--cells", default="5x1,5x10,5x50,100x1,100x10,100x50", help="SIZE_KBxCONCURRENCY list (default %(default)s)"
+    )
+    ap.add_argument(
+        "--latency-concurrency",
+        default="50",
+        help="concurrency list for the latency client, empty = skip (default %(default)s)",
+    )
     ap.add_argument("--latency-messages", type=int, help="messages per latency run (default = --messages)")
     ap.add_argument("--quick", action="store_true", help="fewer messages and repeats")
     ap.add_argument("--only", choices=["postfix", "backupmx"], help="measure one server only")
@@ -288,10 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     if cannot_run(postfix=args.only != "backupmx"):
         return 2
 
-    results = Results(machine=machine(), args={"messages": messages, "repeat": repeat, "cells": args.cells,
-                                                "latency_concurrency": lat_conc, "latency_messages": lat_messages,
-                                                "latency_repeat": lat_repeat, "setup": setup},
-                      config=setup_description(setup), load_start=load_average())
+    results = Results(
+        machine=machine(),
+        args={
+            "messages": messages,
+            "repeat": repeat,
+            "cells": args.cells,
+            "latency_concurrency": lat_conc,
+            "latency_messages": lat_messages,
+            "latency_repeat": lat_repeat,
+            "setup": setup,
+        },
+        config=setup_description(setup),
+        load_start=load_average(),
+    )
     targets: list[Target] = []
     with contextlib.ExitStack() as stack:
         work = work_dir(stack, "accept")
@@ -299,9 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             pf = stack.enter_context(PostfixInstance("backup", domain="example.test"))
             targets.append(PostfixTarget(pf, keep=keep))
         if args.only != "postfix":
-            node = stack.enter_context(BackupmxNode(work / "backupmx", domains={"example.test": free_port()},
-                                                    setup=setup, recipients=[RECIPIENT],
-                                                    asyncio_loop=args.asyncio_loop))
+            node = stack.enter_context(
+                BackupmxNode(
+                    work / "backupmx",
+                    domains={"example.test": free_port()},
+                    setup=setup,
+                    recipients=[RECIPIENT],
+                    asyncio_loop=args.asyncio_loop,
+                )
+            )
             try:
                 node.start()
                 results.event_loop = node.event_loop()
@@ -319,19 +396,24 @@ def main(argv: list[str] | None = None) -> int:
                 for t in order:
                     rec = throughput_run(t, size, conc, rep, messages, args.run_timeout)
                     results.runs.append(rec)
-                    print(f"[{time.monotonic() - started:7.1f}s] repeat {rep + 1}/{repeat} {size:>3} KB x {conc:>2} "
-                          f"{t.name:<8} {rec.rate:8.1f} msg/s  {'ok' if rec.valid else 'INVALID: ' + rec.detail}",
-                          flush=True)
+                    print(
+                        f"[{time.monotonic() - started:7.1f}s] repeat {rep + 1}/{repeat} {size:>3} KB x {conc:>2} "
+                        f"{t.name:<8} {rec.rate:8.1f} msg/s  {'ok' if rec.valid else 'INVALID: ' + rec.detail}",
+                        flush=True,
+                    )
         for rep in range(lat_repeat):
             for size in sorted({s for s, _ in cells}):
                 for conc in lat_conc:
                     for t in targets if rep % 2 == 0 else list(reversed(targets)):
                         lrec = latency_run(t, size, conc, rep, lat_messages, args.run_timeout)
                         results.latency.append(lrec)
-                        print(f"[{time.monotonic() - started:7.1f}s] latency repeat {rep + 1}/{lat_repeat} "
-                              f"{size:>3} KB x {conc:>2} {t.name:<8} p50 {lrec.total_p50 * 1000:.1f} ms "
-                              f"p99 {lrec.total_p99 * 1000:.1f} ms "
-                              f"{'ok' if lrec.valid else 'INVALID: ' + lrec.detail}", flush=True)
+                        print(
+                            f"[{time.monotonic() - started:7.1f}s] latency repeat {rep + 1}/{lat_repeat} "
+                            f"{size:>3} KB x {conc:>2} {t.name:<8} p50 {lrec.total_p50 * 1000:.1f} ms "
+                            f"p99 {lrec.total_p99 * 1000:.1f} ms "
+                            f"{'ok' if lrec.valid else 'INVALID: ' + lrec.detail}",
+                            flush=True,
+                        )
     results.load_end = load_average()
     print()
     print(report(results, cells, [t.name for t in targets]))

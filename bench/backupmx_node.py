@@ -43,26 +43,36 @@ OTHER_RECIPIENTS = 5000  # addresses in the operator's recipient list besides th
 def setup_description(setup: Setup) -> str:
     """What a figure's config was, for the line printed next to it."""
     if setup == "operator":
-        return (f"operator setup: recipients from a file (the load's addresses + {OTHER_RECIPIENTS:,} others), "
-                "admin listener on 127.0.0.1 with a token file, mail log on stderr redirected by the parent "
-                "to a file (as journald takes it), [dns] to a loopback port where nothing listens, "
-                "spool kept across runs")
-    return ("lab setup: recipients = \"any\", no admin listener, mail log to its own file, [dns] to a loopback "
-            "port where nothing listens, empty spool before each run")
+        return (
+            f"operator setup: recipients from a file (the load's addresses + {OTHER_RECIPIENTS:,} others), "
+            "admin listener on 127.0.0.1 with a token file, mail log on stderr redirected by the parent "
+            "to a file (as journald takes it), [dns] to a loopback port where nothing listens, "
+            "spool kept across runs"
+        )
+    return (
+        'lab setup: recipients = "any", no admin listener, mail log to its own file, [dns] to a loopback '
+        "port where nothing listens, empty spool before each run"
+    )
 
 
 def add_loop_option(ap: argparse.ArgumentParser) -> None:
     """--asyncio-loop, the same in every bench that starts serve."""
-    ap.add_argument("--asyncio-loop", action="store_true",
-                    help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop")
+    ap.add_argument(
+        "--asyncio-loop",
+        action="store_true",
+        help="make serve use asyncio's own event loop (uvloop blocked): the install without uvloop",
+    )
 
 
 def add_setup_options(ap: argparse.ArgumentParser, lab_also: str = "") -> None:
     """--asyncio-loop and --lab-setup; `lab_also` ends the latter's help with what that bench's lab
     setup does besides (", a fresh server ... for every run")."""
     add_loop_option(ap)
-    ap.add_argument("--lab-setup", action="store_true",
-                    help="the former setup: recipients \"any\", no admin listener, mail log in a file" + lab_also)
+    ap.add_argument(
+        "--lab-setup",
+        action="store_true",
+        help='the former setup: recipients "any", no admin listener, mail log in a file' + lab_also,
+    )
 
 
 def chosen_setup(args: argparse.Namespace) -> Setup:
@@ -101,10 +111,19 @@ class BackupmxNode:
     server/delivery/extra: added to or overriding the generated sections.
     """
 
-    def __init__(self, workdir: Path, *, domains: Mapping[str, int], port: int | None = None,
-                 server: Mapping[str, Any] | None = None, delivery: Mapping[str, Any] | None = None,
-                 extra: Mapping[str, Any] | None = None, setup: Setup = "lab",
-                 recipients: Sequence[str] = (), asyncio_loop: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        domains: Mapping[str, int],
+        port: int | None = None,
+        server: Mapping[str, Any] | None = None,
+        delivery: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        setup: Setup = "lab",
+        recipients: Sequence[str] = (),
+        asyncio_loop: bool = False,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -123,8 +142,9 @@ class BackupmxNode:
                 "max_connections": 1000,
                 **(server or {}),
             },
-            "domains": [{"name": name, "primary": [f"127.0.0.1:{p}"], "recipients": "any"}
-                        for name, p in domains.items()],
+            "domains": [
+                {"name": name, "primary": [f"127.0.0.1:{p}"], "recipients": "any"} for name, p in domains.items()
+            ],
             "delivery": dict(delivery or {}),
             "admin": {"listen": ""},
             "log": {"maillog": str(workdir / "mail.log")},
@@ -169,8 +189,12 @@ class BackupmxNode:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*backupmx_command(), "serve", "--config", str(self.config_path)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=str(self.workdir),
-                start_new_session=True, env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=str(self.workdir),
+                start_new_session=True,
+                env=self.env,
             )
         # if this script dies (SIGKILL), serve dies too
         self._watchdog = Watchdog('kill -9 -- "-$1"', str(self.proc.pid))
@@ -178,16 +202,19 @@ class BackupmxNode:
         while True:
             if self.proc.poll() is not None:
                 raise BackupmxUnavailable(
-                    f"backupmx serve exited {self.proc.returncode}: {self.last_log_line()}\n{self.log_tail()}")
+                    f"backupmx serve exited {self.proc.returncode}: {self.last_log_line()}\n{self.log_tail()}"
+                )
             try:
-                wait_for_smtp(self.host, self.port, timeout=min(1.0, max(0.05, deadline - time.monotonic())),
-                              interval=0.02)
+                wait_for_smtp(
+                    self.host, self.port, timeout=min(1.0, max(0.05, deadline - time.monotonic())), interval=0.02
+                )
                 return time.perf_counter() - started
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     self.kill()
-                    raise BackupmxUnavailable(f"backupmx serve gave no 220 within {timeout:g}s: "
-                                              f"{self.last_log_line()}\n{self.log_tail()}") from None
+                    raise BackupmxUnavailable(
+                        f"backupmx serve gave no 220 within {timeout:g}s: {self.last_log_line()}\n{self.log_tail()}"
+                    ) from None
 
     def stop(self, *, timeout: float = 60.0) -> int | None:
         """SIGTERM (graceful), SIGKILL after `timeout`. Returns the exit status."""
@@ -224,8 +251,9 @@ class BackupmxNode:
     def __enter__(self) -> BackupmxNode:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self.stop(timeout=30)
         finally:
@@ -262,8 +290,13 @@ class BackupmxNode:
 
     def cli(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
         """`backupmx <args> --config FILE`."""
-        res = subprocess.run([*backupmx_command(), *args, "--config", str(self.config_path)],
-                             capture_output=True, text=True, timeout=timeout, cwd=str(self.workdir))
+        res = subprocess.run(
+            [*backupmx_command(), *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.workdir),
+        )
         if res.returncode != 0:
             raise RuntimeError(f"backupmx {' '.join(args)} exited {res.returncode}: {res.stderr[-2000:]}")
         return res

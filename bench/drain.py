@@ -73,8 +73,9 @@ class DrainRecord:
         return self.messages / self.queue_empty if self.queue_empty > 0 else 0.0
 
 
-def watch_drain(sink: SmtpSink, expected: int, queue_count: Callable[[], int], *, timeout: float,
-                queue_poll: float) -> tuple[float, float, float]:
+def watch_drain(
+    sink: SmtpSink, expected: int, queue_count: Callable[[], int], *, timeout: float, queue_poll: float
+) -> tuple[float, float, float]:
     """From now: (first message at the sink, all `expected` at the sink, queue empty), in seconds;
     NaN for what did not happen within `timeout`."""
     t0 = time.perf_counter()
@@ -115,8 +116,9 @@ class PostfixDrain:
             self.pf = self.stack.enter_context(PostfixInstance("backup", domain="example.test"))
         pf = self.pf
         started = time.perf_counter()
-        res = smtp_source(pf.host, pf.port, messages=n, sessions=LOAD_SESSIONS, size_kb=size_kb,
-                          recipient=RECIPIENT, timeout=timeout)
+        res = smtp_source(
+            pf.host, pf.port, messages=n, sessions=LOAD_SESSIONS, size_kb=size_kb, recipient=RECIPIENT, timeout=timeout
+        )
         if not res.ok:
             return DrainRecord("postfix", rep, n, 0, 0, 0, 0, 0, False, f"load failed: {res.output[-300:]}")
         counts = pf.wait_settled(n, timeout=timeout)
@@ -130,8 +132,18 @@ class PostfixDrain:
             first, all_in, empty = watch_drain(sink, n, pf.queue_count, timeout=timeout, queue_poll=0.05)
             got = sink.wait_messages(n, timeout=5)
         ok = got == n and not math.isnan(empty)
-        return DrainRecord("postfix", rep, n, load, first, all_in, empty, got, ok,
-                           "" if ok else f"sink got {got} of {n}, queue {pf.queue_count()}")
+        return DrainRecord(
+            "postfix",
+            rep,
+            n,
+            load,
+            first,
+            all_in,
+            empty,
+            got,
+            ok,
+            "" if ok else f"sink got {got} of {n}, queue {pf.queue_count()}",
+        )
 
 
 class BackupmxDrain:
@@ -139,8 +151,9 @@ class BackupmxDrain:
 
     name = "backupmx"
 
-    def __init__(self, stack: contextlib.ExitStack, work: Path, *, setup: Setup, probe_interval: str,
-                 asyncio_loop: bool = False) -> None:
+    def __init__(
+        self, stack: contextlib.ExitStack, work: Path, *, setup: Setup, probe_interval: str, asyncio_loop: bool = False
+    ) -> None:
         self.stack, self.work, self.setup, self.probe_interval = stack, work, setup, probe_interval
         self.asyncio_loop = asyncio_loop
         self.node: BackupmxNode | None = None
@@ -153,10 +166,16 @@ class BackupmxDrain:
         if self.node is not None:
             self.node.stop()
         self.primary_port = free_port()
-        self.node = self.stack.enter_context(BackupmxNode(
-            self.work / f"drain{rep}", domains={"example.test": self.primary_port},
-            delivery={"probe_interval": self.probe_interval}, setup=self.setup, recipients=[RECIPIENT],
-            asyncio_loop=self.asyncio_loop))
+        self.node = self.stack.enter_context(
+            BackupmxNode(
+                self.work / f"drain{rep}",
+                domains={"example.test": self.primary_port},
+                delivery={"probe_interval": self.probe_interval},
+                setup=self.setup,
+                recipients=[RECIPIENT],
+                asyncio_loop=self.asyncio_loop,
+            )
+        )
         self.node.start()
         self.event_loop = self.node.event_loop()
         return self.node
@@ -166,8 +185,15 @@ class BackupmxDrain:
         if node.queue_count() != 0:
             return DrainRecord("backupmx", rep, n, 0, 0, 0, 0, 0, False, "queue not empty before the load")
         started = time.perf_counter()
-        res = smtp_source(node.host, node.port, messages=n, sessions=LOAD_SESSIONS, size_kb=size_kb,
-                          recipient=RECIPIENT, timeout=timeout)
+        res = smtp_source(
+            node.host,
+            node.port,
+            messages=n,
+            sessions=LOAD_SESSIONS,
+            size_kb=size_kb,
+            recipient=RECIPIENT,
+            timeout=timeout,
+        )
         if not res.ok:
             return DrainRecord("backupmx", rep, n, 0, 0, 0, 0, 0, False, f"load failed: {res.output[-300:]}")
         held = node.wait_queue_count(n, timeout=60)
@@ -180,8 +206,19 @@ class BackupmxDrain:
             got = sink.wait_messages(n, timeout=5)
             rss = node.memory().get("VmHWM", 0)
         ok = got == n and not math.isnan(empty)
-        return DrainRecord("backupmx", rep, n, load, first, all_in, empty, got, ok,
-                           "" if ok else f"sink got {got} of {n}, queue {node.queue_count()}", rss)
+        return DrainRecord(
+            "backupmx",
+            rep,
+            n,
+            load,
+            first,
+            all_in,
+            empty,
+            got,
+            ok,
+            "" if ok else f"sink got {got} of {n}, queue {node.queue_count()}",
+            rss,
+        )
 
 
 def report(records: list[DrainRecord], n: int, size_kb: float, names: list[str]) -> str:
@@ -189,17 +226,28 @@ def report(records: list[DrainRecord], n: int, size_kb: float, names: list[str])
     rows = []
     for name in names:
         rs = [r for r in records if r.target == name and r.valid]
-        rows.append([name, f"{len(rs)} of {sum(1 for r in records if r.target == name)}",
-                     fmt_triple([r.load_seconds for r in rs], 1), fmt_triple([r.first_at_primary for r in rs], 2),
-                     fmt_triple([r.queue_empty for r in rs], 2), fmt_triple([r.rate for r in rs]),
-                     fmt_triple([r.peak_rss_kib / 1024 for r in rs if r.peak_rss_kib])])
-    out = [f"Drain of {n:,} x {size_kb:g} KB held messages to smtp-sink, seconds from the primary's return, "
-           "min / median / max over the valid repeats:",
-           table(["server", "valid runs", "load s", "first at primary", "queue empty", "msg/s",
-                  "peak RSS MiB"], rows)]
+        rows.append(
+            [
+                name,
+                f"{len(rs)} of {sum(1 for r in records if r.target == name)}",
+                fmt_triple([r.load_seconds for r in rs], 1),
+                fmt_triple([r.first_at_primary for r in rs], 2),
+                fmt_triple([r.queue_empty for r in rs], 2),
+                fmt_triple([r.rate for r in rs]),
+                fmt_triple([r.peak_rss_kib / 1024 for r in rs if r.peak_rss_kib]),
+            ]
+        )
+    out = [
+        f"Drain of {n:,} x {size_kb:g} KB held messages to smtp-sink, seconds from the primary's return, "
+        "min / median / max over the valid repeats:",
+        table(["server", "valid runs", "load s", "first at primary", "queue empty", "msg/s", "peak RSS MiB"], rows),
+    ]
     by = {(r.target, r.repeat): r.rate for r in records if r.valid}
-    ratios = [by[("backupmx", rep)] / rate for (t, rep), rate in by.items()
-              if t == "postfix" and rate > 0 and ("backupmx", rep) in by]
+    ratios = [
+        by[("backupmx", rep)] / rate
+        for (t, rep), rate in by.items()
+        if t == "postfix" and rate > 0 and ("backupmx", rep) in by
+    ]
     if ratios:
         lo, mid, hi = summary(ratios)
         out.append(f"\ndrain rate backupmx/postfix, paired per repeat: median {mid:.2f} (min {lo:.2f}, max {hi:.2f})")
@@ -237,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "backupmx":
             targets.append(PostfixDrain(stack, keep=setup == "operator"))
         if args.only != "postfix":
-            bmx = BackupmxDrain(stack, work, setup=setup, probe_interval=args.probe_interval,
-                                asyncio_loop=args.asyncio_loop)
+            bmx = BackupmxDrain(
+                stack, work, setup=setup, probe_interval=args.probe_interval, asyncio_loop=args.asyncio_loop
+            )
             targets.append(bmx)
         for rep in range(repeat):
             for t in targets if rep % 2 == 0 else list(reversed(targets)):
@@ -251,25 +300,41 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"backupmx: pending ({pending})", flush=True)
                     continue
                 records.append(rec)
-                print(f"repeat {rep + 1}/{repeat} {rec.target}: queue empty {rec.queue_empty:.2f}s after the "
-                      f"primary came back ({rec.rate:.0f} msg/s) {'ok' if rec.valid else 'INVALID: ' + rec.detail}",
-                      flush=True)
+                print(
+                    f"repeat {rep + 1}/{repeat} {rec.target}: queue empty {rec.queue_empty:.2f}s after the "
+                    f"primary came back ({rec.rate:.0f} msg/s) {'ok' if rec.valid else 'INVALID: ' + rec.detail}",
+                    flush=True,
+                )
     load_end = load_average()
     event_loop = bmx.event_loop if bmx is not None else ""
     print()
     print(machine_line())
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}")
-    print(f"backupmx: {setup_description(setup)}; delivery.probe_interval {args.probe_interval}; "
-          f"event loop of serve: {event_loop or '-'}\n")
+    print(
+        f"backupmx: {setup_description(setup)}; delivery.probe_interval {args.probe_interval}; "
+        f"event loop of serve: {event_loop or '-'}\n"
+    )
     print(report(records, n, args.size_kb, [t.name for t in targets]))
     if pending:
         print(f"\nbackupmx: pending ({pending})")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "messages": n, "size_kb": args.size_kb,
-                                         "setup": setup, "repeat": repeat, "event_loop": event_loop,
-                                         "load_start": load_start, "load_end": load_end,
-                                         "records": [asdict(r) for r in records], "pending": pending},
-                                        indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "messages": n,
+                    "size_kb": args.size_kb,
+                    "setup": setup,
+                    "repeat": repeat,
+                    "event_loop": event_loop,
+                    "load_start": load_start,
+                    "load_end": load_end,
+                    "records": [asdict(r) for r in records],
+                    "pending": pending,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -45,8 +45,10 @@ MIB = 1024 * 1024
 
 
 def message_body(size: int, i: int, tmp: Path) -> BodyBuffer:
-    head = (f"From: <sender@source.test>\r\nTo: <alice@example.test>\r\nSubject: large {i}\r\n"
-            f"Message-ID: <drain.{i}.{time.time_ns()}@source.test>\r\n\r\n").encode()
+    head = (
+        f"From: <sender@source.test>\r\nTo: <alice@example.test>\r\nSubject: large {i}\r\n"
+        f"Message-ID: <drain.{i}.{time.time_ns()}@source.test>\r\n\r\n"
+    ).encode()
     line = b".dot-stuffed on the way out " + b"Y" * 968 + b"\r\n"  # 998 octets + CRLF
     buf = BodyBuffer(tmp)
     buf.write(head)
@@ -68,21 +70,32 @@ async def fill(data_dir: Path, n: int, size: int, tmp: Path) -> list[int]:
         for i in range(n):
             with message_body(size, i, tmp) as body:
                 sizes.append(body.size)
-                await spool.put(Envelope(sender="sender@source.test",
-                                         recipients=(Recipient(f"r{i}@example.test"),)), body)
+                await spool.put(
+                    Envelope(sender="sender@source.test", recipients=(Recipient(f"r{i}@example.test"),)), body
+                )
         return sorted(sizes)
     finally:
         await spool.close()
 
 
-def one_run(work: Path, n: int, size: int, timeout: float, *, setup: Setup = "operator",
-            asyncio_loop: bool = False) -> dict[str, object]:
+def one_run(
+    work: Path, n: int, size: int, timeout: float, *, setup: Setup = "operator", asyncio_loop: bool = False
+) -> dict[str, object]:
     port = free_port()
-    node = BackupmxNode(work / "node", domains={"example.test": port},
-                        delivery={"concurrency_initial": n, "concurrency_max": n, "probe_interval": "1s",
-                                  "retry_min": "1s", "retry_max": "2s"},
-                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}}, setup=setup,
-                        asyncio_loop=asyncio_loop)
+    node = BackupmxNode(
+        work / "node",
+        domains={"example.test": port},
+        delivery={
+            "concurrency_initial": n,
+            "concurrency_max": n,
+            "probe_interval": "1s",
+            "retry_min": "1s",
+            "retry_max": "2s",
+        },
+        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}},
+        setup=setup,
+        asyncio_loop=asyncio_loop,
+    )
     sizes = asyncio.run(fill(node.data_dir, n, size, work))
     sink = ScriptedPrimary(keep_bodies=False)
     with node:
@@ -100,14 +113,30 @@ def one_run(work: Path, n: int, size: int, timeout: float, *, setup: Setup = "op
             hwm = node.memory()["VmHWM"]
             time.sleep(0.5)  # anything more would be a duplicate
             copies = {r for t in sink.delivered() for r in t.recipients}
-            ok = (len(sink.body_sizes) == n and len(copies) == n and len(sink.delivered()) == n
-                  and sorted(sink.body_sizes) == sizes)
-            why = (f"sink: {len(sink.body_sizes)} bodies, {len(copies)} recipients, {len(sink.delivered())} "
-                   f"accepted, sizes {sorted(sink.body_sizes)} (stored {sizes})")
+            ok = (
+                len(sink.body_sizes) == n
+                and len(copies) == n
+                and len(sink.delivered()) == n
+                and sorted(sink.body_sizes) == sizes
+            )
+            why = (
+                f"sink: {len(sink.body_sizes)} bodies, {len(copies)} recipients, {len(sink.delivered())} "
+                f"accepted, sizes {sorted(sink.body_sizes)} (stored {sizes})"
+            )
     shutil.rmtree(work / "node", ignore_errors=True)
-    return {"messages": n, "bytes_each": sizes[0], "seconds": elapsed, "rss_base_kib": base,
-            "rss_peak_sampled_kib": peak_sampled, "hwm_kib": hwm, "growth_kib": hwm - base,
-            "received": len(sink.body_sizes), "valid": ok, "why": "" if ok else why, "loadavg": os.getloadavg()}
+    return {
+        "messages": n,
+        "bytes_each": sizes[0],
+        "seconds": elapsed,
+        "rss_base_kib": base,
+        "rss_peak_sampled_kib": peak_sampled,
+        "hwm_kib": hwm,
+        "growth_kib": hwm - base,
+        "received": len(sink.body_sizes),
+        "valid": ok,
+        "why": "" if ok else why,
+        "loadavg": os.getloadavg(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,17 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for run in range(args.runs):
             try:
-                rec = one_run(work, args.messages, int(args.size_mb * MIB), args.timeout, setup=setup,
-                              asyncio_loop=args.asyncio_loop)
+                rec = one_run(
+                    work,
+                    args.messages,
+                    int(args.size_mb * MIB),
+                    args.timeout,
+                    setup=setup,
+                    asyncio_loop=args.asyncio_loop,
+                )
             except BackupmxUnavailable as e:
                 print(f"backupmx: pending ({str(e).splitlines()[0]})")
                 return 0
             records.append(rec)
             load = " ".join(f"{x:.1f}" for x in rec["loadavg"])  # type: ignore[attr-defined]
-            print(f"run {run + 1}: {rec['received']}/{args.messages} in {rec['seconds']:.1f}s, RSS "
-                  f"{int(rec['rss_base_kib']) / 1024:.0f} MiB -> peak {int(rec['hwm_kib']) / 1024:.0f} MiB "  # type: ignore[call-overload]
-                  f"(+{int(rec['growth_kib']) / 1024:.0f} MiB), load {load}"  # type: ignore[call-overload]
-                  f"{'' if rec['valid'] else '  INVALID: ' + str(rec['why'])}", flush=True)
+            print(
+                f"run {run + 1}: {rec['received']}/{args.messages} in {rec['seconds']:.1f}s, RSS "
+                f"{int(rec['rss_base_kib']) / 1024:.0f} MiB -> peak {int(rec['hwm_kib']) / 1024:.0f} MiB "  # type: ignore[call-overload]
+                f"(+{int(rec['growth_kib']) / 1024:.0f} MiB), load {load}"  # type: ignore[call-overload]
+                f"{'' if rec['valid'] else '  INVALID: ' + str(rec['why'])}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     good = [r for r in records if r["valid"]]
@@ -147,9 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     secs = [float(r["seconds"]) for r in good]  # type: ignore[arg-type]
     print()
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
-    print(table(["messages", "valid runs", "RSS growth MiB (min/median/max)", "drain s (min/median/max)"],
-                [[f"{args.messages} x {args.size_mb:g} MiB", f"{len(good)}/{len(records)}",
-                  fmt_triple(growth), fmt_triple(secs, 1)]]))
+    print(
+        table(
+            ["messages", "valid runs", "RSS growth MiB (min/median/max)", "drain s (min/median/max)"],
+            [
+                [
+                    f"{args.messages} x {args.size_mb:g} MiB",
+                    f"{len(good)}/{len(records)}",
+                    fmt_triple(growth),
+                    fmt_triple(secs, 1),
+                ]
+            ],
+        )
+    )
     if args.json:
         args.json.write_text(json.dumps({"runs": records, "growth_mib": summary(growth)}, indent=1))
     return 0 if len(good) == len(records) else 1

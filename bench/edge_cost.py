@@ -30,15 +30,20 @@ from tests.support.rsa_key import new_rsa_key
 from tests.support.rspamd import Rspamd
 from tests.support.serve import ServeProcess
 
-BODY = (b"From: Sam <s@sender.test>\r\nTo: alice@ours.test\r\nSubject: figures\r\n"
-        b"Message-ID: <%d@sender.test>\r\nDate: Sun, 06 Dec 2026 03:00:00 +0000\r\n\r\n"
-        + b"The quarterly figures are attached below, as discussed on the phone.\r\n" * 60)
+BODY = (
+    b"From: Sam <s@sender.test>\r\nTo: alice@ours.test\r\nSubject: figures\r\n"
+    b"Message-ID: <%d@sender.test>\r\nDate: Sun, 06 Dec 2026 03:00:00 +0000\r\n\r\n"
+    + b"The quarterly figures are attached below, as discussed on the phone.\r\n"
+    * 60
+)
 
 
 def node(workdir: Path, extra: dict[str, object], nameserver: str) -> ServeProcess:
-    return ServeProcess(workdir, domains=[
-        {"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": ["alice"]}],
-        extra={"dns": {"nameservers": [nameserver], "timeout": "1s"}, **extra})
+    return ServeProcess(
+        workdir,
+        domains=[{"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": ["alice"]}],
+        extra={"dns": {"nameservers": [nameserver], "timeout": "1s"}, **extra},
+    )
 
 
 def dkim_key(tmp: Path) -> tuple[bytes, str]:
@@ -79,15 +84,25 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=200, help="messages per configuration (default 200)")
     args = ap.parse_args()
     n = max(5, min(args.n, 5000))
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
-          f"{n} messages of {len(BODY % 0)} bytes per configuration, sequential")
+    print(
+        f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
+        f"{n} messages of {len(BODY % 0)} bytes per configuration, sequential"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         key, public = dkim_key(root)
-        pub = '" "'.join(public[i:i + 200] for i in range(0, len(public), 200))  # TXT strings of 255 at most
-        dnsd = stack.enter_context(DnsServer({"sender.test": {
-            "@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"'}, "sel._domainkey": {"TXT": f'"v=DKIM1; k=rsa; p={pub}"'},
-            "_dmarc": {"TXT": '"v=DMARC1; p=reject"'}}}))
+        pub = '" "'.join(public[i : i + 200] for i in range(0, len(public), 200))  # TXT strings of 255 at most
+        dnsd = stack.enter_context(
+            DnsServer(
+                {
+                    "sender.test": {
+                        "@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"'},
+                        "sel._domainkey": {"TXT": f'"v=DKIM1; k=rsa; p={pub}"'},
+                        "_dmarc": {"TXT": '"v=DMARC1; p=reject"'},
+                    }
+                }
+            )
+        )
         cases: list[tuple[str, dict[str, object], bytes | None]] = [
             ("plain", {}, None),
             ("spf", {"policy": {"spf": True}}, None),

@@ -78,12 +78,22 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     try:
-        postfix = subprocess.run(["/usr/sbin/postconf", "-d", "-h", "mail_version"], capture_output=True,
-                                 text=True, timeout=10).stdout.strip() or "unknown"
+        postfix = (
+            subprocess.run(
+                ["/usr/sbin/postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         postfix = "not installed"
-    return {"cpus": str(os.cpu_count()), "cpu": cpu, "memory": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "postfix": postfix}
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": postfix,
+    }
 
 
 def fsync_ms(directory: str | None = None, rounds: int = 100) -> tuple[float, float]:
@@ -114,9 +124,11 @@ def machine_line() -> str:
     m = machine()
     load = load_average()
     p50, p99 = fsync_ms()
-    return (f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
-            f"Python {m['python']}, Postfix {m['postfix']}; fsync 4 KiB p50 {p50:.2f} ms p99 {p99:.2f} ms; "
-            f"load average (1/5/15 min) {load}")
+    return (
+        f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}, Postfix {m['postfix']}; fsync 4 KiB p50 {p50:.2f} ms p99 {p99:.2f} ms; "
+        f"load average (1/5/15 min) {load}"
+    )
 
 
 def proc_status(pid: int) -> dict[str, int]:

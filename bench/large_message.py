@@ -33,8 +33,10 @@ from tests.support.postfix import SmtpSink, tools_unavailable_reason
 
 
 def make_message(size: int, i: int) -> bytes:
-    head = (f"From: <sender@source.test>\r\nTo: <alice@example.test>\r\nSubject: large {i}\r\n"
-            f"Message-ID: <large.{i}.{time.time_ns()}@source.test>\r\n\r\n").encode()
+    head = (
+        f"From: <sender@source.test>\r\nTo: <alice@example.test>\r\nSubject: large {i}\r\n"
+        f"Message-ID: <large.{i}.{time.time_ns()}@source.test>\r\n\r\n"
+    ).encode()
     line = b"Y" * 998 + b"\r\n"  # the longest line RFC 5321 allows
     return head + line * ((size - len(head)) // len(line))
 
@@ -58,8 +60,13 @@ def drain_rss(node: BackupmxNode, primary: int, count: int, timeout: float) -> d
                 next_poll = time.monotonic() + 0.5
             time.sleep(0.05)
         delivered = sink.wait_messages(count, timeout=5)
-    return {"seconds": time.perf_counter() - started, "rss_before_kib": base, "rss_peak_kib": peak,
-            "delivered": delivered, "queue_after": left}
+    return {
+        "seconds": time.perf_counter() - started,
+        "rss_before_kib": base,
+        "rss_peak_kib": peak,
+        "delivered": delivered,
+        "queue_after": left,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     try:
         primary = free_port()
-        node = BackupmxNode(work / "node", domains={"example.test": primary},
-                            server={"max_message_size": size + 4 * 1024 * 1024},
-                            delivery={"probe_interval": "1s"}, setup=setup, recipients=["alice@example.test"],
-                            asyncio_loop=args.asyncio_loop)
+        node = BackupmxNode(
+            work / "node",
+            domains={"example.test": primary},
+            server={"max_message_size": size + 4 * 1024 * 1024},
+            delivery={"probe_interval": "1s"},
+            setup=setup,
+            recipients=["alice@example.test"],
+            asyncio_loop=args.asyncio_loop,
+        )
         with node:
             try:
                 node.start()
@@ -109,18 +121,36 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = time.perf_counter() - started
                 after = node.memory()
                 queued = node.wait_queue_count(i + 1, timeout=60)
-                rec = {"message": i + 1, "bytes": len(msg), "seconds": elapsed, "rss_before_kib": before["VmRSS"],
-                       "rss_after_kib": after["VmRSS"], "hwm_after_kib": after["VmHWM"],
-                       "peak_growth_kib": after["VmHWM"] - base["VmRSS"], "queued": queued,
-                       "valid": queued == i + 1}
+                rec = {
+                    "message": i + 1,
+                    "bytes": len(msg),
+                    "seconds": elapsed,
+                    "rss_before_kib": before["VmRSS"],
+                    "rss_after_kib": after["VmRSS"],
+                    "hwm_after_kib": after["VmHWM"],
+                    "peak_growth_kib": after["VmHWM"] - base["VmRSS"],
+                    "queued": queued,
+                    "valid": queued == i + 1,
+                }
                 records.append(rec)
                 mib = 1024
-                rows.append([str(i + 1), f"{len(msg) / 2**20:.1f} MiB", f"{elapsed:.2f}",
-                             f"{before['VmRSS'] / mib:.1f}", f"{after['VmRSS'] / mib:.1f}",
-                             f"{after['VmHWM'] / mib:.1f}", f"{rec['peak_growth_kib'] / mib:+.1f}",
-                             "ok" if rec["valid"] else f"INVALID: queue count {queued}"])
-                print(f"message {i + 1}: {elapsed:.2f}s, VmRSS {before['VmRSS'] / mib:.1f} -> "
-                      f"{after['VmRSS'] / mib:.1f} MiB, VmHWM {after['VmHWM'] / mib:.1f} MiB", flush=True)
+                rows.append(
+                    [
+                        str(i + 1),
+                        f"{len(msg) / 2**20:.1f} MiB",
+                        f"{elapsed:.2f}",
+                        f"{before['VmRSS'] / mib:.1f}",
+                        f"{after['VmRSS'] / mib:.1f}",
+                        f"{after['VmHWM'] / mib:.1f}",
+                        f"{rec['peak_growth_kib'] / mib:+.1f}",
+                        "ok" if rec["valid"] else f"INVALID: queue count {queued}",
+                    ]
+                )
+                print(
+                    f"message {i + 1}: {elapsed:.2f}s, VmRSS {before['VmRSS'] / mib:.1f} -> "
+                    f"{after['VmRSS'] / mib:.1f} MiB, VmHWM {after['VmHWM'] / mib:.1f} MiB",
+                    flush=True,
+                )
             if args.drain:
                 drain = drain_rss(node, primary, args.count, args.timeout)
     finally:
@@ -128,14 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(machine_line())
     print(f"\nbackupmx serve memory while receiving {args.count} x {args.size_mb:g} MiB (MiB):")
-    print(table(["msg", "size", "seconds", "VmRSS before", "VmRSS after", "VmHWM after",
-                 "peak - start RSS", "check"], rows))
+    print(
+        table(
+            ["msg", "size", "seconds", "VmRSS before", "VmRSS after", "VmHWM after", "peak - start RSS", "check"], rows
+        )
+    )
     if drain:
         got, want = int(drain["delivered"]), args.count
-        print(f"\ndrain of {want} x {args.size_mb:g} MiB to smtp-sink: {drain['seconds']:.1f}s, VmRSS before "
-              f"{drain['rss_before_kib'] / 1024:.1f} MiB, peak sampled {drain['rss_peak_kib'] / 1024:.1f} MiB, "
-              f"growth {(drain['rss_peak_kib'] - drain['rss_before_kib']) / 1024:+.1f} MiB; "
-              f"{'ok' if got == want and drain['queue_after'] == 0 else f'INVALID: sink got {got} of {want}'}")
+        print(
+            f"\ndrain of {want} x {args.size_mb:g} MiB to smtp-sink: {drain['seconds']:.1f}s, VmRSS before "
+            f"{drain['rss_before_kib'] / 1024:.1f} MiB, peak sampled {drain['rss_peak_kib'] / 1024:.1f} MiB, "
+            f"growth {(drain['rss_peak_kib'] - drain['rss_before_kib']) / 1024:+.1f} MiB; "
+            f"{'ok' if got == want and drain['queue_after'] == 0 else f'INVALID: sink got {got} of {want}'}"
+        )
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
     print(f"backupmx: {setup_description(setup)}; event loop of serve: {loop}")
     if args.json:

@@ -30,8 +30,10 @@ class _Unexpected(Exception):
 
 def make_message(size_bytes: int, seq: int, *, sender: str, recipient: str) -> bytes:
     """Headers, then lines of 78 'X' + CRLF up to about `size_bytes` of payload (like smtp-source)."""
-    head = (f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: latency probe {seq}\r\n"
-            f"Message-ID: <{seq}.{time.time_ns()}@latency.test>\r\n\r\n").encode()
+    head = (
+        f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: latency probe {seq}\r\n"
+        f"Message-ID: <{seq}.{time.time_ns()}@latency.test>\r\n\r\n"
+    ).encode()
     line = b"X" * 78 + b"\r\n"
     n, rest = divmod(size_bytes, len(line))
     body = line * n + (b"X" * max(0, rest - 2) + b"\r\n" if rest > 2 else b"")
@@ -56,8 +58,9 @@ async def _expect(reader: asyncio.StreamReader, code: int, what: str) -> None:
         raise _Unexpected(f"{what}: {text[:200]!r}")
 
 
-async def one_message(host: str, port: int, message: bytes, *, sender: str, recipient: str,
-                      helo: str = "latency.test") -> tuple[float, float]:
+async def one_message(
+    host: str, port: int, message: bytes, *, sender: str, recipient: str, helo: str = "latency.test"
+) -> tuple[float, float]:
     """One session, one message; returns (total, commit) seconds."""
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
@@ -87,9 +90,18 @@ async def one_message(host: str, port: int, message: bytes, *, sender: str, reci
             await asyncio.wait_for(writer.wait_closed(), 5)
 
 
-async def run_latency(host: str, port: int, *, messages: int, concurrency: int, size_bytes: int,
-                      sender: str = "sender@source.test", recipient: str = "alice@example.test",
-                      per_message_timeout: float = 60.0, overall_timeout: float = 600.0) -> LatencyRun:
+async def run_latency(
+    host: str,
+    port: int,
+    *,
+    messages: int,
+    concurrency: int,
+    size_bytes: int,
+    sender: str = "sender@source.test",
+    recipient: str = "alice@example.test",
+    per_message_timeout: float = 60.0,
+    overall_timeout: float = 600.0,
+) -> LatencyRun:
     """Send `messages` messages over `concurrency` parallel sessions; stop early after
     `overall_timeout` seconds (then fewer samples than messages: check `sent`)."""
     result = LatencyRun()
@@ -105,7 +117,8 @@ async def run_latency(host: str, port: int, *, messages: int, concurrency: int, 
             try:
                 total, commit = await asyncio.wait_for(
                     one_message(host, port, payload[seq % len(payload)], sender=sender, recipient=recipient),
-                    per_message_timeout)
+                    per_message_timeout,
+                )
             except (TimeoutError, OSError, _Unexpected) as e:
                 result.errors.append(f"{type(e).__name__}: {e}")
                 continue

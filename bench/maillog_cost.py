@@ -55,8 +55,12 @@ def run(lines: int, mode: str, target: str) -> dict[str, float]:
         else:  # a pipe with a reader that takes everything, as journald does
             reader = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
             err = reader.stdin
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(lines), mode, str(w)], stderr=err,  # type: ignore[arg-type]
-                                 pass_fds=(w,), env={**os.environ, "PYTHONUNBUFFERED": "0"})
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(lines), mode, str(w)],
+            stderr=err,  # type: ignore[arg-type]
+            pass_fds=(w,),
+            env={**os.environ, "PYTHONUNBUFFERED": "0"},
+        )
         child.wait(600)
         os.close(w)
         out = os.read(r, 4096)
@@ -83,16 +87,20 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("format", "flushed", "buffered"):
                 rows.setdefault(f"{target} {mode}", []).append(run(args.lines, mode, target))
     load1 = os.getloadavg()
-    print(f"{args.lines:,} lines x {args.repeat} repeats; load average at start "
-          f"{' / '.join(f'{x:.2f}' for x in load0)}, at end {' / '.join(f'{x:.2f}' for x in load1)}")
+    print(
+        f"{args.lines:,} lines x {args.repeat} repeats; load average at start "
+        f"{' / '.join(f'{x:.2f}' for x in load0)}, at end {' / '.join(f'{x:.2f}' for x in load1)}"
+    )
     print("| stderr to | line | CPU µs a line (min / median / max) | wall µs a line (min / median / max) |")
     print("|---|---|---|---|")
     for key, runs in rows.items():
         target, mode = key.split()
         cpu = sorted(r["cpu"] / args.lines * 1e6 for r in runs)
         wall = sorted(r["wall"] / args.lines * 1e6 for r in runs)
-        print(f"| {target} | {mode} | {cpu[0]:.2f} / {statistics.median(cpu):.2f} / {cpu[-1]:.2f} "
-              f"| {wall[0]:.2f} / {statistics.median(wall):.2f} / {wall[-1]:.2f} |")
+        print(
+            f"| {target} | {mode} | {cpu[0]:.2f} / {statistics.median(cpu):.2f} / {cpu[-1]:.2f} "
+            f"| {wall[0]:.2f} / {statistics.median(wall):.2f} / {wall[-1]:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -57,8 +57,13 @@ class Sampler:
         # --gil: only the thread holding the GIL is sampled, which is the Python code burning CPU; without it
         # threads parked in a queue or a lock (the thread pool, the spool's writer) count as busy
         argv = [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate), "--output", str(out)]
-        self.proc = subprocess.Popen([*argv, "--gil"] if gil else argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*argv, "--gil"] if gil else argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         time.sleep(0.5)  # attached before the load starts
 
     def stop(self) -> None:
@@ -95,13 +100,16 @@ def top_table(raw: Path, top: int) -> str:
     if not total:
         return "(no samples)"
     rows = [[f"{100 * n / total:.1f}", f"{100 * inclusive[f] / total:.1f}", f] for f, n in own.most_common(top)]
-    out = [f"own time, top {top} of {total:,} samples:",
-           table(["% own", "% incl.", "function (file)"], rows)]
-    skip = re.compile(r"^(<module>|run|run_forever|_run_once|_run|main|serve|run_service|run_until_complete)"
-                      r" \(|\((runpy|asyncio/(base_events|events|runners))\.py\)|^process ")
+    out = [f"own time, top {top} of {total:,} samples:", table(["% own", "% incl.", "function (file)"], rows)]
+    skip = re.compile(
+        r"^(<module>|run|run_forever|_run_once|_run|main|serve|run_service|run_until_complete)"
+        r" \(|\((runpy|asyncio/(base_events|events|runners))\.py\)|^process "
+    )
     rows = [[f"{100 * n / total:.1f}", f] for f, n in inclusive.most_common(top * 3) if not skip.search(f)][:top]
-    out += [f"\nincluding callees, top {top} (the event loop's own frames left out):",
-            table(["% incl.", "function (file)"], rows)]
+    out += [
+        f"\nincluding callees, top {top} (the event loop's own frames left out):",
+        table(["% incl.", "function (file)"], rows),
+    ]
     return "\n".join(out)
 
 
@@ -111,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-kb", type=float, default=5)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default %(default)s)")
-    ap.add_argument("--all-threads", action="store_true",
-                    help="sample every thread, not only the one holding the GIL (waiting threads then count)")
+    ap.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="sample every thread, not only the one holding the GIL (waiting threads then count)",
+    )
     add_loop_option(ap)
     ap.add_argument("--raw-dir", type=Path, help="keep py-spy's raw files here (accept.txt, deliver.txt)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the load and for the drain")
@@ -129,9 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         raw_dir = args.raw_dir or work
         raw_dir.mkdir(parents=True, exist_ok=True)
         primary = free_port()
-        node = stack.enter_context(BackupmxNode(work / "node", domains={"example.test": primary},
-                                                delivery={"probe_interval": "1s"}, setup="operator",
-                                                recipients=[RECIPIENT], asyncio_loop=args.asyncio_loop))
+        node = stack.enter_context(
+            BackupmxNode(
+                work / "node",
+                domains={"example.test": primary},
+                delivery={"probe_interval": "1s"},
+                setup="operator",
+                recipients=[RECIPIENT],
+                asyncio_loop=args.asyncio_loop,
+            )
+        )
         try:
             node.start()
         except BackupmxUnavailable as e:
@@ -143,35 +161,61 @@ def main(argv: list[str] | None = None) -> int:
         # accept
         sampler = Sampler(exe, node.pid, raw_dir / "accept.txt", args.rate, gil=not args.all_threads)
         cpu0 = cpu_seconds(node.pid)
-        res = smtp_source(node.host, node.port, messages=args.messages, sessions=SESSIONS, size_kb=args.size_kb,
-                          recipient=RECIPIENT, timeout=args.timeout)
+        res = smtp_source(
+            node.host,
+            node.port,
+            messages=args.messages,
+            sessions=SESSIONS,
+            size_kb=args.size_kb,
+            recipient=RECIPIENT,
+            timeout=args.timeout,
+        )
         held = node.wait_queue_count(args.messages, timeout=60)
         cpu_accept = cpu_seconds(node.pid) - cpu0
         sampler.stop()
         ok = res.ok and held == args.messages
-        figures.append(["accept", f"{args.messages:,}", f"{res.elapsed:.1f}",
-                        f"{1000 * cpu_accept / args.messages:.2f}",
-                        "ok" if ok else f"INVALID: queue {held}, smtp-source {res.output.strip()[-200:]}"])
-        print(f"accepted {held:,} of {args.messages:,} in {res.elapsed:.1f}s, "
-              f"{1000 * cpu_accept / args.messages:.2f} ms CPU each", flush=True)
+        figures.append(
+            [
+                "accept",
+                f"{args.messages:,}",
+                f"{res.elapsed:.1f}",
+                f"{1000 * cpu_accept / args.messages:.2f}",
+                "ok" if ok else f"INVALID: queue {held}, smtp-source {res.output.strip()[-200:]}",
+            ]
+        )
+        print(
+            f"accepted {held:,} of {args.messages:,} in {res.elapsed:.1f}s, "
+            f"{1000 * cpu_accept / args.messages:.2f} ms CPU each",
+            flush=True,
+        )
         # deliver
         time.sleep(3)  # the outage is declared
         sampler = Sampler(exe, node.pid, raw_dir / "deliver.txt", args.rate, gil=not args.all_threads)
         cpu0 = cpu_seconds(node.pid)
         with SmtpSink("127.0.0.1", primary) as sink:
-            _first, _all, empty = watch_drain(sink, args.messages, node.queue_count, timeout=args.timeout,
-                                              queue_poll=0.5)
+            _first, _all, empty = watch_drain(
+                sink, args.messages, node.queue_count, timeout=args.timeout, queue_poll=0.5
+            )
             got = sink.wait_messages(args.messages, timeout=5)
         cpu_deliver = cpu_seconds(node.pid) - cpu0
         sampler.stop()
         ok = got == args.messages and not math.isnan(empty)
-        figures.append(["deliver", f"{got:,}", f"{empty:.1f}", f"{1000 * cpu_deliver / max(got, 1):.2f}",
-                        "ok" if ok else f"INVALID: sink got {got}"])
+        figures.append(
+            [
+                "deliver",
+                f"{got:,}",
+                f"{empty:.1f}",
+                f"{1000 * cpu_deliver / max(got, 1):.2f}",
+                "ok" if ok else f"INVALID: sink got {got}",
+            ]
+        )
         print()
         print(machine_line())
         print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
-        print(f"\nCPU of backupmx serve (utime + stime) per message, {args.size_kb:g} KB, {SESSIONS} sessions "
-              "(sampling by py-spy included):")
+        print(
+            f"\nCPU of backupmx serve (utime + stime) per message, {args.size_kb:g} KB, {SESSIONS} sessions "
+            "(sampling by py-spy included):"
+        )
         print(table(["phase", "messages", "seconds", "ms CPU / message", "check"], figures))
         for phase in ("accept", "deliver"):
             print(f"\n== {phase} ==")

@@ -50,10 +50,12 @@ NODE = "backup.test"
 
 
 def make_body(qid: str, i: int, domain: str, size: int) -> bytes:
-    head = (f"Received: from source.test (source.test [127.0.0.1])\r\n\tby {NODE} (backupmx) with ESMTP id {qid}"
-            f"\r\n\tfor <user{i}@{domain}>; Tue, 24 Nov 2026 12:00:00 +0000\r\n"
-            f"From: <sender@source.test>\r\nTo: <user{i}@{domain}>\r\nSubject: scale {i}\r\n"
-            f"Message-ID: <{i}.scale@source.test>\r\n\r\n").encode()
+    head = (
+        f"Received: from source.test (source.test [127.0.0.1])\r\n\tby {NODE} (backupmx) with ESMTP id {qid}"
+        f"\r\n\tfor <user{i}@{domain}>; Tue, 24 Nov 2026 12:00:00 +0000\r\n"
+        f"From: <sender@source.test>\r\nTo: <user{i}@{domain}>\r\nSubject: scale {i}\r\n"
+        f"Message-ID: <{i}.scale@source.test>\r\n\r\n"
+    ).encode()
     line = b"X" * 78 + b"\r\n"
     return head + line * max(1, (size - len(head)) // len(line))
 
@@ -63,8 +65,9 @@ def in_slice(i: int, n: int, slice_n: int) -> bool:
     return slice_n > 0 and (i * slice_n) // n != ((i + 1) * slice_n) // n
 
 
-async def fill_spool(data_dir: Path, n: int, slice_n: int, size: int, batch: int,
-                     budget: float) -> tuple[int, int, float]:
+async def fill_spool(
+    data_dir: Path, n: int, slice_n: int, size: int, batch: int, budget: float
+) -> tuple[int, int, float]:
     """Put up to n messages, slice_n of them for SLICE_DOMAIN, within `budget` seconds.
     Returns (messages put, of which in the slice, seconds)."""
     from backupmx.model import Envelope, Recipient, new_queue_id
@@ -76,11 +79,16 @@ async def fill_spool(data_dir: Path, n: int, slice_n: int, size: int, batch: int
     started = time.perf_counter()
     done = sliced = 0
     try:
+
         async def put(i: int) -> None:
             domain = SLICE_DOMAIN if in_slice(i, n, slice_n) else HELD_DOMAIN
             qid = new_queue_id()
-            env = Envelope(sender="sender@source.test", recipients=(Recipient(f"user{i}@{domain}"),),
-                           client_ip="127.0.0.1", client_helo="source.test")
+            env = Envelope(
+                sender="sender@source.test",
+                recipients=(Recipient(f"user{i}@{domain}"),),
+                client_ip="127.0.0.1",
+                client_helo="source.test",
+            )
             with BodyBuffer.from_bytes(make_body(qid, i, domain, size)) as body:
                 await spool.put_with_id(qid, env, body)
 
@@ -94,8 +102,11 @@ async def fill_spool(data_dir: Path, n: int, slice_n: int, size: int, batch: int
             done += k
             now = time.perf_counter()
             if done >= next_report or done == n or now - last_report > 60:
-                print(f"  filled {done:,}/{n:,} in {now - started:.0f}s: {done / (now - started):,.0f} puts/s "
-                      f"overall, {k / (now - t_batch):,.0f} puts/s in the last batch", flush=True)
+                print(
+                    f"  filled {done:,}/{n:,} in {now - started:.0f}s: {done / (now - started):,.0f} puts/s "
+                    f"overall, {k / (now - t_batch):,.0f} puts/s in the last batch",
+                    flush=True,
+                )
                 while next_report <= done:
                     next_report += 50_000
                 last_report = now
@@ -138,8 +149,11 @@ class ScaleFigures:
 
     @property
     def valid(self) -> bool:
-        return (self.queue_count == self.messages and self.slice_sink_count == self.slice
-                and self.queue_count_after == self.messages - self.slice + self.accepted_extra)
+        return (
+            self.queue_count == self.messages
+            and self.slice_sink_count == self.slice
+            and self.queue_count_after == self.messages - self.slice + self.accepted_extra
+        )
 
     def accept_ratio(self) -> str:
         ratios = [f / e for f, e in zip(self.accept_full, self.accept_empty, strict=False) if e > 0]
@@ -152,25 +166,37 @@ class ScaleFigures:
     def rows(self) -> list[list[str]]:
         mib = 1024
         return [
-            ["fill via SqliteSpool.put_with_id",
-             f"{fmt(self.messages / self.fill_seconds)} puts/s" if self.fill_seconds > 0 else "reused"],
+            [
+                "fill via SqliteSpool.put_with_id",
+                f"{fmt(self.messages / self.fill_seconds)} puts/s" if self.fill_seconds > 0 else "reused",
+            ],
             ["start to 220", f"{self.start_to_220_s:.2f} s"],
-            ["RSS after start / after settle",
-             f"{self.rss_after_start_kib / mib:.0f} / {self.rss_after_settle_kib / mib:.0f} MiB"],
+            [
+                "RSS after start / after settle",
+                f"{self.rss_after_start_kib / mib:.0f} / {self.rss_after_settle_kib / mib:.0f} MiB",
+            ],
             ["`queue count` (CLI wall time)", f"{self.queue_count_s:.2f} s (= {self.queue_count:,})"],
             ["`queue list --limit 100`", f"{self.queue_list_first_page_s:.2f} s"],
             ["CLI baseline (`config check`)", f"{self.cli_baseline_s:.2f} s"],
-            [f"drain of {self.slice:,}: first / all at primary",
-             f"{fmt(self.slice_first_s, 2)} / {fmt(self.slice_all_at_primary_s, 2)} s"],
-            [f"drain of {self.slice:,}: done in queue",
-             f"{fmt(self.slice_done_s, 2)} s ({fmt(self.slice / self.slice_done_s)} msg/s)"],
+            [
+                f"drain of {self.slice:,}: first / all at primary",
+                f"{fmt(self.slice_first_s, 2)} / {fmt(self.slice_all_at_primary_s, 2)} s",
+            ],
+            [
+                f"drain of {self.slice:,}: done in queue",
+                f"{fmt(self.slice_done_s, 2)} s ({fmt(self.slice / self.slice_done_s)} msg/s)",
+            ],
             ["RSS peak (VmHWM) / at end", f"{self.rss_hwm_kib / mib:.0f} / {self.rss_end_kib / mib:.0f} MiB"],
             ["accept msg/s, full queue (min / median / max)", fmt_triple(self.accept_full)],
             ["accept msg/s, empty queue (min / median / max)", fmt_triple(self.accept_empty)],
             ["accept full / empty, paired (median, min-max)", self.accept_ratio()],
             ["restart: stop, start to 220 (min / median / max)", fmt_triple(self.restart_s, 2) + " s"],
-            ["check", "ok" if self.valid else
-             f"INVALID: count {self.queue_count}, sink {self.slice_sink_count}, after {self.queue_count_after}"],
+            [
+                "check",
+                "ok"
+                if self.valid
+                else f"INVALID: count {self.queue_count}, sink {self.slice_sink_count}, after {self.queue_count_after}",
+            ],
         ]
 
 
@@ -189,24 +215,43 @@ def accept_rate(node: BackupmxNode, messages: int, size_kb: float, sessions: int
     """msg/s of smtp-source into `node` (its primary down), or None when the queue did not grow by exactly
     `messages` (an invalid run)."""
     before = node.queue_count()
-    res = smtp_source(node.host, node.port, messages=messages, sessions=sessions, size_kb=size_kb,
-                      recipient=f"alice@{HELD_DOMAIN}", timeout=timeout)
+    res = smtp_source(
+        node.host,
+        node.port,
+        messages=messages,
+        sessions=sessions,
+        size_kb=size_kb,
+        recipient=f"alice@{HELD_DOMAIN}",
+        timeout=timeout,
+    )
     got = node.wait_queue_count(before + messages, timeout=60)
     return res.rate if res.ok and got == before + messages else None
 
 
-def compare_accept(full: BackupmxNode, empty: BackupmxNode, fig: ScaleFigures, *, messages: int, repeat: int,
-                   size_kb: float, sessions: int, timeout: float) -> None:
+def compare_accept(
+    full: BackupmxNode,
+    empty: BackupmxNode,
+    fig: ScaleFigures,
+    *,
+    messages: int,
+    repeat: int,
+    size_kb: float,
+    sessions: int,
+    timeout: float,
+) -> None:
     """Accept into the full queue and into an empty one, interleaved; the empty one is emptied each time."""
     for rep in range(repeat):
         pair: dict[str, float | None] = {}
-        for which in (("full", "empty") if rep % 2 == 0 else ("empty", "full")):
+        for which in ("full", "empty") if rep % 2 == 0 else ("empty", "full"):
             node = full if which == "full" else empty
             if which == "empty":
                 empty.reset()
             pair[which] = accept_rate(node, messages, size_kb, sessions, timeout)
-            print(f"  accept repeat {rep + 1}/{repeat} {which} queue: {pair[which] or 0:.0f} msg/s"
-                  f"{'' if pair[which] else ' INVALID'}", flush=True)
+            print(
+                f"  accept repeat {rep + 1}/{repeat} {which} queue: {pair[which] or 0:.0f} msg/s"
+                f"{'' if pair[which] else ' INVALID'}",
+                flush=True,
+            )
         f, e = pair["full"], pair["empty"]
         if f is None or e is None:
             fig.accept_invalid += 1
@@ -225,14 +270,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where the spool goes (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep --workdir; a later run reuses its spool")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after start before the 2nd RSS reading")
-    ap.add_argument("--fill-budget", type=float, default=3600.0,
-                    help="seconds the fill may take; it stops there and the rest runs with what is queued")
+    ap.add_argument(
+        "--fill-budget",
+        type=float,
+        default=3600.0,
+        help="seconds the fill may take; it stops there and the rest runs with what is queued",
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound for the start and for the drain")
     ap.add_argument("--accept-messages", type=int, help="messages per accept run (default 2,000; --quick 500)")
     ap.add_argument("--accept-size-kb", type=float, default=5, help="accept runs' message size (default 5)")
     ap.add_argument("--accept-sessions", type=int, default=10, help="accept runs' concurrency (default 10)")
-    ap.add_argument("--accept-repeat", type=int, default=3,
-                    help="accept runs per queue and restarts (default %(default)s; 0 = skip both)")
+    ap.add_argument(
+        "--accept-repeat",
+        type=int,
+        default=3,
+        help="accept runs per queue and restarts (default %(default)s; 0 = skip both)",
+    )
     add_setup_options(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -254,9 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     marker = work / "filled.json"
     try:
         held_port, slice_port = free_port(), free_port()
-        node = BackupmxNode(work / "node", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
-                            delivery={"probe_interval": "1s"}, setup=setup, recipients=[f"alice@{HELD_DOMAIN}"],
-                            asyncio_loop=args.asyncio_loop)
+        node = BackupmxNode(
+            work / "node",
+            domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
+            delivery={"probe_interval": "1s"},
+            setup=setup,
+            recipients=[f"alice@{HELD_DOMAIN}"],
+            asyncio_loop=args.asyncio_loop,
+        )
         spec = {"messages": n, "slice": slice_n, "size_kb": args.size_kb}
         kept = json.loads(marker.read_text()) if marker.exists() else {}
         if kept.get("spec") == spec:
@@ -266,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             marker.unlink(missing_ok=True)
             shutil.rmtree(node.data_dir, ignore_errors=True)
             print(f"filling the spool: {n:,} messages of {args.size_kb:g} KB ...", flush=True)
-            fig.messages, fig.slice, fig.fill_seconds = asyncio.run(fill_spool(
-                node.data_dir, n, slice_n, int(args.size_kb * 1024), args.batch, args.fill_budget))
+            fig.messages, fig.slice, fig.fill_seconds = asyncio.run(
+                fill_spool(node.data_dir, n, slice_n, int(args.size_kb * 1024), args.batch, args.fill_budget)
+            )
             marker.write_text(json.dumps({"spec": spec, "messages": fig.messages, "slice": fig.slice}))
         held = fig.messages - fig.slice
         fig.spool_bytes = sum(p.stat().st_size for p in node.data_dir.glob("spool.db*"))
@@ -288,21 +347,36 @@ def main(argv: list[str] | None = None) -> int:
             fig.queue_count = int(out.strip())
             fig.queue_list_first_page_s, _ = timed_cli(node, "queue", "list", "--limit", "100")
             if args.accept_repeat > 0:
-                print(f"accept {accept_messages:,} x {args.accept_size_kb:g} KB, {args.accept_sessions} sessions: "
-                      "full queue against an empty one ...", flush=True)
-                with BackupmxNode(work / "empty", domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
-                                  delivery={"probe_interval": "1s"}, setup=setup,
-                                  recipients=[f"alice@{HELD_DOMAIN}"], asyncio_loop=args.asyncio_loop) as empty:
+                print(
+                    f"accept {accept_messages:,} x {args.accept_size_kb:g} KB, {args.accept_sessions} sessions: "
+                    "full queue against an empty one ...",
+                    flush=True,
+                )
+                with BackupmxNode(
+                    work / "empty",
+                    domains={HELD_DOMAIN: held_port, SLICE_DOMAIN: slice_port},
+                    delivery={"probe_interval": "1s"},
+                    setup=setup,
+                    recipients=[f"alice@{HELD_DOMAIN}"],
+                    asyncio_loop=args.asyncio_loop,
+                ) as empty:
                     empty.start(timeout=args.timeout)
-                    compare_accept(node, empty, fig, messages=accept_messages, repeat=args.accept_repeat,
-                                   size_kb=args.accept_size_kb, sessions=args.accept_sessions,
-                                   timeout=args.timeout)
+                    compare_accept(
+                        node,
+                        empty,
+                        fig,
+                        messages=accept_messages,
+                        repeat=args.accept_repeat,
+                        size_kb=args.accept_size_kb,
+                        sessions=args.accept_sessions,
+                        timeout=args.timeout,
+                    )
                 held = node.queue_count() - fig.slice  # the accept runs' messages stay held too
                 fig.accepted_extra = held - (fig.messages - fig.slice)
             with SmtpSink("127.0.0.1", slice_port) as sink:
                 fig.slice_first_s, fig.slice_all_at_primary_s, fig.slice_done_s = watch_drain(
-                    sink, fig.slice, lambda: max(0, node.queue_count() - held),
-                    timeout=args.timeout, queue_poll=0.5)
+                    sink, fig.slice, lambda: max(0, node.queue_count() - held), timeout=args.timeout, queue_poll=0.5
+                )
                 fig.slice_sink_count = sink.wait_messages(fig.slice, timeout=5)
             fig.queue_count_after = node.queue_count()
             mem = node.memory()
@@ -319,12 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(machine_line())
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_average()}")
-    print(f"backupmx: {setup_description(setup)}; event loop of serve: {loop} "
-          "(the big spool was filled through the spool API)")
+    print(
+        f"backupmx: {setup_description(setup)}; event loop of serve: {loop} "
+        "(the big spool was filled through the spool API)"
+    )
     if fig.messages < n:
         print(f"\nNOTE: the fill stopped at {fig.messages:,} of {n:,} messages (--fill-budget)")
-    print(f"\nbackupmx with {fig.messages:,} queued messages of {args.size_kb:g} KB "
-          f"(spool {fig.spool_bytes / 1e9:.2f} GB), `{' '.join(backupmx_command())}`:")
+    print(
+        f"\nbackupmx with {fig.messages:,} queued messages of {args.size_kb:g} KB "
+        f"(spool {fig.spool_bytes / 1e9:.2f} GB), `{' '.join(backupmx_command())}`:"
+    )
     print(table(["figure", "value"], fig.rows()))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), **asdict(fig)}, indent=1))

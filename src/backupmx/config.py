@@ -41,7 +41,7 @@ def parse_duration(value: object) -> timedelta:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return timedelta(seconds=float(value))
     if not isinstance(value, str):
-        raise ValueError("a duration such as \"30s\", \"5m\", \"2h\" or \"30d\"")
+        raise ValueError('a duration such as "30s", "5m", "2h" or "30d"')
     text = value.strip().replace(" ", "")
     pos, total = 0, 0.0
     for m in _DURATION_RE.finditer(text):
@@ -50,23 +50,37 @@ def parse_duration(value: object) -> timedelta:
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if pos != len(text) or not text:
-        raise ValueError(f"{value!r} is not a duration such as \"30s\", \"5m\", \"2h\" or \"30d\"")
+        raise ValueError(f'{value!r} is not a duration such as "30s", "5m", "2h" or "30d"')
     return timedelta(seconds=total)
 
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 1000**2, "mb": 1000**2,
-               "mib": 1024**2, "mi": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "ki": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "mi": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "gi": 1024**3,
+}
 
 
 def parse_size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, str):
-        raise ValueError("a size such as \"50MB\" or \"512KiB\"")
+        raise ValueError('a size such as "50MB" or "512KiB"')
     m = _SIZE_RE.match(value.strip())
     if not m:
-        raise ValueError(f"{value!r} is not a size such as \"50MB\" or \"512KiB\"")
+        raise ValueError(f'{value!r} is not a size such as "50MB" or "512KiB"')
     return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
 
 
@@ -88,7 +102,7 @@ Names = Annotated[tuple[str, ...], BeforeValidator(_one_or_list)]
 
 
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
-    """"mx1.example.com:25", "[::1]:2525", "127.0.0.1" -> (host, port)."""
+    """ "mx1.example.com:25", "[::1]:2525", "127.0.0.1" -> (host, port)."""
     v = value.strip()
     if v.startswith("["):
         host, _, rest = v[1:].partition("]")
@@ -190,9 +204,9 @@ class DomainConfig(_Frozen):
     @classmethod
     def _primary_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError("needs at least one host:port, or [\"mx\"]")
+            raise ValueError('needs at least one host:port, or ["mx"]')
         if "mx" in v and len(v) > 1:
-            raise ValueError("[\"mx\"] stands alone: either the MX hosts or a host:port list")
+            raise ValueError('["mx"] stands alone: either the MX hosts or a host:port list')
         for item in v:
             if item != "mx":
                 _hostport(item)
@@ -292,7 +306,7 @@ class FilterConfig(_Frozen):
     @field_validator("rspamd")
     @classmethod
     def _rspamd_url(cls, v: str | None) -> str | None:
-        return _http_url(v, "must be an http:// address such as \"http://127.0.0.1:11333\"")
+        return _http_url(v, 'must be an http:// address such as "http://127.0.0.1:11333"')
 
     @field_validator("timeout")
     @classmethod
@@ -422,7 +436,7 @@ class ContinuityConfig(_Frozen):
         try:
             zoneinfo.ZoneInfo(v)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-            raise ValueError(f"{v!r} is not a time zone such as \"UTC\" or \"Asia/Seoul\"") from e
+            raise ValueError(f'{v!r} is not a time zone such as "UTC" or "Asia/Seoul"') from e
         return v
 
     @property
@@ -450,9 +464,11 @@ def _check_continuity(cfg: Config, source: str) -> None:
     host, _ = c.listen_address
     https = c.tls_cert is not None or (c.base_url or "").startswith("https://")
     if not is_loopback(host) and not https:
-        raise ConfigError(f"{source}: continuity.listen: {c.listen} is not a loopback address; set "
-                          "continuity.tls_cert and tls_key, or serve it behind an HTTPS proxy and set "
-                          "continuity.base_url = \"https://...\"")
+        raise ConfigError(
+            f"{source}: continuity.listen: {c.listen} is not a loopback address; set "
+            "continuity.tls_cert and tls_key, or serve it behind an HTTPS proxy and set "
+            'continuity.base_url = "https://..."'
+        )
     if c.grant_default > c.grant_max:
         raise ConfigError(f"{source}: continuity.grant_default: must not be longer than continuity.grant_max")
     if c.smarthost:
@@ -460,8 +476,10 @@ def _check_continuity(cfg: Config, source: str) -> None:
         for d in cfg.domains:
             hosts = d.primary_hosts or []
             if any(h.lower() == target[0].lower() and p == target[1] for h, p in hosts):
-                raise ConfigError(f"{source}: continuity.smarthost: {c.smarthost} is the primary of {d.name}; "
-                                  "sign-in links must not go through the protected primary")
+                raise ConfigError(
+                    f"{source}: continuity.smarthost: {c.smarthost} is the primary of {d.name}; "
+                    "sign-in links must not go through the protected primary"
+                )
 
 
 class Condition(StrEnum):
@@ -509,7 +527,7 @@ class AlertConfig(BaseModel):
     def _kind_fields(self) -> AlertConfig:
         if self.kind == "webhook":
             if not self.url or not self.url.startswith(("http://", "https://")):
-                raise ValueError("a webhook needs url = \"http(s)://...\"")
+                raise ValueError('a webhook needs url = "http(s)://..."')
         else:
             if not self.smarthost or not self.mail_from or not self.to:
                 raise ValueError("an email alert needs smarthost, mail_from and to")
@@ -594,8 +612,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         if c.to.rpartition("@")[2] != d.name:
             raise ConfigError(f"{where}.to: {c.to} is not an address in {d.name}")
         if d.accept == "when_primary_down":
-            raise ConfigError(f"{where}.domain: {d.name} accepts mail only while its primary is down, "
-                              "so the canary could never pass this node's listener")
+            raise ConfigError(
+                f"{where}.domain: {d.name} accepts mail only while its primary is down, "
+                "so the canary could never pass this node's listener"
+            )
         if [x.domain for x in cfg.canary].count(c.domain) > 1:
             raise ConfigError(f"{where}.domain: {c.domain} has more than one [[canary]]")
     if (cfg.server.tls_cert is None) != (cfg.server.tls_key is None):
@@ -610,8 +630,10 @@ def require_domains(cfg: Config) -> None:
     """`serve` and `config check` refuse a config that protects nothing: it would bind port 25 on every
     interface only to refuse every recipient (a new user's empty file must not look "ok")."""
     if not cfg.domains:
-        raise ConfigError(f"{cfg.source}: domains: no [[domains]]: this node would protect nothing; add one "
-                          "(name = \"example.com\", primary = [\"mx1.example.com:25\"]), see the README")
+        raise ConfigError(
+            f"{cfg.source}: domains: no [[domains]]: this node would protect nothing; add one "
+            '(name = "example.com", primary = ["mx1.example.com:25"]), see the README'
+        )
 
 
 def _pretty_loc(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:

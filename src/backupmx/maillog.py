@@ -109,8 +109,9 @@ class _FileSink(_Sink):
 
 
 class MailLog:
-    def __init__(self, stream: TextIO | None = None, *, fmt: str = "text", node: str = "",
-                 failures: WriteFailures = FAILURES) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, fmt: str = "text", node: str = "", failures: WriteFailures = FAILURES
+    ) -> None:
         self._sink: _Sink = _StreamSink(stream or sys.stderr)
         self._where = "stderr" if stream is None else "stream"
         self._fmt = fmt

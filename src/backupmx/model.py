@@ -172,15 +172,17 @@ class MessageRecord:
             doc: dict[str, Any] = {"address": r.address}
             if with_domains:
                 doc["domain"] = r.domain
-            doc.update({
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt_at": iso_time(r.next_attempt_at) if r.state is RecipientState.QUEUED else None,
-                "last_attempt_at": iso_time(r.last_attempt_at),
-                "last_reply": r.last_reply,
-                "held_reason": r.held_reason,
-                "held_since": iso_time(r.updated_at) if r.state is RecipientState.HELD else None,
-            })
+            doc.update(
+                {
+                    "state": r.state.value,
+                    "attempts": r.attempts,
+                    "next_attempt_at": iso_time(r.next_attempt_at) if r.state is RecipientState.QUEUED else None,
+                    "last_attempt_at": iso_time(r.last_attempt_at),
+                    "last_reply": r.last_reply,
+                    "held_reason": r.held_reason,
+                    "held_since": iso_time(r.updated_at) if r.state is RecipientState.HELD else None,
+                }
+            )
             recipients.append(doc)
         return {
             "id": self.id,

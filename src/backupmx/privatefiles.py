@@ -108,8 +108,10 @@ def unsafe_dir(path: Path) -> str | None:
     if mode is None or not mode & DIR_UNSAFE:
         return None
     who = "other users" if mode & 0o002 else "its group"
-    return (f"{path}: writable by {who} (mode {mode:04o}): they could change the queue or the admin token; "
-            f"fix: chmod 700 {shlex.quote(str(path))}")
+    return (
+        f"{path}: writable by {who} (mode {mode:04o}): they could change the queue or the admin token; "
+        f"fix: chmod 700 {shlex.quote(str(path))}"
+    )
 
 
 def unsafe_secret(path: Path, what: str) -> str | None:
@@ -117,10 +119,14 @@ def unsafe_secret(path: Path, what: str) -> str | None:
     mode = _mode(path)
     if mode is None or not mode & SECRET_UNSAFE:
         return None
-    how = "readable by other users" if mode & 0o004 else "writable by other users" if mode & 0o002 \
+    how = (
+        "readable by other users"
+        if mode & 0o004
+        else "writable by other users"
+        if mode & 0o002
         else "writable by its group"
-    return (f"{path}: {how} (mode {mode:04o}): anyone who can read it {what}; "
-            f"fix: chmod 600 {shlex.quote(str(path))}")
+    )
+    return f"{path}: {how} (mode {mode:04o}): anyone who can read it {what}; fix: chmod 600 {shlex.quote(str(path))}"
 
 
 def refuse_unsafe(cfg: Config) -> None:

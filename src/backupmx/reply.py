@@ -16,7 +16,7 @@ from dataclasses import dataclass
 # is dropped. A named codec error handler keeps the decode one linear pass.
 def _latin1(e: UnicodeError) -> tuple[str, int]:
     if isinstance(e, UnicodeDecodeError):
-        return e.object[e.start:e.end].decode("latin-1"), e.end
+        return e.object[e.start : e.end].decode("latin-1"), e.end
     raise e
 
 

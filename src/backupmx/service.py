@@ -95,8 +95,15 @@ class Service:
         await self._start_ldap()
         await self._start_mirror()
         self.stamps = self._edge_stamps()
-        self.smtp = SmtpServer(config=cfg, spool=self.spool, checks=self.checks, maillog=self.maillog,
-                               clock=self.clock, tls_context=tls_context(cfg), stamps=self.stamps)
+        self.smtp = SmtpServer(
+            config=cfg,
+            spool=self.spool,
+            checks=self.checks,
+            maillog=self.maillog,
+            clock=self.clock,
+            tls_context=tls_context(cfg),
+            stamps=self.stamps,
+        )
         self.smtp.on_queued = lambda _qid, _domains: self.engine.wake()
         self.smtp.content_filter = self._content_filter()
         if cfg.canary:
@@ -107,8 +114,15 @@ class Service:
         if cfg.alerts:
             from backupmx.monitor.alerts import AlertManager
 
-            self.alerts = AlertManager(cfg.alerts, config=cfg, spool=self.spool, health=self.health,
-                                       clock=self.clock, maillog=self.maillog, canary=self.canary)
+            self.alerts = AlertManager(
+                cfg.alerts,
+                config=cfg,
+                spool=self.spool,
+                health=self.health,
+                clock=self.clock,
+                maillog=self.maillog,
+                canary=self.canary,
+            )
             self.health.subscribe(self.alerts.on_health_change)
         await self.health.open()  # an outage declared before a restart is still declared
         # Bind every listener first, then serve. SMTP is bound but accepts nothing until all are bound
@@ -118,8 +132,9 @@ class Service:
         if cfg.admin.listen:
             await _named("admin listener", cfg.admin.listen, self._start_admin())
         if cfg.continuity.enabled:
-            await _named("continuity listener", "{}:{}".format(*cfg.continuity.listen_address),
-                         self._start_continuity())
+            await _named(
+                "continuity listener", "{}:{}".format(*cfg.continuity.listen_address), self._start_continuity()
+            )
         # every listener is bound: serve
         self._spawn(self.health.run(), "health monitor")
         self._spawn(self.engine.run(), "delivery engine")
@@ -130,8 +145,9 @@ class Service:
         await self._start_proofs()
         addrs = " ".join(f"{h}:{p}" for h, p in self.smtp.bound)
         admin = f" admin={self.admin.bound[0]}:{self.admin.bound[1]}" if self.admin else ""
-        log.info("ready: smtp=%s%s node=%s domains=%s", addrs, admin, cfg.server.node,
-                 ",".join(d.name for d in cfg.domains))
+        log.info(
+            "ready: smtp=%s%s node=%s domains=%s", addrs, admin, cfg.server.node, ",".join(d.name for d in cfg.domains)
+        )
 
     async def _purge_loop(self) -> None:
         """Deletes finished messages older than spool.keep_finished, in bounded batches."""
@@ -158,8 +174,11 @@ class Service:
         cfg = self.cfg
         from backupmx.policy.spf import SpfRejectCheck
 
-        checks: list[Any] = [c for c in (DnsblCheck.from_config(cfg), MessageRateLimit.from_config(cfg),
-                                         SpfRejectCheck.from_config(cfg)) if c]
+        checks: list[Any] = [
+            c
+            for c in (DnsblCheck.from_config(cfg), MessageRateLimit.from_config(cfg), SpfRejectCheck.from_config(cfg))
+            if c
+        ]
         gate = PrimaryGate(cfg.domains, self.health)
         if gate.active:
             checks.append(gate)
@@ -167,8 +186,14 @@ class Service:
             assert self.spool is not None
             store = LearnedRecipients(self.spool, keep=cfg.delivery.retention_cap.total_seconds())
             self.verifier = RecipientVerifier(
-                cfg.domains, store, SmtpRcptProber.from_config(cfg, self.resolver), self.health, self.clock,
-                maillog=self.maillog, probe_wait=2 * cfg.delivery.probe_timeout.total_seconds() + 1)
+                cfg.domains,
+                store,
+                SmtpRcptProber.from_config(cfg, self.resolver),
+                self.health,
+                self.clock,
+                maillog=self.maillog,
+                probe_wait=2 * cfg.delivery.probe_timeout.total_seconds() + 1,
+            )
             self.maillog.subscribe(self.verifier.on_maillog)  # deliveries teach known addresses
             self._spawn(self.verifier.run(), "recipient learning")
             checks.append(VerifyCheck(cfg.domains, self.verifier))
@@ -219,8 +244,9 @@ class Service:
         from backupmx.admin.api import AdminServer
 
         assert self.spool is not None
-        self.admin = AdminServer(self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock,
-                                 alerts=self.alerts)
+        self.admin = AdminServer(
+            self.cfg, self.spool, self.health, self.engine, self.smtp, self.maillog, self.clock, alerts=self.alerts
+        )
         await self.admin.start()
 
     async def _start_continuity(self) -> None:

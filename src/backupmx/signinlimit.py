@@ -37,8 +37,9 @@ class _Bucket:
 
 
 class FailureLimiter:
-    def __init__(self, clock: Clock, *, burst: int = BURST, window: float = WINDOW_SECONDS,
-                 max_clients: int = MAX_CLIENTS) -> None:
+    def __init__(
+        self, clock: Clock, *, burst: int = BURST, window: float = WINDOW_SECONDS, max_clients: int = MAX_CLIENTS
+    ) -> None:
         self.clock = clock
         self.burst = burst
         self.rate = burst / window  # failures forgiven per second

@@ -66,8 +66,7 @@ async def fetch_live(cfg: Config) -> Live | str:
 
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=API_TIMEOUT),
-                                         headers=headers) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=API_TIMEOUT), headers=headers) as session:
             async with session.get(f"{url}/api/domains") as resp:
                 if resp.status != 200:
                     return f"{url} answered {resp.status}"
@@ -92,36 +91,52 @@ async def gather(cfg: Config, spool: Spool, live: Live | str) -> dict[str, Any]:
         entry = live.domains.get(name) if isinstance(live, Live) else None
         if entry is not None:
             p = entry["primary"]
-            primary = {"state": p["state"], "since": when_text(parse_when(p["since"])),
-                       "outage_since": when_text(parse_when(entry["outage"]["since"])),
-                       "last_error": p.get("last_error"), "source": "serve"}
+            primary = {
+                "state": p["state"],
+                "since": when_text(parse_when(p["since"])),
+                "outage_since": when_text(parse_when(entry["outage"]["since"])),
+                "last_error": p.get("last_error"),
+                "source": "serve",
+            }
         elif name in open_outages:
             down_since = when_text(open_outages[name])
-            primary = {"state": "down", "since": down_since, "outage_since": down_since,
-                       "last_error": None, "source": "spool"}
+            primary = {
+                "state": "down",
+                "since": down_since,
+                "outage_since": down_since,
+                "last_error": None,
+                "source": "spool",
+            }
         else:
-            primary = {"state": "unknown", "since": None, "outage_since": None, "last_error": None,
-                       "source": "spool"}
+            primary = {"state": "unknown", "since": None, "outage_since": None, "last_error": None, "source": "spool"}
         oldest = ds.oldest_pending_at if ds else None
         canary = await read_status(spool, node, name)
         drill = await read_report(spool, name)
-        domains.append({
-            "domain": name,
-            "primary": primary,
-            "waiting": {"messages": ds.messages_pending if ds else 0,
-                        "recipients_queued": ds.by_state.get("queued", 0) if ds else 0,
-                        "recipients_held": ds.by_state.get("held", 0) if ds else 0,
-                        "oldest_at": when_text(oldest),
-                        "oldest_age_seconds": None if oldest is None else round(now - oldest)},
-            "canary": _canary_json(canary, configured=any(c.domain == name for c in cfg.canary)),
-            "ldap": await _ldap_json(spool, dc),
-            "drill": drill.to_json() if drill else None,
-            "alerts": [a for a in live.alerts if a.get("domain") == name] if isinstance(live, Live) else [],
-        })
+        domains.append(
+            {
+                "domain": name,
+                "primary": primary,
+                "waiting": {
+                    "messages": ds.messages_pending if ds else 0,
+                    "recipients_queued": ds.by_state.get("queued", 0) if ds else 0,
+                    "recipients_held": ds.by_state.get("held", 0) if ds else 0,
+                    "oldest_at": when_text(oldest),
+                    "oldest_age_seconds": None if oldest is None else round(now - oldest),
+                },
+                "canary": _canary_json(canary, configured=any(c.domain == name for c in cfg.canary)),
+                "ldap": await _ldap_json(spool, dc),
+                "drill": drill.to_json() if drill else None,
+                "alerts": [a for a in live.alerts if a.get("domain") == name] if isinstance(live, Live) else [],
+            }
+        )
     return {
-        "node": node, "at": when_text(now),
-        "serve": {"reachable": isinstance(live, Live), "admin": live.url if isinstance(live, Live) else None,
-                  "note": None if isinstance(live, Live) else live},
+        "node": node,
+        "at": when_text(now),
+        "serve": {
+            "reachable": isinstance(live, Live),
+            "admin": live.url if isinstance(live, Live) else None,
+            "note": None if isinstance(live, Live) else live,
+        },
         "spool": {"messages_pending": stats.messages_pending, "corrupt": stats.corrupt},
         "domains": domains,
     }
@@ -132,8 +147,13 @@ async def _ldap_json(spool: Spool, dc: DomainConfig) -> dict[str, Any] | None:
     if dc.ldap_url is None:
         return None
     st = await read_state(spool, dc.name)
-    return {"url": dc.ldap_url, "count": st.count, "synced_at": when_text(st.synced_at),
-            "attempted_at": when_text(st.attempted_at), "error": st.error or None}
+    return {
+        "url": dc.ldap_url,
+        "count": st.count,
+        "synced_at": when_text(st.synced_at),
+        "attempted_at": when_text(st.attempted_at),
+        "error": st.error or None,
+    }
 
 
 def _canary_json(st: CanaryStatus | None, *, configured: bool) -> dict[str, Any] | None:

@@ -21,8 +21,9 @@ _NOT_IN_PATH = re.compile(r"[\x00-\x20\x7f\\]")
 MAX_TARGET = 2048
 
 
-async def start_site(app: web.Application, host: str, port: int, *, ssl_context: SSLContext | None = None
-                     ) -> tuple[web.AppRunner, tuple[str, int]]:
+async def start_site(
+    app: web.Application, host: str, port: int, *, ssl_context: SSLContext | None = None
+) -> tuple[web.AppRunner, tuple[str, int]]:
     """Serve `app` on host:port; the runner (to clean up) and the address bound (port 0 becomes real)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

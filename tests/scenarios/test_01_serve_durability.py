@@ -23,8 +23,10 @@ QUEUED_RE = re.compile(r"queued as ([0-9A-Z]+)")
 
 
 def make_body(i: int, size: int = 3000) -> bytes:
-    head = (f"From: sender{i}@sender.test\r\nTo: alice@example.test\r\nSubject: message {i}\r\n"
-            f"Message-ID: <{i}.{os.urandom(4).hex()}@sender.test>\r\n\r\n").encode()
+    head = (
+        f"From: sender{i}@sender.test\r\nTo: alice@example.test\r\nSubject: message {i}\r\n"
+        f"Message-ID: <{i}.{os.urandom(4).hex()}@sender.test>\r\n\r\n"
+    ).encode()
     line = (f"line of message {i} " * 4).encode()[:70] + b"\r\n"
     body = head + line * max(1, size // len(line))
     return body + b".starts with a dot\r\n"  # dot transparency on the way in
@@ -105,9 +107,23 @@ def test_sigkill_after_smtp_source_batch(tmp_path: Path) -> None:
         node.start()
         n = 300
         res = subprocess.run(
-            [smtp_source, "-s", "10", "-m", str(n), "-l", "5000", "-f", "sender@sender.test",
-             "-t", "alice@example.test", f"127.0.0.1:{node.port}"],
-            capture_output=True, text=True, timeout=120,
+            [
+                smtp_source,
+                "-s",
+                "10",
+                "-m",
+                str(n),
+                "-l",
+                "5000",
+                "-f",
+                "sender@sender.test",
+                "-t",
+                "alice@example.test",
+                f"127.0.0.1:{node.port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert res.returncode == 0, res.stderr  # smtp-source exits non-zero on any reply but 250
         node.kill()

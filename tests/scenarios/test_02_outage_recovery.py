@@ -48,8 +48,15 @@ def test_outage_kill_restart_recovery_with_postfix_primary(tmp_path: Path) -> No
     node = ServeProcess(
         tmp_path / "node",
         domains=[{"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"], "recipients": "any"}],
-        delivery={"probe_interval": f"{int(PROBE_INTERVAL)}s", "probe_timeout": "1s", "down_after": 2,
-                  "retry_min": "1s", "retry_max": "3s", "connect_timeout": "2s", "command_timeout": "3s"},
+        delivery={
+            "probe_interval": f"{int(PROBE_INTERVAL)}s",
+            "probe_timeout": "1s",
+            "down_after": 2,
+            "retry_min": "1s",
+            "retry_max": "3s",
+            "connect_timeout": "2s",
+            "command_timeout": "3s",
+        },
     )
     with node:
         node.start()

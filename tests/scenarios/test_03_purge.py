@@ -38,8 +38,10 @@ def test_delivered_mail_is_purged_after_keep_finished(tmp_path: Path) -> None:
     primary_port, held_port = free_port(), free_port()
     node = ServeProcess(
         tmp_path / "node",
-        domains=[{"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"]},
-                 {"name": "held.test", "primary": [f"127.0.0.1:{held_port}"]}],  # nothing listens: stays
+        domains=[
+            {"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"]},
+            {"name": "held.test", "primary": [f"127.0.0.1:{held_port}"]},
+        ],  # nothing listens: stays
         delivery={"probe_interval": "1s", "retry_min": "1s", "retry_max": "2s"},
         extra={"spool": {"keep_finished": "2s", "purge_interval": "1s"}},
     )

@@ -22,11 +22,12 @@ async def test_one_down_and_one_back_from_the_real_serve(tmp_path: Path) -> None
     primary = await Primary().start()
     port = primary.port
     async with receiver() as hook:
-        node = ServeProcess(tmp_path / "node",
-                            domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"}],
-                            delivery={"down_after": 2, "probe_interval": "1s"},
-                            extra={"alerts": [{"kind": "webhook", "url": hook.url, "interval": "1s",
-                                               "on": ["primary_down"]}]})
+        node = ServeProcess(
+            tmp_path / "node",
+            domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"}],
+            delivery={"down_after": 2, "probe_interval": "1s"},
+            extra={"alerts": [{"kind": "webhook", "url": hook.url, "interval": "1s", "on": ["primary_down"]}]},
+        )
         try:
             await asyncio.to_thread(node.start)
             await asyncio.sleep(3)  # probes succeed: nothing to say
@@ -38,7 +39,9 @@ async def test_one_down_and_one_back_from_the_real_serve(tmp_path: Path) -> None
             await until(lambda: len(hook.posts) == 2, timeout=30, what=f"the back alert\n{node.log()}")
             await asyncio.sleep(3)
             assert [(p["alert"], p["status"], p["domain"]) for p in hook.posts] == [
-                ("primary_down", "firing", "example.test"), ("primary_down", "resolved", "example.test")]
+                ("primary_down", "firing", "example.test"),
+                ("primary_down", "resolved", "example.test"),
+            ]
             assert await asyncio.to_thread(node.terminate) == 0
         finally:
             node.kill()

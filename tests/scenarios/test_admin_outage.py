@@ -30,10 +30,15 @@ async def test_outage_reroute_and_recovery_through_the_api(tmp_path: Path) -> No
     primary = await Primary().start()
     port = primary.port
     spare = await Primary(hostname="spare.test").start()
-    async with receiver() as hook, running_node(
-            tmp_path, {"example.test": primary.hostport},
-            alerts=[{"kind": "webhook", "url": hook.url, "interval": "1s", "on": ["primary_down"]}]) as node, \
-            aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+    async with (
+        receiver() as hook,
+        running_node(
+            tmp_path,
+            {"example.test": primary.hostport},
+            alerts=[{"kind": "webhook", "url": hook.url, "interval": "1s", "on": ["primary_down"]}],
+        ) as node,
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+    ):
 
         async def get(path: str) -> dict:  # type: ignore[type-arg]
             async with http.get(node.url + path) as r:
@@ -50,8 +55,10 @@ async def test_outage_reroute_and_recovery_through_the_api(tmp_path: Path) -> No
         # the primary stops: outage declared, mail held, one "down"
         await primary.stop()
         await until(lambda: _eq(state(), "down"), what="outage declared")
-        held = [await asyncio.to_thread(node.send, ["alice@example.test", "bob@example.test"], f"held {i}")
-                for i in range(3)]
+        held = [
+            await asyncio.to_thread(node.send, ["alice@example.test", "bob@example.test"], f"held {i}")
+            for i in range(3)
+        ]
         doc = await get("/api/domains/example.test")
         assert doc["outage"]["declared"] is True and doc["drain_eta_seconds"] is None
         queue = await get("/api/queue?domain=example.test")
@@ -68,8 +75,7 @@ async def test_outage_reroute_and_recovery_through_the_api(tmp_path: Path) -> No
         # hold one, then reroute everything else to the spare: the held one stays behind
         async with http.post(node.url + f"/api/queue/{held[0]}/hold") as r:
             assert (await r.json())["held"] == 2
-        async with http.put(node.url + "/api/domains/example.test/reroute",
-                            json={"hosts": [spare.hostport]}) as r:
+        async with http.put(node.url + "/api/domains/example.test/reroute", json={"hosts": [spare.hostport]}) as r:
             assert r.status == 200, await r.text()
         await until(lambda: len(spare.deliveries()) == 4, what="rerouted mail at the spare")
         assert sorted(c.split(b"Subject: ")[1].split(b"\r\n")[0] for c in spare.contents()) == [b"held 1", b"held 2"]
@@ -87,8 +93,10 @@ async def test_outage_reroute_and_recovery_through_the_api(tmp_path: Path) -> No
         primary = await Primary().start(port)
         await until(lambda: len(hook.posts) == 2, timeout=30, what="the back alert")
         await asyncio.sleep(2.5)  # a few more evaluations: nothing more to say
-        assert [(p["alert"], p["status"]) for p in hook.posts] == [("primary_down", "firing"),
-                                                                   ("primary_down", "resolved")]
+        assert [(p["alert"], p["status"]) for p in hook.posts] == [
+            ("primary_down", "firing"),
+            ("primary_down", "resolved"),
+        ]
         assert (await get("/api/domains/example.test"))["outage"]["declared"] is False
         outages = (await get("/api/domains/example.test"))["outages"]
         assert len(outages) == 1 and outages[0]["ended_at"] is not None

@@ -30,10 +30,12 @@ def send(port: int, rcpt: str, subject: str) -> str:
 
 async def test_admin_api_of_the_real_serve(tmp_path: Path) -> None:
     spare = await Primary(hostname="spare.test").start()
-    node = ServeProcess(tmp_path / "node", admin=True,
-                        domains=[{"name": "example.test", "primary": [f"127.0.0.1:{closed_port()}"],
-                                  "recipients": "any"}],
-                        delivery={"down_after": 2, "probe_interval": "1s", "retry_min": "1s", "retry_max": "2s"})
+    node = ServeProcess(
+        tmp_path / "node",
+        admin=True,
+        domains=[{"name": "example.test", "primary": [f"127.0.0.1:{closed_port()}"], "recipients": "any"}],
+        delivery={"down_after": 2, "probe_interval": "1s", "retry_min": "1s", "retry_max": "2s"},
+    )
     api = f"http://127.0.0.1:{node.admin_port}"
     try:
         await asyncio.to_thread(node.start)
@@ -73,8 +75,12 @@ async def test_admin_api_of_the_real_serve(tmp_path: Path) -> None:
                 assert node.queue_count() == 2
 
                 async with anon.get(api + "/metrics") as r:
-                    fams = {s.name: s for f in text_string_to_metric_families(await r.text()) for s in f.samples
-                            if s.labels.get("domain") in ("example.test", None)}
+                    fams = {
+                        s.name: s
+                        for f in text_string_to_metric_families(await r.text())
+                        for s in f.samples
+                        if s.labels.get("domain") in ("example.test", None)
+                    }
                 assert fams["backupmx_outage_declared"].value == 1
                 assert fams["backupmx_queue_messages"].value == node.queue_count() == 2
 

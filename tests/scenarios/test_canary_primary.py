@@ -33,8 +33,7 @@ class Primary:
         self._lock = threading.Lock()
         self.controller: Any = None
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]) -> str:
         if self.refuse and address.lower() == CANARY:
             with self._lock:
                 self.refused += 1
@@ -59,8 +58,9 @@ class Primary:
             self.controller.stop()
             self.controller = None
 
-    def received(self, predicate: Callable[[tuple[str, list[str], bytes]], bool] = lambda m: True) -> list[
-            tuple[str, list[str], bytes]]:
+    def received(
+        self, predicate: Callable[[tuple[str, list[str], bytes]], bool] = lambda m: True
+    ) -> list[tuple[str, list[str], bytes]]:
         with self._lock:
             return [m for m in self.messages if predicate(m)]
 
@@ -109,10 +109,10 @@ def primary() -> Iterator[Primary]:
     p.stop()
 
 
-def canary_node(tmp_path: Path, primary: Primary, *, deadline: str = "4s", alerts: str | None = None
-                ) -> ServeProcess:
-    extra: dict[str, Any] = {"canary": [{"domain": "example.test", "to": CANARY, "interval": "1s",
-                                         "deadline": deadline}]}
+def canary_node(tmp_path: Path, primary: Primary, *, deadline: str = "4s", alerts: str | None = None) -> ServeProcess:
+    extra: dict[str, Any] = {
+        "canary": [{"domain": "example.test", "to": CANARY, "interval": "1s", "deadline": deadline}]
+    }
     if alerts is not None:
         extra["alerts"] = [{"kind": "webhook", "url": alerts, "interval": "1s", "free_disk_below": "1KB"}]
     return ServeProcess(
@@ -161,8 +161,7 @@ def test_canary_is_delivered_to_a_real_primary_and_its_latency_recorded(tmp_path
         assert b"by backup.test (backupmx" in data  # it went through our listener: our Received header
         assert b"Subject: backupmx canary for example.test via backup.test" in data
 
-        doc = wait_until("a judged canary in status", lambda: (d := status(node))["domains"][0]["canary"]["last"]
-                         and d)
+        doc = wait_until("a judged canary in status", lambda: (d := status(node))["domains"][0]["canary"]["last"] and d)
         canary = doc["domains"][0]["canary"]
         assert canary["last"]["outcome"] == "delivered" and canary["broken"] is False
         assert canary["last"]["reply"] == "250 2.0.0 Ok: queued as PRIMARY"
@@ -184,8 +183,9 @@ def test_canary_is_delivered_to_a_real_primary_and_its_latency_recorded(tmp_path
     assert not alert_lines(node, "firing")
 
 
-def test_refused_canary_address_fires_the_alert_once_and_clears_it_once(tmp_path: Path, primary: Primary,
-                                                                         webhook: Webhook) -> None:
+def test_refused_canary_address_fires_the_alert_once_and_clears_it_once(
+    tmp_path: Path, primary: Primary, webhook: Webhook
+) -> None:
     primary.refuse = True
     with canary_node(tmp_path, primary, alerts=webhook.url) as node:
         node.start()
@@ -193,8 +193,10 @@ def test_refused_canary_address_fires_the_alert_once_and_clears_it_once(tmp_path
         wait_until("the webhook's alert", lambda: webhook.alerts("backup_path_broken"))
         wait_until("two more refusals", lambda: primary.refused >= 3)  # failures go on; the alert is not repeated
         assert len(alert_lines(node, "firing")) == 1
-        assert "550 5.1.1" in alert_lines(node, "firing")[0] and "backup path broken for example.test" in \
-            alert_lines(node, "firing")[0]
+        assert (
+            "550 5.1.1" in alert_lines(node, "firing")[0]
+            and "backup path broken for example.test" in alert_lines(node, "firing")[0]
+        )
         assert 'backupmx_backup_path_broken{domain="example.test"} 1.0' in metrics(node)
         doc = status(node)
         canary = doc["domains"][0]["canary"]

@@ -110,11 +110,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("continuity")
     inbox_port = free_port()
     dead_primary = free_port()  # nothing listens there: the outage is declared after two probes
-    with Recorder() as recorder, ServeProcess(
-            tmp, domains=[{"name": "example.test", "primary": [f"127.0.0.1:{dead_primary}"], "recipients": "any"}],
+    with (
+        Recorder() as recorder,
+        ServeProcess(
+            tmp,
+            domains=[{"name": "example.test", "primary": [f"127.0.0.1:{dead_primary}"], "recipients": "any"}],
             delivery={"down_after": 2, "probe_timeout": "1s", "connect_timeout": "1s"},
-            extra={"continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}",
-                                  "timezone": "Asia/Seoul"}}) as node:
+            extra={"continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}", "timezone": "Asia/Seoul"}},
+        ) as node,
+    ):
         node.start()
         w = World(node, f"http://127.0.0.1:{inbox_port}", recorder)
         w.send("plain", ["alice@example.test"], mail.plain())
@@ -122,8 +126,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.send("multipart", ["alice@example.test"], mail.multipart())
         w.send("hostile", ["alice@example.test"], mail.hostile(recorder.origin))
         w.send("korean", ["alice@example.test"], mail.korean())
-        w.send("bob", ["bob@example.test"], mail.plain(to="bob@example.test", subject="Bob's payslip",
-                                                       text="Bob's salary details.\n"))
+        w.send(
+            "bob",
+            ["bob@example.test"],
+            mail.plain(to="bob@example.test", subject="Bob's payslip", text="Bob's salary details.\n"),
+        )
         wait_open(node)
         yield w
 
@@ -188,8 +195,9 @@ async def sign_in(page: Any, link: str) -> None:
     await page.wait_for_selector("ol.messages")
 
 
-async def test_alice_signs_in_and_reads_plain_html_and_multipart_mail(world: World, browser: Any,
-                                                                      tmp_path: Path) -> None:
+async def test_alice_signs_in_and_reads_plain_html_and_multipart_mail(
+    world: World, browser: Any, tmp_path: Path
+) -> None:
     ctx, watch = await context(browser)
     page = await ctx.new_page()
     link = link_for(world.node, "alice@example.test")
@@ -325,10 +333,14 @@ async def test_alice_cannot_open_bobs_message_by_changing_the_url(world: World, 
     assert own is not None
     _, _, own_id, own_tok = own.split("/")
     bob_id = bob_url.split("/")[2]
-    for path in (bob_url,  # bob's real URL, leaked to alice
-                 f"/m/{bob_id}/{own_tok}",  # bob's queue ID with alice's token
-                 f"/m/{own_id[:-1]}{'A' if own_id[-1] != 'A' else 'B'}/{own_tok}",  # a guessed neighbour ID
-                 bob_url + "/eml", bob_url + "/frame", bob_url + "/part/0"):
+    for path in (
+        bob_url,  # bob's real URL, leaked to alice
+        f"/m/{bob_id}/{own_tok}",  # bob's queue ID with alice's token
+        f"/m/{own_id[:-1]}{'A' if own_id[-1] != 'A' else 'B'}/{own_tok}",  # a guessed neighbour ID
+        bob_url + "/eml",
+        bob_url + "/frame",
+        bob_url + "/part/0",
+    ):
         resp = await page.goto(world.url + path)
         assert resp is not None and resp.status == 404, path
         assert await page.inner_text("#notice h1") == "This message is not available"
@@ -341,8 +353,9 @@ async def test_alice_cannot_open_bobs_message_by_changing_the_url(world: World, 
 
 
 async def test_phone_width_in_korean(world: World, browser: Any) -> None:
-    ctx, watch = await context(browser, width=390, height=844, locale="ko-KR",
-                               extra_http_headers={"Accept-Language": "ko-KR,ko;q=0.9"})
+    ctx, watch = await context(
+        browser, width=390, height=844, locale="ko-KR", extra_http_headers={"Accept-Language": "ko-KR,ko;q=0.9"}
+    )
     page = await ctx.new_page()
     await page.goto(link_for(world.node, "alice@example.test"))
     assert await page.inner_text("#signin") == "로그인"

@@ -33,8 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def body(i: int, rng: random.Random) -> bytes:
-    head = (f"From: sender{i % 97}@else.test\r\nTo: someone@example.test\r\nSubject: message {i}\r\n"
-            f"Message-ID: <{i}@else.test>\r\n\r\n").encode()
+    head = (
+        f"From: sender{i % 97}@else.test\r\nTo: someone@example.test\r\nSubject: message {i}\r\n"
+        f"Message-ID: <{i}@else.test>\r\n\r\n"
+    ).encode()
     lines = [f"line {n} of message {i} {'x' * rng.randint(0, 70)}".encode() for n in range(rng.randint(3, 60))]
     if i % 100 == 7:
         lines[1:1] = [b"From the desk of the CEO", b">From a quoted line", b"From "]
@@ -53,12 +55,21 @@ async def seed(data_dir: Path) -> dict[str, list[tuple[QueueId, bytes]]]:
             batch = []
             for i in range(start, start + 500):
                 roll = rng.random()
-                rcpts = ["alice@example.test"] if roll < 0.8 else ["bob@example.test"] if roll < 0.9 else \
-                    ["alice@example.test", "bob@example.test"]
+                rcpts = (
+                    ["alice@example.test"]
+                    if roll < 0.8
+                    else ["bob@example.test"]
+                    if roll < 0.9
+                    else ["alice@example.test", "bob@example.test"]
+                )
                 batch.append((rcpts, body(i, rng)))
             # concurrent puts are group-committed: 500 messages in a handful of fsyncs
-            ids = await asyncio.gather(*(spool.put(Envelope("sender@else.test", tuple(Recipient(a) for a in r)),
-                                                   BodyBuffer.from_bytes(b)) for r, b in batch))
+            ids = await asyncio.gather(
+                *(
+                    spool.put(Envelope("sender@else.test", tuple(Recipient(a) for a in r)), BodyBuffer.from_bytes(b))
+                    for r, b in batch
+                )
+            )
             for qid, (rcpts, b) in sorted(zip(ids, batch, strict=True)):
                 for a in rcpts:
                     expected[a].append((qid, b))
@@ -97,12 +108,35 @@ async def test_export_10000_held_messages_to_mbox_and_maildir(tmp_path: Path, ou
 
     # mbox, through the real command
     config = tmp_path / "backupmx.toml"
-    config.write_text(render_toml({
-        "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2525"], "data_dir": str(data_dir)},
-        "domains": [{"name": "example.test", "primary": ["127.0.0.1:1"]}], "admin": {"listen": ""}}))
-    res = subprocess.run([sys.executable, "-m", "backupmx.cli", "queue", "export", "--domain", "example.test",
-                          "--format", "mbox", str(out_dir / "mbox"), "--config", str(config)],
-                         capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    config.write_text(
+        render_toml(
+            {
+                "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2525"], "data_dir": str(data_dir)},
+                "domains": [{"name": "example.test", "primary": ["127.0.0.1:1"]}],
+                "admin": {"listen": ""},
+            }
+        )
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backupmx.cli",
+            "queue",
+            "export",
+            "--domain",
+            "example.test",
+            "--format",
+            "mbox",
+            str(out_dir / "mbox"),
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
     assert res.returncode == 0, res.stderr
     assert "exported 10,000 messages" in res.stderr
 
@@ -135,5 +169,7 @@ async def test_export_10000_held_messages_to_mbox_and_maildir(tmp_path: Path, ou
         assert sorted(by_id) == [qid for qid, _ in items]
         for qid, want in items:
             assert md.get_bytes(by_id[qid]) == want
-    print(f"10,000 messages ({total_bytes:,} bytes) exported twice and read back in "
-          f"{time.monotonic() - started:.1f} s; Maildir export peak Python memory {peak:,} bytes")
+    print(
+        f"10,000 messages ({total_bytes:,} bytes) exported twice and read back in "
+        f"{time.monotonic() - started:.1f} s; Maildir export peak Python memory {peak:,} bytes"
+    )

@@ -39,9 +39,12 @@ async def test_closed_unless_outage_or_opened_by_hand(tmp_path: Path) -> None:
     primary = Controller(Accept(), hostname="127.0.0.1", port=primary_port)
     primary.start()
     inbox_port = free_port()
-    node = ServeProcess(tmp_path, domains=[{"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"]}],
-                        delivery={"down_after": 2, "probe_timeout": "1s", "connect_timeout": "1s"},
-                        extra={"continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}"}})
+    node = ServeProcess(
+        tmp_path,
+        domains=[{"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"]}],
+        delivery={"down_after": 2, "probe_timeout": "1s", "connect_timeout": "1s"},
+        extra={"continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}"}},
+    )
     url = f"http://127.0.0.1:{inbox_port}"
     try:
         await asyncio.to_thread(node.start)
@@ -49,8 +52,13 @@ async def test_closed_unless_outage_or_opened_by_hand(tmp_path: Path) -> None:
         token = link.split("t=", 1)[1]
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
             await until_status(s, url + "/", 403)
-            for path in ("/", f"/signin?t={token}", "/m/1K11FNWPJ26GFT/AAAAAAAAAAAAAAAAAAAAAA", "/anything",
-                         "/static/../../etc/passwd"):
+            for path in (
+                "/",
+                f"/signin?t={token}",
+                "/m/1K11FNWPJ26GFT/AAAAAAAAAAAAAAAAAAAAAA",
+                "/anything",
+                "/static/../../etc/passwd",
+            ):
                 async with s.get(url + path) as r:
                     page = await r.text()
                     assert r.status == 403, path

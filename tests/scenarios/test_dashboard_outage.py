@@ -68,7 +68,7 @@ async def test_operator_handles_an_outage_in_the_dashboard(tmp_path: Path, brows
         banner = await page.inner_text(".banner.outage")
         assert "Outage declared: example.test" in banner and "3 recipients held safely" in banner
         assert "down" in (await page.inner_text("#d-example\\.test .badge")).lower()
-        await page.click("#d-example\\.test a.button >> text=\"Queue\"")
+        await page.click('#d-example\\.test a.button >> text="Queue"')
         await page.wait_for_selector("table.queue")
         for qid in held:
             assert await page.locator(f"#m-{qid}").count() == 1
@@ -101,8 +101,9 @@ async def test_operator_handles_an_outage_in_the_dashboard(tmp_path: Path, brows
         # CSRF: a form post without the token is refused even with the session cookie
         resp = await page.request.post(node.url + "/ui/domains/example.test/flush", form={"back": "/"})
         assert resp.status == 403
-        resp = await page.request.post(node.url + "/ui/domains/example.test/flush",
-                                       form={"csrf": "0" * 40, "back": "/"})
+        resp = await page.request.post(
+            node.url + "/ui/domains/example.test/flush", form={"csrf": "0" * 40, "back": "/"}
+        )
         assert resp.status == 403
 
         # a message deleted from its page (after the confirm dialog)

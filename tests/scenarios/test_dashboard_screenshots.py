@@ -31,12 +31,41 @@ playwright_api = pytest.importorskip("playwright.async_api")
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
 REPO = Path(__file__).resolve().parents[2]
 
-PEOPLE = ["anna", "ben", "chloe", "david", "emma", "farid", "grace", "hugo", "ines", "jonas", "billing",
-          "sales", "support", "hr"]
-SENDERS = ["orders@shop.example", "cfo@partner.example", "noreply@bank.example", "team@project.example",
-           "news@lists.example", "carla@customer.example", "it@supplier.example"]
-SUBJECTS = ["Invoice 2026-1184", "Re: contract draft", "Your statement is ready", "Weekly status",
-            "Meeting tomorrow 10:00", "Order #88231 shipped", "Re: Re: budget", "Password reset"]
+PEOPLE = [
+    "anna",
+    "ben",
+    "chloe",
+    "david",
+    "emma",
+    "farid",
+    "grace",
+    "hugo",
+    "ines",
+    "jonas",
+    "billing",
+    "sales",
+    "support",
+    "hr",
+]
+SENDERS = [
+    "orders@shop.example",
+    "cfo@partner.example",
+    "noreply@bank.example",
+    "team@project.example",
+    "news@lists.example",
+    "carla@customer.example",
+    "it@supplier.example",
+]
+SUBJECTS = [
+    "Invoice 2026-1184",
+    "Re: contract draft",
+    "Your statement is ready",
+    "Weekly status",
+    "Meeting tomorrow 10:00",
+    "Order #88231 shipped",
+    "Re: Re: budget",
+    "Password reset",
+]
 
 
 async def seed(data_dir: Path, now: float, rng: random.Random) -> dict[str, Any]:
@@ -57,10 +86,16 @@ async def seed(data_dir: Path, now: float, rng: random.Random) -> dict[str, Any]
             rcpts.append(f"{rng.choice(PEOPLE)}@example.com")
         rcpts = list(dict.fromkeys(rcpts))
         sender = rng.choice(SENDERS)
-        body = (f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {rng.choice(SUBJECTS)}\r\n\r\n"
-                + "text\r\n" * rng.randint(20, 4000)).encode()
-        env = Envelope(sender=sender, recipients=tuple(Recipient(r) for r in rcpts), client_ip="198.51.100.7",
-                       client_helo="mail.sender.example")
+        body = (
+            f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {rng.choice(SUBJECTS)}\r\n\r\n"
+            + "text\r\n" * rng.randint(20, 4000)
+        ).encode()
+        env = Envelope(
+            sender=sender,
+            recipients=tuple(Recipient(r) for r in rcpts),
+            client_ip="198.51.100.7",
+            client_helo="mail.sender.example",
+        )
         ids.append(await spool.put(env, BodyBuffer.from_bytes(body), now=t))
         arrivals.append((t, len(rcpts)))
         t += rng.expovariate(1 / 300)
@@ -70,15 +105,36 @@ async def seed(data_dir: Path, now: float, rng: random.Random) -> dict[str, Any]
     guard_ids = []
     for who in ("j.doe", "new.hire"):
         env = Envelope(sender="hr@recruiting.example", recipients=(Recipient(f"{who}@example.org"),))
-        guard_ids.append(await spool.put(env, BodyBuffer.from_bytes(
-            b"From: hr@recruiting.example\r\nSubject: Welcome aboard\r\n\r\nHello\r\n"), now=org_out[0] + 600))
-    claims = await spool.claim_due(now=org_out[1] + 30, owner="seed", lease_seconds=60, limit=10,
-                                   domains=["example.org"])
-    await spool.record("seed", [
-        RecipientUpdate(r.message_id, r.index, Deferred(Reply(550, "5.1.1", f"<{r.address}>: Recipient address "
-                                                              "rejected: User unknown in virtual mailbox table"),
-                                                        guard_hold=True))
-        for c in claims for r in c.recipients], now=org_out[1] + 40)
+        guard_ids.append(
+            await spool.put(
+                env,
+                BodyBuffer.from_bytes(b"From: hr@recruiting.example\r\nSubject: Welcome aboard\r\n\r\nHello\r\n"),
+                now=org_out[0] + 600,
+            )
+        )
+    claims = await spool.claim_due(
+        now=org_out[1] + 30, owner="seed", lease_seconds=60, limit=10, domains=["example.org"]
+    )
+    await spool.record(
+        "seed",
+        [
+            RecipientUpdate(
+                r.message_id,
+                r.index,
+                Deferred(
+                    Reply(
+                        550,
+                        "5.1.1",
+                        f"<{r.address}>: Recipient address rejected: User unknown in virtual mailbox table",
+                    ),
+                    guard_hold=True,
+                ),
+            )
+            for c in claims
+            for r in c.recipients
+        ],
+        now=org_out[1] + 40,
+    )
     await spool.close()
     return {"out_start": out_start, "org_out": org_out, "arrivals": arrivals, "ids": ids, "guard": guard_ids}
 
@@ -127,14 +183,16 @@ async def test_screenshots_of_the_main_views(tmp_path: Path) -> None:
     story = await seed(tmp_path / "data", now, rng)
     org_primary = await Primary(hostname="mx1.example.org").start()
     dead = f"127.0.0.1:{closed_port()}"
-    async with running_node(tmp_path, {"example.com": dead, "example.org": org_primary.hostport},
-                            hostname="mx2.example.net") as node:
+    async with running_node(
+        tmp_path, {"example.com": dead, "example.org": org_primary.hostport}, hostname="mx2.example.net"
+    ) as node:
         await node.admin.sampler.sample()
         node.admin.series.add(history(now, story, rng), now=now)
         await until(lambda: node.monitor.snapshot()["example.org"].state.value == "up", what="example.org up")
         await until(lambda: node.monitor.snapshot()["example.com"].last_error is not None, what="a failed probe")
-        live = await asyncio.to_thread(node.send, ["anna@example.com", "ben@example.com"], "Quarterly report",
-                                       sender="carla@customer.example")
+        live = await asyncio.to_thread(
+            node.send, ["anna@example.com", "ben@example.com"], "Quarterly report", sender="carla@customer.example"
+        )
         async with playwright_api.async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
@@ -154,8 +212,9 @@ async def test_screenshots_of_the_main_views(tmp_path: Path) -> None:
                 await desk.goto(node.url + "/review")
                 assert "new.hire@example.org" in await desk.inner_text("table.list")
                 await desk.screenshot(path=str(target / "dashboard-review.png"), full_page=True)
-                phone_ctx = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
-                                                      is_mobile=True, has_touch=True)
+                phone_ctx = await browser.new_context(
+                    viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
+                )
                 phone = await phone_ctx.new_page()
                 await login(phone, node)
                 await phone.wait_for_selector(".banner.outage")

@@ -63,14 +63,22 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
             tmp_path_factory.mktemp("badday"),
             domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"}],
             delivery={"lease": "4s", "retry_min": "1s", "retry_max": "2s"},
-            extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}})
+            extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
+        )
         with node:
             node.start()
             yield Bench(node, primary)
 
 
-def send(port: int, sender: str, rcpts: list[str], body: bytes, *, mail_options: tuple[str, ...] = (),
-         rcpt_options: tuple[str, ...] = ()) -> None:
+def send(
+    port: int,
+    sender: str,
+    rcpts: list[str],
+    body: bytes,
+    *,
+    mail_options: tuple[str, ...] = (),
+    rcpt_options: tuple[str, ...] = (),
+) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
         c.ehlo("client.test")
         code, msg = c.mail(sender, list(mail_options))
@@ -103,6 +111,7 @@ def spool_view(data_dir: Path) -> list[tuple[MessageRecord, bytes]]:
             return [(m, await spool.read_body(m.id)) for m in listed]
         finally:
             await spool.close()
+
     return asyncio.run(read())
 
 
@@ -111,11 +120,11 @@ def settle(b: Bench, rcpt: str, timeout: float = 20.0) -> tuple[MessageRecord, l
     deadline = time.monotonic() + timeout
     while True:
         view = spool_view(b.node.data_dir)
-        mine = [m for m, _ in view if m.envelope.kind is MessageKind.USER
-                and any(r.address == rcpt for r in m.recipients)]
+        mine = [
+            m for m, _ in view if m.envelope.kind is MessageKind.USER and any(r.address == rcpt for r in m.recipients)
+        ]
         if mine and {r.state for r in mine[0].recipients} <= FINAL:
-            dsns = [(m, body) for m, body in view if m.envelope.kind is MessageKind.DSN
-                    and mine[0].id.encode() in body]
+            dsns = [(m, body) for m, body in view if m.envelope.kind is MessageKind.DSN and mine[0].id.encode() in body]
             return mine[0], dsns
         if time.monotonic() > deadline:
             raise AssertionError(f"{rcpt}: no final state within {timeout}s: {mine}\n{b.node.log()[-3000:]}")
@@ -172,19 +181,29 @@ def test_8bit_451_then_250_one_copy(bench: Bench) -> None:
 def test_crlf_in_envid_or_orcpt_refused_at_the_command(bench: Bench) -> None:
     port = bench.node.port
     assert command(port, "MAIL FROM:<s@sender.test> ENVID=+0D+0AX-Injected:+20yes")[0] == (
-        501, "5.5.4 Bad ENVID parameter: must be printable US-ASCII once decoded")
+        501,
+        "5.5.4 Bad ENVID parameter: must be printable US-ASCII once decoded",
+    )
     assert command(port, "MAIL FROM:<s@sender.test> SMTPUTF8 ENVID=x+0Ay")[0][0] == 501
-    got = command(port, "MAIL FROM:<s@sender.test>",
-                  "RCPT TO:<inject@example.test> NOTIFY=SUCCESS ORCPT=rfc822;a+0D+0Ab@example.test")
+    got = command(
+        port,
+        "MAIL FROM:<s@sender.test>",
+        "RCPT TO:<inject@example.test> NOTIFY=SUCCESS ORCPT=rfc822;a+0D+0Ab@example.test",
+    )
     assert got == [(250, "2.1.0 Ok"), (501, "5.5.4 Bad ORCPT parameter: control characters once decoded")]
 
 
 @pytest.mark.parametrize("utf8", [False, True])
 def test_relayed_dsn_carries_envid_and_orcpt_safely(bench: Bench, utf8: bool) -> None:
     rcpt = f"relayed{int(utf8)}@example.test"
-    send(bench.node.port, "s@sender.test", [rcpt], body_for(rcpt),
-         mail_options=("ENVID=id+2B1+3A+20x", *(["SMTPUTF8"] if utf8 else [])),
-         rcpt_options=("NOTIFY=SUCCESS", "ORCPT=rfc822;a+2Bb@example.test"))
+    send(
+        bench.node.port,
+        "s@sender.test",
+        [rcpt],
+        body_for(rcpt),
+        mail_options=("ENVID=id+2B1+3A+20x", *(["SMTPUTF8"] if utf8 else [])),
+        rcpt_options=("NOTIFY=SUCCESS", "ORCPT=rfc822;a+2Bb@example.test"),
+    )
     msg, dsns = settle(bench, rcpt)
     assert msg.recipients[0].state is RecipientState.DELIVERED
     assert bench.primary.copies(rcpt) == 1
@@ -197,8 +216,9 @@ def test_relayed_dsn_carries_envid_and_orcpt_safely(bench: Bench, utf8: bool) ->
 
 # --- items 8 and 9: SMTPUTF8 ----------------------------------------------------------------------------
 def test_smtputf8_flagged_ascii_mail_goes_as_plain_smtp(bench: Bench) -> None:
-    send(bench.node.port, "s@sender.test", ["asciiutf8@example.test"], body_for("asciiutf8"),
-         mail_options=("SMTPUTF8",))
+    send(
+        bench.node.port, "s@sender.test", ["asciiutf8@example.test"], body_for("asciiutf8"), mail_options=("SMTPUTF8",)
+    )
     msg, dsns = settle(bench, "asciiutf8@example.test")
     assert msg.recipients[0].state is RecipientState.DELIVERED and dsns == []
     (t,) = [t for t in bench.primary.delivered() if "asciiutf8@example.test" in t.recipients]
@@ -212,14 +232,21 @@ def test_utf8_header_bounces_and_utf8_sender_gets_a_raw_utf8_to(tmp_path: Path) 
     port = free_port()
     primary = ScriptedPrimary()  # no DSN, no SMTPUTF8
     node = ServeProcess(
-        tmp_path / "utf8", domains=[{"name": "example.test", "primary": [f"127.0.0.1:{port}"], "recipients": "any"}],
+        tmp_path / "utf8",
+        domains=[{"name": "example.test", "primary": [f"127.0.0.1:{port}"], "recipients": "any"}],
         delivery={"lease": "4s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s"},
-        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}})
+        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
+    )
     sender = "j\u00f6rg@b\u00fccher.test"
     with node:
         node.start()
-        send(node.port, sender, ["needsutf8@example.test"], body_for("needsutf8", "gr\u00fc\u00dfe"),
-             mail_options=("SMTPUTF8",))
+        send(
+            node.port,
+            sender,
+            ["needsutf8@example.test"],
+            body_for("needsutf8", "gr\u00fc\u00dfe"),
+            mail_options=("SMTPUTF8",),
+        )
         with primary.running(port):
             msg, dsns = settle(Bench(node, primary), "needsutf8@example.test")
     r = msg.recipients[0]

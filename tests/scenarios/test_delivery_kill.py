@@ -41,10 +41,14 @@ async def test_kill_after_remote_250_duplicates_never_loses(tmp_path: Path) -> N
         qid = await h.put("a@example.com", "b@example.com")
         await h.close()
 
-        env = dict(os.environ, BACKUPMX_FAULT="delivery.after_remote_250",
-                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, str(tmp_path), primary.hostport,
-                                                    env=env, cwd=ROOT)
+        env = dict(
+            os.environ,
+            BACKUPMX_FAULT="delivery.after_remote_250",
+            PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CHILD, str(tmp_path), primary.hostport, env=env, cwd=ROOT
+        )
         assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
         assert len(primary.received) == 1  # the primary has it; we never recorded that
 

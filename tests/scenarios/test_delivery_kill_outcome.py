@@ -26,8 +26,12 @@ from tests.support.serve import ServeProcess
 from tests.unit.delivery.fake_primary import Primary
 
 
-async def _setup(tmp_path: Path, delivery: dict[str, object], *, env: dict[str, str] | None = None,
-                 ) -> tuple[Primary, Primary, ServeProcess]:
+async def _setup(
+    tmp_path: Path,
+    delivery: dict[str, object],
+    *,
+    env: dict[str, str] | None = None,
+) -> tuple[Primary, Primary, ServeProcess]:
     """The primary (250 for a@, 550 for b@), the sender's MX that gets the DSN, and the (unstarted) node
     protecting both, with short retries and `delivery`'s own lease (and poison limit)."""
     primary = await Primary().start()
@@ -35,8 +39,10 @@ async def _setup(tmp_path: Path, delivery: dict[str, object], *, env: dict[str, 
     sink = await Primary(hostname="mx.sender.test").start()
     node = ServeProcess(
         tmp_path / "node",
-        domains=[{"name": "example.test", "primary": [primary.hostport], "recipients": "any"},
-                 {"name": "sender.test", "primary": [sink.hostport], "recipients": "any"}],
+        domains=[
+            {"name": "example.test", "primary": [primary.hostport], "recipients": "any"},
+            {"name": "sender.test", "primary": [sink.hostport], "recipients": "any"},
+        ],
         delivery={"retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", **delivery},
         extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
         env=env,
@@ -44,11 +50,14 @@ async def _setup(tmp_path: Path, delivery: dict[str, object], *, env: dict[str, 
     return primary, sink, node
 
 
-@pytest.mark.parametrize(("point", "after", "copies"), [
-    ("delivery.after_remote_250", "1", 2),
-    ("delivery.after_delivered_commit", "1", 1),
-    ("spool.before_commit", "2", 1),  # the 1st put group is the accept; the 2nd carries the DSN
-])
+@pytest.mark.parametrize(
+    ("point", "after", "copies"),
+    [
+        ("delivery.after_remote_250", "1", 2),
+        ("delivery.after_delivered_commit", "1", 1),
+        ("spool.before_commit", "2", 1),  # the 1st put group is the accept; the 2nd carries the DSN
+    ],
+)
 async def test_kill_in_the_outcome_path(tmp_path: Path, point: str, after: str, copies: int) -> None:
     primary, sink, node = await _setup(tmp_path, {"lease": "2s"})
     try:
@@ -86,8 +95,10 @@ async def test_poison_message_against_a_real_serve(tmp_path: Path) -> None:
     be committed): a@'s 250 was committed first, so the primary gets one copy; b@ is tried
     `poison_after` times, then held as poison, shown so by `queue list`, and never tried again."""
     primary, sink, node = await _setup(
-        tmp_path, {"lease": "1s", "poison_after": 2},
-        env={"BACKUPMX_FAULT": "delivery.before_dsn_commit", "BACKUPMX_FAULT_ACTION": "raise"})
+        tmp_path,
+        {"lease": "1s", "poison_after": 2},
+        env={"BACKUPMX_FAULT": "delivery.before_dsn_commit", "BACKUPMX_FAULT_ACTION": "raise"},
+    )
     try:
         await asyncio.to_thread(node.start)
         qid = await asyncio.to_thread(send, node.port, make_body(1, size=2000), ["a@example.test", "b@example.test"])

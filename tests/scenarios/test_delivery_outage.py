@@ -22,8 +22,15 @@ from backupmx.spool.sqlite import SqliteSpool
 from tests.unit.delivery.fake_primary import BlackHole, Primary, closed_port
 from tests.unit.delivery.harness import BODY, Harness, make_config
 
-FAST: dict[str, Any] = {"probe_interval": "1s", "probe_timeout": "1s", "down_after": 2, "connect_timeout": "1s",
-                        "retry_min": "1s", "retry_max": "3s", "lease": "30s"}
+FAST: dict[str, Any] = {
+    "probe_interval": "1s",
+    "probe_timeout": "1s",
+    "down_after": 2,
+    "connect_timeout": "1s",
+    "retry_min": "1s",
+    "retry_max": "3s",
+    "lease": "30s",
+}
 
 
 async def until(cond: Callable[[], bool], timeout: float, step: float = 0.02) -> float:
@@ -123,8 +130,9 @@ async def test_black_hole_primary(tmp_path: Path) -> None:
 async def test_slow_start_after_recovery(tmp_path: Path) -> None:
     primary = await Primary().start()
     primary.data_delay = 0.05
-    h = await harness(tmp_path, primary.hostport, concurrency_initial=2, concurrency_max=6,
-                      messages_per_connection=4, window=200)
+    h = await harness(
+        tmp_path, primary.hostport, concurrency_initial=2, concurrency_max=6, messages_per_connection=4, window=200
+    )
     await h.monitor.force_down("example.com", "outage")
     ids = [await h.put("a@example.com") for _ in range(60)]
     try:
@@ -181,8 +189,9 @@ async def test_clock_jumping_back_does_not_freeze_retries(tmp_path: Path) -> Non
     primary = await Primary().start()
     primary.rcpt_rule = lambda a: "451 4.3.0 later"
     clock = JumpClock()
-    h = Harness(tmp_path, make_config(primary.hostport, delivery={**FAST, "retry_min": "2s", "retry_max": "4s"}),
-                clock=clock)
+    h = Harness(
+        tmp_path, make_config(primary.hostport, delivery={**FAST, "retry_min": "2s", "retry_max": "4s"}), clock=clock
+    )
     await h.open()
     qid = await h.put("a@example.com")
     try:
@@ -197,8 +206,9 @@ async def test_clock_jumping_back_does_not_freeze_retries(tmp_path: Path) -> Non
         await primary.stop()
 
 
-async def test_lease_longer_than_retry_max_is_not_a_clock_jump(tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_lease_longer_than_retry_max_is_not_a_clock_jump(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """`delivery.lease` (15m by default) may be longer than `retry_max`: a recipient in flight is due
     again only when its lease runs out, and that is no sign of a clock that went backwards."""
     primary = await Primary().start()
@@ -230,8 +240,11 @@ async def test_clock_jumping_back_less_than_the_lease_is_seen(tmp_path: Path) ->
     primary = await Primary().start()
     primary.rcpt_rule = lambda a: "451 4.3.0 later"
     clock = JumpClock()
-    h = Harness(tmp_path, make_config(primary.hostport, delivery={
-        **FAST, "retry_min": "10s", "retry_max": "10s", "lease": "60s"}), clock=clock)
+    h = Harness(
+        tmp_path,
+        make_config(primary.hostport, delivery={**FAST, "retry_min": "10s", "retry_max": "10s", "lease": "60s"}),
+        clock=clock,
+    )
     await h.open()
     qid = await h.put("a@example.com")
     try:

@@ -29,8 +29,12 @@ BODY = b"Subject: log disk full\r\n\r\nstill accepted\r\n"
 @contextlib.contextmanager
 def tiny_tmpfs(where: Path) -> Iterator[Path]:
     where.mkdir(parents=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(where)],
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
     try:
@@ -55,8 +59,9 @@ def fill(directory: Path) -> Path:
 
 def metrics(node: ServeProcess) -> str:
     token = (node.data_dir / "admin.token").read_text().strip()
-    req = urllib.request.Request(f"http://127.0.0.1:{node.admin_port}/metrics",
-                                 headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{node.admin_port}/metrics", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return str(r.read().decode())
 
@@ -142,8 +147,13 @@ def test_hostile_values_cannot_forge_a_mail_log_field(tmp_path: Path) -> None:
 # -- item 2 with EPIPE: the mail log on stderr, and stderr a pipe nobody reads any more -----------------
 def test_broken_stderr_pipe_never_stops_mail(tmp_path: Path) -> None:
     node = node_at(tmp_path / "node")  # no [log] maillog: the mail log goes to stderr
-    proc = subprocess.Popen([sys.executable, "-m", "backupmx.cli", "serve", "--config", str(node.config_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=node.env, cwd=str(node.workdir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupmx.cli", "serve", "--config", str(node.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=node.env,
+        cwd=str(node.workdir),
+    )
     try:
         wait_for_smtp(node.host, node.port)
         assert proc.stderr is not None

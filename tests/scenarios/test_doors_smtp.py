@@ -21,12 +21,23 @@ from tests.support.serve import ServeProcess, free_port
 DOMAINS = [{"name": "ours.test", "primary": ["127.0.0.1:1"], "recipients": "any"}]
 
 
-def node_at(path: Path, *, server: dict[str, Any] | None = None, admin: bool = False,
-            env: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> ServeProcess:
+def node_at(
+    path: Path,
+    *,
+    server: dict[str, Any] | None = None,
+    admin: bool = False,
+    env: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> ServeProcess:
     # no lookup may leave the machine: a loopback nameserver where nothing listens
-    return ServeProcess(path, domains=[{**d, "primary": [f"127.0.0.1:{free_port()}"]} for d in DOMAINS],
-                        server=server, admin=admin, env=env,
-                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}, **(extra or {})})
+    return ServeProcess(
+        path,
+        domains=[{**d, "primary": [f"127.0.0.1:{free_port()}"]} for d in DOMAINS],
+        server=server,
+        admin=admin,
+        env=env,
+        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}, **(extra or {})},
+    )
 
 
 def without_uvloop(directory: Path) -> dict[str, str]:
@@ -106,8 +117,11 @@ def test_starttls_finished_and_ehlo_in_one_segment(tmp_path: Path, loop: str) ->
         tls.send(b"EHLO client.test\r\n")  # joins the client's Finished: one segment
         assert tls.reply() == "250 DSN"
         tls.send(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@ours.test>\r\nDATA\r\n")
-        assert [tls.reply() for _ in range(3)] == ["250 2.1.0 Ok", "250 2.1.5 Ok",
-                                                   "354 End data with <CR><LF>.<CR><LF>"]
+        assert [tls.reply() for _ in range(3)] == [
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "354 End data with <CR><LF>.<CR><LF>",
+        ]
         tls.send(b"Subject: tls\r\n\r\nover TLS 1.3\r\n.\r\nQUIT\r\n")
         assert tls.reply().startswith("250 2.0.0 Ok: queued as ")
         assert tls.reply() == "221 2.0.0 Bye"
@@ -152,8 +166,10 @@ def test_admin_port_taken_exits_nonzero_and_no_client_was_greeted(tmp_path: Path
 # -- pipelining before it is offered (forbid_early_pipelining, on by default) ----------------------------
 SYNC = "554 5.5.0 Error: SMTP protocol synchronization"
 MAIL1 = b"From: alice@sender.test\r\nSubject: Hello World\r\n\r\nThis is mail 1/2 to test pipelining\r\n.\r\n"
-MAIL2 = (b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\n"
-         b"From: alice@sender.test\r\nSubject: Hello World 2\r\n\r\nThis is mail 2/2 to test pipelining\r\n.\r\n")
+MAIL2 = (
+    b"MAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\n"
+    b"From: alice@sender.test\r\nSubject: Hello World 2\r\n\r\nThis is mail 2/2 to test pipelining\r\n.\r\n"
+)
 
 
 def mail_1_then_2_before_354(c: EdgeClient) -> None:
@@ -205,8 +221,10 @@ GOOD = "127.0.0.3"
 
 def test_slow_loris_ends_at_session_timeout_and_never_locks_out_a_sender(tmp_path: Path) -> None:
     # small on purpose: 10 slots (1 kept for new addresses), a loose per-address limit, 3 s per session
-    node = node_at(tmp_path / "node", server={"max_connections": 10, "max_connections_per_ip": 50,
-                                              "session_timeout": "3s", "idle_timeout": "2s"})
+    node = node_at(
+        tmp_path / "node",
+        server={"max_connections": 10, "max_connections_per_ip": 50, "session_timeout": "3s", "idle_timeout": "2s"},
+    )
     with node:
         node.start()
         loris: list[EdgeClient] = []

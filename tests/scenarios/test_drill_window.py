@@ -31,10 +31,14 @@ def primary() -> Iterator[Primary]:
 def drill_node(tmp_path: Path, primary: Primary, **extra: Any) -> ServeProcess:
     return ServeProcess(
         tmp_path / "node",
-        domains=[{"name": "example.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"},
-                 {"name": "other.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"}],
+        domains=[
+            {"name": "example.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"},
+            {"name": "other.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"},
+        ],
         delivery={"probe_interval": "1s", "probe_timeout": "1s", "retry_min": "1s", "retry_max": "2s"},
-        admin=True, extra=extra)
+        admin=True,
+        extra=extra,
+    )
 
 
 def primary_up(node: ServeProcess) -> bool:
@@ -53,8 +57,9 @@ def user_mail(primary: Primary) -> list[tuple[str, list[str], bytes]]:
 def api(node: ServeProcess, path: str) -> Any:
     """The running node's admin API (quicker than a CLI process while a window is open)."""
     token = (node.data_dir / "admin.token").read_text().strip()
-    req = urllib.request.Request(f"http://127.0.0.1:{node.admin_port}{path}",
-                                 headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{node.admin_port}{path}", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.loads(resp.read())
 
@@ -87,7 +92,8 @@ def test_mail_sent_during_the_window_is_held_then_delivered_and_counted(tmp_path
         delivered = user_mail(primary)
         assert len(delivered) == 4 and node.queue_count() == 0
         assert sorted(r for m in delivered for r in m[1]) == ["alice@example.test"] * 3 + ["bob@example.test"] * 3 + [
-            "carol@other.test"]
+            "carol@other.test"
+        ]
 
         text = node.cli("drill", "--report", "example.test").stdout
         assert "ok: everything accepted in the window was delivered" in text and "delivered  6" in text
@@ -149,8 +155,9 @@ def test_sigterm_during_a_drill_releases_the_domain_first(tmp_path: Path, primar
         assert node.terminate() == 0
 
 
-def test_after_sigkill_during_a_drill_the_report_says_interrupted_and_the_mail_goes(tmp_path: Path,
-                                                                                   primary: Primary) -> None:
+def test_after_sigkill_during_a_drill_the_report_says_interrupted_and_the_mail_goes(
+    tmp_path: Path, primary: Primary
+) -> None:
     with drill_node(tmp_path, primary) as node:
         node.start()
         wait_until("the primaries up", lambda: primary_up(node))
@@ -168,8 +175,22 @@ def test_after_sigkill_during_a_drill_the_report_says_interrupted_and_the_mail_g
 def test_without_a_running_serve_the_request_is_refused_quickly(tmp_path: Path, primary: Primary) -> None:
     node = drill_node(tmp_path, primary)
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "backupmx.cli", "drill", "example.test", "--for", "1m", "--config",
-                          str(node.config_path)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backupmx.cli",
+            "drill",
+            "example.test",
+            "--for",
+            "1m",
+            "--config",
+            str(node.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1 and "is it running with this configuration?" in res.stderr
     assert time.monotonic() - started < 30
     # the request is gone: a serve started later does not begin a drill nobody is waiting for

@@ -16,10 +16,10 @@ TIMEOUT = 10.0
 
 
 class EdgeClient:
-    def __init__(self, port: int, *, source: str = "127.0.0.1", banner: bool = True,
-                 timeout: float = TIMEOUT) -> None:
+    def __init__(self, port: int, *, source: str = "127.0.0.1", banner: bool = True, timeout: float = TIMEOUT) -> None:
         self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        )
         self._buf = b""
         self.banner = self.reply() if banner else ""
 
@@ -83,8 +83,9 @@ class EdgeClient:
         assert not self._buf, f"bytes after the 220 before the handshake: {self._buf!r}"
         self.sock = ctx.wrap_socket(self.sock, server_hostname="backup.test")
 
-    def send_mail(self, body: bytes, *, sender: str = "s@sender.test",
-                  rcpts: tuple[str, ...] = ("alice@ours.test",)) -> list[str]:
+    def send_mail(
+        self, body: bytes, *, sender: str = "s@sender.test", rcpts: tuple[str, ...] = ("alice@ours.test",)
+    ) -> list[str]:
         """MAIL, RCPT..., DATA, the body (dot-stuffed here), the final dot: every reply."""
         out = [self.cmd(f"MAIL FROM:<{sender}>")]
         out += [self.cmd(f"RCPT TO:<{r}>") for r in rcpts]
@@ -111,8 +112,13 @@ def maillog_events(log_text: str, name: str) -> list[str]:
 
 def make_cert(directory: Path, name: str = "backup.test") -> tuple[Path, Path]:
     """scripts/make-test-cert: (cert, key)."""
-    subprocess.run([str(REPO / "scripts" / "make-test-cert"), "--name", name, "--days", "2", str(directory)],
-                   capture_output=True, text=True, check=True, timeout=60)
+    subprocess.run(
+        [str(REPO / "scripts" / "make-test-cert"), "--name", name, "--days", "2", str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return directory / "cert.pem", directory / "key.pem"
 
 

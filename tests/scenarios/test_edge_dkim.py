@@ -32,11 +32,17 @@ def rsa_key(tmp: Path) -> tuple[bytes, str]:
 def zones(public: str) -> dict[str, object]:
     dkim_txt = f'"v=DKIM1; k=rsa; p={public}"'
     return {
-        "good.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'}, "sel._domainkey": {"TXT": dkim_txt},
-                      "_dmarc": {"TXT": '"v=DMARC1; p=reject"'}},
+        "good.test": {
+            "@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'},
+            "sel._domainkey": {"TXT": dkim_txt},
+            "_dmarc": {"TXT": '"v=DMARC1; p=reject"'},
+        },
         "nodmarc.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'}, "sel._domainkey": {"TXT": dkim_txt}},
-        "broken.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'}, "sel._domainkey": {"TXT": dkim_txt},
-                        "_dmarc": {"TXT": '"v=DMARC1; p=reject"'}},
+        "broken.test": {
+            "@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'},
+            "sel._domainkey": {"TXT": dkim_txt},
+            "_dmarc": {"TXT": '"v=DMARC1; p=reject"'},
+        },
     }
 
 
@@ -48,19 +54,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProce
         dnsd.fail("sel._domainkey.broken.test", rcode="SERVFAIL")
         dnsd.fail("_dmarc.broken.test", rcode="SERVFAIL")
         dead = free_port()
-        node = ServeProcess(tmp / "node", domains=[
-            {"name": "ours.test", "primary": [f"127.0.0.1:{dead}"], "recipients": ["alice"], "dmarc_reject": True},
-            {"name": "lax.test", "primary": [f"127.0.0.1:{dead}"], "recipients": ["carol"]}],
-            extra={"policy": {"spf": True, "dkim": True, "dmarc": True},
-                   "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"}})
+        node = ServeProcess(
+            tmp / "node",
+            domains=[
+                {"name": "ours.test", "primary": [f"127.0.0.1:{dead}"], "recipients": ["alice"], "dmarc_reject": True},
+                {"name": "lax.test", "primary": [f"127.0.0.1:{dead}"], "recipients": ["carol"]},
+            ],
+            extra={
+                "policy": {"spf": True, "dkim": True, "dmarc": True},
+                "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"},
+            },
+        )
         with node:
             node.start()
             yield node, private
 
 
 def message(domain: str, key: bytes | None, *, tamper: bool = False) -> bytes:
-    msg = (f"From: Sam <sam@{domain}>\r\nTo: alice@ours.test\r\nSubject: figures\r\n"
-           f"Message-ID: <1@{domain}>\r\nDate: Sun, 06 Dec 2026 03:00:00 +0000\r\n\r\nThe figures.\r\n").encode()
+    msg = (
+        f"From: Sam <sam@{domain}>\r\nTo: alice@ours.test\r\nSubject: figures\r\n"
+        f"Message-ID: <1@{domain}>\r\nDate: Sun, 06 Dec 2026 03:00:00 +0000\r\n\r\nThe figures.\r\n"
+    ).encode()
     if key is not None:
         sig = dkim.sign(msg, b"sel", domain.encode(), key, include_headers=[b"from", b"to", b"subject"])
         msg = sig + msg
@@ -80,19 +94,38 @@ def results(node: ServeProcess, reply: str) -> str:
     return fields[0]
 
 
-@pytest.mark.parametrize(("domain", "signed", "source", "expected"), [
-    ("good.test", True, "127.0.0.3",  # SPF fails, but the aligned DKIM signature passes DMARC
-     "spf=fail smtp.mailfrom=sam@good.test; dkim=pass header.d=good.test header.s=sel; "
-     "dmarc=pass (p=reject) header.from=good.test"),
-    ("good.test", False, "127.0.0.2",  # no signature; SPF passes and is aligned
-     "spf=pass smtp.mailfrom=sam@good.test; dkim=none; dmarc=pass (p=reject) header.from=good.test"),
-    ("nodmarc.test", True, "127.0.0.2",
-     "spf=pass smtp.mailfrom=sam@nodmarc.test; dkim=pass header.d=nodmarc.test header.s=sel; "
-     "dmarc=none header.from=nodmarc.test"),
-    ("broken.test", True, "127.0.0.2",
-     "spf=pass smtp.mailfrom=sam@broken.test; dkim=temperror header.d=broken.test header.s=sel; "
-     "dmarc=temperror header.from=broken.test"),
-])
+@pytest.mark.parametrize(
+    ("domain", "signed", "source", "expected"),
+    [
+        (
+            "good.test",
+            True,
+            "127.0.0.3",  # SPF fails, but the aligned DKIM signature passes DMARC
+            "spf=fail smtp.mailfrom=sam@good.test; dkim=pass header.d=good.test header.s=sel; "
+            "dmarc=pass (p=reject) header.from=good.test",
+        ),
+        (
+            "good.test",
+            False,
+            "127.0.0.2",  # no signature; SPF passes and is aligned
+            "spf=pass smtp.mailfrom=sam@good.test; dkim=none; dmarc=pass (p=reject) header.from=good.test",
+        ),
+        (
+            "nodmarc.test",
+            True,
+            "127.0.0.2",
+            "spf=pass smtp.mailfrom=sam@nodmarc.test; dkim=pass header.d=nodmarc.test header.s=sel; "
+            "dmarc=none header.from=nodmarc.test",
+        ),
+        (
+            "broken.test",
+            True,
+            "127.0.0.2",
+            "spf=pass smtp.mailfrom=sam@broken.test; dkim=temperror header.d=broken.test header.s=sel; "
+            "dmarc=temperror header.from=broken.test",
+        ),
+    ],
+)
 def test_results(world: tuple[ServeProcess, bytes], domain: str, signed: bool, source: str, expected: str) -> None:
     node, key = world
     reply = send(node, message(domain, key if signed else None), source=source, sender=f"sam@{domain}")
@@ -109,14 +142,17 @@ def test_dmarc_reject(world: tuple[ServeProcess, bytes]) -> None:
     reply = send(node, forged, source="127.0.0.3", sender="sam@good.test", rcpt="carol@lax.test")
     assert results(node, reply) == (
         "Authentication-Results: backup.test; spf=fail smtp.mailfrom=sam@good.test; "
-        "dkim=fail header.d=good.test header.s=sel; dmarc=fail (p=reject) header.from=good.test")
+        "dkim=fail header.d=good.test header.s=sel; dmarc=fail (p=reject) header.from=good.test"
+    )
 
 
 def test_spf_reject(tmp_path: Path) -> None:
     """spf_reject = true: SPF fail gets 550 5.7.1 at MAIL when every domain asks for it, else at RCPT for
     the domains that do; softfail, pass and a permitted client pass."""
-    spf_zones = {"good.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'}},
-                 "soft.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 ~all"'}}}
+    spf_zones = {
+        "good.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 -all"'}},
+        "soft.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.2 ~all"'}},
+    }
     with DnsServer(spf_zones) as dnsd:
         dns = {"nameservers": [dnsd.nameserver], "timeout": "1s"}
         dead = free_port()
@@ -152,11 +188,21 @@ def test_arc_seal_verified_as_a_primary_would(tmp_path: Path) -> None:
     records = zones(public)
     records["backup.test"] = {"arc._domainkey": {"TXT": f'"v=DKIM1; k=rsa; p={public}"'}}
     with DnsServer(records) as dnsd:
-        node = ServeProcess(tmp_path / "node", domains=[
-            {"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": ["alice"]}],
-            extra={"policy": {"spf": True, "dkim": True, "dmarc": True, "arc_key": str(key_file),
-                              "arc_selector": "arc", "arc_domain": "backup.test"},
-                   "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"}})
+        node = ServeProcess(
+            tmp_path / "node",
+            domains=[{"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": ["alice"]}],
+            extra={
+                "policy": {
+                    "spf": True,
+                    "dkim": True,
+                    "dmarc": True,
+                    "arc_key": str(key_file),
+                    "arc_selector": "arc",
+                    "arc_domain": "backup.test",
+                },
+                "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"},
+            },
+        )
         with node:
             node.start()
             reply = send(node, message("good.test", private), source="127.0.0.2", sender="sam@good.test")

@@ -42,15 +42,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProce
     with Slapd(tmp / "slapd") as slapd:
         slapd.seed()
         slapd.add_user("alice", mail="Alice@example.test")
-        slapd.add_user("bob", proxy=["SMTP:bob@example.test", "smtp:robert@example.test", "X500:/o=Example/cn=bob",
-                                     "smtp:bob@elsewhere.test"])
+        slapd.add_user(
+            "bob",
+            proxy=[
+                "SMTP:bob@example.test",
+                "smtp:robert@example.test",
+                "X500:/o=Example/cn=bob",
+                "smtp:bob@elsewhere.test",
+            ],
+        )
         password = tmp / "ldap.secret"
         password.write_text(PASSWORD + "\n")
-        node = ServeProcess(tmp / "node", admin=True, domains=[{
-            "name": "example.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": slapd.url,
-            "ldap_base": f"ou=people,{BASE}", "ldap_bind_dn": ADMIN, "ldap_password_file": str(password),
-            "ldap_interval": "1s", "ldap_timeout": "2s"}],
-            extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}})
+        node = ServeProcess(
+            tmp / "node",
+            admin=True,
+            domains=[
+                {
+                    "name": "example.test",
+                    "primary": [f"127.0.0.1:{free_port()}"],
+                    "recipients": slapd.url,
+                    "ldap_base": f"ou=people,{BASE}",
+                    "ldap_bind_dn": ADMIN,
+                    "ldap_password_file": str(password),
+                    "ldap_interval": "1s",
+                    "ldap_timeout": "2s",
+                }
+            ],
+            extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
+        )
         with node:
             node.start()
             yield node, slapd
@@ -64,8 +83,9 @@ def test_directory_add_remove_and_down(world: tuple[ServeProcess, Slapd]) -> Non
     assert rcpt(node, "ALICE@example.test").startswith("250")
     assert rcpt(node, "robert@example.test").startswith("250")  # smtp: proxy address
     assert rcpt(node, "bob@example.test").startswith("250")  # SMTP: (primary) proxy address
-    assert rcpt(node, "nobody@example.test") == "550 5.1.1 <nobody@example.test>: Recipient address rejected: " \
-                                                "User unknown"
+    assert (
+        rcpt(node, "nobody@example.test") == "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown"
+    )
 
     slapd.add_user("carol", mail="carol@example.test")
     slapd.remove_user("alice")
@@ -73,7 +93,10 @@ def test_directory_add_remove_and_down(world: tuple[ServeProcess, Slapd]) -> Non
     assert wait_for(lambda: rcpt(node, "alice@example.test").startswith("550 5.1.1"), timeout=15)
     listed = json.loads(node.cli("recipients", "list", "--json").stdout)["domains"]["example.test"]
     assert listed["recipients"] == "ldap" and sorted(listed["entries"]) == [
-        "bob@example.test", "carol@example.test", "robert@example.test"]
+        "bob@example.test",
+        "carol@example.test",
+        "robert@example.test",
+    ]
     assert 'backupmx_ldap_recipients{domain="example.test"} 3.0' in metrics(node)
 
     slapd.stop()  # the directory is down: the last set stays in use
@@ -92,12 +115,23 @@ def test_directory_add_remove_and_down(world: tuple[ServeProcess, Slapd]) -> Non
 
 
 def test_never_synced_follows_unknown_while_down(tmp_path: Path) -> None:
-    node = ServeProcess(tmp_path / "node", domains=[{
-        "name": "example.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": f"ldap://127.0.0.1:{free_port()}",
-        "ldap_base": BASE, "ldap_interval": "1s", "unknown_while_down": "defer"}],
-        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}})
+    node = ServeProcess(
+        tmp_path / "node",
+        domains=[
+            {
+                "name": "example.test",
+                "primary": [f"127.0.0.1:{free_port()}"],
+                "recipients": f"ldap://127.0.0.1:{free_port()}",
+                "ldap_base": BASE,
+                "ldap_interval": "1s",
+                "unknown_while_down": "defer",
+            }
+        ],
+        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
+    )
     with node:
         node.start()
-        assert rcpt(node, "anyone@example.test") == ("450 4.1.1 <anyone@example.test>: Recipient address rejected: "
-                                                     "unverified address")
+        assert rcpt(node, "anyone@example.test") == (
+            "450 4.1.1 <anyone@example.test>: Recipient address rejected: unverified address"
+        )
         assert rcpt(node, "postmaster@example.test").startswith("250")

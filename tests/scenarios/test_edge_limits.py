@@ -33,9 +33,12 @@ def good_mail(node: ServeProcess) -> str:
 
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[ServeProcess]:
-    node = ServeProcess(tmp_path / "node", domains=domains(),
-                        server={"max_connections_per_ip": 10, "max_connections": 600},
-                        extra={"policy": {"rate_limit": 6, "rate_burst": 5}})
+    node = ServeProcess(
+        tmp_path / "node",
+        domains=domains(),
+        server={"max_connections_per_ip": 10, "max_connections": 600},
+        extra={"policy": {"rate_limit": 6, "rate_burst": 5}},
+    )
     with node:
         node.start()
         yield node
@@ -83,9 +86,11 @@ def test_message_rate_limit(limited: ServeProcess) -> None:
 def test_dnsbl_listed_client(tmp_path: Path) -> None:
     zones = {"bl.test": {"2.0.0.127": {"A": "127.0.0.2"}}}
     with DnsServer(zones) as dnsd:
-        node = ServeProcess(tmp_path / "node", domains=domains(),
-                            extra={"policy": {"dnsbl": ["bl.test"]},
-                                   "dns": {"nameservers": [dnsd.nameserver], "timeout": "2s"}})
+        node = ServeProcess(
+            tmp_path / "node",
+            domains=domains(),
+            extra={"policy": {"dnsbl": ["bl.test"]}, "dns": {"nameservers": [dnsd.nameserver], "timeout": "2s"}},
+        )
         with node:
             node.start()
             c = EdgeClient(node.port, source=ABUSER)

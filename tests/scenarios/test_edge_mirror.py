@@ -19,15 +19,23 @@ from tests.support.serve import ServeProcess
 
 
 class Everyone:
-    async def handle_RCPT(self, server: object, session: object, envelope: object, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: object, session: object, envelope: object, address: str, rcpt_options: list[str]
+    ) -> str:
         envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
         return "250 2.1.5 Ok"
 
 
 def primary(*, smtputf8: bool, size: int) -> Controller:
-    c = Controller(Everyone(), hostname="127.0.0.1", port=free_port(), decode_data=False,
-                   server_hostname="primary.test", enable_SMTPUTF8=smtputf8, data_size_limit=size)
+    c = Controller(
+        Everyone(),
+        hostname="127.0.0.1",
+        port=free_port(),
+        decode_data=False,
+        server_hostname="primary.test",
+        enable_SMTPUTF8=smtputf8,
+        data_size_limit=size,
+    )
     c.start()
     return c
 
@@ -35,8 +43,9 @@ def primary(*, smtputf8: bool, size: int) -> Controller:
 UTF8_SENDER = "j\u00f6rg@sender.test"
 
 
-def mail_rcpt(node: ServeProcess, mail_params: str, rcpt: str, *,
-              sender: str = "s@sender.test") -> tuple[str, str | None]:
+def mail_rcpt(
+    node: ServeProcess, mail_params: str, rcpt: str, *, sender: str = "s@sender.test"
+) -> tuple[str, str | None]:
     with EdgeClient(node.port) as c:
         assert c.cmd("EHLO client.test").startswith("250")
         mail = c.cmd(f"MAIL FROM:<{sender}>{mail_params}")
@@ -75,12 +84,14 @@ def test_mirrored_at_rcpt_and_at_mail(tmp_path: Path, primaries: tuple[Controlle
         # all-ASCII addresses: the flag alone is no reason to refuse (it is dropped on the way, RFC 6531 §3.2)
         assert mail_rcpt(mixed, " SMTPUTF8", "a@one.test")[1] == "250 2.1.5 Ok"
         assert mail_rcpt(mixed, " SIZE=5000", "a@one.test")[1] == (
-            "552 5.3.4 Message size exceeds the destination's maximum message size")
+            "552 5.3.4 Message size exceeds the destination's maximum message size"
+        )
         assert mail_rcpt(mixed, " SIZE=5000", "a@two.test")[1] == "250 2.1.5 Ok"
         assert mail_rcpt(mixed, " SIZE=500", "a@one.test")[1] == "250 2.1.5 Ok"
         # one domain only: refused at MAIL, before any RCPT
-        assert wait_for(lambda: mail_rcpt(alone, " SMTPUTF8", "a@one.test", sender=UTF8_SENDER) == (utf8, None),
-                        timeout=20)
+        assert wait_for(
+            lambda: mail_rcpt(alone, " SMTPUTF8", "a@one.test", sender=UTF8_SENDER) == (utf8, None), timeout=20
+        )
         assert mail_rcpt(alone, " SMTPUTF8", "a@one.test")[0] == "250 2.1.0 Ok"
         assert mail_rcpt(alone, "", "a@one.test") == ("250 2.1.0 Ok", "250 2.1.5 Ok")
 

@@ -31,8 +31,9 @@ class Everyone(Users):
     def __init__(self) -> None:
         super().__init__("ours.test", set())
 
-    async def handle_RCPT(self, server: object, session: object, envelope: object, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: object, session: object, envelope: object, address: str, rcpt_options: list[str]
+    ) -> str:
         envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
         return "250 2.1.5 Ok"
 
@@ -44,10 +45,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProce
         dnsd.fail("broken.test", rcode="SERVFAIL")
         primary = AiosmtpdPrimary(free_port(), Everyone())
         primary.start()
-        node = ServeProcess(tmp_path / "node", domains=[
-            {"name": "ours.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"}],
+        node = ServeProcess(
+            tmp_path / "node",
+            domains=[{"name": "ours.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any"}],
             delivery={"probe_interval": "1s", "retry_min": "1s", "retry_max": "2s"},
-            extra={"policy": {"spf": True}, "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"}})
+            extra={"policy": {"spf": True}, "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"}},
+        )
         try:
             with node:
                 node.start()
@@ -56,8 +59,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProce
             primary.stop()
 
 
-def deliver(node: ServeProcess, primary: AiosmtpdPrimary, *, source: str, sender: str, helo: str = "client.test",
-            body: bytes | None = None) -> bytes:
+def deliver(
+    node: ServeProcess,
+    primary: AiosmtpdPrimary,
+    *,
+    source: str,
+    sender: str,
+    helo: str = "client.test",
+    body: bytes | None = None,
+) -> bytes:
     """Send one message through the backup; return the bytes the primary received for it."""
     marker = f"X-Case: {source} {sender} {helo}".encode()
     body = body if body is not None else b"Subject: hello\r\n\r\nhi\r\n"
@@ -79,22 +89,46 @@ def deliver(node: ServeProcess, primary: AiosmtpdPrimary, *, source: str, sender
     return got
 
 
-@pytest.mark.parametrize(("source", "sender", "helo", "header"), [
-    ("127.0.0.2", "a@pass.test", "client.test",
-     "Authentication-Results: backup.test; spf=pass smtp.mailfrom=a@pass.test"),
-    ("127.0.0.3", "a@pass.test", "client.test",
-     "Authentication-Results: backup.test; spf=fail smtp.mailfrom=a@pass.test"),
-    ("127.0.0.3", "a@soft.test", "client.test",
-     "Authentication-Results: backup.test; spf=softfail smtp.mailfrom=a@soft.test"),
-    ("127.0.0.2", "a@nospf.test", "client.test",
-     "Authentication-Results: backup.test; spf=none smtp.mailfrom=a@nospf.test"),
-    ("127.0.0.2", "a@broken.test", "client.test",
-     "Authentication-Results: backup.test; spf=temperror smtp.mailfrom=a@broken.test"),
-    ("127.0.0.2", "", "pass.test", "Authentication-Results: backup.test; spf=pass smtp.helo=pass.test"),
-    ("127.0.0.3", "", "pass.test", "Authentication-Results: backup.test; spf=fail smtp.helo=pass.test"),
-])
-def test_authentication_results(world: tuple[ServeProcess, AiosmtpdPrimary, DnsServer], source: str,
-                                sender: str, helo: str, header: str) -> None:
+@pytest.mark.parametrize(
+    ("source", "sender", "helo", "header"),
+    [
+        (
+            "127.0.0.2",
+            "a@pass.test",
+            "client.test",
+            "Authentication-Results: backup.test; spf=pass smtp.mailfrom=a@pass.test",
+        ),
+        (
+            "127.0.0.3",
+            "a@pass.test",
+            "client.test",
+            "Authentication-Results: backup.test; spf=fail smtp.mailfrom=a@pass.test",
+        ),
+        (
+            "127.0.0.3",
+            "a@soft.test",
+            "client.test",
+            "Authentication-Results: backup.test; spf=softfail smtp.mailfrom=a@soft.test",
+        ),
+        (
+            "127.0.0.2",
+            "a@nospf.test",
+            "client.test",
+            "Authentication-Results: backup.test; spf=none smtp.mailfrom=a@nospf.test",
+        ),
+        (
+            "127.0.0.2",
+            "a@broken.test",
+            "client.test",
+            "Authentication-Results: backup.test; spf=temperror smtp.mailfrom=a@broken.test",
+        ),
+        ("127.0.0.2", "", "pass.test", "Authentication-Results: backup.test; spf=pass smtp.helo=pass.test"),
+        ("127.0.0.3", "", "pass.test", "Authentication-Results: backup.test; spf=fail smtp.helo=pass.test"),
+    ],
+)
+def test_authentication_results(
+    world: tuple[ServeProcess, AiosmtpdPrimary, DnsServer], source: str, sender: str, helo: str, header: str
+) -> None:
     node, primary, _ = world
     got = deliver(node, primary, source=source, sender=sender, helo=helo)
     lines = got.split(b"\r\n")
@@ -105,14 +139,17 @@ def test_authentication_results(world: tuple[ServeProcess, AiosmtpdPrimary, DnsS
 
 def test_forged_results_are_renamed(world: tuple[ServeProcess, AiosmtpdPrimary, DnsServer]) -> None:
     node, primary, _ = world
-    body = (b"Authentication-Results: backup.test; spf=pass smtp.mailfrom=ceo@pass.test\r\n"
-            b"Authentication-Results: mx.sender.test; dkim=pass header.d=pass.test\r\n"
-            b"Subject: trust me\r\n\r\n"
-            b"Authentication-Results: backup.test; in the body, left alone\r\n")
+    body = (
+        b"Authentication-Results: backup.test; spf=pass smtp.mailfrom=ceo@pass.test\r\n"
+        b"Authentication-Results: mx.sender.test; dkim=pass header.d=pass.test\r\n"
+        b"Subject: trust me\r\n\r\n"
+        b"Authentication-Results: backup.test; in the body, left alone\r\n"
+    )
     got = deliver(node, primary, source="127.0.0.3", sender="ceo@pass.test", body=body)
     head, _, rest = got.partition(b"\r\nX-Case: ")
     assert head.split(b"\r\n")[0] == b"Authentication-Results: backup.test; spf=fail smtp.mailfrom=ceo@pass.test"
-    expected = body.replace(b"Authentication-Results: backup.test; spf=pass",
-                            b"X-Forged-Authentication-Results: backup.test; spf=pass")
+    expected = body.replace(
+        b"Authentication-Results: backup.test; spf=pass", b"X-Forged-Authentication-Results: backup.test; spf=pass"
+    )
     assert rest.split(b"\r\n", 1)[1] == expected
     assert got.count(b"\r\nAuthentication-Results: backup.test;") == 1  # only in the body

@@ -45,9 +45,11 @@ def hup(node: ServeProcess) -> None:
 @pytest.fixture
 def tls_node(tmp_path: Path) -> ServeProcess:
     cert, key = make_cert(tmp_path / "live")
-    return ServeProcess(tmp_path / "node", domains=[
-        {"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": "any"}],
-        server={"tls_cert": str(cert), "tls_key": str(key)})
+    return ServeProcess(
+        tmp_path / "node",
+        domains=[{"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": "any"}],
+        server={"tls_cert": str(cert), "tls_key": str(key)},
+    )
 
 
 def test_starttls_modern_only_and_received_header(tls_node: ServeProcess) -> None:
@@ -115,8 +117,10 @@ def test_sighup_reloads_the_certificate(tls_node: ServeProcess, tmp_path: Path) 
 def test_recipient_file_reload_on_change_and_on_sighup(tmp_path: Path) -> None:
     users = tmp_path / "users.txt"
     users.write_text("alice\nbob\n")
-    node = ServeProcess(tmp_path / "node", domains=[
-        {"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": f"file:{users}"}])
+    node = ServeProcess(
+        tmp_path / "node",
+        domains=[{"name": "ours.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": f"file:{users}"}],
+    )
 
     def rcpt(address: str) -> str:
         with EdgeClient(node.port) as c:

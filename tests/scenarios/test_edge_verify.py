@@ -18,8 +18,16 @@ from tests.scenarios.test_edge_client import EdgeClient, maillog_events, wait_fo
 from tests.support.postfix import PostfixInstance, postfix_unavailable_reason
 from tests.support.serve import ServeProcess, free_port
 
-DELIVERY = {"probe_interval": "1s", "probe_timeout": "2s", "down_after": 2, "recovery_guard": "1s",
-            "retry_min": "1s", "retry_max": "2s", "connect_timeout": "2s", "command_timeout": "3s"}
+DELIVERY = {
+    "probe_interval": "1s",
+    "probe_timeout": "2s",
+    "down_after": 2,
+    "recovery_guard": "1s",
+    "retry_min": "1s",
+    "retry_max": "2s",
+    "connect_timeout": "2s",
+    "command_timeout": "3s",
+}
 
 
 class Users:
@@ -31,8 +39,9 @@ class Users:
         self.rcpts: list[str] = []
         self.messages: list[tuple[list[str], bytes]] = []
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         self.rcpts.append(address)
         local, _, domain = address.rpartition("@")
         if domain.lower() == self.domain and local.lower() in self.users:
@@ -52,8 +61,9 @@ class AiosmtpdPrimary:
         self._controller: Controller | None = None
 
     def start(self) -> None:
-        self._controller = Controller(self.users, hostname="127.0.0.1", port=self.port, decode_data=False,
-                                      server_hostname="primary.test")
+        self._controller = Controller(
+            self.users, hostname="127.0.0.1", port=self.port, decode_data=False, server_hostname="primary.test"
+        )
         self._controller.start()
 
     def stop(self) -> None:
@@ -101,9 +111,18 @@ def primary() -> Iterator[AiosmtpdPrimary]:
 
 
 def test_verify_with_aiosmtpd_primary(tmp_path: Path, primary: AiosmtpdPrimary) -> None:
-    node = ServeProcess(tmp_path / "node", domains=[
-        {"name": "ours.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "verify",
-         "unknown_while_down": "defer"}], delivery=DELIVERY)
+    node = ServeProcess(
+        tmp_path / "node",
+        domains=[
+            {
+                "name": "ours.test",
+                "primary": [f"127.0.0.1:{primary.port}"],
+                "recipients": "verify",
+                "unknown_while_down": "defer",
+            }
+        ],
+        delivery=DELIVERY,
+    )
     with node:
         node.start()
         # UP: the primary is asked once per address; its answers are remembered
@@ -131,8 +150,7 @@ def test_verify_with_aiosmtpd_primary(tmp_path: Path, primary: AiosmtpdPrimary) 
         assert rcpt(node, "alice@ours.test") == OK
         assert rcpt(node, "nobody@ours.test") == unknown("nobody@ours.test")
         assert rcpt(node, "carol@ours.test") == unverified("carol@ours.test")
-        assert learned(node, "ours.test") == {"alice@ours.test": (True, "probe"),
-                                              "nobody@ours.test": (False, "probe")}
+        assert learned(node, "ours.test") == {"alice@ours.test": (True, "probe"), "nobody@ours.test": (False, "probe")}
         # the operator adds and removes while serve runs
         node.cli("recipients", "add", "carol@ours.test")
         assert rcpt(node, "carol@ours.test") == OK
@@ -154,9 +172,18 @@ def test_verify_with_postfix_primary(tmp_path: Path) -> None:
     port = free_port()
     with PostfixInstance("primary", domain="ours.test", port=port, users=("alice", "bob")) as pf:
         pf.start()
-        node = ServeProcess(tmp_path / "node", domains=[
-            {"name": "ours.test", "primary": [f"127.0.0.1:{port}"], "recipients": "verify",
-             "unknown_while_down": "accept"}], delivery=DELIVERY)
+        node = ServeProcess(
+            tmp_path / "node",
+            domains=[
+                {
+                    "name": "ours.test",
+                    "primary": [f"127.0.0.1:{port}"],
+                    "recipients": "verify",
+                    "unknown_while_down": "accept",
+                }
+            ],
+            delivery=DELIVERY,
+        )
         with node:
             node.start()
             assert rcpt(node, "alice@ours.test") == OK
@@ -172,7 +199,8 @@ def test_verify_with_postfix_primary(tmp_path: Path) -> None:
             with EdgeClient(node.port) as c:  # accepted while down: the primary will decide
                 c.cmd("EHLO client.test")
                 assert c.send_mail(b"Subject: hi zoe\r\n\r\nwelcome\r\n", rcpts=("zoe@ours.test",))[-1].startswith(
-                    "250 2.0.0 Ok: queued as")
+                    "250 2.0.0 Ok: queued as"
+                )
             node.kill()  # even a SIGKILL keeps what was learned (committed when learned)
             node.start()
             assert rcpt(node, "bob@ours.test") == OK
@@ -189,9 +217,18 @@ def test_verify_with_postfix_primary(tmp_path: Path) -> None:
 
 def test_accept_only_when_primary_down(tmp_path: Path, primary: AiosmtpdPrimary) -> None:
     gate = "450 4.3.2 Temporarily not accepting mail for this domain, try again later"
-    node = ServeProcess(tmp_path / "node", domains=[
-        {"name": "ours.test", "primary": [f"127.0.0.1:{primary.port}"], "recipients": "any",
-         "accept": "when_primary_down"}], delivery=DELIVERY)
+    node = ServeProcess(
+        tmp_path / "node",
+        domains=[
+            {
+                "name": "ours.test",
+                "primary": [f"127.0.0.1:{primary.port}"],
+                "recipients": "any",
+                "accept": "when_primary_down",
+            }
+        ],
+        delivery=DELIVERY,
+    )
     with node:
         node.start()
         assert wait_for(lambda: rcpt(node, "alice@ours.test") == gate, timeout=10)  # UP: go to the primary

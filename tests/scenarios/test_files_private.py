@@ -31,11 +31,16 @@ def mode(path: Path) -> int:
 
 
 def node(tmp: Path, **extra: object) -> ServeProcess:
-    return ServeProcess(tmp, admin=True, extra={
-        "log": {"maillog": str(tmp / "mail.log")},
-        "continuity": {"enabled": True, "listen": f"127.0.0.1:{free_port()}"},
-        "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
-        **extra})
+    return ServeProcess(
+        tmp,
+        admin=True,
+        extra={
+            "log": {"maillog": str(tmp / "mail.log")},
+            "continuity": {"enabled": True, "listen": f"127.0.0.1:{free_port()}"},
+            "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
+            **extra,
+        },
+    )
 
 
 def refused(n: ServeProcess) -> str:
@@ -82,8 +87,7 @@ def test_serve_refuses_a_token_file_others_can_read(tmp_path: Path) -> None:
     token.write_text("a-long-enough-admin-token-0123456789\n")
     os.chmod(token, 0o644)
     n = node(tmp_path)
-    n.config_path.write_text(n.config_path.read_text().replace(
-        "[admin]\n", f"[admin]\ntoken_file = \"{token}\"\n", 1))
+    n.config_path.write_text(n.config_path.read_text().replace("[admin]\n", f'[admin]\ntoken_file = "{token}"\n', 1))
     out = refused(n)
     assert f"{token}: readable by other users (mode 0644)" in out and f"chmod 600 {token}" in out
     os.chmod(token, 0o600)  # the fix it names works

@@ -30,20 +30,26 @@ TIMEOUT = aiohttp.ClientTimeout(total=60)  # a hang guard only; nothing passes o
 
 
 def big_message(parts_count: int = PARTS, subject: bytes = b"Twenty thousand parts") -> bytes:
-    parts = [b"--BIGBOUNDARY\r\nContent-Type: text/plain; name=\"p%05d.txt\"\r\n"
-             b"Content-Disposition: attachment; filename=\"p%05d.txt\"\r\n\r\n"
-             b"part %05d of a message made to stall a parser.\r\n" % (i, i, i) for i in range(parts_count)]
-    return (b"From: mallory@else.test\r\nTo: alice@example.test\r\nSubject: " + subject + b"\r\n"
-            b"Date: Sun, 06 Dec 2026 03:00:00 +0000\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/mixed; boundary=\"BIGBOUNDARY\"\r\n\r\n"
-            + b"".join(parts) + b"--BIGBOUNDARY--\r\n")
+    parts = [
+        b'--BIGBOUNDARY\r\nContent-Type: text/plain; name="p%05d.txt"\r\n'
+        b'Content-Disposition: attachment; filename="p%05d.txt"\r\n\r\n'
+        b"part %05d of a message made to stall a parser.\r\n" % (i, i, i)
+        for i in range(parts_count)
+    ]
+    return (
+        b"From: mallory@else.test\r\nTo: alice@example.test\r\nSubject: " + subject + b"\r\n"
+        b"Date: Sun, 06 Dec 2026 03:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="BIGBOUNDARY"\r\n\r\n' + b"".join(parts) + b"--BIGBOUNDARY--\r\n"
+    )
 
 
 def small_message() -> bytes:
-    return (b"From: bob@else.test\r\nTo: alice@example.test\r\nSubject: Lunch\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n"
-            b"See you at noon.\r\n--b1\r\nContent-Type: text/plain; name=\"menu.txt\"\r\n"
-            b"Content-Disposition: attachment; filename=\"menu.txt\"\r\n\r\nsoup\r\n--b1--\r\n")
+    return (
+        b"From: bob@else.test\r\nTo: alice@example.test\r\nSubject: Lunch\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\n'
+        b'See you at noon.\r\n--b1\r\nContent-Type: text/plain; name="menu.txt"\r\n'
+        b'Content-Disposition: attachment; filename="menu.txt"\r\n\r\nsoup\r\n--b1--\r\n'
+    )
 
 
 def send(port: int, body: bytes) -> str:
@@ -74,17 +80,25 @@ class Node:
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     inbox_port = free_port()
-    with ServeProcess(tmp_path, admin=True, extra={
+    with ServeProcess(
+        tmp_path,
+        admin=True,
+        extra={
             "continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}"},
-            "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]}}) as serve:
+            "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
+        },
+    ) as serve:
         serve.start()
         serve.cli("continuity", "open", "example.test")
         yield Node(serve, f"http://127.0.0.1:{inbox_port}", f"http://127.0.0.1:{serve.admin_port}")
 
 
 def client(source: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)), timeout=TIMEOUT,
-                                 cookie_jar=aiohttp.CookieJar(unsafe=True))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(source, 0)),
+        timeout=TIMEOUT,
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+    )
 
 
 async def sign_in(node: Node, c: aiohttp.ClientSession) -> None:
@@ -126,8 +140,9 @@ async def test_a_message_of_20000_parts_gets_the_too_large_page_and_healthz_stay
 
         watcher = asyncio.create_task(watch_health())
         try:
-            views = await asyncio.gather(*(view(big_url.group(1)) for _ in range(6)),
-                                         view(big_url.group(1) + "/part/3"))
+            views = await asyncio.gather(
+                *(view(big_url.group(1)) for _ in range(6)), view(big_url.group(1) + "/part/3")
+            )
             # under the budget, 450 parts are parsed (once, shared by six readers) while /healthz answers
             mids = await asyncio.gather(*(view(mid_url.group(1)) for _ in range(6)))
         finally:
@@ -181,20 +196,26 @@ async def test_forged_links_are_rate_limited_and_audited_in_one_line(node: Node)
         # the admin login: the same limit for wrong tokens, and the right one from elsewhere still works
         admin_statuses = []
         for _ in range(30):
-            async with bad.post(node.admin + "/login", data={"token": "wrong-token-wrong-token"},
-                                allow_redirects=False) as r:
+            async with bad.post(
+                node.admin + "/login", data={"token": "wrong-token-wrong-token"}, allow_redirects=False
+            ) as r:
                 admin_statuses.append(r.status)
                 if r.status == 429:
                     assert r.headers["Retry-After"].isdigit()
         assert admin_statuses[:10] == [401] * 10 and set(admin_statuses[10:]) == {429}
         token = (node.serve.data_dir / "admin.token").read_text().strip()
-        async with client("127.0.0.4") as good, \
-                good.post(node.admin + "/login", data={"token": token}, allow_redirects=False) as r:
+        async with (
+            client("127.0.0.4") as good,
+            good.post(node.admin + "/login", data={"token": token}, allow_redirects=False) as r,
+        ):
             assert r.status == 303
 
     assert node.serve.terminate() == 0  # stopping writes the count of the burst still open
-    refused = [json.loads(line) for line in node.audit.read_text().splitlines()
-               if '"signin-refused"' in line and '"127.0.0.3"' in line]
+    refused = [
+        json.loads(line)
+        for line in node.audit.read_text().splitlines()
+        if '"signin-refused"' in line and '"127.0.0.3"' in line
+    ]
     assert 1 <= len(refused) <= 3, refused
     assert sum(e.get("count", 1) for e in refused) == 301  # the 300 and the probe "t=x" that found it open
     counted = next(e for e in refused if "count" in e)

@@ -67,14 +67,23 @@ def test_database_stopped_while_mail_arrives(server: PostgresServer, tmp_path: P
     primary_port = free_port()
     domains = [{"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"], "recipients": "any"}]
     delivery = {"lease": "5s", "probe_interval": "1s", "probe_timeout": "1s", "retry_min": "1s", "retry_max": "2s"}
-    nodes = [ServeProcess(tmp_path / f"n{i}", domains=domains, delivery=delivery,
-                          server={"hostname": f"n{i}.backup.test", "node_name": f"n{i}"},
-                          extra={"spool": {"url": url}}) for i in (1, 2)]
+    nodes = [
+        ServeProcess(
+            tmp_path / f"n{i}",
+            domains=domains,
+            delivery=delivery,
+            server={"hostname": f"n{i}.backup.test", "node_name": f"n{i}"},
+            extra={"spool": {"url": url}},
+        )
+        for i in (1, 2)
+    ]
     sink = Sink(primary_port, 0.0).start()
     stop = threading.Event()
     replies: list[list[Reply]] = [[], []]
-    threads = [threading.Thread(target=sender, args=(n, n.workdir.name, stop, out), daemon=True)
-               for n, out in zip(nodes, replies, strict=True)]
+    threads = [
+        threading.Thread(target=sender, args=(n, n.workdir.name, stop, out), daemon=True)
+        for n, out in zip(nodes, replies, strict=True)
+    ]
     try:
         for node in nodes:
             node.start()
@@ -121,10 +130,12 @@ def test_database_stopped_while_mail_arrives(server: PostgresServer, tmp_path: P
         refused = {r.token for r in all_replies if r.code != 250}
         # A 451 whose COMMIT reached the database before the connection broke may still be delivered
         # (the client will resend it: a duplicate, never a loss); count them.
-        print(f"\nacked {len(acked)}, refused with 451 while down {len(during)}"
-              f" (of which delivered anyway: {len(refused & set(delivered))}),"
-              f" {len(after)} acked after the restart; duplicates (primary's 250 while the database was away):"
-              f" {len(dups)}")
+        print(
+            f"\nacked {len(acked)}, refused with 451 while down {len(during)}"
+            f" (of which delivered anyway: {len(refused & set(delivered))}),"
+            f" {len(after)} acked after the restart; duplicates (primary's 250 while the database was away):"
+            f" {len(dups)}"
+        )
     finally:
         stop.set()
         sink.stop()

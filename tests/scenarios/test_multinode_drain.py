@@ -79,8 +79,10 @@ class Sink:
 
 
 def message(token: str, rcpts: list[str], size: int) -> bytes:
-    head = (f"From: sender@sender.test\r\nTo: {', '.join(rcpts)}\r\nSubject: {token}\r\n"
-            f"X-Test-Token: {token}\r\nMessage-ID: <{token}@sender.test>\r\n\r\n").encode()
+    head = (
+        f"From: sender@sender.test\r\nTo: {', '.join(rcpts)}\r\nSubject: {token}\r\n"
+        f"X-Test-Token: {token}\r\nMessage-ID: <{token}@sender.test>\r\n\r\n"
+    ).encode()
     return head + (b"x" * 70 + b"\r\n") * max(1, size // 72)
 
 
@@ -117,13 +119,28 @@ async def final_state(url: str) -> tuple[int, Counter[str], int]:
 def test_three_nodes_one_database_primary_back_node_killed_mid_drain(postgres_url: str, tmp_path: Path) -> None:
     primary_port = free_port()
     domains = [{"name": "example.test", "primary": [f"127.0.0.1:{primary_port}"], "recipients": "any"}]
-    delivery = {"lease": f"{int(LEASE)}s", "probe_interval": "1s", "probe_timeout": "1s", "down_after": 1,
-                "retry_min": "1s", "retry_max": "2s", "connect_timeout": "2s", "window": 10,
-                "concurrency_initial": 2, "concurrency_max": 4}
-    nodes = [ServeProcess(tmp_path / f"n{i}", domains=domains, delivery=delivery,
-                          server={"hostname": f"n{i}.backup.test", "node_name": f"n{i}"},
-                          extra={"spool": {"url": postgres_url}})
-             for i in range(1, NODES + 1)]
+    delivery = {
+        "lease": f"{int(LEASE)}s",
+        "probe_interval": "1s",
+        "probe_timeout": "1s",
+        "down_after": 1,
+        "retry_min": "1s",
+        "retry_max": "2s",
+        "connect_timeout": "2s",
+        "window": 10,
+        "concurrency_initial": 2,
+        "concurrency_max": 4,
+    }
+    nodes = [
+        ServeProcess(
+            tmp_path / f"n{i}",
+            domains=domains,
+            delivery=delivery,
+            server={"hostname": f"n{i}.backup.test", "node_name": f"n{i}"},
+            extra={"spool": {"url": postgres_url}},
+        )
+        for i in range(1, NODES + 1)
+    ]
     sink = Sink(primary_port, SINK_DELAY)
     try:
         for node in nodes:
@@ -155,7 +172,8 @@ def test_three_nodes_one_database_primary_back_node_killed_mid_drain(postgres_ur
         while {(d.token, d.rcpt) for d in sink.snapshot()} != wanted:
             assert time.time() < killed_at + bound, (
                 f"not drained {bound:.0f}s after the kill: {len(wanted - {(d.token, d.rcpt) for d in sink.snapshot()})}"
-                f" recipients missing")
+                f" recipients missing"
+            )
             time.sleep(0.05)
         drained_at = time.time()
         time.sleep(1.0)  # late duplicates would show now
@@ -179,10 +197,12 @@ def test_three_nodes_one_database_primary_back_node_killed_mid_drain(postgres_ur
         pending, by_state, outages = asyncio.run(final_state(postgres_url))
         assert pending == 0 and by_state == {RecipientState.DELIVERED.value: len(wanted)}, by_state
         assert outages == 1  # declared once for all nodes
-        print(f"\n{NODES} nodes, {len(ledger)} messages / {len(wanted)} recipients:"
-              f" drained {drained_at - killed_at:.1f}s after the kill (lease {LEASE:.0f}s);"
-              f" duplicates in the kill window: {len(dups)};"
-              f" delivered by node: {dict(sorted(per_node.items()))}, killed {victim_helo}")
+        print(
+            f"\n{NODES} nodes, {len(ledger)} messages / {len(wanted)} recipients:"
+            f" drained {drained_at - killed_at:.1f}s after the kill (lease {LEASE:.0f}s);"
+            f" duplicates in the kill window: {len(dups)};"
+            f" delivered by node: {dict(sorted(per_node.items()))}, killed {victim_helo}"
+        )
     finally:
         sink.stop()
         for node in nodes:

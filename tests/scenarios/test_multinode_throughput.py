@@ -63,10 +63,15 @@ class Cluster:
         self.url = pg.create_database() if backend == "postgres" and pg is not None else None
         extra = {"spool": {"url": self.url}} if self.url else {}
         self.nodes = [
-            BackupmxNode(work / f"n{i}", domains={"example.test": primary_port},
-                         server={"node_name": f"n{i}", "hostname": f"n{i}.backup.test"},
-                         delivery={"probe_interval": "1s", "probe_timeout": "1s"}, extra=extra)
-            for i in range(1, n + 1)]
+            BackupmxNode(
+                work / f"n{i}",
+                domains={"example.test": primary_port},
+                server={"node_name": f"n{i}", "hostname": f"n{i}.backup.test"},
+                delivery={"probe_interval": "1s", "probe_timeout": "1s"},
+                extra=extra,
+            )
+            for i in range(1, n + 1)
+        ]
 
     def __enter__(self) -> Cluster:
         for node in self.nodes:
@@ -82,13 +87,20 @@ class Cluster:
 
     def load(self, messages: int) -> tuple[float, str]:
         """smtp-source on every node at once; (wall seconds, problems)."""
-        per = [messages // len(self.nodes) + (1 if i < messages % len(self.nodes) else 0)
-               for i in range(len(self.nodes))]
+        per = [
+            messages // len(self.nodes) + (1 if i < messages % len(self.nodes) else 0) for i in range(len(self.nodes))
+        ]
         problems: list[str] = []
 
         def one(node: BackupmxNode, count: int) -> None:
-            res = smtp_source(node.host, node.port, messages=count, sessions=max(1, SESSIONS // len(self.nodes)),
-                              size_kb=SIZE_KB, timeout=600)
+            res = smtp_source(
+                node.host,
+                node.port,
+                messages=count,
+                sessions=max(1, SESSIONS // len(self.nodes)),
+                size_kb=SIZE_KB,
+                timeout=600,
+            )
             if not res.ok:
                 problems.append(res.output[-300:])
 
@@ -123,8 +135,15 @@ def accept_run(work: Path, backend: str, n: int, messages: int, pg: PostgresServ
         seconds, problems = cluster.load(messages)
         held = cluster.queue_count()
         ok = not problems and held == messages
-        return Run(backend, n, "accept", messages, seconds, valid=ok,
-                   detail="" if ok else f"held {held} of {messages} {problems}")
+        return Run(
+            backend,
+            n,
+            "accept",
+            messages,
+            seconds,
+            valid=ok,
+            detail="" if ok else f"held {held} of {messages} {problems}",
+        )
 
 
 def drain_run(work: Path, backend: str, n: int, messages: int, pg: PostgresServer | None) -> Run:
@@ -155,8 +174,9 @@ def drain_run(work: Path, backend: str, n: int, messages: int, pg: PostgresServe
                 time.sleep(0.02)
             got = sink.wait_messages(messages, timeout=5)
         ok = got == messages and not math.isnan(empty)
-        return Run(backend, n, "drain", messages, empty, first, all_in, ok,
-                   "" if ok else f"sink got {got} of {messages}")
+        return Run(
+            backend, n, "drain", messages, empty, first, all_in, ok, "" if ok else f"sink got {got} of {messages}"
+        )
 
 
 def measure(*, accept_messages: int, drain_messages: int, repeats: int) -> list[Run]:
@@ -180,15 +200,21 @@ def measure(*, accept_messages: int, drain_messages: int, repeats: int) -> list[
 
 
 def report(runs: list[Run]) -> str:
-    lines = ["| spool | nodes | accept msg/s (min / median / max) | drain: first at primary | all at primary"
-             " | queue empty | drain msg/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| spool | nodes | accept msg/s (min / median / max) | drain: first at primary | all at primary"
+        " | queue empty | drain msg/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for backend, n in CELLS:
         acc = [r.rate for r in runs if (r.backend, r.nodes, r.kind) == (backend, n, "accept") and r.valid]
         dr = [r for r in runs if (r.backend, r.nodes, r.kind) == (backend, n, "drain")]
         a = f"{min(acc):.0f} / {statistics.median(acc):.0f} / {max(acc):.0f}" if acc else "invalid"
         d = dr[0] if dr else None
-        drain = (f"{d.first:.2f} s | {d.all_in:.2f} s | {d.seconds:.2f} s | {d.rate:.0f}" if d and d.valid
-                 else "invalid | | |")
+        drain = (
+            f"{d.first:.2f} s | {d.all_in:.2f} s | {d.seconds:.2f} s | {d.rate:.0f}"
+            if d and d.valid
+            else "invalid | | |"
+        )
         lines.append(f"| {'PostgreSQL' if backend == 'postgres' else 'SQLite'} | {n} | {a} | {drain} |")
     return "\n".join(lines)
 

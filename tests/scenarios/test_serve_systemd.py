@@ -46,9 +46,14 @@ def accepts(port: int) -> bool:
 def test_ready_only_once_every_listener_is_bound(tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
     sock, address = notify_socket
     inbox_port = free_port()
-    node = ServeProcess(tmp_path / "node", admin=True,
-                        extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
-                               "continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}"}})
+    node = ServeProcess(
+        tmp_path / "node",
+        admin=True,
+        extra={
+            "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
+            "continuity": {"enabled": True, "listen": f"127.0.0.1:{inbox_port}"},
+        },
+    )
     # WATCHDOG_USEC=400ms: a WATCHDOG=1 every 0.2 s
     node.start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}, wait=False)
     try:

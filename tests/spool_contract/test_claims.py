@@ -105,20 +105,32 @@ async def test_release_with_a_due_time_moves_on_without_an_attempt(spool: Spool)
 async def test_record_outcomes(spool: Spool) -> None:
     qid = await _put(spool, "ok@example.com", "later@example.com", "guard@example.com", "old@example.com")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
-    ids = await spool.record("n1", [
-        RecipientUpdate(qid, 0, Delivered(OK)),
-        RecipientUpdate(qid, 1, Deferred(LATER), next_attempt_at=T0 + 300),
-        RecipientUpdate(qid, 2, Deferred(NO_USER, guard_hold=True)),
-        RecipientUpdate(qid, 3, None, expire=True),
-    ], now=T0 + 5)
+    ids = await spool.record(
+        "n1",
+        [
+            RecipientUpdate(qid, 0, Delivered(OK)),
+            RecipientUpdate(qid, 1, Deferred(LATER), next_attempt_at=T0 + 300),
+            RecipientUpdate(qid, 2, Deferred(NO_USER, guard_hold=True)),
+            RecipientUpdate(qid, 3, None, expire=True),
+        ],
+        now=T0 + 5,
+    )
     assert ids == []
     rec = await spool.get(qid)
     assert rec is not None
     r = rec.recipients
     assert (r[0].state, r[0].attempts, r[0].last_reply, r[0].last_attempt_at) == (
-        RecipientState.DELIVERED, 1, str(OK), T0 + 5)
+        RecipientState.DELIVERED,
+        1,
+        str(OK),
+        T0 + 5,
+    )
     assert (r[1].state, r[1].attempts, r[1].next_attempt_at, r[1].last_reply) == (
-        RecipientState.QUEUED, 1, T0 + 300, str(LATER))
+        RecipientState.QUEUED,
+        1,
+        T0 + 300,
+        str(LATER),
+    )
     assert (r[2].state, r[2].held_reason, r[2].last_reply) == (RecipientState.HELD, "recovery-guard", str(NO_USER))
     assert (r[3].state, r[3].attempts) == (RecipientState.EXPIRED, 0)
     assert rec.pending  # "later" and "guard" still need us
@@ -133,8 +145,9 @@ async def test_record_queues_the_dsn_in_the_same_commit(spool: Spool) -> None:
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
     dsn_env = envelope("alice@sender.example", sender="", kind=MessageKind.DSN)
     dsn_body = b"Content-Type: multipart/report; report-type=delivery-status\r\n\r\n..."
-    [dsn_id] = await spool.record("n1", [RecipientUpdate(qid, 0, Bounced(NO_USER))],
-                                  [NewMessage(dsn_env, dsn_body)], now=T0 + 5)
+    [dsn_id] = await spool.record(
+        "n1", [RecipientUpdate(qid, 0, Bounced(NO_USER))], [NewMessage(dsn_env, dsn_body)], now=T0 + 5
+    )
     assert dsn_id > qid
     rec = await spool.get(qid)
     assert rec is not None and rec.recipients[0].state is RecipientState.BOUNCED and not rec.pending
@@ -156,9 +169,12 @@ async def test_record_by_another_owner_raises_lease_lost_and_writes_nothing(spoo
         await spool.record("n2", [RecipientUpdate(qid, 0, Bounced(NO_USER))], [dsn], now=T0 + 1)
     # One good update and one lost one: still nothing.
     with pytest.raises(LeaseLost):
-        await spool.record("n1", [RecipientUpdate(qid, 0, Delivered(OK)),
-                                  RecipientUpdate(QueueId("00000000000000"), 0, Delivered(OK))], [dsn],
-                           now=T0 + 1)
+        await spool.record(
+            "n1",
+            [RecipientUpdate(qid, 0, Delivered(OK)), RecipientUpdate(QueueId("00000000000000"), 0, Delivered(OK))],
+            [dsn],
+            now=T0 + 1,
+        )
     rec = await spool.get(qid)
     assert rec is not None and all(r.state is RecipientState.QUEUED and r.attempts == 0 for r in rec.recipients)
     assert await spool.count_pending() == 1  # no DSN was queued
@@ -197,9 +213,12 @@ async def test_record_of_an_expired_but_untaken_lease_is_kept(spool: Spool) -> N
 async def test_delay_notified_is_recorded(spool: Spool) -> None:
     qid = await _put(spool, "x@example.com")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
-    await spool.record("n1", [RecipientUpdate(qid, 0, Deferred(LATER), next_attempt_at=T0, delay_notified=True)],
-                       [NewMessage(envelope("alice@sender.example", sender="", kind=MessageKind.DSN), b"d")],
-                       now=T0 + 1)
+    await spool.record(
+        "n1",
+        [RecipientUpdate(qid, 0, Deferred(LATER), next_attempt_at=T0, delay_notified=True)],
+        [NewMessage(envelope("alice@sender.example", sender="", kind=MessageKind.DSN), b"d")],
+        now=T0 + 1,
+    )
     rec = await spool.get(qid)
     assert rec is not None and rec.recipients[0].delay_notified
 
@@ -220,8 +239,9 @@ async def test_claim_by_domain_and_excluding_domains(spool: Spool) -> None:
 
 async def test_claim_several_domains_merges_in_order(spool: Spool) -> None:
     ids = [await _put(spool, f"u@{d}.example", at=T0 + i) for i, d in enumerate("abcabc")]
-    claims = await spool.claim_due(now=T0 + 10, owner="n1", lease_seconds=60, limit=3,
-                                   domains=["c.example", "a.example"])
+    claims = await spool.claim_due(
+        now=T0 + 10, owner="n1", lease_seconds=60, limit=3, domains=["c.example", "a.example"]
+    )
     assert [c.message.id for c in claims] == [ids[0], ids[2], ids[3]]
 
 
@@ -245,10 +265,12 @@ async def test_claim_with_exclusions_takes_many_small_domains_in_due_order(spool
     (SQLite serves the small domains with one query, not one per domain)."""
     down = [await _put(spool, "a@down.example", at=T0 + i) for i in range(3)]
     small = [await _put(spool, f"bob@s{i}.example", at=T0 + 10 + i) for i in range(40)]
-    claims = await spool.claim_due(now=T0 + 100, owner="n1", lease_seconds=60, limit=30,
-                                   exclude_domains=["down.example"])
+    claims = await spool.claim_due(
+        now=T0 + 100, owner="n1", lease_seconds=60, limit=30, exclude_domains=["down.example"]
+    )
     assert [c.message.id for c in claims] == small[:30]
-    claims = await spool.claim_due(now=T0 + 100, owner="n1", lease_seconds=60, limit=30,
-                                   exclude_domains=["down.example"])
+    claims = await spool.claim_due(
+        now=T0 + 100, owner="n1", lease_seconds=60, limit=30, exclude_domains=["down.example"]
+    )
     assert [c.message.id for c in claims] == small[30:]
     assert not set(down) & {c.message.id for c in claims}

@@ -26,8 +26,7 @@ async def test_an_expired_value_is_gone(spool: Spool, clock: FakeClock) -> None:
     assert await spool.kv_get("drill", "request/n1/example.test") is None
 
 
-async def test_another_spool_object_on_the_same_store_sees_it(backend: Backend, spool: Spool,
-                                                             clock: FakeClock) -> None:
+async def test_another_spool_object_on_the_same_store_sees_it(backend: Backend, spool: Spool, clock: FakeClock) -> None:
     await spool.kv_put("canary", "n1/example.test", bytes(range(256)))
     other = await backend.make(clock)
     try:
@@ -41,8 +40,14 @@ async def test_list_pages_by_key_within_a_prefix(spool: Spool) -> None:
         await spool.kv_put("learned", key, key.encode())
     await spool.kv_put("other", "a.test/alice", b"elsewhere")  # namespaces are apart
     everything = await spool.kv_list("learned")
-    assert [i.key for i in everything] == ["a.test/alice", "a.test/bob", "a.test/carol", "a.test0", "a.tesu/x",
-                                          "b.test/zed"]
+    assert [i.key for i in everything] == [
+        "a.test/alice",
+        "a.test/bob",
+        "a.test/carol",
+        "a.test0",
+        "a.tesu/x",
+        "b.test/zed",
+    ]
     first = everything[0]
     assert (first.namespace, first.value, first.expires_at) == ("learned", b"a.test/alice", None)
     assert first.updated_by  # the node that wrote it

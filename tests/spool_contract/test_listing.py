@@ -94,22 +94,29 @@ async def test_count_pending_by_kind(spool: Spool) -> None:
     await spool.record("n1", [RecipientUpdate(u, 0, Delivered(OK))], now=T0)
     assert await spool.count_pending(include_kinds=("user",)) == 1  # one recipient to go
     await spool.claim_due(now=T0 + 61, owner="n1", lease_seconds=60, limit=1)
-    await spool.record("n1", [RecipientUpdate(u, 1, Bounced(Reply(550, "5.1.1", "no")))],
-                       [NewMessage(envelope("alice@sender.example", sender="", kind=MessageKind.DSN), b"d")],
-                       now=T0 + 61)
+    await spool.record(
+        "n1",
+        [RecipientUpdate(u, 1, Bounced(Reply(550, "5.1.1", "no")))],
+        [NewMessage(envelope("alice@sender.example", sender="", kind=MessageKind.DSN), b"d")],
+        now=T0 + 61,
+    )
     assert await spool.count_pending(include_kinds=("user",)) == 0
     assert await spool.count_pending() == 2  # two DSNs
 
 
 async def test_stats(spool: Spool) -> None:
     empty = await spool.stats()
-    assert (empty.messages_pending, empty.recipients_by_state, empty.domains, empty.oldest_pending_at,
-            empty.corrupt) == (0, {}, (), None, 0)
+    assert (
+        empty.messages_pending,
+        empty.recipients_by_state,
+        empty.domains,
+        empty.oldest_pending_at,
+        empty.corrupt,
+    ) == (0, {}, (), None, 0)
     a = await spool.put(envelope("x@a.example", "y@a.example", "z@b.example"), body(b"x" * 1000), now=T0)
     b = await spool.put(envelope("w@b.example"), body(b"x"), now=T0 + 10)
     await spool.claim_due(now=T0 + 20, owner="n1", lease_seconds=60, limit=10)
-    await spool.record("n1", [RecipientUpdate(a, 0, Delivered(OK)), RecipientUpdate(a, 1, Delivered(OK))],
-                       now=T0 + 21)
+    await spool.record("n1", [RecipientUpdate(a, 0, Delivered(OK)), RecipientUpdate(a, 1, Delivered(OK))], now=T0 + 21)
     await spool.hold(b)
     st = await spool.stats()
     assert st.messages_pending == 2
@@ -144,8 +151,9 @@ async def test_outages(spool: Spool) -> None:
     [oa] = await spool.outages("a.example")
     assert (oa.started_at, oa.ended_at) == (T0, T0 + 100)
     await spool.outage_started("a.example", T0 + 300)
-    assert [(o.started_at, o.ended_at) for o in await spool.outages("a.example")] == [
-        (T0, T0 + 100), (T0 + 300, None)]
+    assert [(o.started_at, o.ended_at) for o in await spool.outages("a.example")] == [(T0, T0 + 100), (T0 + 300, None)]
     # `since` drops the periods that ended before it; open ones always stay.
     assert [(o.domain, o.started_at) for o in await spool.outages(since=T0 + 150)] == [
-        ("b.example", T0 + 10), ("a.example", T0 + 300)]
+        ("b.example", T0 + 10),
+        ("a.example", T0 + 300),
+    ]

@@ -37,8 +37,10 @@ async def test_hold_one_message_then_release(spool: Spool) -> None:
     assert await spool.release_held(a, now=T0 + 3) == 2
     rec = await spool.get(a)
     assert rec is not None
-    assert all(r.state is RecipientState.QUEUED and r.next_attempt_at == T0 + 3 and r.held_reason is None
-               for r in rec.recipients)
+    assert all(
+        r.state is RecipientState.QUEUED and r.next_attempt_at == T0 + 3 and r.held_reason is None
+        for r in rec.recipients
+    )
     assert [c.message.id for c in await spool.claim_due(now=T0 + 3, owner="n1", lease_seconds=60, limit=10)] == [a]
 
 
@@ -59,8 +61,9 @@ async def test_release_held_by_reason_only_touches_that_reason(spool: Spool) -> 
     a = await _put(spool, "x@a.example")
     b = await _put(spool, "y@a.example")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
-    await spool.record("n1", [RecipientUpdate(a, 0, Deferred(Reply(550, "5.1.1", "who?"), guard_hold=True))],
-                       now=T0 + 1)
+    await spool.record(
+        "n1", [RecipientUpdate(a, 0, Deferred(Reply(550, "5.1.1", "who?"), guard_hold=True))], now=T0 + 1
+    )
     await spool.release(await spool.claim_due(now=T0 + 61, owner="n1", lease_seconds=60, limit=10))
     await spool.hold(b)
     assert await spool.release_held(None, reason="recovery-guard", now=T0 + 2) == 1
@@ -72,8 +75,9 @@ async def test_hold_while_leased_survives_a_deferral(spool: Spool) -> None:
     qid = await _put(spool, "x@a.example")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
     assert await spool.hold(qid, now=T0 + 1) == 1
-    await spool.renew(await spool.claim_due(now=T0, owner="n2", lease_seconds=1, limit=1), now=T0,
-                      lease_seconds=1)  # nothing to claim: held
+    await spool.renew(
+        await spool.claim_due(now=T0, owner="n2", lease_seconds=1, limit=1), now=T0, lease_seconds=1
+    )  # nothing to claim: held
     await spool.record("n1", [RecipientUpdate(qid, 0, Deferred(LATER), next_attempt_at=T0 + 10)], now=T0 + 2)
     rec = await spool.get(qid)
     assert rec is not None
@@ -86,8 +90,11 @@ async def test_hold_while_leased_still_records_delivered(spool: Spool) -> None:
     qid = await _put(spool, "x@a.example", "y@a.example")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
     await spool.hold(qid, now=T0 + 1)
-    await spool.record("n1", [RecipientUpdate(qid, 0, Delivered(OK)),
-                              RecipientUpdate(qid, 1, Bounced(Reply(550, "5.1.1", "no")))], now=T0 + 2)
+    await spool.record(
+        "n1",
+        [RecipientUpdate(qid, 0, Delivered(OK)), RecipientUpdate(qid, 1, Bounced(Reply(550, "5.1.1", "no")))],
+        now=T0 + 2,
+    )
     assert await _states(spool, qid) == [RecipientState.DELIVERED, RecipientState.BOUNCED]
     assert await spool.count_pending() == 0
 
@@ -128,8 +135,14 @@ async def test_flush_makes_queued_recipients_due_now(spool: Spool) -> None:
     a = await _put(spool, "x@a.example")
     b = await _put(spool, "y@b.example")
     await spool.claim_due(now=T0, owner="n1", lease_seconds=60, limit=10)
-    await spool.record("n1", [RecipientUpdate(a, 0, Deferred(LATER), next_attempt_at=T0 + 3600),
-                              RecipientUpdate(b, 0, Deferred(LATER), next_attempt_at=T0 + 3600)], now=T0 + 1)
+    await spool.record(
+        "n1",
+        [
+            RecipientUpdate(a, 0, Deferred(LATER), next_attempt_at=T0 + 3600),
+            RecipientUpdate(b, 0, Deferred(LATER), next_attempt_at=T0 + 3600),
+        ],
+        now=T0 + 1,
+    )
     assert await spool.claim_due(now=T0 + 10, owner="n1", lease_seconds=60, limit=10) == []
     assert await spool.flush("b.example", now=T0 + 10) == 1
     claims = await spool.claim_due(now=T0 + 10, owner="n1", lease_seconds=60, limit=10)

@@ -21,7 +21,11 @@ async def test_put_then_get_returns_envelope_and_queued_recipients(spool: Spool)
         "bob@Example.COM",
         Recipient("carol@example.com", notify=("SUCCESS", "FAILURE"), orcpt="rfc822;carol@example.com"),
         "dave@other.example",
-        body_type="8BITMIME", smtputf8=True, ret="HDRS", envid="env+2Bid", client_ip="192.0.2.7",
+        body_type="8BITMIME",
+        smtputf8=True,
+        ret="HDRS",
+        envid="env+2Bid",
+        client_ip="192.0.2.7",
         client_helo="mta.sender.example",
     )
     qid = await spool.put(env, body(b"Subject: hi\r\n\r\nhello\r\n"))
@@ -137,8 +141,9 @@ async def test_a_failing_put_does_not_fail_the_others_in_its_group(spool: Spool)
     assert await spool.count_pending() == 21
 
 
-async def test_what_was_put_survives_close_and_reopen(spool: Spool, backend: Backend, clock: FakeClock,
-                                                      tmp_path: Path) -> None:
+async def test_what_was_put_survives_close_and_reopen(
+    spool: Spool, backend: Backend, clock: FakeClock, tmp_path: Path
+) -> None:
     data = os.urandom(300_000)
     qid = await spool.put(envelope("b@example.com", "c@other.example"), body(data, tmp_path))
     await spool.close()

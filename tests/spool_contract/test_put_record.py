@@ -20,16 +20,20 @@ GONE = Reply(550, "5.1.1", "no such user")  # held by the recovery guard, for re
 
 
 def renamed(record: MessageRecord, qid: QueueId) -> MessageRecord:
-    return dataclasses.replace(record, id=qid, recipients=tuple(
-        dataclasses.replace(r, message_id=qid) for r in record.recipients))
+    return dataclasses.replace(
+        record, id=qid, recipients=tuple(dataclasses.replace(r, message_id=qid) for r in record.recipients)
+    )
 
 
 async def history(spool: Spool) -> MessageRecord:
     """A message with one recipient delivered, one deferred twice, one held by the recovery guard."""
     qid = await spool.put(envelope("a@a.example", "b@b.example", "c@a.example"), body(b"hello\r\n"))
     await spool.claim_due(now=T0 + 1, owner="n1", lease_seconds=60, limit=2, domains=["a.example"])
-    await spool.record("n1", [RecipientUpdate(qid, 0, Delivered(OK)),
-                              RecipientUpdate(qid, 2, Deferred(GONE, guard_hold=True))], now=T0 + 1)
+    await spool.record(
+        "n1",
+        [RecipientUpdate(qid, 0, Delivered(OK)), RecipientUpdate(qid, 2, Deferred(GONE, guard_hold=True))],
+        now=T0 + 1,
+    )
     for at in (T0 + 2, T0 + 700):
         await spool.claim_due(now=at, owner="n1", lease_seconds=60, limit=10, domains=["b.example"])
         await spool.record("n1", [RecipientUpdate(qid, 1, Deferred(LATER), next_attempt_at=at + 600)], now=at)
@@ -41,7 +45,10 @@ async def history(spool: Spool) -> MessageRecord:
 async def test_put_record_keeps_the_history(spool: Spool, clock: FakeClock) -> None:
     original = await history(spool)
     assert [r.state for r in original.recipients] == [
-        RecipientState.DELIVERED, RecipientState.QUEUED, RecipientState.HELD]
+        RecipientState.DELIVERED,
+        RecipientState.QUEUED,
+        RecipientState.HELD,
+    ]
     assert original.recipients[1].attempts == 2
     copy = renamed(original, new_queue_id(T0 + 50))
     before = await spool.stats()
@@ -56,7 +63,8 @@ async def test_put_record_keeps_the_history(spool: Spool, clock: FakeClock) -> N
     assert await spool.claim_due(now=T0 + 1299, owner="n2", lease_seconds=60, limit=10) == []
     due = await spool.claim_due(now=T0 + 1300, owner="n2", lease_seconds=60, limit=10)
     assert sorted((c.message.id, [r.index for r in c.recipients]) for c in due) == sorted(
-        [(original.id, [1]), (copy.id, [1])])
+        [(original.id, [1]), (copy.id, [1])]
+    )
 
 
 async def test_a_finished_record_is_not_pending(spool: Spool) -> None:

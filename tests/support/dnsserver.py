@@ -121,7 +121,7 @@ class DnsServer:
     # --- what is served ----------------------------------------------------------------------
     @property
     def nameserver(self) -> str:
-        """"IP:PORT" (or "[IPv6]:PORT"), the form `[dns] nameservers` and `--nameserver` take."""
+        """ "IP:PORT" (or "[IPv6]:PORT"), the form `[dns] nameservers` and `--nameserver` take."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
@@ -228,8 +228,14 @@ class DnsServer:
             response.set_rcode(dns.rcode.FORMERR)
             return response.to_wire()
         question = query.question[0]
-        self._log(Query(question.name.to_text(omit_final_dot=True).lower(),
-                        dns.rdatatype.to_text(question.rdtype), transport, client))
+        self._log(
+            Query(
+                question.name.to_text(omit_final_dot=True).lower(),
+                dns.rdatatype.to_text(question.rdtype),
+                transport,
+                client,
+            )
+        )
         fault = self._fault_for(question.name, question.rdtype)
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
@@ -295,8 +301,9 @@ class DnsServer:
             response.answer.append(_rrset(name, cname))
             name = cname[0].target
 
-    def _referral(self, response: dns.message.Message, zone: dns.zone.Zone, cut: dns.name.Name,
-                  ns: dns.rdataset.Rdataset) -> None:
+    def _referral(
+        self, response: dns.message.Message, zone: dns.zone.Zone, cut: dns.name.Name, ns: dns.rdataset.Rdataset
+    ) -> None:
         response.authority.append(_rrset(cut, ns))
         for rdata in ns:
             glue = zone.get_node(rdata.target) if rdata.target.is_subdomain(zone.origin) else None
@@ -329,7 +336,7 @@ class DnsServer:
 def _delegation(zone: dns.zone.Zone, name: dns.name.Name) -> tuple[dns.name.Name, dns.rdataset.Rdataset] | None:
     """The highest zone cut below the zone's apex, at or above `name`, if any."""
     for k in range(len(zone.origin) + 1, len(name) + 1):
-        candidate = dns.name.Name(name.labels[len(name) - k:])
+        candidate = dns.name.Name(name.labels[len(name) - k :])
         node = zone.get_node(candidate)
         ns = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NS) if node is not None else None
         if ns is not None:
@@ -344,8 +351,11 @@ def _rrset(name: dns.name.Name, rdataset: dns.rdataset.Rdataset) -> dns.rrset.RR
 
 
 def _server_class(base: type[socketserver.BaseServer], family: int) -> Any:
-    return type(f"Lab{base.__name__}", (base,), {"address_family": family, "daemon_threads": True,
-                                                 "allow_reuse_address": True, "block_on_close": False})
+    return type(
+        f"Lab{base.__name__}",
+        (base,),
+        {"address_family": family, "daemon_threads": True, "allow_reuse_address": True, "block_on_close": False},
+    )
 
 
 def _udp_handler(server: DnsServer) -> type[socketserver.BaseRequestHandler]:

@@ -17,8 +17,8 @@ class ParseError(ValueError):
 
 
 def _string(s: str, i: int) -> tuple[str, int]:
-    if s[i:i + 1] != '"':
-        raise ParseError(f"no string at {i}: {s[i:i + 20]!r}")
+    if s[i : i + 1] != '"':
+        raise ParseError(f"no string at {i}: {s[i : i + 20]!r}")
     value, end = _DECODER.raw_decode(s, i)
     assert isinstance(value, str)
     return value, end
@@ -32,20 +32,20 @@ def _bare(s: str, i: int) -> tuple[str, int]:
 
 
 def _token(s: str, i: int) -> tuple[str, int]:
-    return _string(s, i) if s[i:i + 1] == '"' else _bare(s, i)
+    return _string(s, i) if s[i : i + 1] == '"' else _bare(s, i)
 
 
 def _value(s: str, i: int) -> tuple[str, int]:
-    if s[i:i + 1] != "<":
+    if s[i : i + 1] != "<":
         return _token(s, i)
     items = []
     while True:
         inner, i = _token(s, i + 1)
-        if s[i:i + 1] != ">":
+        if s[i : i + 1] != ">":
             raise ParseError(f"unclosed <...> at {i}")
         i += 1
         items.append(f"<{inner}>")
-        if s[i:i + 2] != ",<":
+        if s[i : i + 2] != ",<":
             return ",".join(items), i
         i += 1
 
@@ -72,11 +72,11 @@ def parse(line: str) -> tuple[str, str, str | None, dict[str, str]]:
         qid, i = m.group(1), m.end()
     elif line[i] == '"':
         quoted, j = _string(line, i)
-        if line[j:j + 2] == ": ":
+        if line[j : j + 2] == ": ":
             qid, i = quoted, j + 2
     while True:
         key, i = _token(line, i)
-        if line[i:i + 1] != "=":
+        if line[i : i + 1] != "=":
             raise ParseError(f"no '=' after {key!r}")
         value, i = _value(line, i + 1)
         if key in fields:
@@ -84,6 +84,6 @@ def parse(line: str) -> tuple[str, str, str | None, dict[str, str]]:
         fields[key] = value
         if i == len(line):
             return node, event, qid, fields
-        if line[i:i + 2] != ", ":
-            raise ParseError(f"junk at {i}: {line[i:i + 20]!r}")
+        if line[i : i + 2] != ", ":
+            raise ParseError(f"junk at {i}: {line[i : i + 20]!r}")
         i += 2

@@ -65,10 +65,12 @@ def tools_unavailable_reason() -> str | None:
     return None
 
 
-def _run(argv: Sequence[str | Path], *, timeout: float = 30.0, check: bool = True,
-         env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
+def _run(
+    argv: Sequence[str | Path], *, timeout: float = 30.0, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))} exited {res.returncode}:\n{res.stdout}{res.stderr}")
     return res
@@ -87,7 +89,7 @@ def _pids_in_group(pgid: int) -> list[int]:
         except OSError:
             continue
         # "pid (comm) state ppid pgrp ..." - comm may contain spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             out.append(int(entry.name))
     return out
@@ -146,11 +148,20 @@ class PostfixInstance:
     Use as a context manager, or call start() and close(). `main_cf` adds or overrides main.cf lines.
     """
 
-    def __init__(self, role: Role | str = Role.PRIMARY, *, domain: str = "example.test",
-                 users: Iterable[str] = ("alice", "bob"), host: str = "127.0.0.1", port: int | None = None,
-                 relay: tuple[str, int] | None = None, myhostname: str | None = None,
-                 main_cf: Mapping[str, str] | None = None, base_dir: Path | None = None,
-                 mailbox_owner: str = "nobody") -> None:
+    def __init__(
+        self,
+        role: Role | str = Role.PRIMARY,
+        *,
+        domain: str = "example.test",
+        users: Iterable[str] = ("alice", "bob"),
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        relay: tuple[str, int] | None = None,
+        myhostname: str | None = None,
+        main_cf: Mapping[str, str] | None = None,
+        base_dir: Path | None = None,
+        mailbox_owner: str = "nobody",
+    ) -> None:
         reason = postfix_unavailable_reason()
         if reason:
             raise PostfixUnavailable(reason)
@@ -207,18 +218,22 @@ class PostfixInstance:
             "smtpd_recipient_restrictions": "",
         }
         if self.role is Role.PRIMARY:
-            main.update({
-                "virtual_mailbox_domains": self.domain,
-                "virtual_mailbox_base": str(self.mail_dir),
-                "virtual_mailbox_maps": f"texthash:{self.config_dir / 'vmailbox'}",
-                "virtual_uid_maps": f"static:{self.mailbox_uid}",
-                "virtual_gid_maps": f"static:{self.mailbox_gid}",
-            })
+            main.update(
+                {
+                    "virtual_mailbox_domains": self.domain,
+                    "virtual_mailbox_base": str(self.mail_dir),
+                    "virtual_mailbox_maps": f"texthash:{self.config_dir / 'vmailbox'}",
+                    "virtual_uid_maps": f"static:{self.mailbox_uid}",
+                    "virtual_gid_maps": f"static:{self.mailbox_gid}",
+                }
+            )
         else:
-            main.update({
-                "relay_domains": self.domain,
-                "transport_maps": f"texthash:{self.config_dir / 'transport'}",
-            })
+            main.update(
+                {
+                    "relay_domains": self.domain,
+                    "transport_maps": f"texthash:{self.config_dir / 'transport'}",
+                }
+            )
         main.update(self.extra_main)
         return main
 
@@ -287,7 +302,8 @@ class PostfixInstance:
             return self
         if self._watchdog is None:
             self._watchdog = Watchdog(
-                f'{POSTFIX} -c "$1" stop; sleep 2; rm -rf "$2"', str(self.config_dir), str(self.root))
+                f'{POSTFIX} -c "$1" stop; sleep 2; rm -rf "$2"', str(self.config_dir), str(self.root)
+            )
         for attempt in range(3):
             res = self._postfix("start", timeout=timeout, check=False)
             if res.returncode == 0:
@@ -296,8 +312,10 @@ class PostfixInstance:
                 self.port = free_port(self.host)
                 self._write_config()
                 continue
-            raise RuntimeError(f"postfix start failed ({res.returncode}):\n{res.stdout}{res.stderr}\n"
-                               f"--- maillog:\n{self.log()[-3000:]}")
+            raise RuntimeError(
+                f"postfix start failed ({res.returncode}):\n{res.stdout}{res.stderr}\n"
+                f"--- maillog:\n{self.log()[-3000:]}"
+            )
         pid_file = self.queue_dir / "pid" / "master.pid"
         self.master_pid = int(pid_file.read_text().split()[0])
         self._fixed_port = True  # from now on this is the instance's address, also after a restart
@@ -356,8 +374,9 @@ class PostfixInstance:
             self.close()
             raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -470,9 +489,17 @@ class SmtpSink:
     `messages` reads smtp-sink's running counter (-c), so it is exact while it runs and after it stops.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, *, backlog: int = 1000,
-                 max_connections: int = 256, hostname: str = "sink.test", dump: bool = False,
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        backlog: int = 1000,
+        max_connections: int = 256,
+        hostname: str = "sink.test",
+        dump: bool = False,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         reason = tools_unavailable_reason()
         if reason:
             raise PostfixUnavailable(reason)
@@ -500,8 +527,9 @@ class SmtpSink:
         if self.proc is not None and self.proc.poll() is None:
             return self
         with open(self.counter_file, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self._watchdog = Watchdog('kill -9 "$1"; sleep 1; rm -rf "$2"', str(self.proc.pid), str(self.workdir))
         try:
             wait_for_smtp(self.host, self.port, timeout=timeout)
@@ -574,8 +602,9 @@ class SmtpSink:
             self.close()
             raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -599,10 +628,21 @@ class SmtpSourceResult:
         return self.messages / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def smtp_source(host: str, port: int, *, messages: int = 1, sessions: int = 1, size_kb: float = 5,
-                sender: str = "sender@source.test", recipient: str = "alice@example.test",
-                one_msg_per_session: bool = True, recipients_per_msg: int = 1, helo: str = "source.test",
-                timeout: float = 300.0, extra_args: Sequence[str] = ()) -> SmtpSourceResult:
+def smtp_source(
+    host: str,
+    port: int,
+    *,
+    messages: int = 1,
+    sessions: int = 1,
+    size_kb: float = 5,
+    sender: str = "sender@source.test",
+    recipient: str = "alice@example.test",
+    one_msg_per_session: bool = True,
+    recipients_per_msg: int = 1,
+    helo: str = "source.test",
+    timeout: float = 300.0,
+    extra_args: Sequence[str] = (),
+) -> SmtpSourceResult:
     """Run /usr/sbin/smtp-source: `messages` messages of `size_kb` KiB payload (plus its few headers)
     over `sessions` parallel SMTP sessions. By default each message has its own session (connect, EHLO,
     MAIL, RCPT, DATA, QUIT), as mail from many senders arrives; one_msg_per_session=False keeps each
@@ -612,8 +652,21 @@ def smtp_source(host: str, port: int, *, messages: int = 1, sessions: int = 1, s
     if reason:
         raise PostfixUnavailable(reason)
     size = int(size_kb * 1024)
-    argv = [str(SMTP_SOURCE), "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", sender, "-t", recipient, "-M", helo]
+    argv = [
+        str(SMTP_SOURCE),
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        sender,
+        "-t",
+        recipient,
+        "-M",
+        helo,
+    ]
     if not one_msg_per_session:
         argv.append("-d")
     if recipients_per_msg != 1:
@@ -621,8 +674,9 @@ def smtp_source(host: str, port: int, *, messages: int = 1, sessions: int = 1, s
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     argv += [*extra_args, target]
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
         timed_out = False
@@ -635,6 +689,12 @@ def smtp_source(host: str, port: int, *, messages: int = 1, sessions: int = 1, s
         proc.wait(timeout=10)
         raise
     elapsed = time.perf_counter() - started
-    return SmtpSourceResult(returncode=proc.returncode, elapsed=elapsed, messages=messages,
-                            sessions=sessions, size_bytes=size, output=out.decode(errors="replace"),
-                            timed_out=timed_out)
+    return SmtpSourceResult(
+        returncode=proc.returncode,
+        elapsed=elapsed,
+        messages=messages,
+        sessions=sessions,
+        size_bytes=size,
+        output=out.decode(errors="replace"),
+        timed_out=timed_out,
+    )

@@ -34,8 +34,11 @@ START_TIMEOUT = 30.0
 def find_bindir() -> Path | None:
     """The newest Debian PostgreSQL bin directory with initdb, pg_ctl and psql, or $BACKUPMX_PG_BIN."""
     candidates = [os.environ["BACKUPMX_PG_BIN"]] if os.environ.get("BACKUPMX_PG_BIN") else []
-    candidates += sorted(glob.glob(PG_BIN_GLOB), key=lambda p: int(Path(p).parent.name)
-                         if Path(p).parent.name.isdigit() else 0, reverse=True)
+    candidates += sorted(
+        glob.glob(PG_BIN_GLOB),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
     for c in candidates:
         d = Path(c)
         if all((d / tool).exists() for tool in ("initdb", "pg_ctl", "postgres", "psql")):
@@ -101,18 +104,37 @@ class PostgresServer:
         self._initialized = False
 
     # -- life cycle ---------------------------------------------------------------------------------
-    def _tool(self, name: str, *args: str, timeout: float = 60.0,
-              check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([*self._run_as, str(self.bindir / name), *args], capture_output=True, text=True,
-                             timeout=timeout, cwd=str(self.dir))
+    def _tool(
+        self, name: str, *args: str, timeout: float = 60.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [*self._run_as, str(self.bindir / name), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.dir),
+        )
         if check and res.returncode != 0:
-            raise RuntimeError(f"{name} {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
-                               f"{self.log()[-3000:]}")
+            raise RuntimeError(
+                f"{name} {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n{self.log()[-3000:]}"
+            )
         return res
 
     def initdb(self) -> None:
-        self._tool("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
-                   "--locale=C.UTF-8", "-N", "--no-instructions")
+        self._tool(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            self.user,
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "-N",
+            "--no-instructions",
+        )
         with open(self.data / "postgresql.auto.conf", "a") as f:
             for k, v in self.settings.items():
                 f.write(f"{k} = '{v}'\n")
@@ -122,10 +144,23 @@ class PostgresServer:
         if not self._initialized:
             self.initdb()
         if self._watchdog is None:  # if this process dies without close(), the server goes with it
-            self._watchdog = Watchdog('kill -9 "$(head -n 1 "$1/postmaster.pid")"; sleep 1; rm -rf "$2"',
-                                      str(self.data), str(self.dir))
-        self._tool("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", str(int(START_TIMEOUT)),
-                   "-o", f"-p {self.port}", "start", timeout=START_TIMEOUT + 10)
+            self._watchdog = Watchdog(
+                'kill -9 "$(head -n 1 "$1/postmaster.pid")"; sleep 1; rm -rf "$2"', str(self.data), str(self.dir)
+            )
+        self._tool(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log_path),
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT)),
+            "-o",
+            f"-p {self.port}",
+            "start",
+            timeout=START_TIMEOUT + 10,
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -169,9 +204,29 @@ class PostgresServer:
     def psql(self, sql: str, database: str = "postgres", *, timeout: float = 60.0) -> str:
         """Run SQL as the superuser over the unix socket; returns psql's unaligned output."""
         res = subprocess.run(
-            [str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
-             "-p", str(self.port), "-U", self.user, "-d", database, "-c", sql],
-            capture_output=True, text=True, timeout=timeout)
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"psql: {sql[:200]}: {res.stderr.strip()}")
         return res.stdout
@@ -198,13 +253,18 @@ class PostgresServer:
         """End its sessions and drop every schema in it, then keep it for `fresh_database`."""
         name = url.rsplit("/", 1)[1]
         try:
-            self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                      f" WHERE datname = '{name}' AND pid <> pg_backend_pid()")
-            self.psql("DO $$ DECLARE s record; BEGIN"
-                      " FOR s IN SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'"
-                      " AND nspname <> 'information_schema' LOOP"
-                      " EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname); END LOOP;"
-                      " CREATE SCHEMA public AUTHORIZATION pg_database_owner; END $$", name)
+            self.psql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                f" WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+            self.psql(
+                "DO $$ DECLARE s record; BEGIN"
+                " FOR s IN SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'"
+                " AND nspname <> 'information_schema' LOOP"
+                " EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname); END LOOP;"
+                " CREATE SCHEMA public AUTHORIZATION pg_database_owner; END $$",
+                name,
+            )
         except RuntimeError:
             self.drop_database(url)
             return
@@ -232,13 +292,19 @@ class PostgresBackend:
         flipped = "data"
         for i in range(8):
             flipped = f"set_byte({flipped}, {i}, get_byte(data, {i}) # 255)"
-        out = self.server.psql(f"UPDATE backupmx.body_chunks SET data = {flipped}"
-                               f" WHERE message_id = '{message_id}' AND seq = 0 RETURNING 1", self.database)
+        out = self.server.psql(
+            f"UPDATE backupmx.body_chunks SET data = {flipped}"
+            f" WHERE message_id = '{message_id}' AND seq = 0 RETURNING 1",
+            self.database,
+        )
         assert out.strip() == "1", f"no body chunk for {message_id}"
 
     def corrupt_envelope(self, message_id: str) -> None:
-        self.server.psql(f"""UPDATE backupmx.messages SET envelope_json = '{{"sender": [broken'"""
-                         f" WHERE id = '{message_id}'", self.database)
+        self.server.psql(
+            f"""UPDATE backupmx.messages SET envelope_json = '{{"sender": [broken'"""
+            f" WHERE id = '{message_id}'",
+            self.database,
+        )
 
 
 def wait_until_accepting(server: PostgresServer, timeout: float = 15.0) -> None:

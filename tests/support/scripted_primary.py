@@ -83,9 +83,15 @@ class ScriptedPrimary:
     """The primary. Defaults answer like a plain ESMTP server; `script(verb, ...)` queues answers for
     the next commands of that verb, `default(verb, spec)` replaces the standing answer."""
 
-    def __init__(self, *, extensions: Iterable[str] = DEFAULT_EXTENSIONS, hostname: str = "primary.test",
-                 banner: Answer | bytes | str | None = None, keep_bodies: bool = True,
-                 grouped: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+        hostname: str = "primary.test",
+        banner: Answer | bytes | str | None = None,
+        keep_bodies: bool = True,
+        grouped: bool = False,
+    ) -> None:
         self.extensions = list(extensions)
         # True: the replies to MAIL and RCPT are held and written with the reply to the next other
         # command (DATA) in one write, as Postfix answers a pipelined group (RFC 2920); a client that
@@ -96,10 +102,16 @@ class ScriptedPrimary:
         self.hostname = hostname
         self.banner = _as_answer(banner if banner is not None else f"220 {hostname} ESMTP scripted\r\n")
         self._defaults: dict[str, AnswerSpec] = {
-            "EHLO": self._ehlo, "HELO": f"250 {hostname}\r\n",
-            "MAIL": "250 2.1.0 Ok\r\n", "RCPT": "250 2.1.5 Ok\r\n", "DATA": "354 End data with <CR><LF>.<CR><LF>\r\n",
-            "DOT": "250 2.0.0 Ok: queued as SCRIPTED\r\n", "RSET": "250 2.0.0 Ok\r\n", "NOOP": "250 2.0.0 Ok\r\n",
-            "QUIT": Answer.of("221 2.0.0 Bye\r\n", close=True), "VRFY": "252 2.0.0 Maybe\r\n",
+            "EHLO": self._ehlo,
+            "HELO": f"250 {hostname}\r\n",
+            "MAIL": "250 2.1.0 Ok\r\n",
+            "RCPT": "250 2.1.5 Ok\r\n",
+            "DATA": "354 End data with <CR><LF>.<CR><LF>\r\n",
+            "DOT": "250 2.0.0 Ok: queued as SCRIPTED\r\n",
+            "RSET": "250 2.0.0 Ok\r\n",
+            "NOOP": "250 2.0.0 Ok\r\n",
+            "QUIT": Answer.of("221 2.0.0 Bye\r\n", close=True),
+            "VRFY": "252 2.0.0 Maybe\r\n",
         }
         self._queued: dict[str, deque[AnswerSpec]] = {}
         self.transactions: list[Transaction] = []  # every transaction that sent MAIL
@@ -205,9 +217,11 @@ class ScriptedPrimary:
         deadline = time.monotonic() + timeout
         while not cond(self):
             if time.monotonic() > deadline:
-                raise AssertionError(f"scripted primary: condition not met within {timeout}s; "
-                                     f"{len(self.transactions)} transactions, last commands "
-                                     f"{self.commands[-6:]!r}")
+                raise AssertionError(
+                    f"scripted primary: condition not met within {timeout}s; "
+                    f"{len(self.transactions)} transactions, last commands "
+                    f"{self.commands[-6:]!r}"
+                )
             time.sleep(0.05)
 
     async def until(self, cond: Callable[[ScriptedPrimary], bool], timeout: float) -> None:
@@ -219,8 +233,9 @@ class ScriptedPrimary:
             await asyncio.sleep(0.02)
 
     # -- one session -------------------------------------------------------------------------------
-    async def _send(self, writer: asyncio.StreamWriter, answer: Answer, held: list[bytes] | None = None,
-                    *, hold: bool = False) -> bool:
+    async def _send(
+        self, writer: asyncio.StreamWriter, answer: Answer, held: list[bytes] | None = None, *, hold: bool = False
+    ) -> bool:
         """Write one answer; False when the session is to end (closed or hanging). With `held` (grouped
         mode), `hold` keeps the answer there, else it goes out after what is held, in the same write."""
         if held is not None and hold and not (answer.delay or answer.close or answer.hang):

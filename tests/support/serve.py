@@ -19,10 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
 class ServeProcess:
     """One `backupmx serve` node with its own data directory."""
 
-    def __init__(self, workdir: Path, *, domains: list[dict[str, Any]] | None = None,
-                 server: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 admin: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        domains: list[dict[str, Any]] | None = None,
+        server: dict[str, Any] | None = None,
+        delivery: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        admin: bool = False,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -30,10 +37,16 @@ class ServeProcess:
         self.data_dir = workdir / "data"
         self.admin_port = free_port() if admin else None
         sections: dict[str, Any] = {
-            "server": {"hostname": "backup.test", "listen": [f"{self.host}:{self.port}"],
-                       "data_dir": str(self.data_dir), "min_free_disk": "1MB", **(server or {})},
-            "domains": domains if domains is not None else [
-                {"name": "example.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": "any"}],
+            "server": {
+                "hostname": "backup.test",
+                "listen": [f"{self.host}:{self.port}"],
+                "data_dir": str(self.data_dir),
+                "min_free_disk": "1MB",
+                **(server or {}),
+            },
+            "domains": domains
+            if domains is not None
+            else [{"name": "example.test", "primary": [f"127.0.0.1:{free_port()}"], "recipients": "any"}],
             "delivery": {"retry_min": "1s", "retry_max": "5s", "probe_interval": "1s", **(delivery or {})},
             # an empty listen turns the admin listener off
             "admin": {"listen": f"127.0.0.1:{self.admin_port}" if admin else ""},
@@ -54,7 +67,10 @@ class ServeProcess:
         log.flush()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "backupmx.cli", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=log, env={**self.env, **(env or {})}, cwd=str(self.workdir),
+            stdout=log,
+            stderr=log,
+            env={**self.env, **(env or {})},
+            cwd=str(self.workdir),
         )
         log.close()
         if wait:
@@ -86,8 +102,7 @@ class ServeProcess:
         argv = [sys.executable, "-m", "backupmx.cli", *args]
         if args and args[0] in ("queue", "recipients", "status", "drill", "spool", "access", "continuity"):
             argv += ["--config", str(self.config_path)]
-        res = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout,
-                             cwd=str(self.workdir))
+        res = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=str(self.workdir))
         if check and res.returncode != 0:
             raise AssertionError(f"backupmx {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res

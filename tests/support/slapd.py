@@ -70,7 +70,9 @@ class Slapd(PeerProcess):
         # -d 0: stay in the foreground (so the test owns the process) without debug output
         self.proc = subprocess.Popen(
             [SLAPD, "-f", str(conf), "-h", self.url + "/", "-d", "0"],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "slapd.log", "ab"))  # noqa: SIM115 (the child's)
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "slapd.log", "ab"),  # noqa: SIM115 (the child's)
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

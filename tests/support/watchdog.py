@@ -16,7 +16,9 @@ class Watchdog:
         """`script` is sh code run after our death; "$1", "$2"... are `args`."""
         self._proc = subprocess.Popen(
             ["/bin/sh", "-c", f"cat >/dev/null; {script}", "watchdog", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # a ^C to our process group must not trigger it early
         )
 

@@ -16,8 +16,7 @@ from bench.backupmx_node import OTHER_RECIPIENTS, BackupmxNode, Setup, setup_des
 
 @pytest.mark.parametrize("setup", ["operator", "lab"])
 def test_setup_is_a_config_backupmx_accepts(tmp_path: Path, setup: Setup) -> None:
-    node = BackupmxNode(tmp_path / setup, domains={"example.test": 1}, setup=setup,
-                        recipients=["Alice@example.test"])
+    node = BackupmxNode(tmp_path / setup, domains={"example.test": 1}, setup=setup, recipients=["Alice@example.test"])
     node.cli("config", "check")  # raises on a non-zero exit
     cfg = tomllib.loads(node.config_path.read_text())
     (ns,) = cfg["dns"]["nameservers"]

@@ -50,10 +50,17 @@ async def test_cancelling_the_waiter_cancels_its_timer_and_its_watch() -> None:
     assert len(asyncio.all_tasks()) == before
 
 
-@pytest.mark.parametrize(("seconds", "plain", "precise"), [
-    (-5, "0s", "0s"), (0, "0s", "0s"), (42.9, "42s", "42s"), (320, "5m", "5m 20s"),
-    (3 * 3600 + 12 * 60 + 5, "3h 12m", "3h 12m"), (86400 + 4 * 3600 + 59, "1d 4h", "1d 4h"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "plain", "precise"),
+    [
+        (-5, "0s", "0s"),
+        (0, "0s", "0s"),
+        (42.9, "42s", "42s"),
+        (320, "5m", "5m 20s"),
+        (3 * 3600 + 12 * 60 + 5, "3h 12m", "3h 12m"),
+        (86400 + 4 * 3600 + 59, "1d 4h", "1d 4h"),
+    ],
+)
 def test_format_span(seconds: float, plain: str, precise: str) -> None:
     assert format_span(seconds) == plain
     assert format_span(seconds, minute_seconds=True) == precise

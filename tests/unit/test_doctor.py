@@ -24,9 +24,16 @@ TOKEN = "t" * 40
 
 async def doctor(config: Path) -> tuple[int, dict[str, list[str]]]:
     """Exit code and the lines by subject (a fix line joins the line above it)."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "backupmx.cli", "doctor", "--config",
-                                                str(config), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "backupmx.cli",
+        "doctor",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert not err, err.decode()
     lines: dict[str, list[str]] = {}
@@ -48,8 +55,13 @@ def write(path: Path, text: str, mode: int) -> Path:
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
-    subprocess.run([str(REPO / "scripts" / "make-test-cert"), "--name", "backup.test", "--days", "60",
-                    str(directory)], capture_output=True, text=True, check=True, timeout=60)
+    subprocess.run(
+        [str(REPO / "scripts" / "make-test-cert"), "--name", "backup.test", "--days", "60", str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return directory / "cert.pem", directory / "key.pem"
 
 
@@ -62,7 +74,9 @@ async def test_a_ready_host(tmp_path: Path) -> None:
     zones = {"example.test": {"@": {"MX": ["10 mx1.example.test.", "20 backup.test."]}}}
     try:
         with DnsServer(zones) as dns:
-            config = write(tmp_path / "backupmx.toml", f"""
+            config = write(
+                tmp_path / "backupmx.toml",
+                f"""
 [server]
 hostname = "backup.test"
 listen = ["127.0.0.1:{free_port()}"]
@@ -78,12 +92,24 @@ listen = "127.0.0.1:{free_port()}"
 token_file = "{token}"
 [dns]
 nameservers = ["{dns.nameserver}"]
-""", 0o600)
+""",
+                0o600,
+            )
             code, lines = await doctor(config)
     finally:
         await primary.stop()
-    assert set(lines) == {"config", "install", "data_dir", "disk", "listen", "dns", "clock", "primary", "tls",
-                          "admin_token"}
+    assert set(lines) == {
+        "config",
+        "install",
+        "data_dir",
+        "disk",
+        "listen",
+        "dns",
+        "clock",
+        "primary",
+        "tls",
+        "admin_token",
+    }
     for subject, found in lines.items():
         if subject != "clock":  # this machine's clock may or may not be synchronised: ok or warn
             assert all(f.startswith("ok ") for f in found), (subject, found)
@@ -102,7 +128,9 @@ async def test_a_broken_host(tmp_path: Path) -> None:
     busy.bind(("127.0.0.1", 0))
     busy.listen()  # a listener that is not backupmx and says nothing
     port = busy.getsockname()[1]
-    config = write(tmp_path / "backupmx.toml", f"""
+    config = write(
+        tmp_path / "backupmx.toml",
+        f"""
 [server]
 hostname = "backup.test"
 listen = ["127.0.0.1:{port}"]
@@ -116,15 +144,19 @@ probe_timeout = "2s"
 [dns]
 nameservers = ["127.0.0.1:{free_port()}"]
 timeout = "1s"
-""", 0o600)
+""",
+        0o600,
+    )
     try:
         code, lines = await doctor(config)
     finally:
         busy.close()
     assert code == 1
     assert lines["config"][0].startswith("ok ")
-    assert lines["data_dir"] == [f"fail {data}: writable by other users (mode 0757): they could change the queue "
-                                 f"or the admin token (serve refuses to start) | fix: chmod 700 {data}"]
+    assert lines["data_dir"] == [
+        f"fail {data}: writable by other users (mode 0757): they could change the queue "
+        f"or the admin token (serve refuses to start) | fix: chmod 700 {data}"
+    ]
     assert lines["disk"][0].startswith("fail ") and "server.min_free_disk = 1000.0 TB" in lines["disk"][0]
     assert lines["listen"][0].startswith(f"fail 127.0.0.1:{port}: in use by another program")
     assert "fix: stop it" in lines["listen"][0]
@@ -133,8 +165,10 @@ timeout = "1s"
     assert "connection refused" in lines["primary"][0]
     assert lines["tls"][0].startswith("warn no server.tls_cert")
     token = data / "admin.token"
-    assert lines["admin_token"] == [f"fail {token}: readable by other users (mode 0644): anyone who can read it can "
-                                    f"use the admin API (serve refuses to start) | fix: chmod 600 {token}"]
+    assert lines["admin_token"] == [
+        f"fail {token}: readable by other users (mode 0644): anyone who can read it can "
+        f"use the admin API (serve refuses to start) | fix: chmod 600 {token}"
+    ]
 
 
 def test_who_may_read_a_secret(tmp_path: Path) -> None:
@@ -161,13 +195,16 @@ async def test_an_invalid_config_is_one_fail_line(tmp_path: Path) -> None:
     assert lines["config"][0].startswith(f"fail {config}: delivery.retry_min:")
 
 
-@pytest.mark.parametrize(("state", "status", "maxerror", "mark"), [
-    (0, 0, 20_000, Mark.OK),  # TIME_OK, synchronised, 20 ms
-    (0, 0x2001, 500_000, Mark.OK),  # PLL + nano bits only
-    (5, STA_UNSYNC, 16_000_000, Mark.WARN),  # TIME_ERROR, STA_UNSYNC: no NTP client
-    (0, STA_UNSYNC, 10_000, Mark.WARN),
-    (0, 0, 3_000_000, Mark.WARN),  # synchronised, but 3 s of maximum error
-])
+@pytest.mark.parametrize(
+    ("state", "status", "maxerror", "mark"),
+    [
+        (0, 0, 20_000, Mark.OK),  # TIME_OK, synchronised, 20 ms
+        (0, 0x2001, 500_000, Mark.OK),  # PLL + nano bits only
+        (5, STA_UNSYNC, 16_000_000, Mark.WARN),  # TIME_ERROR, STA_UNSYNC: no NTP client
+        (0, STA_UNSYNC, 10_000, Mark.WARN),
+        (0, 0, 3_000_000, Mark.WARN),  # synchronised, but 3 s of maximum error
+    ],
+)
 def test_judge_clock(state: int, status: int, maxerror: int, mark: Mark) -> None:
     finding = judge_clock(state, status, maxerror, 1000)
     assert finding.mark is mark
@@ -184,13 +221,15 @@ async def test_a_check_that_breaks_is_its_own_fail_line() -> None:
         raise RuntimeError("boom")
 
     [finding] = await _guarded("clock", broken, None)  # type: ignore[arg-type]
-    assert finding == Finding("clock", Mark.FAIL, "the check itself failed: RuntimeError: boom",
-                              "report this as a bug in backupmx doctor")
+    assert finding == Finding(
+        "clock", Mark.FAIL, "the check itself failed: RuntimeError: boom", "report this as a bug in backupmx doctor"
+    )
 
 
 def test_version() -> None:
     from backupmx import __version__
 
-    res = subprocess.run([sys.executable, "-m", "backupmx.cli", "--version"], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "backupmx.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0 and res.stdout.strip() == f"backupmx {__version__}"

@@ -22,8 +22,12 @@ def test_the_examples_are_there() -> None:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_config_check_accepts(example: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "backupmx.cli", "config", "check", "--config", str(example)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "backupmx.cli", "config", "check", "--config", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert f"{example}: ok" in res.stdout and not res.stderr
 

@@ -32,17 +32,22 @@ POSTGRES_MESSAGE = "spool.url needs the PostgreSQL driver: pip install 'backupmx
 
 
 def backupmx(*args: str, blocked: str = "") -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-c", _BLOCKED_RUN, blocked, *args] if blocked else \
-        [sys.executable, "-m", "backupmx.cli", *args]
+    argv = (
+        [sys.executable, "-c", _BLOCKED_RUN, blocked, *args]
+        if blocked
+        else [sys.executable, "-m", "backupmx.cli", *args]
+    )
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
 def write_config(tmp_path: Path, body: str) -> Path:
     # [dns] points at a loopback port where nothing listens: no lookup may reach the machine's resolver
     path = tmp_path / "backupmx.toml"
-    path.write_text(f'[server]\nhostname = "backup.test"\nlisten = ["127.0.0.1:{free_port()}"]\n'
-                    f'data_dir = "{tmp_path / "data"}"\n[admin]\nlisten = ""\n'
-                    f'[dns]\nnameservers = ["127.0.0.1:{free_port()}"]\n{body}')
+    path.write_text(
+        f'[server]\nhostname = "backup.test"\nlisten = ["127.0.0.1:{free_port()}"]\n'
+        f'data_dir = "{tmp_path / "data"}"\n[admin]\nlisten = ""\n'
+        f'[dns]\nnameservers = ["127.0.0.1:{free_port()}"]\n{body}'
+    )
     return path
 
 
@@ -60,11 +65,11 @@ def test_postgres_url_without_the_driver_says_what_to_install(tmp_path: Path, co
 
 
 def test_spool_copy_to_postgres_without_the_driver(tmp_path: Path) -> None:
-    res = backupmx("spool", "copy", "--from", f"sqlite:{tmp_path}", "--to", "postgresql://u@127.0.0.1:1/db",
-                   blocked="asyncpg")
+    res = backupmx(
+        "spool", "copy", "--from", f"sqlite:{tmp_path}", "--to", "postgresql://u@127.0.0.1:1/db", blocked="asyncpg"
+    )
     assert res.returncode == 2, res.stderr
-    assert "spool copy: a postgresql:// URL needs the PostgreSQL driver: pip install 'backupmx[postgres]'" \
-        in res.stderr
+    assert "spool copy: a postgresql:// URL needs the PostgreSQL driver: pip install 'backupmx[postgres]'" in res.stderr
     assert "Traceback" not in res.stderr
 
 

@@ -15,10 +15,20 @@ def test_queue_ids_unique_sortable_short() -> None:
 
 
 def test_envelope_round_trip() -> None:
-    env = Envelope(sender="", recipients=(Recipient("Alice@example.test", ("SUCCESS", "FAILURE"), "rfc822;a@b"),
-                                          Recipient("bob@example.test")),
-                   body_type="8BITMIME", smtputf8=True, ret="HDRS", envid="abc", client_ip="127.0.0.1",
-                   client_helo="c.test", kind=MessageKind.DSN)
+    env = Envelope(
+        sender="",
+        recipients=(
+            Recipient("Alice@example.test", ("SUCCESS", "FAILURE"), "rfc822;a@b"),
+            Recipient("bob@example.test"),
+        ),
+        body_type="8BITMIME",
+        smtputf8=True,
+        ret="HDRS",
+        envid="abc",
+        client_ip="127.0.0.1",
+        client_helo="c.test",
+        kind=MessageKind.DSN,
+    )
     assert Envelope.from_json(env.to_json()) == env
     assert env.recipients[0].domain == "example.test"
 

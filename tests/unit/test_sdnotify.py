@@ -18,16 +18,19 @@ def test_no_socket_means_no_notifications() -> None:
     assert not n.enabled and n.watchdog_interval is None and n.send("READY=1") is False
 
 
-@pytest.mark.parametrize(("env", "address", "interval"), [
-    ({"NOTIFY_SOCKET": "/run/systemd/notify"}, "/run/systemd/notify", None),
-    ({"NOTIFY_SOCKET": "@/org/x"}, "\0/org/x", None),
-    ({"NOTIFY_SOCKET": "relative"}, None, None),  # neither a path nor abstract: ignored, with a warning
-    ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30000000"}, "/n", 15.0),
-    ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, "/n", 15.0),
-    ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, "/n", None),  # for another pid
-    ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "soon"}, "/n", None),
-    ({"WATCHDOG_USEC": "30000000"}, None, None),
-])
+@pytest.mark.parametrize(
+    ("env", "address", "interval"),
+    [
+        ({"NOTIFY_SOCKET": "/run/systemd/notify"}, "/run/systemd/notify", None),
+        ({"NOTIFY_SOCKET": "@/org/x"}, "\0/org/x", None),
+        ({"NOTIFY_SOCKET": "relative"}, None, None),  # neither a path nor abstract: ignored, with a warning
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30000000"}, "/n", 15.0),
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, "/n", 15.0),
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, "/n", None),  # for another pid
+        ({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "soon"}, "/n", None),
+        ({"WATCHDOG_USEC": "30000000"}, None, None),
+    ],
+)
 def test_environment(env: dict[str, str], address: str | None, interval: float | None) -> None:
     n = Notifier.from_environment(env)
     assert (n.address, n.watchdog_interval) == (address, interval)

@@ -54,8 +54,10 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null on our own forms
-    "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                                "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
 }
 
 
@@ -128,57 +130,137 @@ class Endpoint:
 DOMAIN = Param("domain", "path", "a protected domain name")
 QID = Param("id", "path", "a queue ID (14 characters)")
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("GET", "/healthz", "healthz", "Liveness for load balancers: 200 when the spool answers, else 503.",
-             response="Health", auth=False, tag="node"),
-    Endpoint("GET", "/api/status", "status", "The node: spool totals, disk, SMTP sessions, every domain.",
-             response="Status", tag="node"),
-    Endpoint("GET", "/api/domains", "domains", "Status of each protected domain.", response="DomainList",
-             tag="domains"),
-    Endpoint("GET", "/api/domains/{domain}", "domain", "Status of one domain with its outages (last 24 h).",
-             (DOMAIN,), response="DomainDetail", tag="domains"),
-    Endpoint("GET", "/api/domains/{domain}/series", "series",
-             "Per-minute queue depth and arrival/delivery counts.",
-             (DOMAIN, Param("hours", "query", "how far back, 1-25 (default 24)", "integer")),
-             response="Series", tag="domains"),
-    Endpoint("POST", "/api/domains/{domain}/flush", "flush_domain", "Make the domain's queued mail due now.",
-             (DOMAIN,), tag="domains"),
-    Endpoint("POST", "/api/domains/{domain}/hold", "hold_domain", "Hold all of the domain's queued mail.",
-             (DOMAIN,), tag="domains"),
-    Endpoint("POST", "/api/domains/{domain}/release", "release_domain",
-             "Release the domain's held mail (only the recovery guard's with reason=recovery-guard).",
-             (DOMAIN,), body="Release", tag="domains"),
-    Endpoint("PUT", "/api/domains/{domain}/reroute", "reroute",
-             "Deliver the domain's mail to other host:port(s) (a temporary server) instead of its primary, "
-             "and flush it now. Survives a restart until DELETE.",
-             (DOMAIN,), body="Reroute", response="RerouteResult", tag="domains"),
-    Endpoint("DELETE", "/api/domains/{domain}/reroute", "clear_reroute", "Undo a reroute: back to the primary.",
-             (DOMAIN,), response="RerouteResult", tag="domains"),
-    Endpoint("GET", "/api/queue", "queue", "A page of messages in arrival order, filtered.",
-             (Param("domain", "query", "recipient domain"),
-              Param("recipient", "query", "substring of a recipient address"),
-              Param("sender", "query", "substring of the sender address"),
-              Param("state", "query", "queued | held | delivered | bounced | expired"),
-              Param("all", "query", "1 to include messages with no pending recipient"),
-              Param("after", "query", "the `next` of the previous page"),
-              Param("limit", "query", "page size, 1-500 (default 100)", "integer")),
-             response="QueuePage"),
+    Endpoint(
+        "GET",
+        "/healthz",
+        "healthz",
+        "Liveness for load balancers: 200 when the spool answers, else 503.",
+        response="Health",
+        auth=False,
+        tag="node",
+    ),
+    Endpoint(
+        "GET",
+        "/api/status",
+        "status",
+        "The node: spool totals, disk, SMTP sessions, every domain.",
+        response="Status",
+        tag="node",
+    ),
+    Endpoint(
+        "GET", "/api/domains", "domains", "Status of each protected domain.", response="DomainList", tag="domains"
+    ),
+    Endpoint(
+        "GET",
+        "/api/domains/{domain}",
+        "domain",
+        "Status of one domain with its outages (last 24 h).",
+        (DOMAIN,),
+        response="DomainDetail",
+        tag="domains",
+    ),
+    Endpoint(
+        "GET",
+        "/api/domains/{domain}/series",
+        "series",
+        "Per-minute queue depth and arrival/delivery counts.",
+        (DOMAIN, Param("hours", "query", "how far back, 1-25 (default 24)", "integer")),
+        response="Series",
+        tag="domains",
+    ),
+    Endpoint(
+        "POST",
+        "/api/domains/{domain}/flush",
+        "flush_domain",
+        "Make the domain's queued mail due now.",
+        (DOMAIN,),
+        tag="domains",
+    ),
+    Endpoint(
+        "POST",
+        "/api/domains/{domain}/hold",
+        "hold_domain",
+        "Hold all of the domain's queued mail.",
+        (DOMAIN,),
+        tag="domains",
+    ),
+    Endpoint(
+        "POST",
+        "/api/domains/{domain}/release",
+        "release_domain",
+        "Release the domain's held mail (only the recovery guard's with reason=recovery-guard).",
+        (DOMAIN,),
+        body="Release",
+        tag="domains",
+    ),
+    Endpoint(
+        "PUT",
+        "/api/domains/{domain}/reroute",
+        "reroute",
+        "Deliver the domain's mail to other host:port(s) (a temporary server) instead of its primary, "
+        "and flush it now. Survives a restart until DELETE.",
+        (DOMAIN,),
+        body="Reroute",
+        response="RerouteResult",
+        tag="domains",
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/domains/{domain}/reroute",
+        "clear_reroute",
+        "Undo a reroute: back to the primary.",
+        (DOMAIN,),
+        response="RerouteResult",
+        tag="domains",
+    ),
+    Endpoint(
+        "GET",
+        "/api/queue",
+        "queue",
+        "A page of messages in arrival order, filtered.",
+        (
+            Param("domain", "query", "recipient domain"),
+            Param("recipient", "query", "substring of a recipient address"),
+            Param("sender", "query", "substring of the sender address"),
+            Param("state", "query", "queued | held | delivered | bounced | expired"),
+            Param("all", "query", "1 to include messages with no pending recipient"),
+            Param("after", "query", "the `next` of the previous page"),
+            Param("limit", "query", "page size, 1-500 (default 100)", "integer"),
+        ),
+        response="QueuePage",
+    ),
     Endpoint("POST", "/api/queue/flush", "flush_all", "Make all queued mail due now."),
-    Endpoint("GET", "/api/queue/guard-holds", "guard_holds",
-             "Recipients held by the recovery guard (a 5xx after an outage), awaiting review.",
-             (Param("domain", "query", "only this domain"),), response="GuardHolds"),
-    Endpoint("GET", f"/api/queue/{QUEUE_ID}", "message", "One message: envelope, headers, per-recipient state "
-             "and recent history.", (QID,), response="MessageDetail"),
-    Endpoint("GET", f"/api/queue/{QUEUE_ID}/body", "message_body", "The stored message (message/rfc822).",
-             (QID,), response="Body"),
-    Endpoint("POST", f"/api/queue/{QUEUE_ID}/hold", "hold_message", "Hold the message's queued recipients.",
-             (QID,)),
-    Endpoint("POST", f"/api/queue/{QUEUE_ID}/release", "release_message", "Release the message's held recipients.",
-             (QID,)),
-    Endpoint("DELETE", f"/api/queue/{QUEUE_ID}", "delete_message", "Delete the message (no DSN is sent).",
-             (QID,)),
+    Endpoint(
+        "GET",
+        "/api/queue/guard-holds",
+        "guard_holds",
+        "Recipients held by the recovery guard (a 5xx after an outage), awaiting review.",
+        (Param("domain", "query", "only this domain"),),
+        response="GuardHolds",
+    ),
+    Endpoint(
+        "GET",
+        f"/api/queue/{QUEUE_ID}",
+        "message",
+        "One message: envelope, headers, per-recipient state and recent history.",
+        (QID,),
+        response="MessageDetail",
+    ),
+    Endpoint(
+        "GET",
+        f"/api/queue/{QUEUE_ID}/body",
+        "message_body",
+        "The stored message (message/rfc822).",
+        (QID,),
+        response="Body",
+    ),
+    Endpoint("POST", f"/api/queue/{QUEUE_ID}/hold", "hold_message", "Hold the message's queued recipients.", (QID,)),
+    Endpoint(
+        "POST", f"/api/queue/{QUEUE_ID}/release", "release_message", "Release the message's held recipients.", (QID,)
+    ),
+    Endpoint("DELETE", f"/api/queue/{QUEUE_ID}", "delete_message", "Delete the message (no DSN is sent).", (QID,)),
     Endpoint("GET", "/api/alerts", "alerts", "Alerts firing now.", response="Alerts", tag="node"),
-    Endpoint("GET", "/api/openapi.json", "openapi", "This description.", response="OpenAPI", auth=False,
-             tag="node"),
+    Endpoint("GET", "/api/openapi.json", "openapi", "This description.", response="OpenAPI", auth=False, tag="node"),
 )
 
 
@@ -205,16 +287,26 @@ class Api:
     async def status(self, request: web.Request) -> web.Response:
         snap = await self.ops.snapshot()
         st = snap.stats
-        return _json({
-            "node": snap.node, "version": __version__, "at": iso(snap.at),
-            "spool": {"messages_pending": st.messages_pending, "recipients_by_state": st.recipients_by_state,
-                      "oldest_pending_at": iso(st.oldest_pending_at), "corrupt": st.corrupt,
-                      "bytes_on_disk": st.bytes_on_disk, "other_domains_pending": snap.other_pending},
-            "disk_free_bytes": snap.disk_free_bytes, "smtp_sessions_open": snap.smtp_sessions_open,
-            "outages_declared": [d.domain for d in snap.outages],
-            "domains": [d.to_json(snap.at) for d in snap.domains],
-            "alerts": self._firing(),
-        })
+        return _json(
+            {
+                "node": snap.node,
+                "version": __version__,
+                "at": iso(snap.at),
+                "spool": {
+                    "messages_pending": st.messages_pending,
+                    "recipients_by_state": st.recipients_by_state,
+                    "oldest_pending_at": iso(st.oldest_pending_at),
+                    "corrupt": st.corrupt,
+                    "bytes_on_disk": st.bytes_on_disk,
+                    "other_domains_pending": snap.other_pending,
+                },
+                "disk_free_bytes": snap.disk_free_bytes,
+                "smtp_sessions_open": snap.smtp_sessions_open,
+                "outages_declared": [d.domain for d in snap.outages],
+                "domains": [d.to_json(snap.at) for d in snap.domains],
+                "alerts": self._firing(),
+            }
+        )
 
     def _firing(self) -> list[dict[str, object]]:
         return self.alerts_view.firing() if self.alerts_view is not None else []
@@ -227,17 +319,33 @@ class Api:
         name = self.ops.require_domain(request.match_info["domain"])
         snap = await self.ops.snapshot()
         doc = snap.domain(name).to_json(snap.at)
-        doc["outages"] = [{"started_at": iso(o.started_at), "ended_at": iso(o.ended_at)}
-                          for o in await self.ops.outages(name)]
+        doc["outages"] = [
+            {"started_at": iso(o.started_at), "ended_at": iso(o.ended_at)} for o in await self.ops.outages(name)
+        ]
         return _json(doc)
 
     async def series(self, request: web.Request) -> web.Response:
         name = self.ops.require_domain(request.match_info["domain"])
         hours = _int_arg(request, "hours", 24, 1, 25)
         points = await self.ops.series_points(name, hours=hours)
-        return _json({"domain": name, "interval_seconds": int(SAMPLE_SECONDS), "points": [
-            {"at": iso(p.at), "queued": p.queued, "held": p.held, "arrived": p.arrived,
-             "delivered": p.delivered, "deferred": p.deferred, "bounced": p.bounced} for p in points]})
+        return _json(
+            {
+                "domain": name,
+                "interval_seconds": int(SAMPLE_SECONDS),
+                "points": [
+                    {
+                        "at": iso(p.at),
+                        "queued": p.queued,
+                        "held": p.held,
+                        "arrived": p.arrived,
+                        "delivered": p.delivered,
+                        "deferred": p.deferred,
+                        "bounced": p.bounced,
+                    }
+                    for p in points
+                ],
+            }
+        )
 
     async def flush_domain(self, request: web.Request) -> web.Response:
         n = await self.ops.flush(request.match_info["domain"], actor=_actor(request))
@@ -259,11 +367,9 @@ class Api:
         body = await _body(request)
         release = body.get("release_held") in (True, "1", "true", "on", "yes")
         name = request.match_info["domain"]
-        flushed, released = await self.ops.reroute(name, body.get("hosts"), release_held=release,
-                                                    actor=_actor(request))
+        flushed, released = await self.ops.reroute(name, body.get("hosts"), release_held=release, actor=_actor(request))
         d = self.ops.require_domain(name)
-        return _json({"domain": d, "reroute": list(self.ops.reroutes()[d]), "flushed": flushed,
-                      "released": released})
+        return _json({"domain": d, "reroute": list(self.ops.reroutes()[d]), "flushed": flushed, "released": released})
 
     async def clear_reroute(self, request: web.Request) -> web.Response:
         name = request.match_info["domain"]
@@ -282,10 +388,22 @@ class Api:
         if domain:
             domain = self.ops.require_domain(domain)
         holds = await self.ops.guard_holds(domain, max_pages=10)
-        return _json({"holds": [{"id": g.message.id, "address": g.recipient.address, "domain": g.recipient.domain,
-                                 "sender": g.message.envelope.sender, "received_at": iso(g.message.received_at),
-                                 "last_reply": g.recipient.last_reply, "held_at": iso(g.recipient.updated_at or None)}
-                                for g in holds]})
+        return _json(
+            {
+                "holds": [
+                    {
+                        "id": g.message.id,
+                        "address": g.recipient.address,
+                        "domain": g.recipient.domain,
+                        "sender": g.message.envelope.sender,
+                        "received_at": iso(g.message.received_at),
+                        "last_reply": g.recipient.last_reply,
+                        "held_at": iso(g.recipient.updated_at or None),
+                    }
+                    for g in holds
+                ]
+            }
+        )
 
     async def message(self, request: web.Request) -> web.Response:
         detail = await self.ops.message_detail(request.match_info["id"])
@@ -297,11 +415,13 @@ class Api:
 
     async def message_body(self, request: web.Request) -> web.StreamResponse:
         m = await self.ops.message(request.match_info["id"])
-        resp = web.StreamResponse(headers={
-            "Content-Type": "message/rfc822",
-            "Content-Disposition": f'attachment; filename="{m.id}.eml"',
-            "Content-Length": str(m.size),
-        })
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "message/rfc822",
+                "Content-Disposition": f'attachment; filename="{m.id}.eml"',
+                "Content-Length": str(m.size),
+            }
+        )
         chunks = self.ops.spool.iter_body(m.id)
         started = False
         try:
@@ -351,9 +471,19 @@ class AdminServer:
     """The admin listener: API, dashboard and /metrics on `[admin] listen`, plus the per-minute sampler
     of the chart data. Construct, `await start()`, read `bound`, `await stop()`."""
 
-    def __init__(self, config: Config, spool: Spool, health: HealthView | None, engine: DeliveryControl | None,
-                 smtp_stats: SmtpView | None, maillog: MailLog, clock: Clock, *, alerts: AlertView | None = None,
-                 sample_interval: float = SAMPLE_SECONDS) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        health: HealthView | None,
+        engine: DeliveryControl | None,
+        smtp_stats: SmtpView | None,
+        maillog: MailLog,
+        clock: Clock,
+        *,
+        alerts: AlertView | None = None,
+        sample_interval: float = SAMPLE_SECONDS,
+    ) -> None:
         self.config = config
         self.clock = clock
         names = [d.name for d in config.domains]
@@ -362,8 +492,9 @@ class AdminServer:
         maillog.subscribe(self.tally.listener)
         maillog.subscribe(self.history.listener)
         self.series = SeriesStore(config.server.data_dir / "metrics.db")
-        self.ops = Operations(config, spool, health, engine, smtp_stats, maillog, clock,
-                              series=self.series, history=self.history)
+        self.ops = Operations(
+            config, spool, health, engine, smtp_stats, maillog, clock, series=self.series, history=self.history
+        )
         self.metrics = Metrics(self.ops, self.tally)
         self.sampler = SeriesSampler(self.series, spool, self.tally, names, clock, interval=sample_interval)
         self.alerts = alerts
@@ -424,8 +555,9 @@ class AdminServer:
 
         assert self.auth is not None
         dashboard = Dashboard(self.ops, self.auth, alerts=self.alerts, limiter=self.limiter)
-        app = web.Application(middlewares=[self._headers_mw, self._errors_mw(dashboard), self._auth_mw],
-                              client_max_size=1024 * 1024)
+        app = web.Application(
+            middlewares=[self._headers_mw, self._errors_mw(dashboard), self._auth_mw], client_max_size=1024 * 1024
+        )
         app.add_routes(Api(self.ops, self.alerts).routes())
         app.router.add_get("/metrics", self._metrics)
         dashboard.add_routes(app)
@@ -510,69 +642,175 @@ def _ref(name: str) -> dict[str, str]:
 _OBJ: dict[str, Any] = {"type": "object"}
 _SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
-    "Count": {"type": "object", "description": "how many recipients (or messages) the action changed",
-              "additionalProperties": {"type": "integer"}},
-    "Health": {"type": "object", "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]},
-                                                "node": {"type": "string"}}},
-    "Primary": {"type": "object", "properties": {
-        "state": {"type": "string", "enum": ["unknown", "up", "down", "recovering"]},
-        "since": {"type": "string", "format": "date-time"}, "last_probe_at": {"type": "string", "nullable": True},
-        "last_error": {"type": "string", "nullable": True}, "consecutive_failures": {"type": "integer"},
-        "target": {"type": "string", "nullable": True}, "recovered_at": {"type": "string", "nullable": True}}},
-    "Domain": {"type": "object", "properties": {
-        "domain": {"type": "string"}, "primary": _ref("Primary"),
-        "outage": {"type": "object", "properties": {"declared": {"type": "boolean"},
-                                                    "since": {"type": "string", "nullable": True},
-                                                    "duration_seconds": {"type": "integer", "nullable": True}}},
-        "recipients": {"type": "object", "properties": {k: {"type": "integer"} for k in
-                                                        ("queued", "held", "guard_held", "pending")}},
-        "messages_pending": {"type": "integer"},
-        "oldest_pending_at": {"type": "string", "nullable": True},
-        "oldest_age_seconds": {"type": "integer", "nullable": True},
-        "arrivals_per_minute": {"type": "number", "nullable": True},
-        "deliveries_per_minute": {"type": "number", "nullable": True},
-        "drain_eta_seconds": {"type": "integer", "nullable": True,
-                              "description": "null: not draining (primary down, or arrivals outpace deliveries)"},
-        "reroute": {"type": "array", "items": {"type": "string"}, "nullable": True},
-        "concurrency": {"type": "integer", "nullable": True}}},
+    "Count": {
+        "type": "object",
+        "description": "how many recipients (or messages) the action changed",
+        "additionalProperties": {"type": "integer"},
+    },
+    "Health": {
+        "type": "object",
+        "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]}, "node": {"type": "string"}},
+    },
+    "Primary": {
+        "type": "object",
+        "properties": {
+            "state": {"type": "string", "enum": ["unknown", "up", "down", "recovering"]},
+            "since": {"type": "string", "format": "date-time"},
+            "last_probe_at": {"type": "string", "nullable": True},
+            "last_error": {"type": "string", "nullable": True},
+            "consecutive_failures": {"type": "integer"},
+            "target": {"type": "string", "nullable": True},
+            "recovered_at": {"type": "string", "nullable": True},
+        },
+    },
+    "Domain": {
+        "type": "object",
+        "properties": {
+            "domain": {"type": "string"},
+            "primary": _ref("Primary"),
+            "outage": {
+                "type": "object",
+                "properties": {
+                    "declared": {"type": "boolean"},
+                    "since": {"type": "string", "nullable": True},
+                    "duration_seconds": {"type": "integer", "nullable": True},
+                },
+            },
+            "recipients": {
+                "type": "object",
+                "properties": {k: {"type": "integer"} for k in ("queued", "held", "guard_held", "pending")},
+            },
+            "messages_pending": {"type": "integer"},
+            "oldest_pending_at": {"type": "string", "nullable": True},
+            "oldest_age_seconds": {"type": "integer", "nullable": True},
+            "arrivals_per_minute": {"type": "number", "nullable": True},
+            "deliveries_per_minute": {"type": "number", "nullable": True},
+            "drain_eta_seconds": {
+                "type": "integer",
+                "nullable": True,
+                "description": "null: not draining (primary down, or arrivals outpace deliveries)",
+            },
+            "reroute": {"type": "array", "items": {"type": "string"}, "nullable": True},
+            "concurrency": {"type": "integer", "nullable": True},
+        },
+    },
     "DomainList": {"type": "object", "properties": {"domains": {"type": "array", "items": _ref("Domain")}}},
-    "DomainDetail": {"allOf": [_ref("Domain"), {"type": "object", "properties": {"outages": {
-        "type": "array", "items": {"type": "object", "properties": {
-            "started_at": {"type": "string"}, "ended_at": {"type": "string", "nullable": True}}}}}}]},
-    "Series": {"type": "object", "properties": {"domain": {"type": "string"}, "interval_seconds": {"type": "integer"},
-                                                "points": {"type": "array", "items": _OBJ}}},
-    "Status": {"type": "object", "properties": {"node": {"type": "string"}, "spool": _OBJ,
-                                                "disk_free_bytes": {"type": "integer"},
-                                                "smtp_sessions_open": {"type": "integer", "nullable": True},
-                                                "outages_declared": {"type": "array", "items": {"type": "string"}},
-                                                "domains": {"type": "array", "items": _ref("Domain")},
-                                                "alerts": {"type": "array", "items": _OBJ}}},
-    "Recipient": {"type": "object", "properties": {
-        "address": {"type": "string"}, "domain": {"type": "string"},
-        "state": {"type": "string", "enum": [s.value for s in RecipientState]},
-        "attempts": {"type": "integer"}, "next_attempt_at": {"type": "string", "nullable": True},
-        "last_attempt_at": {"type": "string", "nullable": True}, "last_reply": {"type": "string", "nullable": True},
-        "held_reason": {"type": "string", "nullable": True},
-        "held_since": {"type": "string", "nullable": True}}},
-    "Message": {"type": "object", "properties": {
-        "id": {"type": "string"}, "size": {"type": "integer"}, "received_at": {"type": "string"},
-        "sender": {"type": "string"}, "kind": {"type": "string"}, "client_ip": {"type": "string"},
-        "recipients": {"type": "array", "items": _ref("Recipient")}}},
-    "MessageDetail": {"allOf": [_ref("Message"), {"type": "object", "properties": {
-        "envelope": _OBJ, "headers": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
-        "history": {"type": "array", "items": _OBJ}}}]},
-    "QueuePage": {"type": "object", "properties": {"messages": {"type": "array", "items": _ref("Message")},
-                                                   "count": {"type": "integer"},
-                                                   "next": {"type": "string", "nullable": True}}},
+    "DomainDetail": {
+        "allOf": [
+            _ref("Domain"),
+            {
+                "type": "object",
+                "properties": {
+                    "outages": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "started_at": {"type": "string"},
+                                "ended_at": {"type": "string", "nullable": True},
+                            },
+                        },
+                    }
+                },
+            },
+        ]
+    },
+    "Series": {
+        "type": "object",
+        "properties": {
+            "domain": {"type": "string"},
+            "interval_seconds": {"type": "integer"},
+            "points": {"type": "array", "items": _OBJ},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "properties": {
+            "node": {"type": "string"},
+            "spool": _OBJ,
+            "disk_free_bytes": {"type": "integer"},
+            "smtp_sessions_open": {"type": "integer", "nullable": True},
+            "outages_declared": {"type": "array", "items": {"type": "string"}},
+            "domains": {"type": "array", "items": _ref("Domain")},
+            "alerts": {"type": "array", "items": _OBJ},
+        },
+    },
+    "Recipient": {
+        "type": "object",
+        "properties": {
+            "address": {"type": "string"},
+            "domain": {"type": "string"},
+            "state": {"type": "string", "enum": [s.value for s in RecipientState]},
+            "attempts": {"type": "integer"},
+            "next_attempt_at": {"type": "string", "nullable": True},
+            "last_attempt_at": {"type": "string", "nullable": True},
+            "last_reply": {"type": "string", "nullable": True},
+            "held_reason": {"type": "string", "nullable": True},
+            "held_since": {"type": "string", "nullable": True},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "size": {"type": "integer"},
+            "received_at": {"type": "string"},
+            "sender": {"type": "string"},
+            "kind": {"type": "string"},
+            "client_ip": {"type": "string"},
+            "recipients": {"type": "array", "items": _ref("Recipient")},
+        },
+    },
+    "MessageDetail": {
+        "allOf": [
+            _ref("Message"),
+            {
+                "type": "object",
+                "properties": {
+                    "envelope": _OBJ,
+                    "headers": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+                    "history": {"type": "array", "items": _OBJ},
+                },
+            },
+        ]
+    },
+    "QueuePage": {
+        "type": "object",
+        "properties": {
+            "messages": {"type": "array", "items": _ref("Message")},
+            "count": {"type": "integer"},
+            "next": {"type": "string", "nullable": True},
+        },
+    },
     "GuardHolds": {"type": "object", "properties": {"holds": {"type": "array", "items": _OBJ}}},
-    "Release": {"type": "object", "properties": {"reason": {"type": "string", "enum": ["operator", "recovery-guard"],
-                                                            "description": "only holds of this reason"}}},
-    "Reroute": {"type": "object", "required": ["hosts"], "properties": {
-        "hosts": {"type": "array", "items": {"type": "string"}, "example": ["10.0.0.7:25"]},
-        "release_held": {"type": "boolean", "description": "also release held mail (default false)"}}},
-    "RerouteResult": {"type": "object", "properties": {
-        "domain": {"type": "string"}, "reroute": {"type": "array", "items": {"type": "string"}, "nullable": True},
-        "flushed": {"type": "integer"}, "released": {"type": "integer"}, "was_rerouted": {"type": "boolean"}}},
+    "Release": {
+        "type": "object",
+        "properties": {
+            "reason": {
+                "type": "string",
+                "enum": ["operator", "recovery-guard"],
+                "description": "only holds of this reason",
+            }
+        },
+    },
+    "Reroute": {
+        "type": "object",
+        "required": ["hosts"],
+        "properties": {
+            "hosts": {"type": "array", "items": {"type": "string"}, "example": ["10.0.0.7:25"]},
+            "release_held": {"type": "boolean", "description": "also release held mail (default false)"},
+        },
+    },
+    "RerouteResult": {
+        "type": "object",
+        "properties": {
+            "domain": {"type": "string"},
+            "reroute": {"type": "array", "items": {"type": "string"}, "nullable": True},
+            "flushed": {"type": "integer"},
+            "released": {"type": "integer"},
+            "was_rerouted": {"type": "boolean"},
+        },
+    },
     "Alerts": {"type": "object", "properties": {"alerts": {"type": "array", "items": _OBJ}}},
     "Body": {"type": "string", "format": "binary"},
     "OpenAPI": _OBJ,
@@ -585,33 +823,55 @@ def openapi_spec() -> dict[str, Any]:
         path = e.path.replace(QUEUE_ID, "{id}")
         content_type = "message/rfc822" if e.response == "Body" else "application/json"
         op: dict[str, Any] = {
-            "summary": e.summary, "operationId": e.handler, "tags": [e.tag],
-            "parameters": [{"name": p.name, "in": p.where, "required": p.where == "path",
-                            "description": p.description, "schema": {"type": p.schema}} for p in e.params],
-            "responses": {"200": {"description": "OK", "content": {content_type: {"schema": _ref(e.response)}}},
-                          "404": {"description": "no such domain or message",
-                                  "content": {"application/json": {"schema": _ref("Error")}}}},
+            "summary": e.summary,
+            "operationId": e.handler,
+            "tags": [e.tag],
+            "parameters": [
+                {
+                    "name": p.name,
+                    "in": p.where,
+                    "required": p.where == "path",
+                    "description": p.description,
+                    "schema": {"type": p.schema},
+                }
+                for p in e.params
+            ],
+            "responses": {
+                "200": {"description": "OK", "content": {content_type: {"schema": _ref(e.response)}}},
+                "404": {
+                    "description": "no such domain or message",
+                    "content": {"application/json": {"schema": _ref("Error")}},
+                },
+            },
         }
         if e.auth:
-            op["responses"]["401"] = {"description": "missing or wrong token",
-                                      "content": {"application/json": {"schema": _ref("Error")}}}
+            op["responses"]["401"] = {
+                "description": "missing or wrong token",
+                "content": {"application/json": {"schema": _ref("Error")}},
+            }
         else:
             op["security"] = []
         if e.body:
-            op["requestBody"] = {"required": e.body == "Reroute",
-                                 "content": {"application/json": {"schema": _ref(e.body)}}}
+            op["requestBody"] = {
+                "required": e.body == "Reroute",
+                "content": {"application/json": {"schema": _ref(e.body)}},
+            }
         if e.method != "GET":
-            op["responses"]["400"] = {"description": "bad input",
-                                      "content": {"application/json": {"schema": _ref("Error")}}}
+            op["responses"]["400"] = {
+                "description": "bad input",
+                "content": {"application/json": {"schema": _ref("Error")}},
+            }
         paths.setdefault(path, {})[e.method.lower()] = op
     return {
         "openapi": "3.0.3",
-        "info": {"title": "backupmx admin API", "version": __version__,
-                 "description": "Queue, domains and actions of one backupmx node. Authenticate with "
-                                "`Authorization: Bearer TOKEN` (the token in [admin] token_file)."},
+        "info": {
+            "title": "backupmx admin API",
+            "version": __version__,
+            "description": "Queue, domains and actions of one backupmx node. Authenticate with "
+            "`Authorization: Bearer TOKEN` (the token in [admin] token_file).",
+        },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-                       "schemas": _SCHEMAS},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": _SCHEMAS},
         "paths": paths,
     }

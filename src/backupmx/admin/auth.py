@@ -40,8 +40,10 @@ def listen_address(config: Config) -> tuple[str, int]:
     except ValueError:
         raise ConfigError(f"{config.source}: admin.listen: {listen!r} is not host:port") from None
     if not is_loopback(host) and config.admin.token_file is None:
-        raise ConfigError(f"{config.source}: admin.listen: {listen} is not a loopback address; "
-                          "set admin.token_file before listening there")
+        raise ConfigError(
+            f"{config.source}: admin.listen: {listen} is not a loopback address; "
+            "set admin.token_file before listening there"
+        )
     return host, port
 
 
@@ -54,8 +56,9 @@ def load_token(config: Config) -> str:
         except OSError as e:
             raise ConfigError(f"{config.source}: admin.token_file: cannot read {path}: {e.strerror}") from None
         if len(token) < MIN_TOKEN_CHARS:
-            raise ConfigError(f"{config.source}: admin.token_file: the token in {path} must be at least "
-                              f"{MIN_TOKEN_CHARS} characters")
+            raise ConfigError(
+                f"{config.source}: admin.token_file: the token in {path} must be at least {MIN_TOKEN_CHARS} characters"
+            )
         if path.stat().st_mode & 0o077:
             log.warning("%s: readable by group or others; chmod 600 it", path)
         return token

@@ -60,20 +60,34 @@ def _outage_rects(outages: Sequence[OutagePeriod], start: float, now: float, hei
     return out
 
 
-def _chart(svg_body: list[str], minutes: float, top: float, unit: str, label: str, hours: float,
-           legend: list[tuple[str, str]], css: str = "") -> Markup:
-    grid = "".join(f'<line class="c-grid" x1="0" x2="{minutes:.0f}" y1="{y}" y2="{y}" '
-                   'vector-effect="non-scaling-stroke"/>' for y in (0, 50, 100))
-    svg = (f'<svg class="c-plot" viewBox="0 0 {minutes:.0f} 100" preserveAspectRatio="none" role="img" '
-           f'aria-label="{escape(label)}">{grid}{"".join(svg_body)}</svg>')
-    legend_html = "".join(f'<span class="c-key"><i class="c-swatch {escape(c)}"></i>{escape(t)}</span>'
-                          for c, t in legend)
+def _chart(
+    svg_body: list[str],
+    minutes: float,
+    top: float,
+    unit: str,
+    label: str,
+    hours: float,
+    legend: list[tuple[str, str]],
+    css: str = "",
+) -> Markup:
+    grid = "".join(
+        f'<line class="c-grid" x1="0" x2="{minutes:.0f}" y1="{y}" y2="{y}" vector-effect="non-scaling-stroke"/>'
+        for y in (0, 50, 100)
+    )
+    svg = (
+        f'<svg class="c-plot" viewBox="0 0 {minutes:.0f} 100" preserveAspectRatio="none" role="img" '
+        f'aria-label="{escape(label)}">{grid}{"".join(svg_body)}</svg>'
+    )
+    legend_html = "".join(
+        f'<span class="c-key"><i class="c-swatch {escape(c)}"></i>{escape(t)}</span>' for c, t in legend
+    )
     return Markup(
         f'<figure class="chart {escape(css)}"><figcaption>{escape(label)}'
         f'<span class="c-legend">{legend_html}</span></figcaption>'
         f'<div class="c-body"><div class="c-y"><span>{escape(_fmt(top))}{escape(unit)}</span>'
-        f'<span>{escape(_fmt(top / 2))}</span><span>0</span></div>{svg}'
-        f'<div class="c-x">{_x_labels(hours)}</div></div></figure>')
+        f"<span>{escape(_fmt(top / 2))}</span><span>0</span></div>{svg}"
+        f'<div class="c-x">{_x_labels(hours)}</div></div></figure>'
+    )
 
 
 def _bucket(points: Sequence[SeriesPoint], start: float, bucket_minutes: int, n: int) -> list[list[SeriesPoint]]:
@@ -85,8 +99,14 @@ def _bucket(points: Sequence[SeriesPoint], start: float, bucket_minutes: int, n:
     return buckets
 
 
-def depth_chart(points: Sequence[SeriesPoint], outages: Sequence[OutagePeriod], *, now: float,
-                hours: float = 24.0, bucket_minutes: int = 5) -> Markup:
+def depth_chart(
+    points: Sequence[SeriesPoint],
+    outages: Sequence[OutagePeriod],
+    *,
+    now: float,
+    hours: float = 24.0,
+    bucket_minutes: int = 5,
+) -> Markup:
     """Queue depth (recipients waiting, the held part darker) with declared outages shaded behind."""
     minutes = hours * 60.0
     start = now - minutes * 60.0
@@ -127,8 +147,14 @@ def _area(values: Sequence[tuple[int, int] | None], idx: int, top: float, bucket
     return " ".join(paths)
 
 
-def rates_chart(points: Sequence[SeriesPoint], outages: Sequence[OutagePeriod], *, now: float,
-                hours: float = 24.0, bucket_minutes: int = 10) -> Markup:
+def rates_chart(
+    points: Sequence[SeriesPoint],
+    outages: Sequence[OutagePeriod],
+    *,
+    now: float,
+    hours: float = 24.0,
+    bucket_minutes: int = 10,
+) -> Markup:
     """Arrivals and deliveries per minute, averaged over `bucket_minutes`."""
     minutes = hours * 60.0
     start = now - minutes * 60.0
@@ -144,8 +170,9 @@ def rates_chart(points: Sequence[SeriesPoint], outages: Sequence[OutagePeriod], 
         if d:
             body.append(f'<path class="{cls}" d="{d}" vector-effect="non-scaling-stroke"/>')
     legend = [("c-arrived", "arrivals"), ("c-delivered", "deliveries")]
-    return _chart(body, minutes, top, "/min", f"Arrivals and deliveries per minute, last {hours:g} h", hours,
-                  legend, css="rates")
+    return _chart(
+        body, minutes, top, "/min", f"Arrivals and deliveries per minute, last {hours:g} h", hours, legend, css="rates"
+    )
 
 
 def _line(values: Sequence[float | None], top: float, bucket_minutes: int) -> str:
@@ -162,18 +189,25 @@ def _line(values: Sequence[float | None], top: float, bucket_minutes: int) -> st
     return " ".join(parts)
 
 
-def outage_timeline(outages: Sequence[OutagePeriod], *, now: float, hours: float = 24.0,
-                    down_now: bool = False) -> Markup:
+def outage_timeline(
+    outages: Sequence[OutagePeriod], *, now: float, hours: float = 24.0, down_now: bool = False
+) -> Markup:
     """A bar over the window: green while the primary was serving, red while an outage was declared."""
     minutes = hours * 60.0
     start = now - minutes * 60.0
     rects = _outage_rects(outages, start, now, 10)
     n = len(rects)
-    label = (f"Primary over the last {hours:g} h: "
-             + (f"{n} declared outage{'s' if n != 1 else ''}" if n else "no declared outage")
-             + (", down now" if down_now else ""))
-    svg = (f'<svg class="c-timeline" viewBox="0 0 {minutes:.0f} 10" preserveAspectRatio="none" role="img" '
-           f'aria-label="{escape(label)}"><rect class="c-up" x="0" y="0" width="{minutes:.0f}" height="10"/>'
-           f'{"".join(rects)}</svg>')
-    return Markup(f'<figure class="timeline"><figcaption>{escape(label)}</figcaption>{svg}'
-                  f'<div class="c-x">{_x_labels(hours)}</div></figure>')
+    label = (
+        f"Primary over the last {hours:g} h: "
+        + (f"{n} declared outage{'s' if n != 1 else ''}" if n else "no declared outage")
+        + (", down now" if down_now else "")
+    )
+    svg = (
+        f'<svg class="c-timeline" viewBox="0 0 {minutes:.0f} 10" preserveAspectRatio="none" role="img" '
+        f'aria-label="{escape(label)}"><rect class="c-up" x="0" y="0" width="{minutes:.0f}" height="10"/>'
+        f"{''.join(rects)}</svg>"
+    )
+    return Markup(
+        f'<figure class="timeline"><figcaption>{escape(label)}</figcaption>{svg}'
+        f'<div class="c-x">{_x_labels(hours)}</div></figure>'
+    )

@@ -98,34 +98,49 @@ STATE_LABELS = {
 
 
 class Dashboard:
-    def __init__(self, ops: Operations, auth: AdminAuth, *, alerts: AlertView | None = None,
-                 limiter: FailureLimiter | None = None) -> None:
+    def __init__(
+        self,
+        ops: Operations,
+        auth: AdminAuth,
+        *,
+        alerts: AlertView | None = None,
+        limiter: FailureLimiter | None = None,
+    ) -> None:
         self.ops = ops
         self.limiter = limiter or FailureLimiter(ops.clock)
         self.auth = auth
         self.alerts = alerts
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("backupmx.admin", "templates"),
-            autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+            autoescape=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined,
+        )
         self.env.filters.update(age=age, when=when, nbytes=nbytes, rate=rate)
-        self.env.globals.update(version=__version__, State=DestinationState, RState=RecipientState,
-                                state_label=STATE_LABELS)
+        self.env.globals.update(
+            version=__version__, State=DestinationState, RState=RecipientState, state_label=STATE_LABELS
+        )
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_static("/static", STATIC_DIR, append_version=False)
-        app.add_routes([
-            web.get("/login", self.login_form),
-            web.post("/login", self.login),
-            web.post("/logout", self.logout),
-            web.get("/", self.overview),
-            web.get("/domains/{domain}", self.domain),
-            web.get("/queue", self.queue),
-            web.get("/queue/{id}", self.message),
-            web.get("/review", self.review),
-            web.post("/ui/queue/{id}/{action:hold|release|delete}", self.message_action),
-            web.post("/ui/domains/{domain}/{action:flush|hold|release|release-guard|reroute|unreroute}",
-                     self.domain_action),
-        ])
+        app.add_routes(
+            [
+                web.get("/login", self.login_form),
+                web.post("/login", self.login),
+                web.post("/logout", self.logout),
+                web.get("/", self.overview),
+                web.get("/domains/{domain}", self.domain),
+                web.get("/queue", self.queue),
+                web.get("/queue/{id}", self.message),
+                web.get("/review", self.review),
+                web.post("/ui/queue/{id}/{action:hold|release|delete}", self.message_action),
+                web.post(
+                    "/ui/domains/{domain}/{action:flush|hold|release|release-guard|reroute|unreroute}",
+                    self.domain_action,
+                ),
+            ]
+        )
 
     # -- rendering -------------------------------------------------------------------------------
     def _render(self, request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
@@ -134,10 +149,17 @@ class Dashboard:
         ctx.setdefault("guard_total", 0)
         ctx.setdefault("refresh", 0)
         html = self.env.get_template(template).render(
-            node=self.ops.config.server.node, csrf=self.auth.csrf_token(nonce) if nonce else "",
-            logged_in=nonce is not None, path=request.path, here=request.rel_url.raw_path_qs,
-            flash=self._notice(request.query), problem=ctx.pop("problem", ""),
-            now=self.ops.clock.now(), alerts=self.alerts.firing() if self.alerts else [], **ctx)
+            node=self.ops.config.server.node,
+            csrf=self.auth.csrf_token(nonce) if nonce else "",
+            logged_in=nonce is not None,
+            path=request.path,
+            here=request.rel_url.raw_path_qs,
+            flash=self._notice(request.query),
+            problem=ctx.pop("problem", ""),
+            now=self.ops.clock.now(),
+            alerts=self.alerts.firing() if self.alerts else [],
+            **ctx,
+        )
         return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
 
     def _notice(self, query: Mapping[str, str]) -> str:
@@ -146,15 +168,18 @@ class Dashboard:
         if text is None:
             return ""
         n, qid, domain = query.get("n", ""), query.get("msg", ""), query.get("dom", "").lower()
-        if not n.isdigit() or len(n) > 9 or (qid and not _QUEUE_ID.fullmatch(qid)) or \
-                (domain and domain not in self.ops.domain_names):
+        if (
+            not n.isdigit()
+            or len(n) > 9
+            or (qid and not _QUEUE_ID.fullmatch(qid))
+            or (domain and domain not in self.ops.domain_names)
+        ):
             return ""
         hosts = ", ".join(self.ops.reroutes().get(domain) or ()) if domain else ""
         return text.format(n=int(n), id=qid or "the message", domain=domain or "the domain", hosts=hosts or "?")
 
     def error_page(self, request: web.Request, status: int, message: str, *, back: str = "/") -> web.Response:
-        return self._render(request, "error.html", status=status, title=f"Error {status}", message=message,
-                            back=back)
+        return self._render(request, "error.html", status=status, title=f"Error {status}", message=message, back=back)
 
     async def _chrome(self) -> dict[str, Any]:
         """What every page shows: the outage banner and the review count."""
@@ -163,8 +188,9 @@ class Dashboard:
 
     # -- login -------------------------------------------------------------------------------------
     async def login_form(self, request: web.Request) -> web.Response:
-        return self._render(request, "login.html", title="Log in", next=_safe_next(request.query.get("next")),
-                            wrong=False)
+        return self._render(
+            request, "login.html", title="Log in", next=_safe_next(request.query.get("next")), wrong=False
+        )
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -172,16 +198,24 @@ class Dashboard:
         target = _safe_next(str(form.get("next") or ""))
         wait = self.limiter.retry_after(request.remote)
         if wait is not None:  # refused before the token is even compared
-            resp = self.error_page(request, 429, "Too many wrong tokens came from your network. "
-                                   f"Try again in {format_span(wait)}.")
+            resp = self.error_page(
+                request, 429, f"Too many wrong tokens came from your network. Try again in {format_span(wait)}."
+            )
             resp.headers["Retry-After"] = str(wait)
             return resp
         if not isinstance(token, str) or not self.auth.token_ok(token):
             self.limiter.failed(request.remote)
             return self._render(request, "login.html", status=401, title="Log in", next=target, wrong=True)
         resp = web.Response(status=303, headers={"Location": target})
-        resp.set_cookie(COOKIE, self.auth.new_session(), max_age=int(self.auth.session_seconds), httponly=True,
-                        samesite="Strict", path="/", secure=_is_https(request))
+        resp.set_cookie(
+            COOKIE,
+            self.auth.new_session(),
+            max_age=int(self.auth.session_seconds),
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            secure=_is_https(request),
+        )
         return resp
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
@@ -199,13 +233,16 @@ class Dashboard:
         for d in snap.domains:
             outages = await self.ops.outages(d.domain)
             points = await self.ops.series_points(d.domain)
-            cards.append({
-                "d": d,
-                "timeline": charts.outage_timeline(outages, now=now,
-                                                   down_now=d.primary.state is DestinationState.DOWN),
-                "depth": charts.depth_chart(points, outages, now=now),
-                "rates": charts.rates_chart(points, outages, now=now),
-            })
+            cards.append(
+                {
+                    "d": d,
+                    "timeline": charts.outage_timeline(
+                        outages, now=now, down_now=d.primary.state is DestinationState.DOWN
+                    ),
+                    "depth": charts.depth_chart(points, outages, now=now),
+                    "rates": charts.rates_chart(points, outages, now=now),
+                }
+            )
         return self._render(request, "overview.html", title="Overview", cards=cards, refresh=30, **chrome)
 
     async def domain(self, request: web.Request) -> web.Response:
@@ -217,12 +254,17 @@ class Dashboard:
         points = await self.ops.series_points(name)
         dc = self.ops.config.domain(name)
         return self._render(
-            request, "domain.html", title=name, d=d, outages_24h=outages,
+            request,
+            "domain.html",
+            title=name,
+            d=d,
+            outages_24h=outages,
             timeline=charts.outage_timeline(outages, now=snap.at, down_now=d.primary.state is DestinationState.DOWN),
             depth=charts.depth_chart(points, outages, now=snap.at),
             rates=charts.rates_chart(points, outages, now=snap.at),
             primary_hosts=", ".join(dc.primary) if dc else "",
-            **chrome)
+            **chrome,
+        )
 
     async def queue(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -235,22 +277,39 @@ class Dashboard:
         chrome = await self._chrome()
         args = {k: v for k, v in q.items() if k in ("domain", "recipient", "sender", "state", "all") and v}
         return self._render(
-            request, "queue.html", title="Queue", messages=page, flt=flt, args=args,
+            request,
+            "queue.html",
+            title="Queue",
+            messages=page,
+            flt=flt,
+            args=args,
             next_url=f"/queue?{urlencode({**args, 'after': nxt})}" if nxt else None,
             first_url=f"/queue?{urlencode(args)}" if after else None,
-            domains=self.ops.domain_names, states=[s.value for s in RecipientState], **chrome)
+            domains=self.ops.domain_names,
+            states=[s.value for s in RecipientState],
+            **chrome,
+        )
 
     async def message(self, request: web.Request) -> web.Response:
         detail = await self.ops.message_detail(request.match_info["id"])
         chrome = await self._chrome()
         m = detail.message
         subject = next((v for k, v in detail.headers if k.lower() == "subject"), "")
-        waiting = {d.domain for d in chrome["snap"].domains
-                   if d.primary.state is DestinationState.DOWN and not d.reroute}
-        return self._render(request, "message.html", title=f"Message {m.id}", m=m, detail=detail, subject=subject,
-                            waiting_domains=waiting,
-                            has_queued=any(r.state is RecipientState.QUEUED for r in m.recipients),
-                            has_held=any(r.state is RecipientState.HELD for r in m.recipients), **chrome)
+        waiting = {
+            d.domain for d in chrome["snap"].domains if d.primary.state is DestinationState.DOWN and not d.reroute
+        }
+        return self._render(
+            request,
+            "message.html",
+            title=f"Message {m.id}",
+            m=m,
+            detail=detail,
+            subject=subject,
+            waiting_domains=waiting,
+            has_queued=any(r.state is RecipientState.QUEUED for r in m.recipients),
+            has_held=any(r.state is RecipientState.HELD for r in m.recipients),
+            **chrome,
+        )
 
     async def review(self, request: web.Request) -> web.Response:
         domain = request.query.get("domain") or None
@@ -261,8 +320,9 @@ class Dashboard:
         per_domain: dict[str, int] = {}
         for g in holds:
             per_domain[g.recipient.domain] = per_domain.get(g.recipient.domain, 0) + 1
-        return self._render(request, "review.html", title="Review", holds=holds, per_domain=per_domain,
-                            domain=domain, **chrome)
+        return self._render(
+            request, "review.html", title="Review", holds=holds, per_domain=per_domain, domain=domain, **chrome
+        )
 
     # -- actions -----------------------------------------------------------------------------------
     async def message_action(self, request: web.Request) -> web.StreamResponse:
@@ -296,12 +356,15 @@ class Dashboard:
             elif action == "release":
                 done, n = "released-domain", await self.ops.release_domain(name, actor="dashboard")
             elif action == "release-guard":
-                done, n = "released-guard", await self.ops.release_domain(name, reason="recovery-guard",
-                                                                          actor="dashboard")
+                done, n = (
+                    "released-guard",
+                    await self.ops.release_domain(name, reason="recovery-guard", actor="dashboard"),
+                )
             elif action == "reroute":
                 hosts = _field(form, "hosts")
-                n, _released = await self.ops.reroute(name, hosts, actor="dashboard",
-                                                      release_held=_field(form, "release_held") == "on")
+                n, _released = await self.ops.reroute(
+                    name, hosts, actor="dashboard", release_held=_field(form, "release_held") == "on"
+                )
                 done = "rerouted"
             else:
                 was = await self.ops.clear_reroute(name, actor="dashboard")

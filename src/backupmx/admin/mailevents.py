@@ -66,8 +66,14 @@ class ReasonClass(StrEnum):
 
 
 _SUBJECTS = {
-    "0": ReasonClass.OTHER, "1": ReasonClass.ADDRESS, "2": ReasonClass.MAILBOX, "3": ReasonClass.SYSTEM,
-    "4": ReasonClass.NETWORK, "5": ReasonClass.PROTOCOL, "6": ReasonClass.CONTENT, "7": ReasonClass.POLICY,
+    "0": ReasonClass.OTHER,
+    "1": ReasonClass.ADDRESS,
+    "2": ReasonClass.MAILBOX,
+    "3": ReasonClass.SYSTEM,
+    "4": ReasonClass.NETWORK,
+    "5": ReasonClass.PROTOCOL,
+    "6": ReasonClass.CONTENT,
+    "7": ReasonClass.POLICY,
 }
 _REPLY_FIELDS = ("reply", "status", "dsn", "response", "reason")
 _ADDRESS_FIELDS = ("to", "rcpt", "recipient", "recipients", "orig_to")
@@ -186,7 +192,8 @@ class MailTally:
                 if kind is MailEvent.DELIVERED:
                     self._last_success[d] = now
                 elif kind in (MailEvent.DEFERRED, MailEvent.BOUNCED) or (
-                        kind is MailEvent.HELD and reason is not ReasonClass.OTHER):
+                    kind is MailEvent.HELD and reason is not ReasonClass.OTHER
+                ):
                     bucket = self._failures.setdefault(d, [])
                     bucket.append((now, reason))
                     if len(bucket) > 1000:  # bounded: only recent failures matter
@@ -209,14 +216,12 @@ class MailTally:
                 out[d] = out.get(d, 0) + n
         return out
 
-    def failures_since(self, domain: str, since: float, *, exclude: frozenset[ReasonClass] = frozenset()
-                       ) -> int:
+    def failures_since(self, domain: str, since: float, *, exclude: frozenset[ReasonClass] = frozenset()) -> int:
         """Delivery failures (deferred, bounced, held by the guard) of `domain` after `since`, leaving out
         the reason classes in `exclude`, and only those later than the last successful delivery."""
         with self._lock:
             last_ok = self._last_success.get(domain, 0.0)
-            return sum(1 for t, r in self._failures.get(domain, ())
-                       if t >= since and t > last_ok and r not in exclude)
+            return sum(1 for t, r in self._failures.get(domain, ()) if t >= since and t > last_ok and r not in exclude)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +244,7 @@ class MessageHistory:
         qid = fields.get("queue_id")
         if not isinstance(qid, str) or not qid:
             return
-        entry = HistoryEntry(time.time(), event,
-                             {k: str(v)[:500] for k, v in fields.items() if k != "queue_id"})
+        entry = HistoryEntry(time.time(), event, {k: str(v)[:500] for k, v in fields.items() if k != "queue_id"})
         with self._lock:
             events = self._by_id.get(qid)
             if events is None:

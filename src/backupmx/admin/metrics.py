@@ -43,7 +43,7 @@ METRICS: dict[str, str] = {
     "backupmx_corrupt_messages": "Spool entries set aside as damaged.",
     "backupmx_held_recipients": "Recipients HELD by domain and reason (operator, recovery-guard, poison, drill).",
     "backupmx_build_info": "Always 1; the version label says which backupmx runs.",
-    "backupmx_ldap_recipients": "Addresses in use from the directory, by LDAP domain (recipients = \"ldap://...\").",
+    "backupmx_ldap_recipients": 'Addresses in use from the directory, by LDAP domain (recipients = "ldap://...").',
     "backupmx_ldap_last_sync_timestamp_seconds": "When the LDAP domain's last successful sync ended (0: never).",
     "backupmx_ldap_sync_ok": "1 when the LDAP domain's last sync attempt succeeded, else 0 (the last set is kept).",
     "backupmx_log_write_errors_total": "Lines the mail log, continuity audit or alert state could not write, by log.",
@@ -66,18 +66,21 @@ class SnapshotCollector(Collector):
         info = _gauge("backupmx_build_info", ["version"])
         info.add_metric([__version__], 1)
         yield info
-        events = CounterMetricFamily("backupmx_mail_events", METRICS["backupmx_mail_events_total"],
-                                     labels=["event", "domain", "reason"])
+        events = CounterMetricFamily(
+            "backupmx_mail_events", METRICS["backupmx_mail_events_total"], labels=["event", "domain", "reason"]
+        )
         for (event, domain, reason), n in sorted(self.tally.counts().items()):
             events.add_metric([event.value, domain, reason.value], n)
         yield events
-        own = CounterMetricFamily("backupmx_own_mail_events", METRICS["backupmx_own_mail_events_total"],
-                                  labels=["kind", "event", "reason"])
+        own = CounterMetricFamily(
+            "backupmx_own_mail_events", METRICS["backupmx_own_mail_events_total"], labels=["kind", "event", "reason"]
+        )
         for (kind, event, reason), n in sorted(self.tally.own_counts().items()):
             own.add_metric([kind.value, event.value, reason.value], n)
         yield own
-        lost = CounterMetricFamily("backupmx_log_write_errors", METRICS["backupmx_log_write_errors_total"],
-                                   labels=["log"])
+        lost = CounterMetricFamily(
+            "backupmx_log_write_errors", METRICS["backupmx_log_write_errors_total"], labels=["log"]
+        )
         for name, n in FAILURES.counts().items():
             lost.add_metric([name.value], n)
         yield lost
@@ -167,6 +170,7 @@ class Metrics:
 
     async def render(self) -> bytes:
         self.collector.snapshot = await self.ops.snapshot(guard=False)  # no scan of held mail per scrape
-        self.collector.ldap = [await read_state(self.ops.spool, d.name)
-                               for d in self.ops.config.domains if d.ldap_url is not None]
+        self.collector.ldap = [
+            await read_state(self.ops.spool, d.name) for d in self.ops.config.domains if d.ldap_url is not None
+        ]
         return bytes(generate_latest(self.registry))

@@ -54,10 +54,13 @@ def queue_filter(query: Any) -> QueueFilter:
         state = RecipientState(state_raw) if state_raw else None
     except ValueError:
         raise ActionError(f"state: one of {', '.join(s.value for s in RecipientState)}") from None
-    return QueueFilter(domain=(query.get("domain") or "").strip().lower() or None,
-                       recipient=(query.get("recipient") or "").strip() or None,
-                       sender=(query.get("sender") or "").strip() or None,
-                       state=state, pending_only=query.get("all") not in ("1", "true", "yes", "on"))
+    return QueueFilter(
+        domain=(query.get("domain") or "").strip().lower() or None,
+        recipient=(query.get("recipient") or "").strip() or None,
+        sender=(query.get("sender") or "").strip() or None,
+        state=state,
+        pending_only=query.get("all") not in ("1", "true", "yes", "on"),
+    )
 
 
 # --- what we read from the other parts ------------------------------------------------------------
@@ -88,8 +91,16 @@ iso = iso_time  # the name the API and the pages import
 
 
 def unknown_status(domain: str, now: float) -> DestinationStatus:
-    return DestinationStatus(domain=domain, state=DestinationState.UNKNOWN, since=now, outage_since=None,
-                             recovered_at=None, last_probe_at=None, last_error=None, consecutive_failures=0)
+    return DestinationStatus(
+        domain=domain,
+        state=DestinationState.UNKNOWN,
+        since=now,
+        outage_since=None,
+        recovered_at=None,
+        last_probe_at=None,
+        last_error=None,
+        consecutive_failures=0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +142,12 @@ class DomainReport:
                 "since": iso(p.outage_since),
                 "duration_seconds": None if p.outage_since is None else round(now - p.outage_since),
             },
-            "recipients": {"queued": self.queued, "held": self.held, "guard_held": self.guard_held,
-                           "pending": self.pending},
+            "recipients": {
+                "queued": self.queued,
+                "held": self.held,
+                "guard_held": self.guard_held,
+                "pending": self.pending,
+            },
             "messages_pending": self.messages_pending,
             "oldest_pending_at": iso(self.oldest_pending_at),
             "oldest_age_seconds": None if self.oldest_pending_at is None else round(now - self.oldest_pending_at),
@@ -225,7 +240,7 @@ def parse_reroute_hosts(hosts: object) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for h in hosts:
         if not isinstance(h, str):
-            raise ActionError("hosts: each one is a \"host:port\" string")
+            raise ActionError('hosts: each one is a "host:port" string')
         try:
             host, port = parse_hostport(h)
         except ValueError:
@@ -243,9 +258,19 @@ def format_hostport(host: str, port: int) -> str:
 class Operations:
     """Reads and actions shared by the API and the dashboard."""
 
-    def __init__(self, config: Config, spool: Spool, health: HealthView | None, engine: DeliveryControl | None,
-                 smtp: SmtpView | None, maillog: MailLog, clock: Clock, *, series: SeriesStore | None = None,
-                 history: MessageHistory | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        health: HealthView | None,
+        engine: DeliveryControl | None,
+        smtp: SmtpView | None,
+        maillog: MailLog,
+        clock: Clock,
+        *,
+        series: SeriesStore | None = None,
+        history: MessageHistory | None = None,
+    ) -> None:
         self.config = config
         self.spool = spool
         self.health = health
@@ -306,8 +331,9 @@ class Operations:
             log.warning("reading metrics series failed: %s", e)
             return []
 
-    async def guard_holds(self, domain: str | None = None, *, limit: int = 200, max_pages: int = 100
-                          ) -> list[GuardHold]:
+    async def guard_holds(
+        self, domain: str | None = None, *, limit: int = 200, max_pages: int = 100
+    ) -> list[GuardHold]:
         """Recipients HELD by the recovery guard (awaiting review), oldest message first, at most `limit`,
         looking at no more than `max_pages` pages of 200 held messages."""
         out: list[GuardHold] = []
@@ -320,8 +346,11 @@ class Operations:
             page = await self.spool.list_messages(flt, limit=200, after=after)
             for m in page:
                 for r in m.recipients:
-                    if (r.state is RecipientState.HELD and r.held_reason == GUARD_REASON
-                            and (domain is None or r.domain == domain)):
+                    if (
+                        r.state is RecipientState.HELD
+                        and r.held_reason == GUARD_REASON
+                        and (domain is None or r.domain == domain)
+                    ):
                         out.append(GuardHold(m, r))
                         if len(out) >= limit:
                             return out
@@ -360,18 +389,38 @@ class Operations:
             r = rates([p for p in points if p.domain == name], now=now)
             status = health[name]
             reroute = self._reroutes.get(name)
-            reports.append(DomainReport(
-                domain=name, primary=status, queued=queued, held=held, guard_held=guard_counts.get(name, 0),
-                messages_pending=ds.messages_pending if ds else 0,
-                oldest_pending_at=ds.oldest_pending_at if ds else None, rates=r,
-                drain_eta_seconds=drain_eta(queued, held, r, status.state, reroute is not None),
-                reroute=reroute, concurrency=conc.get(name)))
-        other = sum(d.by_state.get("queued", 0) + d.by_state.get("held", 0)
-                    for d in stats.domains if d.domain not in self.domain_names)
+            reports.append(
+                DomainReport(
+                    domain=name,
+                    primary=status,
+                    queued=queued,
+                    held=held,
+                    guard_held=guard_counts.get(name, 0),
+                    messages_pending=ds.messages_pending if ds else 0,
+                    oldest_pending_at=ds.oldest_pending_at if ds else None,
+                    rates=r,
+                    drain_eta_seconds=drain_eta(queued, held, r, status.state, reroute is not None),
+                    reroute=reroute,
+                    concurrency=conc.get(name),
+                )
+            )
+        other = sum(
+            d.by_state.get("queued", 0) + d.by_state.get("held", 0)
+            for d in stats.domains
+            if d.domain not in self.domain_names
+        )
         free, total = self.disk_usage()
-        return NodeSnapshot(at=now, node=self.config.server.node, stats=stats, domains=tuple(reports),
-                            disk_free_bytes=free, disk_total_bytes=total,
-                            smtp_sessions_open=self.smtp_sessions_open(), other_pending=other, concurrency=conc)
+        return NodeSnapshot(
+            at=now,
+            node=self.config.server.node,
+            stats=stats,
+            domains=tuple(reports),
+            disk_free_bytes=free,
+            disk_total_bytes=total,
+            smtp_sessions_open=self.smtp_sessions_open(),
+            other_pending=other,
+            concurrency=conc,
+        )
 
     def require_domain(self, domain: str) -> str:
         d = domain.strip().lower().rstrip(".")
@@ -384,8 +433,9 @@ class Operations:
         start = self.clock.now() - hours * 3600.0
         return [p for p in await self.spool.outages(domain, since=start) if p.ended_at is None or p.ended_at >= start]
 
-    async def queue_page(self, flt: QueueFilter, *, after: QueueId | None = None, limit: int = 50
-                         ) -> tuple[list[MessageRecord], QueueId | None]:
+    async def queue_page(
+        self, flt: QueueFilter, *, after: QueueId | None = None, limit: int = 50
+    ) -> tuple[list[MessageRecord], QueueId | None]:
         limit = max(1, min(limit, 500))
         page = await self.spool.list_messages(flt, limit=limit, after=after)
         return page, (page[-1].id if len(page) == limit else None)
@@ -454,8 +504,13 @@ class Operations:
         m = await self.message(queue_id)
         ok = await self.spool.delete(m.id)
         if ok:
-            self._audit("deleted", m.id, actor, sender=f"<{m.envelope.sender}>",
-                        nrcpt=len([r for r in m.recipients if not r.state.is_final]))
+            self._audit(
+                "deleted",
+                m.id,
+                actor,
+                sender=f"<{m.envelope.sender}>",
+                nrcpt=len([r for r in m.recipients if not r.state.is_final]),
+            )
         return ok
 
     async def hold_domain(self, domain: str, *, actor: str = "admin") -> int:
@@ -476,8 +531,9 @@ class Operations:
     def reroutes(self) -> dict[str, tuple[str, ...]]:
         return dict(self._reroutes)
 
-    async def reroute(self, domain: str, hosts: object, *, release_held: bool = False,
-                      actor: str = "admin") -> tuple[int, int]:
+    async def reroute(
+        self, domain: str, hosts: object, *, release_held: bool = False, actor: str = "admin"
+    ) -> tuple[int, int]:
         """Send `domain`'s mail to other host:port(s) instead of its primary, then flush it (and release
         held mail if asked). Returns (recipients flushed, recipients released)."""
         d = self.require_domain(domain)
@@ -543,8 +599,11 @@ class Operations:
         ours = [parse_hostport(x) for x in self.config.server.listen]
         for host, port in targets:
             for lhost, lport in ours:
-                if port == lport and (host == lhost or lhost in ("0.0.0.0", "::", "")
-                                      or host in ("localhost", self.config.server.hostname)):
+                if port == lport and (
+                    host == lhost
+                    or lhost in ("0.0.0.0", "::", "")
+                    or host in ("localhost", self.config.server.hostname)
+                ):
                     raise ActionError(f"hosts: {format_hostport(host, port)} is this node's own SMTP listener")
 
     async def _wake(self, domain: str | None) -> None:
@@ -558,8 +617,13 @@ class Operations:
     def _audit(self, event: str, queue_id: str | None, actor: str, **fields: object) -> None:
         self._guard_cache = None  # every action may change what awaits review
         self.maillog.event(event, queue_id, via=actor, **fields)
-        log.info("admin action: %s %s by %s %s", event, queue_id or "", actor,
-                 " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
+        log.info(
+            "admin action: %s %s by %s %s",
+            event,
+            queue_id or "",
+            actor,
+            " ".join(f"{k}={v}" for k, v in fields.items() if v is not None),
+        )
 
 
 async def _maybe_await(value: object) -> None:

@@ -105,8 +105,11 @@ class SeriesStore:
                          queued = excluded.queued, held = excluded.held,
                          arrived = arrived + excluded.arrived, delivered = delivered + excluded.delivered,
                          deferred = deferred + excluded.deferred, bounced = bounced + excluded.bounced""",
-                    [(int(p.at), p.domain, p.queued, p.held, p.arrived, p.delivered, p.deferred, p.bounced)
-                     for p in points])
+                    [
+                        (int(p.at), p.domain, p.queued, p.held, p.arrived, p.delivered, p.deferred, p.bounced)
+                        for p in points
+                    ],
+                )
                 db.execute("DELETE FROM metrics_series WHERE ts < ?", (int(now - self.keep_seconds),))
                 db.execute("COMMIT")
             except BaseException:
@@ -117,11 +120,13 @@ class SeriesStore:
         with self._lock:
             db = self._conn()
             if domain is None:
-                rows = db.execute("SELECT * FROM metrics_series WHERE ts >= ? ORDER BY ts, domain",
-                                  (int(since),)).fetchall()
+                rows = db.execute(
+                    "SELECT * FROM metrics_series WHERE ts >= ? ORDER BY ts, domain", (int(since),)
+                ).fetchall()
             else:
-                rows = db.execute("SELECT * FROM metrics_series WHERE domain = ? AND ts >= ? ORDER BY ts",
-                                  (domain, int(since))).fetchall()
+                rows = db.execute(
+                    "SELECT * FROM metrics_series WHERE domain = ? AND ts >= ? ORDER BY ts", (domain, int(since))
+                ).fetchall()
         return [SeriesPoint(float(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
 
     def row_count(self) -> int:
@@ -144,8 +149,7 @@ def rates(points: Sequence[SeriesPoint], *, now: float, window_seconds: float = 
     if not recent:
         return None
     minutes = max(1.0, len({p.at for p in recent}) * SAMPLE_SECONDS / 60.0)
-    return Rates(sum(p.arrived for p in recent) / minutes, sum(p.delivered for p in recent) / minutes,
-                 window_seconds)
+    return Rates(sum(p.arrived for p in recent) / minutes, sum(p.delivered for p in recent) / minutes, window_seconds)
 
 
 class StatsSource(Protocol):
@@ -157,8 +161,16 @@ class StatsSource(Protocol):
 class SeriesSampler:
     """Takes one sample a minute from the spool and the mail tally into the store."""
 
-    def __init__(self, store: SeriesStore, spool: StatsSource, tally: MailTally, domains: Iterable[str],
-                 clock: Clock, *, interval: float = SAMPLE_SECONDS) -> None:
+    def __init__(
+        self,
+        store: SeriesStore,
+        spool: StatsSource,
+        tally: MailTally,
+        domains: Iterable[str],
+        clock: Clock,
+        *,
+        interval: float = SAMPLE_SECONDS,
+    ) -> None:
         self.store = store
         self.spool = spool
         self.tally = tally
@@ -184,12 +196,18 @@ class SeriesSampler:
         for name in self.domains:
             ds = by_domain.get(name)
             by_state = ds.by_state if ds else {}
-            points.append(SeriesPoint(
-                at=at, domain=name, queued=by_state.get("queued", 0), held=by_state.get("held", 0),
-                arrived=delta.get((MailEvent.ACCEPTED, name), 0),
-                delivered=delta.get((MailEvent.DELIVERED, name), 0),
-                deferred=delta.get((MailEvent.DEFERRED, name), 0),
-                bounced=delta.get((MailEvent.BOUNCED, name), 0) + delta.get((MailEvent.EXPIRED, name), 0)))
+            points.append(
+                SeriesPoint(
+                    at=at,
+                    domain=name,
+                    queued=by_state.get("queued", 0),
+                    held=by_state.get("held", 0),
+                    arrived=delta.get((MailEvent.ACCEPTED, name), 0),
+                    delivered=delta.get((MailEvent.DELIVERED, name), 0),
+                    deferred=delta.get((MailEvent.DEFERRED, name), 0),
+                    bounced=delta.get((MailEvent.BOUNCED, name), 0) + delta.get((MailEvent.EXPIRED, name), 0),
+                )
+            )
         await asyncio.to_thread(self.store.add, points, now=now)
         self.last_sample_at = now
         return points

@@ -62,7 +62,7 @@ async def run_check(
     started, t0 = datetime.now(UTC), time.monotonic()
     name = normalize_domain(domain)
     if asn_lookup not in (None, "dns"):
-        raise ValueError(f"--asn-lookup {asn_lookup!r}: the only lookup is \"dns\"")
+        raise ValueError(f'--asn-lookup {asn_lookup!r}: the only lookup is "dns"')
     if asn_db:
         AsnTable.check_readable(asn_db)
     asn_source = f"file {asn_db}" if asn_db else "dns (origin.asn.cymru.com)" if asn_lookup else None

@@ -59,7 +59,7 @@ class AsnTable:
             parts = line.split()
             try:
                 if len(parts) != 2:
-                    raise ValueError("expected \"prefix/len<TAB>ASN\"")
+                    raise ValueError('expected "prefix/len<TAB>ASN"')
                 net = ipaddress.ip_network(parts[0], strict=False)
                 asn = int(parts[1])
                 if not 0 <= asn < 2**32:
@@ -139,8 +139,9 @@ async def cymru_origin(ip: str, resolver: dns.asyncresolver.Resolver) -> Origin:
     return Origin(ip, error="no origin known (unannounced?)")
 
 
-async def gather_origins(mx: tuple[MxRecord, ...], *, table: AsnTable | None, source: str | None,
-                         resolver: dns.asyncresolver.Resolver) -> AsnView:
+async def gather_origins(
+    mx: tuple[MxRecord, ...], *, table: AsnTable | None, source: str | None, resolver: dns.asyncresolver.Resolver
+) -> AsnView:
     if source is None:
         return AsnView(None)
     ips = list(dict.fromkeys(ip for r in mx for ip in r.host.ips))
@@ -156,12 +157,22 @@ def asn_marks(domain: str, mx: tuple[MxRecord, ...], view: AsnView) -> list[Mark
     if not mx:
         return []
     if view.source is None:
-        return [Mark("site.asn", Level.INFO, domain, "origin AS and prefix not checked: give --asn-db FILE "
-                     "(pyasn format) or --asn-lookup dns to see whether the backup shares the primary's network")]
+        return [
+            Mark(
+                "site.asn",
+                Level.INFO,
+                domain,
+                "origin AS and prefix not checked: give --asn-db FILE "
+                "(pyasn format) or --asn-lookup dns to see whether the backup shares the primary's network",
+            )
+        ]
     primaries = [r.host for r in mx if r.role.value == "primary"]
     backups = [r.host for r in mx if r.role.value == "backup"]
-    pairs: list[tuple[Host, list[Host]]] = ([(b, primaries) for b in backups] if backups else
-                                           [(h, [p for p in primaries if p.name != h.name]) for h in primaries])
+    pairs: list[tuple[Host, list[Host]]] = (
+        [(b, primaries) for b in backups]
+        if backups
+        else [(h, [p for p in primaries if p.name != h.name]) for h in primaries]
+    )
     marks: list[Mark] = []
     seen: set[str] = set()
     for host, refs in pairs:
@@ -184,15 +195,29 @@ def asn_marks(domain: str, mx: tuple[MxRecord, ...], view: AsnView) -> list[Mark
         ours = ", ".join(f"{o.ip} AS{o.asn} {o.prefix}" for o in known)
         theirs = ", ".join(sorted({f"AS{o.asn} {o.prefix}" for o in known_ref}))
         if shared_prefix:
-            marks.append(Mark("site.prefix", Level.FAIL, host.name, f"{ours}: announced in the same prefix as "
-                              f"the primary ({theirs}): one routing failure cuts both off",
-                              "move the backup MX to another provider's network"))
+            marks.append(
+                Mark(
+                    "site.prefix",
+                    Level.FAIL,
+                    host.name,
+                    f"{ours}: announced in the same prefix as "
+                    f"the primary ({theirs}): one routing failure cuts both off",
+                    "move the backup MX to another provider's network",
+                )
+            )
         else:
             marks.append(Mark("site.prefix", Level.OK, host.name, f"{ours}: not in the primary's prefix ({theirs})"))
         if shared_asn:
-            marks.append(Mark("site.asn", Level.WARN, host.name, f"same provider: {ours} is in the primary's AS "
-                              f"({theirs}), often one data center or one network outage away",
-                              "prefer a backup MX with another provider (another AS)"))
+            marks.append(
+                Mark(
+                    "site.asn",
+                    Level.WARN,
+                    host.name,
+                    f"same provider: {ours} is in the primary's AS "
+                    f"({theirs}), often one data center or one network outage away",
+                    "prefer a backup MX with another provider (another AS)",
+                )
+            )
         else:
             marks.append(Mark("site.asn", Level.OK, host.name, f"{ours}: another AS than the primary ({theirs})"))
     return marks

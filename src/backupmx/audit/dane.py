@@ -45,8 +45,12 @@ class TlsaSet:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "records": [str(r) for r in self.records], "secure": self.secure,
-                "error": self.error}
+        return {
+            "host": self.host,
+            "records": [str(r) for r in self.records],
+            "secure": self.secure,
+            "error": self.error,
+        }
 
 
 async def gather_tlsa(mx: tuple[MxRecord, ...], resolver: dns.asyncresolver.Resolver) -> tuple[TlsaSet, ...]:
@@ -84,32 +88,60 @@ def matches(record: Tlsa, chain: tuple[bytes, ...]) -> bool:
     return False
 
 
-def dane_marks(domain: str, mx: tuple[MxRecord, ...], sets: tuple[TlsaSet, ...],
-               probes: tuple[SmtpProbe, ...]) -> list[Mark]:
+def dane_marks(
+    domain: str, mx: tuple[MxRecord, ...], sets: tuple[TlsaSet, ...], probes: tuple[SmtpProbe, ...]
+) -> list[Mark]:
     if not sets:
         return []
     roles = {r.host.name: r.role for r in mx}
     if not any(s.records or s.error for s in sets):
-        return [Mark("dane.tlsa", Level.OK, domain, "no TLSA records at _25._tcp of any MX host: DANE is not "
-                     "in use, senders use ordinary STARTTLS")]
+        return [
+            Mark(
+                "dane.tlsa",
+                Level.OK,
+                domain,
+                "no TLSA records at _25._tcp of any MX host: DANE is not in use, senders use ordinary STARTTLS",
+            )
+        ]
     secured = [s.host for s in sets if s.records and s.secure]
     marks: list[Mark] = []
     for s in sets:
         role = roles.get(s.host, Role.BACKUP)
         if s.error:
-            marks.append(Mark("dane.tlsa", Level.WARN, s.host, f"cannot read _25._tcp.{s.host} TLSA: {s.error}",
-                              "DANE senders that see the same defer mail to this host; check its zone's DNSSEC"))
+            marks.append(
+                Mark(
+                    "dane.tlsa",
+                    Level.WARN,
+                    s.host,
+                    f"cannot read _25._tcp.{s.host} TLSA: {s.error}",
+                    "DANE senders that see the same defer mail to this host; check its zone's DNSSEC",
+                )
+            )
         elif not s.records:
             if secured:
                 level = Level.FAIL if role is Role.BACKUP else Level.WARN
-                marks.append(Mark("dane.tlsa", level, s.host, f"{role.value} has no TLSA record while "
-                                  f"{', '.join(secured)} has: DANE senders will not use the {role.value}",
-                                  f"publish TLSA records at _25._tcp.{s.host} (e.g. \"3 1 1\" with the SHA-256 of "
-                                  "its public key) in a DNSSEC-signed zone"))
+                marks.append(
+                    Mark(
+                        "dane.tlsa",
+                        level,
+                        s.host,
+                        f"{role.value} has no TLSA record while "
+                        f"{', '.join(secured)} has: DANE senders will not use the {role.value}",
+                        f'publish TLSA records at _25._tcp.{s.host} (e.g. "3 1 1" with the SHA-256 of '
+                        "its public key) in a DNSSEC-signed zone",
+                    )
+                )
         elif not s.secure:
-            marks.append(Mark("dane.tlsa", Level.WARN, s.host, f"TLSA at _25._tcp.{s.host} is not DNSSEC-validated "
-                              "(no AD bit): DANE senders ignore it", "sign the zone (and check that the resolver "
-                              "used here validates: --nameserver a validating resolver)"))
+            marks.append(
+                Mark(
+                    "dane.tlsa",
+                    Level.WARN,
+                    s.host,
+                    f"TLSA at _25._tcp.{s.host} is not DNSSEC-validated (no AD bit): DANE senders ignore it",
+                    "sign the zone (and check that the resolver "
+                    "used here validates: --nameserver a validating resolver)",
+                )
+            )
         else:
             listing = ", ".join(f"{r.usage} {r.selector} {r.mtype}" for r in s.records)
             marks.append(Mark("dane.tlsa", Level.OK, s.host, f"TLSA {listing} (DNSSEC-validated)"))
@@ -126,21 +158,40 @@ def _match_mark(probe: SmtpProbe, s: TlsaSet) -> Mark:
     usable = [r for r in s.records if r.usable]
     if not usable:
         listing = ", ".join(f"{r.usage} {r.selector} {r.mtype}" for r in s.records)
-        return Mark("dane.match", Level.FAIL, probe.label, f"no usable TLSA record ({listing}): SMTP uses only "
-                    "usages 2 (DANE-TA) and 3 (DANE-EE), selectors 0-1, matching types 0-2 (RFC 7672 §3.1.3)",
-                    "publish \"3 1 1\" with the SHA-256 of the server's public key")
+        return Mark(
+            "dane.match",
+            Level.FAIL,
+            probe.label,
+            f"no usable TLSA record ({listing}): SMTP uses only "
+            "usages 2 (DANE-TA) and 3 (DANE-EE), selectors 0-1, matching types 0-2 (RFC 7672 §3.1.3)",
+            'publish "3 1 1" with the SHA-256 of the server\'s public key',
+        )
     tls = probe.tls
     if tls is None or not tls.chain:
-        return Mark("dane.match", Level.FAIL, probe.label, "TLSA published but no TLS here: DANE senders will "
-                    "not deliver", "offer STARTTLS with the certificate the TLSA records describe")
+        return Mark(
+            "dane.match",
+            Level.FAIL,
+            probe.label,
+            "TLSA published but no TLS here: DANE senders will not deliver",
+            "offer STARTTLS with the certificate the TLSA records describe",
+        )
     hit = next((r for r in usable if matches(r, tls.chain)), None)
     if hit is None:
         leaf = association(tls.chain[0], 1, 1).hex() if _readable(tls.chain[0]) else "?"
-        return Mark("dane.match", Level.FAIL, probe.label, f"the {len(tls.chain)} certificate(s) presented match "
-                    "none of the TLSA records: DANE senders will not deliver here",
-                    f"publish \"3 1 1 {leaf}\" (this server's key) before switching, or fix the certificate")
-    return Mark("dane.match", Level.OK, probe.label, f"matches TLSA {hit.usage} {hit.selector} {hit.mtype} "
-                f"({USAGES[hit.usage]})")
+        return Mark(
+            "dane.match",
+            Level.FAIL,
+            probe.label,
+            f"the {len(tls.chain)} certificate(s) presented match "
+            "none of the TLSA records: DANE senders will not deliver here",
+            f'publish "3 1 1 {leaf}" (this server\'s key) before switching, or fix the certificate',
+        )
+    return Mark(
+        "dane.match",
+        Level.OK,
+        probe.label,
+        f"matches TLSA {hit.usage} {hit.selector} {hit.mtype} ({USAGES[hit.usage]})",
+    )
 
 
 def _readable(der: bytes) -> bool:

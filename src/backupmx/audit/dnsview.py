@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:
-    """"192.0.2.53", "192.0.2.53:5353", "[2001:db8::53]:53", "2001:db8::53" -> (ip, port). ValueError else."""
+    """ "192.0.2.53", "192.0.2.53:5353", "[2001:db8::53]:53", "2001:db8::53" -> (ip, port). ValueError else."""
     text = value.strip()
     try:
         ipaddress.ip_address(text)  # a bare IPv6 address has colons but no port
@@ -72,7 +72,7 @@ def make_resolver(nameservers: Sequence[str], timeout: float) -> tuple[dns.async
 
 
 def normalize_domain(domain: str) -> str:
-    """"Example.COM." -> "example.com"; internationalized names in their A-label form. ValueError else."""
+    """ "Example.COM." -> "example.com"; internationalized names in their A-label form. ValueError else."""
     text = domain.strip().rstrip(".")
     if not text or "@" in text or any(c.isspace() for c in text) or text.startswith("."):
         raise ValueError(f"{domain!r} is not a domain name")
@@ -106,8 +106,9 @@ async def gather_dns(domain: str, resolver: dns.asyncresolver.Resolver, describe
     )
 
 
-async def lookup_records(resolver: dns.asyncresolver.Resolver, name: str,
-                         rdtype: str) -> tuple[list[Any], bool, str | None]:
+async def lookup_records(
+    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+) -> tuple[list[Any], bool, str | None]:
     """(rdatas, authenticated, error) for one question. No such record (NXDOMAIN, NODATA) is ([], False, None);
     `authenticated` is the AD bit of the answer (only a validating resolver sets it)."""
     try:
@@ -194,8 +195,11 @@ class _Lookup:
             results = await asyncio.gather(self._addresses(name, "A"), self._addresses(name, "AAAA"))
             addresses = tuple(a for addrs, _, _ in results for a in addrs)[:MAX_ADDRESSES]
             cname = next((c for _, _, c in results if c), None)
-            failures = [(rdtype, e) for (_, e, _), rdtype in zip(results, ("A", "AAAA"), strict=True)
-                        if e is not None and not isinstance(e, dns.resolver.NoAnswer)]
+            failures = [
+                (rdtype, e)
+                for (_, e, _), rdtype in zip(results, ("A", "AAAA"), strict=True)
+                if e is not None and not isinstance(e, dns.resolver.NoAnswer)
+            ]
             error = None
             nxdomain = [e for _, e in failures if isinstance(e, dns.resolver.NXDOMAIN)]
             if nxdomain:
@@ -222,8 +226,9 @@ class _Lookup:
     def zone_of(self, name: str) -> Awaitable[str | None]:
         async def ask() -> str | None:
             try:
-                zone = await dns.asyncresolver.zone_for_name(name, resolver=self.resolver,
-                                                             lifetime=self.resolver.lifetime)
+                zone = await dns.asyncresolver.zone_for_name(
+                    name, resolver=self.resolver, lifetime=self.resolver.lifetime
+                )
             except dns.exception.DNSException:
                 return None
             return zone.to_text(omit_final_dot=True).lower() or "."

@@ -32,9 +32,26 @@ from backupmx.audit.views import (
     short_reply,
 )
 
-__all__ = ["EXIT_FAIL", "EXIT_OK", "Address", "CertInfo", "CheckReport", "DnsView", "Host", "Level", "Mark",
-           "MxRecord", "RcptTest", "Role", "SmtpProbe", "TlsInfo", "ZoneView", "render_json", "render_text",
-           "short_reply"]
+__all__ = [
+    "EXIT_FAIL",
+    "EXIT_OK",
+    "Address",
+    "CertInfo",
+    "CheckReport",
+    "DnsView",
+    "Host",
+    "Level",
+    "Mark",
+    "MxRecord",
+    "RcptTest",
+    "Role",
+    "SmtpProbe",
+    "TlsInfo",
+    "ZoneView",
+    "render_json",
+    "render_text",
+    "short_reply",
+]
 
 # --- the report -----------------------------------------------------------------------------------
 EXIT_OK = 0  # no failure (warnings allowed, unless strict)
@@ -115,14 +132,22 @@ def render_text(report: CheckReport) -> str:
     """The human-readable report: what was seen, then every mark, grouped as docs/check.md explains."""
     out: list[str] = []
     when = report.started_at.strftime("%Y-%m-%d %H:%M:%S UTC")
-    out.append(f"backupmx check {report.domain}  ({when}, resolver {report.dns.resolver}, "
-               f"SMTP port {report.smtp_port}{', node ' + report.node if report.node else ''})")
+    out.append(
+        f"backupmx check {report.domain}  ({when}, resolver {report.dns.resolver}, "
+        f"SMTP port {report.smtp_port}{', node ' + report.node if report.node else ''})"
+    )
     out.append("")
     out.extend(_mx_table(report.dns))
     out.append("")
     out.extend(_ns_table(report.dns))
-    sections = (("DNS", ("mx.",)), ("Same building", ("site.",)), ("MTA-STS", ("sts.",)),
-                ("DANE", ("dane.",)), ("TLS reporting", ("tlsrpt.",)), ("This node", ("node.",)))
+    sections = (
+        ("DNS", ("mx.",)),
+        ("Same building", ("site.",)),
+        ("MTA-STS", ("sts.",)),
+        ("DANE", ("dane.",)),
+        ("TLS reporting", ("tlsrpt.",)),
+        ("This node", ("node.",)),
+    )
     for title, prefixes in sections:
         marks = [m for m in report.marks if m.check.startswith(prefixes)]
         if marks:
@@ -167,8 +192,9 @@ def _ns_table(dns: DnsView) -> list[str]:
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
-            for row in rows]
+    return [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    ]
 
 
 def _probe_lines(p: SmtpProbe) -> list[str]:

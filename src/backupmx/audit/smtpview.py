@@ -51,10 +51,14 @@ class ProbeSettings:
 
 
 def probe_settings(domain: str, *, port: int, helo: str, timeout: float, cafile: str | None = None) -> ProbeSettings:
-    foreign = next(d for d in FOREIGN_DOMAINS if d != domain and not domain.endswith("." + d)
-                   and not d.endswith("." + domain))
+    foreign = next(
+        d for d in FOREIGN_DOMAINS if d != domain and not domain.endswith("." + d) and not d.endswith("." + domain)
+    )
     return ProbeSettings(
-        domain=domain, port=port, helo=helo, timeout=timeout,
+        domain=domain,
+        port=port,
+        helo=helo,
+        timeout=timeout,
         verify_context=verifying_context(cafile),
         unknown_local_part=f"no-such-user-{secrets.token_hex(6)}",
         foreign_rcpt=f"backupmx-relay-test@{foreign}",
@@ -97,10 +101,21 @@ class _Draft:
 
     def freeze(self) -> SmtpProbe:
         return SmtpProbe(
-            host=self.host, address=self.address, port=self.port, role=self.role, skipped=self.skipped,
-            error=self.error, banner=self.banner, ehlo=self.ehlo, ehlo_tls=self.ehlo_tls,
-            starttls_offered=self.starttls_offered, starttls=self.starttls, tls=self.tls, tls_error=self.tls_error,
-            null_sender_refused=self.null_sender_refused, rcpts=tuple(self.rcpts),
+            host=self.host,
+            address=self.address,
+            port=self.port,
+            role=self.role,
+            skipped=self.skipped,
+            error=self.error,
+            banner=self.banner,
+            ehlo=self.ehlo,
+            ehlo_tls=self.ehlo_tls,
+            starttls_offered=self.starttls_offered,
+            starttls=self.starttls,
+            tls=self.tls,
+            tls_error=self.tls_error,
+            null_sender_refused=self.null_sender_refused,
+            rcpts=tuple(self.rcpts),
             transcript=tuple(self.transcript),
         )
 
@@ -108,8 +123,9 @@ class _Draft:
 class _Session:
     """One TCP connection speaking SMTP; every step bounded by `timeout`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float,
-                 transcript: list[str]) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float, transcript: list[str]
+    ) -> None:
         self.reader, self.writer, self.timeout, self.transcript = reader, writer, timeout, transcript
         self.last_command = ""
         self.closed = False
@@ -164,8 +180,7 @@ class _Session:
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """Raises ssl.SSLCertVerificationError (untrusted), _Lost (any other handshake failure)."""
         try:
-            await self.writer.start_tls(context, server_hostname=server_hostname,
-                                        ssl_handshake_timeout=self.timeout)
+            await self.writer.start_tls(context, server_hostname=server_hostname, ssl_handshake_timeout=self.timeout)
         except ssl.SSLCertVerificationError:
             raise
         except TimeoutError:
@@ -185,8 +200,9 @@ class _Session:
             except ValueError:
                 cert = None
         cipher = obj.cipher()
-        return TlsInfo(obj.version() or "?", cipher[0] if cipher else "?", cert, verified, verify_error,
-                       presented_chain(obj, der))
+        return TlsInfo(
+            obj.version() or "?", cipher[0] if cipher else "?", cert, verified, verify_error, presented_chain(obj, der)
+        )
 
     async def close(self, transcript_note: str | None = None) -> None:
         if self.closed:
@@ -205,8 +221,9 @@ class _Session:
 def presented_chain(obj: ssl.SSLObject, leaf: bytes | None) -> tuple[bytes, ...]:
     """Every certificate the peer sent, DER, its own first. Python 3.13 has `get_unverified_chain()`;
     3.10 to 3.12 have the same method only on the private `_sslobj`; without either, the leaf alone."""
-    getter = getattr(obj, "get_unverified_chain", None) or getattr(getattr(obj, "_sslobj", None),
-                                                                     "get_unverified_chain", None)
+    getter = getattr(obj, "get_unverified_chain", None) or getattr(
+        getattr(obj, "_sslobj", None), "get_unverified_chain", None
+    )
     if getter is not None:
         try:
             chain = getter() or []
@@ -221,7 +238,7 @@ def _reply(code: int, lines: list[str]) -> Reply:
     first = lines[0] if lines else ""
     status, _, _ = first.partition(" ")
     if status.count(".") == 2 and status[:1] in "245" and all(p.isdigit() for p in status.split(".")):
-        lines = [ln[len(status) + 1:] if ln.startswith(status + " ") else ("" if ln == status else ln) for ln in lines]
+        lines = [ln[len(status) + 1 :] if ln.startswith(status + " ") else ("" if ln == status else ln) for ln in lines]
         return Reply(code, status, "\n".join(lines))
     return Reply(code, "", "\n".join(lines))
 
@@ -305,8 +322,9 @@ async def _starttls(session: _Session, draft: _Draft, settings: ProbeSettings) -
         draft.tls = session.tls_info(True, None)
     except ssl.SSLCertVerificationError as e:
         reason = e.verify_message or _os_error(e)
-        await session.close(f"certificate not verified ({reason}): handshake given up; "
-                            "a new session without verification")
+        await session.close(
+            f"certificate not verified ({reason}): handshake given up; a new session without verification"
+        )
         session = await _connect(draft, settings)
         if not await _greet(session, draft, settings):
             raise _Lost("the second session was refused") from None
@@ -337,9 +355,11 @@ async def _after_tls_failure(session: _Session, draft: _Draft, settings: ProbeSe
 
 
 async def _rcpt_tests(session: _Session, draft: _Draft, settings: ProbeSettings) -> None:
-    tests = (("postmaster", f"postmaster@{settings.domain}"),
-             ("unknown", f"{settings.unknown_local_part}@{settings.domain}"),
-             ("relay", settings.foreign_rcpt))
+    tests = (
+        ("postmaster", f"postmaster@{settings.domain}"),
+        ("unknown", f"{settings.unknown_local_part}@{settings.domain}"),
+        ("relay", settings.foreign_rcpt),
+    )
     sender = ""
     for kind, rcpt in tests:
         mail = await session.command(f"MAIL FROM:<{sender}>")
@@ -362,5 +382,3 @@ async def _quit(session: _Session) -> None:
     if session.last_command != "RSET":
         await session.command("RSET")
     await session.command("QUIT")
-
-

@@ -52,19 +52,47 @@ def parse_tlsrpt(text: str) -> tuple[str, ...]:
 
 def tlsrpt_marks(view: TlsRptView) -> list[Mark]:
     d = view.domain
-    record = f"_smtp._tls.{d}. TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@{d}\""
+    record = f'_smtp._tls.{d}. TXT "v=TLSRPTv1; rua=mailto:tlsrpt@{d}"'
     if view.error:
-        return [Mark("tlsrpt.record", Level.WARN, d, f"cannot read _smtp._tls.{d} TXT: {view.error}",
-                     f"check the nameservers that serve _smtp._tls.{d}")]
+        return [
+            Mark(
+                "tlsrpt.record",
+                Level.WARN,
+                d,
+                f"cannot read _smtp._tls.{d} TXT: {view.error}",
+                f"check the nameservers that serve _smtp._tls.{d}",
+            )
+        ]
     if not view.txt:
-        return [Mark("tlsrpt.record", Level.INFO, d, f"no TLS-RPT record: senders that cannot reach an MX over "
-                     f"TLS tell nobody; to get their reports, publish {record}")]
+        return [
+            Mark(
+                "tlsrpt.record",
+                Level.INFO,
+                d,
+                f"no TLS-RPT record: senders that cannot reach an MX over "
+                f"TLS tell nobody; to get their reports, publish {record}",
+            )
+        ]
     if len(view.txt) > 1:
-        return [Mark("tlsrpt.record", Level.WARN, d, f"{len(view.txt)} v=TLSRPTv1 records: RFC 8460 §3 makes "
-                     "senders ignore them all", f"keep exactly one, e.g. {record}")]
+        return [
+            Mark(
+                "tlsrpt.record",
+                Level.WARN,
+                d,
+                f"{len(view.txt)} v=TLSRPTv1 records: RFC 8460 §3 makes senders ignore them all",
+                f"keep exactly one, e.g. {record}",
+            )
+        ]
     try:
         uris = parse_tlsrpt(view.txt[0])
     except ValueError as e:
-        return [Mark("tlsrpt.record", Level.WARN, d, f"TLS-RPT record {view.txt[0]!r} is malformed: {e}",
-                     f"publish e.g. {record}")]
+        return [
+            Mark(
+                "tlsrpt.record",
+                Level.WARN,
+                d,
+                f"TLS-RPT record {view.txt[0]!r} is malformed: {e}",
+                f"publish e.g. {record}",
+            )
+        ]
     return [Mark("tlsrpt.record", Level.OK, d, f"TLS reports go to {', '.join(uris)}")]

@@ -41,8 +41,13 @@ class Mark:
     hint: str = ""  # what to do about it (warn and fail only)
 
     def to_json(self) -> dict[str, str]:
-        return {"check": self.check, "level": self.level.value, "subject": self.subject, "text": self.text,
-                "hint": self.hint}
+        return {
+            "check": self.check,
+            "level": self.level.value,
+            "subject": self.subject,
+            "text": self.text,
+            "hint": self.hint,
+        }
 
 
 # --- the DNS view ---------------------------------------------------------------------------------
@@ -66,8 +71,12 @@ class Host:
         return tuple(a.ip for a in self.addresses)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "addresses": [{"address": a.ip, "ttl": a.ttl} for a in self.addresses],
-                "error": self.error, "cname": self.cname}
+        return {
+            "name": self.name,
+            "addresses": [{"address": a.ip, "ttl": a.ttl} for a in self.addresses],
+            "error": self.error,
+            "cname": self.cname,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +119,24 @@ class DnsView:
     def to_json(self) -> dict[str, Any]:
         return {
             "resolver": self.resolver,
-            "mx": [{"preference": r.preference, "host": r.host.name, "ttl": r.ttl, "role": r.role.value,
-                    **{k: v for k, v in r.host.to_json().items() if k != "name"}} for r in self.mx],
+            "mx": [
+                {
+                    "preference": r.preference,
+                    "host": r.host.name,
+                    "ttl": r.ttl,
+                    "role": r.role.value,
+                    **{k: v for k, v in r.host.to_json().items() if k != "name"},
+                }
+                for r in self.mx
+            ],
             "mx_error": self.mx_error,
             "null_mx": self.null_mx,
             "ns": [h.to_json() for h in self.ns],
             "ns_error": self.ns_error,
             "zone_of": dict(sorted(self.zone_of.items())),
-            "zones": {name: {"ns": [h.to_json() for h in z.ns], "error": z.error}
-                      for name, z in sorted(self.zones.items())},
+            "zones": {
+                name: {"ns": [h.to_json() for h in z.ns], "error": z.error} for name, z in sorted(self.zones.items())
+            },
         }
 
 
@@ -133,9 +151,14 @@ class CertInfo:
     dns_names: tuple[str, ...] = ()  # subjectAltName dNSName entries
 
     def to_json(self) -> dict[str, Any]:
-        return {"subject": self.subject, "issuer": self.issuer, "not_before": iso_utc(self.not_before),
-                "not_after": iso_utc(self.not_after), "self_signed": self.self_signed,
-                "dns_names": list(self.dns_names)}
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "not_before": iso_utc(self.not_before),
+            "not_after": iso_utc(self.not_after),
+            "self_signed": self.self_signed,
+            "dns_names": list(self.dns_names),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +171,14 @@ class TlsInfo:
     chain: tuple[bytes, ...] = ()  # the certificates the server presented, DER, its own first (for DANE)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "cipher": self.cipher, "verified": self.verified,
-                "verify_error": self.verify_error, "cert": self.cert.to_json() if self.cert else None,
-                "chain_length": len(self.chain)}
+        return {
+            "version": self.version,
+            "cipher": self.cipher,
+            "verified": self.verified,
+            "verify_error": self.verify_error,
+            "cert": self.cert.to_json() if self.cert else None,
+            "chain_length": len(self.chain),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +190,13 @@ class RcptTest:
     reply: Reply | None  # the RCPT reply; None when MAIL was refused or the session ended before
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "mail_from": self.mail_from, "rcpt": self.rcpt,
-                "mail_reply": _reply_json(self.mail_reply), "reply": _reply_json(self.reply)}
+        return {
+            "kind": self.kind,
+            "mail_from": self.mail_from,
+            "rcpt": self.rcpt,
+            "mail_reply": _reply_json(self.mail_reply),
+            "reply": _reply_json(self.reply),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,14 +234,25 @@ class SmtpProbe:
         return next((t for t in self.rcpts if t.kind == kind), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "address": self.address, "port": self.port, "role": self.role.value,
-                "skipped": self.skipped, "error": self.error, "banner": _reply_json(self.banner),
-                "ehlo": _reply_json(self.ehlo), "extensions": list(self.extensions),
-                "ehlo_tls": _reply_json(self.ehlo_tls),
-                "starttls_offered": self.starttls_offered, "starttls": _reply_json(self.starttls),
-                "tls": self.tls.to_json() if self.tls else None, "tls_error": self.tls_error,
-                "null_sender_refused": _reply_json(self.null_sender_refused),
-                "rcpt": [t.to_json() for t in self.rcpts], "transcript": list(self.transcript)}
+        return {
+            "host": self.host,
+            "address": self.address,
+            "port": self.port,
+            "role": self.role.value,
+            "skipped": self.skipped,
+            "error": self.error,
+            "banner": _reply_json(self.banner),
+            "ehlo": _reply_json(self.ehlo),
+            "extensions": list(self.extensions),
+            "ehlo_tls": _reply_json(self.ehlo_tls),
+            "starttls_offered": self.starttls_offered,
+            "starttls": _reply_json(self.starttls),
+            "tls": self.tls.to_json() if self.tls else None,
+            "tls_error": self.tls_error,
+            "null_sender_refused": _reply_json(self.null_sender_refused),
+            "rcpt": [t.to_json() for t in self.rcpts],
+            "transcript": list(self.transcript),
+        }
 
 
 def short_reply(reply: Reply | None, limit: int = 160) -> str:

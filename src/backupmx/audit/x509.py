@@ -13,14 +13,29 @@ from datetime import UTC, datetime
 from backupmx.audit.views import CertInfo
 
 _ATTR_NAMES = {
-    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.10": "O", "2.5.4.11": "OU",
-    "2.5.4.5": "serialNumber", "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.25": "DC",
+    "2.5.4.3": "CN",
+    "2.5.4.6": "C",
+    "2.5.4.7": "L",
+    "2.5.4.8": "ST",
+    "2.5.4.10": "O",
+    "2.5.4.11": "OU",
+    "2.5.4.5": "serialNumber",
+    "1.2.840.113549.1.9.1": "emailAddress",
+    "0.9.2342.19200300.100.1.25": "DC",
 }
 _SAN = "2.5.29.17"
 _SEQUENCE, _SET, _OID, _OCTETS = 0x30, 0x31, 0x06, 0x04
 _UTCTIME, _GENTIME = 0x17, 0x18
-_STRING_TAGS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x14: "latin-1", 0x1E: "utf-16-be",
-                0x1C: "utf-32-be", 0x12: "ascii", 0x1A: "ascii"}
+_STRING_TAGS = {
+    0x0C: "utf-8",
+    0x13: "ascii",
+    0x16: "ascii",
+    0x14: "latin-1",
+    0x1E: "utf-16-be",
+    0x1C: "utf-32-be",
+    0x12: "ascii",
+    0x1A: "ascii",
+}
 
 
 def parse_certificate(der: bytes) -> CertInfo:
@@ -33,8 +48,13 @@ def parse_certificate(der: bytes) -> CertInfo:
         items = items[1:]
     if len(items) < 6:
         raise ValueError("truncated TBSCertificate")
-    (_, _serial, _), (_, _sig, _), (issuer_tag, issuer, issuer_raw), (validity_tag, validity, _), \
-        (subject_tag, subject, subject_raw) = items[:5]
+    (
+        (_, _serial, _),
+        (_, _sig, _),
+        (issuer_tag, issuer, issuer_raw),
+        (validity_tag, validity, _),
+        (subject_tag, subject, subject_raw),
+    ) = items[:5]
     if issuer_tag != _SEQUENCE or subject_tag != _SEQUENCE or validity_tag != _SEQUENCE:
         raise ValueError("malformed TBSCertificate")
     times = list(_items(validity))
@@ -66,11 +86,11 @@ def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
         n = length & 0x7F
         if n == 0 or n > 4 or pos + n > len(data):
             raise ValueError("bad DER length")
-        length = int.from_bytes(data[pos:pos + n], "big")
+        length = int.from_bytes(data[pos : pos + n], "big")
         pos += n
     if pos + length > len(data):
         raise ValueError("truncated DER")
-    return tag, data[pos:pos + length], pos + length
+    return tag, data[pos : pos + length], pos + length
 
 
 def _items(data: bytes) -> list[tuple[int, bytes, bytes]]:

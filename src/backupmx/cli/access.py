@@ -43,8 +43,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("address", nargs="?", help="the recipient, e.g. alice@example.com")
     p.add_argument("--domain", help="grant every recipient of DOMAIN; prints a CSV of links")
     p.add_argument("--expires", default=None, help="how long access lasts (default [continuity] grant_default)")
-    p.add_argument("--notify", metavar="ADDRESS", help="also mail the link to this alternate address "
-                                                       "through [continuity] smarthost")
+    p.add_argument(
+        "--notify",
+        metavar="ADDRESS",
+        help="also mail the link to this alternate address through [continuity] smarthost",
+    )
     p.add_argument("--csv", metavar="FILE", help="with --domain: write the links here (default: stdout)")
     p.set_defaults(handler=with_spool(cmd_grant))
     p = asub.add_parser("link", help="a new one-time sign-in link under an existing grant")
@@ -70,9 +73,11 @@ def add_parser(sub: Any) -> None:
 
     cont = sub.add_parser("continuity", help="open or close the emergency inbox by hand")
     csub = cont.add_subparsers(dest="continuity_command", metavar="ACTION")
-    for name, helptext in (("open", "open DOMAIN's inbox now, outage or not"),
-                           ("close", "close DOMAIN's inbox, even during an outage"),
-                           ("auto", "back to the default: open while an outage is declared")):
+    for name, helptext in (
+        ("open", "open DOMAIN's inbox now, outage or not"),
+        ("close", "close DOMAIN's inbox, even during an outage"),
+        ("auto", "back to the default: open while an outage is declared"),
+    ):
         p = csub.add_parser(name, help=helptext)
         config_arg(p)
         p.add_argument("domain")
@@ -106,8 +111,7 @@ def _parts(cfg: Config, spool: Spool) -> tuple[Any, Any, Any]:
 
 def _warn_disabled(cfg: Config) -> None:
     if not cfg.continuity.enabled:
-        print(f"backupmx: warning: [continuity] is not enabled in {cfg.source}: links work once it is",
-              file=sys.stderr)
+        print(f"backupmx: warning: [continuity] is not enabled in {cfg.source}: links work once it is", file=sys.stderr)
 
 
 def require_domain(cfg: Config, domain: str) -> str:
@@ -137,11 +141,11 @@ def sign_in_url(cfg: Config, token: str) -> str:
 async def _notify(cfg: Config, audit: Any, to: str, link: Any) -> None:
     from backupmx.continuity.notify import link_notice, send_notice
 
-    msg = link_notice(cfg, to=to, address=link.address, link=sign_in_url(cfg, link.token),
-                      link_expires_at=link.expires_at)
+    msg = link_notice(
+        cfg, to=to, address=link.address, link=sign_in_url(cfg, link.token), link_expires_at=link.expires_at
+    )
     await send_notice(cfg, msg)
-    audit.write(time.time(), "notify", actor=_actor(), address=link.address, to=to,
-                smarthost=cfg.continuity.smarthost)
+    audit.write(time.time(), "notify", actor=_actor(), address=link.address, to=to, smarthost=cfg.continuity.smarthost)
     print(f"sent the link for {link.address} to {to} through {cfg.continuity.smarthost}")
 
 
@@ -190,8 +194,10 @@ async def cmd_grant(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the links are keys: not world-readable
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(out.getvalue())
-        print(f"access for every recipient of {domain} until {iso_time(g.expires_at)}; "
-              f"{len(addresses)} link(s) written to {path}")
+        print(
+            f"access for every recipient of {domain} until {iso_time(g.expires_at)}; "
+            f"{len(addresses)} link(s) written to {path}"
+        )
     else:
         sys.stdout.write(out.getvalue())
     return EXIT_OK
@@ -229,8 +235,11 @@ async def cmd_revoke(args: argparse.Namespace, cfg: Config, spool: Spool) -> int
     if not subject.startswith("@"):
         domain_grant = await store.get_grant("@" + subject.rpartition("@")[2])
         if domain_grant is not None:
-            print(f"note: {domain_grant.subject} still has a domain grant, which covers {subject}; "
-                  f"revoke it with --domain", file=sys.stderr)
+            print(
+                f"note: {domain_grant.subject} still has a domain grant, which covers {subject}; "
+                f"revoke it with --domain",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 
@@ -238,8 +247,23 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     store, _, _ = _parts(cfg, spool)
     grants = await store.grants()
     if args.json:
-        print(json.dumps({"grants": [{"subject": g.subject, "domain": g.domain, "created_at": iso_time(g.created_at),
-                                      "expires_at": iso_time(g.expires_at), "by": g.by} for g in grants]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "grants": [
+                        {
+                            "subject": g.subject,
+                            "domain": g.domain,
+                            "created_at": iso_time(g.created_at),
+                            "expires_at": iso_time(g.expires_at),
+                            "by": g.by,
+                        }
+                        for g in grants
+                    ]
+                },
+                indent=1,
+            )
+        )
         return EXIT_OK
     if not grants:
         print("no access grants")
@@ -294,8 +318,11 @@ async def cmd_gate(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     _, audit, _ = _parts(cfg, spool)
     audit.write(time.time(), f"inbox-{mode.value}", actor=_actor(), address=None, domain=domain)
     st = await gate.state(domain)
-    why = {Mode.OPEN: "opened by hand", Mode.CLOSED: "closed by hand",
-           Mode.AUTO: "an outage is declared" if st.outage_since else "no outage is declared"}[mode]
+    why = {
+        Mode.OPEN: "opened by hand",
+        Mode.CLOSED: "closed by hand",
+        Mode.AUTO: "an outage is declared" if st.outage_since else "no outage is declared",
+    }[mode]
     print(f"{domain}: emergency inbox {'open' if st.open else 'closed'} ({why})")
     return EXIT_OK
 
@@ -304,9 +331,24 @@ async def cmd_status(args: argparse.Namespace, cfg: Config, spool: Spool) -> int
     gate = _gate(cfg, spool)
     states = [await gate.state(d.name) for d in cfg.domains]
     if args.json:
-        print(json.dumps({"enabled": cfg.continuity.enabled, "url": cfg.continuity.public_url, "domains": [
-            {"domain": s.domain, "open": s.open, "mode": s.mode.value,
-             "outage_since": iso_time(s.outage_since) if s.outage_since else None} for s in states]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "enabled": cfg.continuity.enabled,
+                    "url": cfg.continuity.public_url,
+                    "domains": [
+                        {
+                            "domain": s.domain,
+                            "open": s.open,
+                            "mode": s.mode.value,
+                            "outage_since": iso_time(s.outage_since) if s.outage_since else None,
+                        }
+                        for s in states
+                    ],
+                },
+                indent=1,
+            )
+        )
         return EXIT_OK
     print(f"emergency inbox: {'enabled' if cfg.continuity.enabled else 'NOT enabled'} at {cfg.continuity.public_url}")
     for s in states:

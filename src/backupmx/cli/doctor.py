@@ -10,8 +10,9 @@ from backupmx.cli.spool_session import config_arg
 
 
 def add_parser(sub: Any) -> None:
-    doctor = sub.add_parser("doctor", help="check this host before go-live: config, disk, port 25, DNS, clock, "
-                                           "primaries, TLS, admin token")
+    doctor = sub.add_parser(
+        "doctor", help="check this host before go-live: config, disk, port 25, DNS, clock, primaries, TLS, admin token"
+    )
     config_arg(doctor)
     doctor.set_defaults(handler=cmd_doctor)
 

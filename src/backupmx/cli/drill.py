@@ -33,15 +33,21 @@ from backupmx.spool import Spool
 def add_parser(subparsers: Any) -> None:
     """Registers `drill` on the CLI's subparsers (`argparse._SubParsersAction`)."""
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "drill", help="hold a domain's delivery for a while as if its primary were down, then verify",
+        "drill",
+        help="hold a domain's delivery for a while as if its primary were down, then verify",
         description="Ask the running `backupmx serve` (same --config) to hold delivery for DOMAIN for the given "
         "time as if its primary were down (mail is still accepted), then release it and check that everything "
-        "accepted meanwhile was delivered. --report shows the last drill of each domain.")
+        "accepted meanwhile was delivered. --report shows the last drill of each domain.",
+    )
     p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
     p.add_argument("domain", nargs="?", metavar="DOMAIN")
     p.add_argument("--for", dest="window", metavar="DURATION", help="how long to hold, e.g. 10m (at least 1s)")
-    p.add_argument("--settle", metavar="DURATION", default=f"{DEFAULT_SETTLE:g}s",
-                   help="after the release, how long to wait for the held mail to be delivered (default 5m)")
+    p.add_argument(
+        "--settle",
+        metavar="DURATION",
+        default=f"{DEFAULT_SETTLE:g}s",
+        help="after the release, how long to wait for the held mail to be delivered (default 5m)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the drill to finish and print its report")
     p.add_argument("--stop", action="store_true", help="end DOMAIN's running drill now")
     p.add_argument("--report", action="store_true", help="print the last drill (of DOMAIN, or of every domain)")
@@ -81,8 +87,11 @@ def _duration(flag: str, text: str) -> float:
 async def _cmd_request(spool: Spool, req: DrillRequest, *, wait: bool, as_json: bool) -> int:
     ack, taken = await submit_request(spool, req)
     if not taken:
-        print(f"backupmx drill: no `backupmx serve` with node name {req.node} took the request within "
-              f"{ACK_TIMEOUT:g}s: is it running with this configuration?", file=sys.stderr)
+        print(
+            f"backupmx drill: no `backupmx serve` with node name {req.node} took the request within "
+            f"{ACK_TIMEOUT:g}s: is it running with this configuration?",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     if ack is None or not ack.get("accepted"):
         why = ack.get("detail") if ack else "serve took the request but did not answer"
@@ -94,8 +103,10 @@ async def _cmd_request(spool: Spool, req: DrillRequest, *, wait: bool, as_json: 
         else:
             print(ack.get("detail", "ok"))
             if req.action == "start":
-                print(f"delivery for {req.domain} is held until {utc_text(req.requested_at + req.window)}; "
-                      f"then `backupmx drill --report {req.domain}`")
+                print(
+                    f"delivery for {req.domain} is held until {utc_text(req.requested_at + req.window)}; "
+                    f"then `backupmx drill --report {req.domain}`"
+                )
         return EXIT_OK
     report = await wait_report(spool, req)
     if report is None:

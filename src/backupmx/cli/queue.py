@@ -51,8 +51,10 @@ def add_parser(sub: Any) -> None:
     config_arg(q)
     q.add_argument("domain", nargs="?")
     q.set_defaults(handler=with_spool(cmd_queue_flush))
-    for name, fn, helptext in (("hold", cmd_queue_hold, "hold a message (or --all): no delivery until released"),
-                               ("release", cmd_queue_release, "release a held message (or --all)")):
+    for name, fn, helptext in (
+        ("hold", cmd_queue_hold, "hold a message (or --all): no delivery until released"),
+        ("release", cmd_queue_release, "release a held message (or --all)"),
+    ):
         q = qsub.add_parser(name, help=helptext)
         config_arg(q)
         q.add_argument("id", nargs="?")
@@ -63,8 +65,7 @@ def add_parser(sub: Any) -> None:
     config_arg(q)
     q.add_argument("id")
     q.set_defaults(handler=with_spool(cmd_queue_delete))
-    p = qsub.add_parser("export", help="write held mail out as mbox, Maildir or .eml files, one mailbox "
-                                       "per recipient")
+    p = qsub.add_parser("export", help="write held mail out as mbox, Maildir or .eml files, one mailbox per recipient")
     config_arg(p)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--recipient", metavar="ADDRESS")
@@ -97,8 +98,13 @@ async def _all_messages(spool: Spool, flt: QueueFilter, limit: int) -> list[Mess
 
 
 async def cmd_queue_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    flt = QueueFilter(domain=args.domain, recipient=args.recipient, sender=args.sender,
-                      state=RecipientState(args.state) if args.state else None, pending_only=not args.all)
+    flt = QueueFilter(
+        domain=args.domain,
+        recipient=args.recipient,
+        sender=args.sender,
+        state=RecipientState(args.state) if args.state else None,
+        pending_only=not args.all,
+    )
     if args.json:
         msgs = await _all_messages(spool, flt, args.limit)
         print(json.dumps({"messages": [m.to_json() for m in msgs], "count": len(msgs)}, indent=1))

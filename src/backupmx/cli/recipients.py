@@ -48,7 +48,7 @@ def add_parser(sub: Any) -> None:
     config_arg(p)
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.add_argument("--unknown", action="store_true", help="remember them as refused (550 5.1.1) instead")
-    p.add_argument("--ttl", help="forget them after this long (\"30d\"); default: never")
+    p.add_argument("--ttl", help='forget them after this long ("30d"); default: never')
     p.set_defaults(handler=_run(cmd_add))
 
     p = rsub.add_parser("remove", help="forget addresses (they are asked of the primary again)")
@@ -95,7 +95,7 @@ def _verify_domain(cfg: Config, address: str) -> DomainConfig:
 
 
 def _normal(address: str) -> str:
-    """"<Dave@V.Test>" -> "Dave@v.test": the domain lower-cased, the local part as given."""
+    """ "<Dave@V.Test>" -> "Dave@v.test": the domain lower-cased, the local part as given."""
     local, at, domain = address.strip().strip("<>").rpartition("@")
     return f"{local}@{domain.lower()}" if at else address
 
@@ -110,8 +110,14 @@ def _expiry(ttl: str | None, now: float) -> float | None:
 
 
 def _entry_json(e: LearnedRecipient, now: float) -> dict[str, Any]:
-    return {"address": e.address, "known": e.known, "source": e.source, "learned_at": iso_time(e.learned_at),
-            "expires_at": iso_time(e.expires_at), "fresh": e.fresh(now)}
+    return {
+        "address": e.address,
+        "known": e.known,
+        "source": e.source,
+        "learned_at": iso_time(e.learned_at),
+        "expires_at": iso_time(e.expires_at),
+        "fresh": e.fresh(now),
+    }
 
 
 async def _all(store: LearnedRecipients, domain: str) -> tuple[list[LearnedRecipient], int]:
@@ -131,8 +137,12 @@ async def cmd_list_spool(args: argparse.Namespace, cfg: Config, spool: Spool) ->
     return await cmd_list(args, cfg, store, outages=spool.outages)
 
 
-async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipients,
-                   outages: Callable[[], Awaitable[list[OutagePeriod]]] | None = None) -> int:
+async def cmd_list(
+    args: argparse.Namespace,
+    cfg: Config,
+    store: LearnedRecipients,
+    outages: Callable[[], Awaitable[list[OutagePeriod]]] | None = None,
+) -> int:
     domains = list(cfg.domains)
     if args.domain:
         d = cfg.domain(args.domain)
@@ -158,14 +168,19 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
             path = Path(str(d.recipients)[5:])
             item["file"] = str(path)
             try:
-                item["entries"] = [ln.split()[0] for ln in path.read_text(encoding="utf-8", errors="replace")
-                                   .splitlines() if ln.strip() and not ln.strip().startswith("#")]
+                item["entries"] = [
+                    ln.split()[0]
+                    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if ln.strip() and not ln.strip().startswith("#")
+                ]
             except OSError as e:
                 item["error"] = f"cannot read: {e.strerror}"
         doc[d.name] = item
     if damaged:
-        print(f"backupmx: recipients list: {damaged} damaged {'entry' if damaged == 1 else 'entries'} skipped",
-              file=sys.stderr)
+        print(
+            f"backupmx: recipients list: {damaged} damaged {'entry' if damaged == 1 else 'entries'} skipped",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({"domains": doc}, indent=1))
         return EXIT_OK
@@ -175,14 +190,17 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
             learned = item["learned"]
             print(f"{name}: verify, {len(learned)} learned")
             if item["recovery_guard_until"]:
-                print(f"  the primary came back from an outage: until {item['recovery_guard_until']} "
-                      "(delivery.recovery_guard) a probe's 5.1.1 is answered 450 4.1.1, not 550")
+                print(
+                    f"  the primary came back from an outage: until {item['recovery_guard_until']} "
+                    "(delivery.recovery_guard) a probe's 5.1.1 is answered 450 4.1.1, not 550"
+                )
             for row in learned:
                 state = "known  " if row["known"] else "unknown"
                 until = row["expires_at"] or "never"
                 stale = "" if row["fresh"] else "  (stale: asked again while the primary is up)"
-                print(f"  {state} {row['address']:40s} {row['source']:9s} since {row['learned_at']}"
-                      f"  until {until}{stale}")
+                print(
+                    f"  {state} {row['address']:40s} {row['source']:9s} since {row['learned_at']}  until {until}{stale}"
+                )
         elif mode == "any":
             print(f"{name}: any (every address is accepted)")
         elif mode == "ldap":
@@ -203,8 +221,9 @@ async def cmd_list(args: argparse.Namespace, cfg: Config, store: LearnedRecipien
     return EXIT_OK
 
 
-async def _guard_until(outages: Callable[[], Awaitable[list[OutagePeriod]]] | None, cfg: Config, domain: str,
-                       now: float) -> float | None:
+async def _guard_until(
+    outages: Callable[[], Awaitable[list[OutagePeriod]]] | None, cfg: Config, domain: str, now: float
+) -> float | None:
     """When the recovery guard after the domain's last outage ends, if that is still ahead (policy/verify.py
     answers a probe's 5.1.1 with 450 until then, since a recovering primary may not see its users yet)."""
     if outages is None:
@@ -257,8 +276,9 @@ async def cmd_import(args: argparse.Namespace, cfg: Config, store: LearnedRecipi
             continue
         word = _normal(line.split()[0])
         if word.startswith("@"):
-            print(f"backupmx: {args.file}:{lineno}: {word}: wildcards are for recipient files; skipped",
-                  file=sys.stderr)
+            print(
+                f"backupmx: {args.file}:{lineno}: {word}: wildcards are for recipient files; skipped", file=sys.stderr
+            )
             continue
         if "@" not in word:
             if not args.domain:

@@ -36,8 +36,13 @@ def add_parser(subparsers: Any) -> None:
     migrate.set_defaults(handler=cmd_spool_migrate)
 
     copy = sub.add_parser("copy", help="copy every pending message from one spool to another (stop the nodes first)")
-    copy.add_argument("--from", dest="source", required=True, metavar="URL",
-                      help="sqlite:DATA_DIR (or its spool.db) or postgresql://...")
+    copy.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="sqlite:DATA_DIR (or its spool.db) or postgresql://...",
+    )
     copy.add_argument("--to", dest="target", required=True, metavar="URL", help="same forms as --from")
     copy.add_argument("--config", "-c", metavar="FILE", help="optional: takes this node's name from it")
     copy.add_argument("--no-verify", action="store_true", help="do not read each copy back")
@@ -137,11 +142,16 @@ def cmd_spool_copy(args: argparse.Namespace) -> int:
         finally:
             await src.close()
         progress.end()
-        print(f"copied {report.copied} message(s) ({report.bytes_copied} bytes), "
-              f"{report.already_there} already there, {len(report.failed)} failed")
+        print(
+            f"copied {report.copied} message(s) ({report.bytes_copied} bytes), "
+            f"{report.already_there} already there, {len(report.failed)} failed"
+        )
         if report.approximate:
-            print(f"{len(report.approximate)} copied without their full history (the destination cannot "
-                  "import it): pending recipients queued and due now, held ones held", file=sys.stderr)
+            print(
+                f"{len(report.approximate)} copied without their full history (the destination cannot "
+                "import it): pending recipients queued and due now, held ones held",
+                file=sys.stderr,
+            )
         for qid, why in report.failed:
             print(f"backupmx: spool copy: {qid}: {why}", file=sys.stderr)
         return EXIT_FAIL if report.failed else EXIT_OK

@@ -23,10 +23,12 @@ from backupmx.status import collect, parse_when, when_text
 def add_parser(subparsers: Any) -> None:
     """Registers `status` on the CLI's subparsers (`argparse._SubParsersAction`)."""
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "status", help="one screen: each domain's primary, waiting mail, last canary, last drill",
+        "status",
+        help="one screen: each domain's primary, waiting mail, last canary, last drill",
         description="Per protected domain: the primary's state and since when, the mail held for it and the "
         "oldest one's age, the last canary and the last drill. Reads the spool, and the running serve's "
-        "admin API for the live state when it answers.")
+        "admin API for the live state when it answers.",
+    )
     p.add_argument("--config", "-c", required=True, metavar="FILE", help="the backupmx TOML file")
     p.add_argument("--json", action="store_true", help="one JSON document instead of text")
     p.set_defaults(handler=status_command)
@@ -44,9 +46,11 @@ def render(doc: dict[str, Any]) -> str:
     serve = doc["serve"]
     where = f"serve answers at {serve['admin']}" if serve["reachable"] else f"serve: {serve['note']}"
     spool = doc["spool"]
-    lines = [f"backupmx status of {doc['node']} at {doc['at']}; {where}",
-             f"spool: {spool['messages_pending']} message(s) waiting"
-             + (f", {spool['corrupt']} set aside as damaged" if spool["corrupt"] else "")]
+    lines = [
+        f"backupmx status of {doc['node']} at {doc['at']}; {where}",
+        f"spool: {spool['messages_pending']} message(s) waiting"
+        + (f", {spool['corrupt']} set aside as damaged" if spool["corrupt"] else ""),
+    ]
     now = parse_when(doc["at"]) or time.time()
     for d in doc["domains"]:
         lines += ["", d["domain"]]
@@ -94,8 +98,10 @@ def _drill_text(r: dict[str, Any] | None) -> str:
         return "none yet (`backupmx drill DOMAIN --for 10m`)"
     rep = DrillReport.from_json(r)
     verdict = "ok" if rep.ok else rep.state.value if rep.state.value != "done" else "NOT OK"
-    text = (f"{when_text(rep.started_at)}, {rep.window:g}s: {verdict}; {rep.accepted} accepted, "
-            f"{rep.delivered} delivered, {rep.held} held, {rep.bounced} bounced")
+    text = (
+        f"{when_text(rep.started_at)}, {rep.window:g}s: {verdict}; {rep.accepted} accepted, "
+        f"{rep.delivered} delivered, {rep.held} held, {rep.bounced} bounced"
+    )
     if rep.state.value == "done" and rep.accepted == 0:
         text += " (no sender used the backup during the window)"
     return text

@@ -38,8 +38,14 @@ class AuditEvent:
     fields: dict[str, Any]
 
     def to_line(self) -> str:
-        doc = {"at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds"), "t": self.at,
-               "event": self.event, "actor": self.actor, "address": self.address, **self.fields}
+        doc = {
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds"),
+            "t": self.at,
+            "event": self.event,
+            "actor": self.actor,
+            "address": self.address,
+            **self.fields,
+        }
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))[:MAX_LINE]
 
 
@@ -91,8 +97,9 @@ class AuditLog:
             if fd >= 0:
                 os.close(fd)
 
-    def refusal(self, at: float, event: str, *, actor: str, client: str, why: str, address: str | None = None,
-                **fields: Any) -> None:
+    def refusal(
+        self, at: float, event: str, *, actor: str, client: str, why: str, address: str | None = None, **fields: Any
+    ) -> None:
         """A refused attempt by `client` (its network, signinlimit.client_network): the first of a burst is
         written now, with its details; later ones are counted into one line (see flush)."""
         key = (event, client)
@@ -116,8 +123,14 @@ class AuditLog:
 
     def _write_burst(self, event: str, burst: _Burst) -> None:
         if burst.count:
-            self.write(burst.last, event, actor=burst.actor, count=burst.count, why=dict(burst.why),
-                       first=datetime.fromtimestamp(burst.first, UTC).isoformat(timespec="seconds"))
+            self.write(
+                burst.last,
+                event,
+                actor=burst.actor,
+                count=burst.count,
+                why=dict(burst.why),
+                first=datetime.fromtimestamp(burst.first, UTC).isoformat(timespec="seconds"),
+            )
         burst.count = 0
         burst.why = {}
         burst.written = burst.last
@@ -145,13 +158,15 @@ class AuditLog:
                     doc = json.loads(raw)
                     at = float(doc.pop("t"))
                     doc.pop("at", None)
-                    ev = AuditEvent(at, str(doc.pop("event")), str(doc.pop("actor")), doc.pop("address", None),
-                                    doc)
+                    ev = AuditEvent(at, str(doc.pop("event")), str(doc.pop("actor")), doc.pop("address", None), doc)
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue
                 if ev.at < since:
                     continue
-                if address is not None and (ev.address or "").lower() != address.lower() and \
-                        ev.fields.get("domain") != address.lower().lstrip("@"):
+                if (
+                    address is not None
+                    and (ev.address or "").lower() != address.lower()
+                    and ev.fields.get("domain") != address.lower().lstrip("@")
+                ):
                     continue
                 yield ev

@@ -52,8 +52,9 @@ class Selection:
 
     def filter(self) -> QueueFilter:
         domain = self.domain or (self.recipient.rpartition("@")[2] if self.recipient else None)
-        return QueueFilter(domain=domain.lower() if domain else None, recipient=self.recipient,
-                           pending_only=not self.include_delivered)
+        return QueueFilter(
+            domain=domain.lower() if domain else None, recipient=self.recipient, pending_only=not self.include_delivered
+        )
 
     def targets(self, m: MessageRecord) -> list[str]:
         """The selected recipients of `m`, lower-cased, each once."""
@@ -112,17 +113,21 @@ class Progress:
         width = 30
         frac = done / self.total if self.total else 1.0
         bar = "#" * int(width * frac) + "." * (width - int(width * frac))
-        self.stream.write(f"\r{self.label} [{bar}] {done:,}/{self.total:,} messages, "
-                          f"{nbytes / 1e6:,.1f} MB, {now - self.started:,.1f} s ")
+        self.stream.write(
+            f"\r{self.label} [{bar}] {done:,}/{self.total:,} messages, "
+            f"{nbytes / 1e6:,.1f} MB, {now - self.started:,.1f} s "
+        )
         self.stream.flush()
 
     def finish(self, result: ExportResult, dest: Path) -> None:
         self.update(result.messages, result.bytes, force=True)
         if self.tty:
             self.stream.write("\n")
-        self.stream.write(f"exported {result.messages:,} messages ({result.copies:,} copies in "
-                          f"{len(result.mailboxes)} mailbox(es), {result.skipped:,} skipped, "
-                          f"{result.bytes / 1e6:,.1f} MB) to {dest} in {time.monotonic() - self.started:,.1f} s\n")
+        self.stream.write(
+            f"exported {result.messages:,} messages ({result.copies:,} copies in "
+            f"{len(result.mailboxes)} mailbox(es), {result.skipped:,} skipped, "
+            f"{result.bytes / 1e6:,.1f} MB) to {dest} in {time.monotonic() - self.started:,.1f} s\n"
+        )
         self.stream.flush()
 
 
@@ -179,8 +184,9 @@ class _MboxFiles:
         self.open.clear()
 
 
-async def export(spool: Spool, sel: Selection, fmt: Format, dest: Path, *,
-                 progress: Progress | None = None) -> ExportResult:
+async def export(
+    spool: Spool, sel: Selection, fmt: Format, dest: Path, *, progress: Progress | None = None
+) -> ExportResult:
     if sel.recipient is None and sel.domain is None:
         raise ExportError("give --recipient ADDRESS or --domain DOMAIN")
     dest.mkdir(parents=True, exist_ok=True)
@@ -216,8 +222,14 @@ async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _one(spool: Spool, writer: _Writer, m: MessageRecord, targets: list[str],
-               task: asyncio.Task[list[bytes]] | None, progress: Progress | None) -> None:
+async def _one(
+    spool: Spool,
+    writer: _Writer,
+    m: MessageRecord,
+    targets: list[str],
+    task: asyncio.Task[list[bytes]] | None,
+    progress: Progress | None,
+) -> None:
     result = writer.result
     try:
         body = _replay(await task) if task is not None else spool.iter_body(m.id)

@@ -74,8 +74,9 @@ class GateState:
 
 
 class Gate:
-    def __init__(self, kv: KvStore, outages: OutageSource, clock: Clock, domains: list[str],
-                 *, cache_seconds: float = 1.0) -> None:
+    def __init__(
+        self, kv: KvStore, outages: OutageSource, clock: Clock, domains: list[str], *, cache_seconds: float = 1.0
+    ) -> None:
         self.kv = kv
         self.outages = outages
         self.clock = clock

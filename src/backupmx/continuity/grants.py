@@ -63,13 +63,23 @@ class Grant:
         return self.subject.rpartition("@")[2]
 
     def to_json(self) -> dict[str, Any]:
-        return {"subject": self.subject, "id": self.id, "created_at": self.created_at,
-                "expires_at": self.expires_at, "by": self.by}
+        return {
+            "subject": self.subject,
+            "id": self.id,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "by": self.by,
+        }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Grant:
-        return cls(str(doc["subject"]), str(doc["id"]), float(doc["created_at"]), float(doc["expires_at"]),
-                   str(doc.get("by", "")))
+        return cls(
+            str(doc["subject"]),
+            str(doc["id"]),
+            float(doc["created_at"]),
+            float(doc["expires_at"]),
+            str(doc.get("by", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +141,11 @@ class AccessStore:
     async def grant_for(self, address: str) -> Grant | None:
         """The grant that lets `address` in: its own, or its domain's; the longer-lasting one."""
         address = normalize_address(address)
-        found = [g for g in (await self.get_grant(address), await self.get_grant("@" + address.rpartition("@")[2]))
-                 if g is not None]
+        found = [
+            g
+            for g in (await self.get_grant(address), await self.get_grant("@" + address.rpartition("@")[2]))
+            if g is not None
+        ]
         return max(found, key=lambda g: g.expires_at) if found else None
 
     async def grant_alive(self, address: str, grant_id: str) -> Grant | None:
@@ -186,16 +199,25 @@ class AccessStore:
             # the record is gone: used a moment ago (elsewhere), or never issued by this installation
             raise LinkRefused(Refusal.USED, claims.address)
         now = self.clock.now()
-        await self.kv.kv_put(NS_USED, claims.link_id, json.dumps({"at": now, "by": used_by}).encode(),
-                             expires_at=claims.expires_at + USED_KEEP_SECONDS, now=now)
+        await self.kv.kv_put(
+            NS_USED,
+            claims.link_id,
+            json.dumps({"at": now, "by": used_by}).encode(),
+            expires_at=claims.expires_at + USED_KEEP_SECONDS,
+            now=now,
+        )
         g = await self.grant_alive(claims.address, claims.grant_id)
         if g is None:  # revoked between the check and the delete
             raise LinkRefused(Refusal.REVOKED, claims.address)
         cookie = new_id(32)
         s = Session(claims.address, session_key(cookie), g.id, min(now + session_ttl, g.expires_at))
-        await self.kv.kv_put(NS_SESSION, s.key, json.dumps({"address": s.address, "grant": s.grant_id,
-                                                            "expires_at": s.expires_at}).encode(),
-                             expires_at=s.expires_at, now=now)
+        await self.kv.kv_put(
+            NS_SESSION,
+            s.key,
+            json.dumps({"address": s.address, "grant": s.grant_id, "expires_at": s.expires_at}).encode(),
+            expires_at=s.expires_at,
+            now=now,
+        )
         return s, cookie
 
     # -- sessions ----------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "banner_title": "The mail service of {domain} is down",
         "banner_since": "since {since}",
         "banner_body": "While it is down, this backup server keeps the mail sent to you, and you can read it "
-                       "here. Every message will also arrive in your normal mailbox when the service is back. "
-                       "Nothing here is deleted or marked as read.",
+        "here. Every message will also arrive in your normal mailbox when the service is back. "
+        "Nothing here is deleted or marked as read.",
         "banner_opened": "Your mail administrator opened this emergency inbox for {domain}. Every message here "
-                         "will also arrive in your normal mailbox. Nothing here is deleted or marked as read.",
+        "will also arrive in your normal mailbox. Nothing here is deleted or marked as read.",
         "signed_in_as": "Signed in as",
         "sign_out": "Sign out",
         "count": "{n} messages",
@@ -49,7 +49,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "html_frame_title": "Message content",
         "signin_title": "Read your held mail",
         "signin_body": "This link signs you in as {address}. It works only once; after signing in, this browser "
-                       "stays signed in until {until}.",
+        "stays signed in until {until}.",
         "signin_button": "Sign in",
         "signin_no_password": "You will never be asked for the password of your mailbox here.",
         "link_invalid": "This sign-in link is not valid",
@@ -58,16 +58,15 @@ MESSAGES: dict[str, dict[str, str]] = {
         "link_revoked": "Access with this link has been withdrawn",
         "link_closed": "The emergency inbox is closed",
         "refused_help": "A sign-in link works once and only for a short time. Ask your mail administrator for "
-                        "a new one.",
+        "a new one.",
         "closed_title": "The emergency inbox is closed",
         "closed_body": "It opens only while the mail service is down. Your mail is delivered to your normal "
-                       "mailbox as usual.",
+        "mailbox as usual.",
         "need_link_title": "Sign in with your link",
         "need_link_body": "Open the sign-in link your mail administrator sent you. This page has no password "
-                          "form: it never asks for the password of your mailbox.",
+        "form: it never asks for the password of your mailbox.",
         "not_found_title": "This message is not available",
-        "not_found_body": "It may have been delivered to your normal mailbox already, or the address is not "
-                          "right.",
+        "not_found_body": "It may have been delivered to your normal mailbox already, or the address is not right.",
         "signed_out": "You are signed out.",
         "unavailable": "The backup server cannot read its storage right now. Try again in a minute.",
         "footer": "backupmx emergency inbox · read-only",
@@ -75,10 +74,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "bad_request": "This request could not be understood.",
         "too_large_title": "Too large to show here",
         "too_large_body": "This message ({size}) is too large or has too many parts to show in the browser. "
-                          "Download it and open it with your mail program.",
+        "Download it and open it with your mail program.",
         "slow_down_title": "Too many attempts",
         "slow_down_body": "Too many sign-in links that do not work came from your network. Wait a few minutes, "
-                          "then open the newest link your mail administrator sent you.",
+        "then open the newest link your mail administrator sent you.",
         "lang_switch": "한국어",
     },
     "ko": {
@@ -87,10 +86,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "banner_title": "{domain} 메일 서비스에 장애가 발생했습니다",
         "banner_since": "{since}부터",
         "banner_body": "장애 기간 동안 이 백업 서버가 회원님께 온 메일을 안전하게 보관하며, 여기에서 읽을 수 "
-                       "있습니다. 서비스가 복구되면 모든 메일이 평소 메일함으로도 전달됩니다. 여기에서는 아무것도 "
-                       "삭제되거나 읽음으로 표시되지 않습니다.",
+        "있습니다. 서비스가 복구되면 모든 메일이 평소 메일함으로도 전달됩니다. 여기에서는 아무것도 "
+        "삭제되거나 읽음으로 표시되지 않습니다.",
         "banner_opened": "메일 관리자가 {domain}의 비상 메일함을 열었습니다. 여기의 모든 메일은 평소 메일함으로도 "
-                         "전달됩니다. 여기에서는 아무것도 삭제되거나 읽음으로 표시되지 않습니다.",
+        "전달됩니다. 여기에서는 아무것도 삭제되거나 읽음으로 표시되지 않습니다.",
         "signed_in_as": "로그인 계정",
         "sign_out": "로그아웃",
         "count": "{n}통",
@@ -119,7 +118,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "html_frame_title": "메일 내용",
         "signin_title": "보관 중인 메일 읽기",
         "signin_body": "이 링크로 {address} 계정에 로그인합니다. 링크는 한 번만 사용할 수 있으며, 로그인하면 이 "
-                       "브라우저는 {until}까지 로그인 상태로 유지됩니다.",
+        "브라우저는 {until}까지 로그인 상태로 유지됩니다.",
         "signin_button": "로그인",
         "signin_no_password": "이곳에서는 메일 계정의 비밀번호를 절대 묻지 않습니다.",
         "link_invalid": "올바르지 않은 로그인 링크입니다",
@@ -128,12 +127,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "link_revoked": "이 링크의 접근 권한이 취소되었습니다",
         "link_closed": "비상 메일함이 닫혀 있습니다",
         "refused_help": "로그인 링크는 짧은 시간 동안 한 번만 사용할 수 있습니다. 메일 관리자에게 새 링크를 "
-                        "요청하세요.",
+        "요청하세요.",
         "closed_title": "비상 메일함이 닫혀 있습니다",
         "closed_body": "비상 메일함은 메일 서비스 장애 중에만 열립니다. 메일은 평소처럼 메일함으로 전달됩니다.",
         "need_link_title": "받은 링크로 로그인하세요",
         "need_link_body": "메일 관리자가 보낸 로그인 링크를 여세요. 이 페이지에는 비밀번호 입력란이 없으며, 메일 "
-                          "계정의 비밀번호를 절대 묻지 않습니다.",
+        "계정의 비밀번호를 절대 묻지 않습니다.",
         "not_found_title": "이 메일을 볼 수 없습니다",
         "not_found_body": "이미 평소 메일함으로 전달되었거나 주소가 올바르지 않습니다.",
         "signed_out": "로그아웃되었습니다.",
@@ -143,10 +142,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "bad_request": "요청을 처리할 수 없습니다.",
         "too_large_title": "여기에 표시하기에는 너무 큽니다",
         "too_large_body": "이 메일({size})은 너무 크거나 첨부된 부분이 너무 많아 브라우저에서 표시할 수 없습니다. "
-                          "다운로드하여 메일 프로그램으로 여세요.",
+        "다운로드하여 메일 프로그램으로 여세요.",
         "slow_down_title": "시도가 너무 많습니다",
         "slow_down_body": "사용할 수 없는 로그인 링크가 사용자의 네트워크에서 너무 많이 열렸습니다. 몇 분 뒤에 메일 "
-                          "관리자가 보낸 가장 최근 링크를 여세요.",
+        "관리자가 보낸 가장 최근 링크를 여세요.",
         "lang_switch": "English",
     },
 }

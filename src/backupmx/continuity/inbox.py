@@ -70,8 +70,10 @@ PAGE_SIZE = 50
 AUDIT_FLUSH_SECONDS = 15.0  # how often ended bursts of refusals are written out
 MAX_LISTED = 20_000  # messages of one person scanned for the list, newest kept
 STATIC_DIR = Path(__file__).parent / "static"
-PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; frame-src 'self'; form-action 'self'; "
-            "base-uri 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; frame-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -117,9 +119,19 @@ def is_owned(message: MessageRecord, address: str) -> bool:
 class InboxApp:
     """The handlers. Built by ContinuityServer; tests build it directly around a spool and a gate."""
 
-    def __init__(self, config: Config, spool: Spool, gate: Gate, access: AccessStore, signer: Signer,
-                 audit: AuditLog, clock: Clock, *, sanitize: Sanitizer = safe_html,
-                 limiter: FailureLimiter | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        gate: Gate,
+        access: AccessStore,
+        signer: Signer,
+        audit: AuditLog,
+        clock: Clock,
+        *,
+        sanitize: Sanitizer = safe_html,
+        limiter: FailureLimiter | None = None,
+    ) -> None:
         self.config = config
         self.limiter = limiter or FailureLimiter(clock)
         self.views = ViewCache()  # parses once per view, on threads of its own
@@ -134,25 +146,30 @@ class InboxApp:
         self.https = config.continuity.tls_cert is not None
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("backupmx.continuity", "templates"),
-            autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+            autoescape=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined,
+        )
         self.env.globals.update(version=__version__)
 
     # -- wiring ----------------------------------------------------------------------------------
     def build(self) -> web.Application:
-        app = web.Application(middlewares=[self._headers_mw, self._errors_mw, self._gate_mw],
-                              client_max_size=64 * 1024)
+        app = web.Application(middlewares=[self._headers_mw, self._errors_mw, self._gate_mw], client_max_size=64 * 1024)
         app.router.add_static("/static", STATIC_DIR, append_version=False)
         mid = "/m/{id:[0-9A-Z]{14}}/{tok:[A-Za-z0-9_-]{22}}"
-        app.add_routes([
-            web.get("/", self.inbox),
-            web.get("/signin", self.signin_form),
-            web.post("/signin", self.signin),
-            web.post("/signout", self.signout),
-            web.get(mid, self.message),
-            web.get(mid + "/frame", self.frame),
-            web.get(mid + "/part/{n:[0-9]{1,4}}", self.part),
-            web.get(mid + "/eml", self.eml),
-        ])
+        app.add_routes(
+            [
+                web.get("/", self.inbox),
+                web.get("/signin", self.signin_form),
+                web.post("/signin", self.signin),
+                web.post("/signout", self.signout),
+                web.get(mid, self.message),
+                web.get(mid + "/frame", self.frame),
+                web.get(mid + "/part/{n:[0-9]{1,4}}", self.part),
+                web.get(mid + "/eml", self.eml),
+            ]
+        )
         return app
 
     # -- middlewares -----------------------------------------------------------------------------
@@ -179,8 +196,9 @@ class InboxApp:
             return resp
         except web.HTTPException as e:
             if e.status in (404, 405):
-                return self._render(request, "notice.html", status=e.status, heading="not_found_title",
-                                    body="not_found_body")
+                return self._render(
+                    request, "notice.html", status=e.status, heading="not_found_title", body="not_found_body"
+                )
             raise
         except (SpoolError, OSError) as e:
             log.error("continuity: %s on %s %s", e, request.method, request.path)
@@ -209,19 +227,36 @@ class InboxApp:
         query = {k: v for k, v in request.query.items() if k != "lang"}
         other = "en" if lang == "ko" else "ko"
         html = self.env.get_template(template).render(
-            t=t, lang=lang, session=session, csrf=self.signer.csrf_token(session.key) if session else "",
-            switch_url=f"{request.path}?{urlencode({**query, 'lang': other})}", tz=self.tz,
-            now=datetime.fromtimestamp(self.clock.now(), UTC), banner=ctx.pop("banner", None), **ctx)
+            t=t,
+            lang=lang,
+            session=session,
+            csrf=self.signer.csrf_token(session.key) if session else "",
+            switch_url=f"{request.path}?{urlencode({**query, 'lang': other})}",
+            tz=self.tz,
+            now=datetime.fromtimestamp(self.clock.now(), UTC),
+            banner=ctx.pop("banner", None),
+            **ctx,
+        )
         resp = web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
         if request.query.get("lang") in ("en", "ko"):
-            resp.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, httponly=True, samesite="Strict", path="/",
-                            secure=self._secure(request))
+            resp.set_cookie(
+                LANG_COOKIE,
+                lang,
+                max_age=365 * 86400,
+                httponly=True,
+                samesite="Strict",
+                path="/",
+                secure=self._secure(request),
+            )
         return resp
 
     def _secure(self, request: web.Request) -> bool:
-        return request.secure or self.https or \
-            request.headers.get("X-Forwarded-Proto", "").lower() == "https" or \
-            (self.config.continuity.base_url or "").startswith("https://")
+        return (
+            request.secure
+            or self.https
+            or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+            or (self.config.continuity.base_url or "").startswith("https://")
+        )
 
     def _same_origin(self, request: web.Request) -> bool:
         """The request's own origin, or the public one in sign-in links (base_url, behind a proxy)."""
@@ -235,16 +270,28 @@ class InboxApp:
         """429 with Retry-After for a client network that spent its failed sign-ins (signinlimit.py)."""
         wait = self.limiter.retry_after(request.remote)
         if wait is not None:
-            self.audit.refusal(self.clock.now(), "signin-refused", actor=self._actor(request),
-                               client=client_network(request.remote), why="rate-limited")
-            raise _Page(429, "notice.html", heading="slow_down_title", body="slow_down_body",
-                        headers={"Retry-After": str(wait)})
+            self.audit.refusal(
+                self.clock.now(),
+                "signin-refused",
+                actor=self._actor(request),
+                client=client_network(request.remote),
+                why="rate-limited",
+            )
+            raise _Page(
+                429, "notice.html", heading="slow_down_title", body="slow_down_body", headers={"Retry-After": str(wait)}
+            )
 
     def _link_refused(self, request: web.Request, e: LinkRefused) -> _Page:
         """A link that cannot be used: counted against the client, audited (aggregated), its page."""
         self.limiter.failed(request.remote)
-        self.audit.refusal(self.clock.now(), "signin-refused", actor=self._actor(request),
-                           client=client_network(request.remote), why=e.reason.value, address=e.address)
+        self.audit.refusal(
+            self.clock.now(),
+            "signin-refused",
+            actor=self._actor(request),
+            client=client_network(request.remote),
+            why=e.reason.value,
+            address=e.address,
+        )
         return _Page(403, "refused.html", reason=e.reason.value)
 
     async def _session(self, request: web.Request) -> tuple[Session, GateState]:
@@ -254,8 +301,7 @@ class InboxApp:
             raise _Page(401, "notice.html", heading="need_link_title", body="need_link_body")
         state = await self.gate.state(session.address.rpartition("@")[2])
         if not state.open:
-            raise _Page(403, "notice.html", heading="closed_title", body="closed_body", closed=True,
-                        session=session)
+            raise _Page(403, "notice.html", heading="closed_title", body="closed_body", closed=True, session=session)
         return session, state
 
     def message_url(self, queue_id: str, address: str) -> str:
@@ -265,14 +311,27 @@ class InboxApp:
         """The message of this URL when it is the session's; the same 404 page for every other case."""
         qid, tok = request.match_info["id"], request.match_info["tok"]
         if not self.signer.message_token_ok(qid, session.address, tok):
-            self.audit.refusal(self.clock.now(), "view-refused", actor=self._actor(request),
-                               client=client_network(request.remote), why="token", address=session.address, id=qid)
+            self.audit.refusal(
+                self.clock.now(),
+                "view-refused",
+                actor=self._actor(request),
+                client=client_network(request.remote),
+                why="token",
+                address=session.address,
+                id=qid,
+            )
             raise _Page(404, "notice.html", heading="not_found_title", body="not_found_body", session=session)
         rec = await self.spool.get(QueueId(qid))
         if rec is None or not is_owned(rec, session.address):
-            self.audit.refusal(self.clock.now(), "view-refused", actor=self._actor(request),
-                               client=client_network(request.remote), why="not held for this address",
-                               address=session.address, id=qid)
+            self.audit.refusal(
+                self.clock.now(),
+                "view-refused",
+                actor=self._actor(request),
+                client=client_network(request.remote),
+                why="not held for this address",
+                address=session.address,
+                id=qid,
+            )
             raise _Page(404, "notice.html", heading="not_found_title", body="not_found_body", session=session)
         return rec
 
@@ -282,12 +341,20 @@ class InboxApp:
 
         return await self.views.view(rec.id, rec.size, body)
 
-    def _too_large(self, request: web.Request, session: Session, state: GateState | None, rec: MessageRecord,
-                   big: TooLarge) -> web.Response:
+    def _too_large(
+        self, request: web.Request, session: Session, state: GateState | None, rec: MessageRecord, big: TooLarge
+    ) -> web.Response:
         """The page for a message past the view's budget: what it is and the .eml to download."""
-        return self._render(request, "toolarge.html", session=session,
-                            banner=self._banner(state) if state is not None else None, m=rec, big=big,
-                            base=self.message_url(rec.id, session.address), compact_banner=True)
+        return self._render(
+            request,
+            "toolarge.html",
+            session=session,
+            banner=self._banner(state) if state is not None else None,
+            m=rec,
+            big=big,
+            base=self.message_url(rec.id, session.address),
+            compact_banner=True,
+        )
 
     def _banner(self, state: GateState) -> dict[str, Any]:
         since = datetime.fromtimestamp(state.outage_since, UTC) if state.outage_since else None
@@ -321,25 +388,41 @@ class InboxApp:
         pages = max(1, -(-len(held) // PAGE_SIZE))
         page_no = min(page_no, pages)
         rows = []
-        for m in held[(page_no - 1) * PAGE_SIZE: page_no * PAGE_SIZE]:
+        for m in held[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]:
             try:
                 head = await read_head(self.spool, m.id)
             except NotFound:
                 continue  # delivered and purged a moment ago
             summary = await self.views.run(summarize, head)
             rows.append(Row(m.id, self.message_url(m.id, session.address), summary, m.size, m.received_at))
-        self.audit.write(self.clock.now(), "list", actor=self._actor(request), address=session.address,
-                         count=len(held), page=page_no)
-        return self._render(request, "inbox.html", session=session, banner=self._banner(state), rows=rows,
-                            total=len(held), page=page_no, pages=pages, title_key="title_inbox")
+        self.audit.write(
+            self.clock.now(), "list", actor=self._actor(request), address=session.address, count=len(held), page=page_no
+        )
+        return self._render(
+            request,
+            "inbox.html",
+            session=session,
+            banner=self._banner(state),
+            rows=rows,
+            total=len(held),
+            page=page_no,
+            pages=pages,
+            title_key="title_inbox",
+        )
 
     async def message(self, request: web.Request) -> web.Response:
         session, state = await self._session(request)
         rec = await self._owned(request, session)
         parsed = await self._parsed(rec)
         if isinstance(parsed, TooLarge):
-            self.audit.write(self.clock.now(), "view", actor=self._actor(request), address=session.address,
-                             id=rec.id, shown="too-large")
+            self.audit.write(
+                self.clock.now(),
+                "view",
+                actor=self._actor(request),
+                address=session.address,
+                id=rec.id,
+                shown="too-large",
+            )
             return self._too_large(request, session, state, rec, parsed)
         view = request.query.get("view")
         show_html = parsed.html is not None and (view != "text" or parsed.text is None)
@@ -348,9 +431,19 @@ class InboxApp:
             remote = (await self.views.run(self.sanitize, parsed.html, parsed.inline_images)).remote_blocked
         base = self.message_url(rec.id, session.address)
         self.audit.write(self.clock.now(), "view", actor=self._actor(request), address=session.address, id=rec.id)
-        return self._render(request, "message.html", session=session, banner=self._banner(state), m=rec,
-                            p=parsed, base=base, show_html=show_html, remote_blocked=remote, compact_banner=True,
-                            received=datetime.fromtimestamp(rec.received_at, UTC))
+        return self._render(
+            request,
+            "message.html",
+            session=session,
+            banner=self._banner(state),
+            m=rec,
+            p=parsed,
+            base=base,
+            show_html=show_html,
+            remote_blocked=remote,
+            compact_banner=True,
+            received=datetime.fromtimestamp(rec.received_at, UTC),
+        )
 
     async def frame(self, request: web.Request) -> web.Response:
         """The HTML part, sanitised, as its own document for the sandboxed iframe."""
@@ -360,12 +453,16 @@ class InboxApp:
         if isinstance(parsed, TooLarge) or parsed.html is None:
             raise web.HTTPNotFound()
         safe = await self.views.run(self.sanitize, parsed.html, parsed.inline_images)
-        return web.Response(text=frame_document(safe.html, self._lang(request)), content_type="text/html",
-                            charset="utf-8", headers={
-                                "Content-Security-Policy": FRAME_CSP,
-                                "X-Frame-Options": "SAMEORIGIN",
-                                "Referrer-Policy": "no-referrer",
-                            })
+        return web.Response(
+            text=frame_document(safe.html, self._lang(request)),
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": FRAME_CSP,
+                "X-Frame-Options": "SAMEORIGIN",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
 
     async def part(self, request: web.Request) -> web.Response:
         session, state = await self._session(request)
@@ -377,25 +474,32 @@ class InboxApp:
         if found is None:
             raise web.HTTPNotFound()
         att, data = found
-        self.audit.write(self.clock.now(), "download", actor=self._actor(request), address=session.address,
-                         id=rec.id, part=att.index)
-        return web.Response(body=data, headers={
-            "Content-Type": "application/octet-stream",  # never rendered by the browser, whatever it claims
-            "Content-Disposition": content_disposition(att.filename),
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        })
+        self.audit.write(
+            self.clock.now(), "download", actor=self._actor(request), address=session.address, id=rec.id, part=att.index
+        )
+        return web.Response(
+            body=data,
+            headers={
+                "Content-Type": "application/octet-stream",  # never rendered by the browser, whatever it claims
+                "Content-Disposition": content_disposition(att.filename),
+                "Content-Security-Policy": "default-src 'none'; sandbox",
+            },
+        )
 
     async def eml(self, request: web.Request) -> web.StreamResponse:
         session, _ = await self._session(request)
         rec = await self._owned(request, session)
-        self.audit.write(self.clock.now(), "download", actor=self._actor(request), address=session.address,
-                         id=rec.id, part="eml")
-        resp = web.StreamResponse(headers={
-            "Content-Type": "message/rfc822",
-            "Content-Disposition": content_disposition(f"{rec.id}.eml"),
-            "Content-Length": str(rec.size),
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        })
+        self.audit.write(
+            self.clock.now(), "download", actor=self._actor(request), address=session.address, id=rec.id, part="eml"
+        )
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "message/rfc822",
+                "Content-Disposition": content_disposition(f"{rec.id}.eml"),
+                "Content-Length": str(rec.size),
+                "Content-Security-Policy": "default-src 'none'; sandbox",
+            }
+        )
         self._secure_headers(request, resp)
         chunks = self.spool.iter_body(rec.id)
         await resp.prepare(request)
@@ -421,12 +525,19 @@ class InboxApp:
         except LinkRefused as e:
             raise self._link_refused(request, e) from None
         if not (await self.gate.state(claims.address.rpartition("@")[2])).open:
-            self.audit.write(self.clock.now(), "signin-refused", actor=self._actor(request), address=claims.address,
-                             why=Refusal.CLOSED.value)
+            self.audit.write(
+                self.clock.now(),
+                "signin-refused",
+                actor=self._actor(request),
+                address=claims.address,
+                why=Refusal.CLOSED.value,
+            )
             raise _Page(403, "notice.html", heading="closed_title", body="closed_body", closed=True)
         g = await self.access.grant_alive(claims.address, claims.grant_id)
-        until = min(self.clock.now() + self.config.continuity.session_ttl.total_seconds(),
-                    g.expires_at if g else self.clock.now())
+        until = min(
+            self.clock.now() + self.config.continuity.session_ttl.total_seconds(),
+            g.expires_at if g else self.clock.now(),
+        )
         return claims.address, until
 
     async def signin_form(self, request: web.Request) -> web.Response:
@@ -434,8 +545,9 @@ class InboxApp:
         self._throttle(request)
         token = request.query.get("t", "")
         address, until = await self._check_link(request, token)
-        return self._render(request, "signin.html", token=token, address=address,
-                            until=datetime.fromtimestamp(until, UTC))
+        return self._render(
+            request, "signin.html", token=token, address=address, until=datetime.fromtimestamp(until, UTC)
+        )
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
         if not self._same_origin(request):
@@ -447,18 +559,31 @@ class InboxApp:
             raise _Page(400, "notice.html", heading="error_title", body="bad_request")
         await self._check_link(request, token)
         try:
-            session, cookie = await self.access.redeem(token, session_ttl=self.config.continuity.session_ttl
-                                                       .total_seconds(), used_by=self._actor(request))
+            session, cookie = await self.access.redeem(
+                token, session_ttl=self.config.continuity.session_ttl.total_seconds(), used_by=self._actor(request)
+            )
         except LinkRefused as e:
             raise self._link_refused(request, e) from None
         old = await self.access.session(request.cookies.get(COOKIE))
         if old is not None:
             await self.access.end_session(old)
-        self.audit.write(self.clock.now(), "signin", actor=self._actor(request), address=session.address,
-                         until=int(session.expires_at))
+        self.audit.write(
+            self.clock.now(),
+            "signin",
+            actor=self._actor(request),
+            address=session.address,
+            until=int(session.expires_at),
+        )
         resp = web.Response(status=303, headers={"Location": "/"})
-        resp.set_cookie(COOKIE, cookie, max_age=max(1, int(session.expires_at - self.clock.now())), httponly=True,
-                        samesite="Strict", path="/", secure=self._secure(request))
+        resp.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=max(1, int(session.expires_at - self.clock.now())),
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            secure=self._secure(request),
+        )
         return resp
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
@@ -466,8 +591,9 @@ class InboxApp:
         form = await request.post()
         csrf = form.get("csrf")
         if session is not None:
-            if not self._same_origin(request) or \
-                    not self.signer.csrf_ok(session.key, csrf if isinstance(csrf, str) else None):
+            if not self._same_origin(request) or not self.signer.csrf_ok(
+                session.key, csrf if isinstance(csrf, str) else None
+            ):
                 raise _Page(403, "notice.html", heading="error_title", body="bad_request", session=session)
             await self.access.end_session(session)
             self.audit.write(self.clock.now(), "signout", actor=self._actor(request), address=session.address)
@@ -486,8 +612,16 @@ def content_disposition(filename: str) -> str:
 class ContinuityServer:
     """The emergency inbox's listener. Construct, `await start()`, read `bound`/`url`, `await stop()`."""
 
-    def __init__(self, config: Config, spool: Spool, health: HealthSnapshot | None, clock: Clock,
-                 *, outages: OutageSource | None = None, sanitize: Sanitizer = safe_html) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        health: HealthSnapshot | None,
+        clock: Clock,
+        *,
+        outages: OutageSource | None = None,
+        sanitize: Sanitizer = safe_html,
+    ) -> None:
         from backupmx.continuity.gate import SpoolOutages
 
         self.config = config
@@ -527,8 +661,11 @@ class ContinuityServer:
         host, port = self.config.continuity.listen_address
         self._runner, self._bound = await start_site(self.app.build(), host, port, ssl_context=self._tls())
         self._flusher = asyncio.create_task(self._flush_audit(), name="continuity-audit")
-        log.info("continuity: emergency inbox listening on %s (public address %s)", self.url,
-                 self.config.continuity.public_url)
+        log.info(
+            "continuity: emergency inbox listening on %s (public address %s)",
+            self.url,
+            self.config.continuity.public_url,
+        )
 
     async def _flush_audit(self) -> None:
         """Writes the count of each burst of refusals once it has ended, until cancelled."""
@@ -548,4 +685,3 @@ class ContinuityServer:
             self._runner = None
         self.audit.flush(self.clock.now(), everything=True)
         self.app.views.close()
-

@@ -28,10 +28,12 @@ def check_notify_target(config: Config, to: str) -> str:
         raise NotifyError(f"--notify {to!r}: not an address such as alice@elsewhere.example")
     domain = to.rpartition("@")[2].lower()
     if domain in config.domain_names:
-        raise NotifyError(f"--notify {to}: {domain} is a protected domain; its mail is what is held. "
-                          "Give an address elsewhere (a personal mailbox, a colleague's)")
+        raise NotifyError(
+            f"--notify {to}: {domain} is a protected domain; its mail is what is held. "
+            "Give an address elsewhere (a personal mailbox, a colleague's)"
+        )
     if not config.continuity.smarthost:
-        raise NotifyError("--notify needs [continuity] smarthost = \"host:port\" (a relay that is not the primary)")
+        raise NotifyError('--notify needs [continuity] smarthost = "host:port" (a relay that is not the primary)')
     return to
 
 
@@ -53,7 +55,8 @@ def link_notice(config: Config, *, to: str, address: str, link: str, link_expire
         f"{link}\n\n"
         f"While the mail service of {domain} is down, the mail sent to {address} is kept safely on a backup\n"
         f"server. Open the link above to read it. It works once, until {until}. Every message will also\n"
-        "arrive in the normal mailbox when the service is back. No password is needed.\n")
+        "arrive in the normal mailbox when the service is back. No password is needed.\n"
+    )
     return msg
 
 
@@ -64,8 +67,15 @@ async def send_notice(config: Config, msg: EmailMessage) -> None:
     host, port = parse_hostport(smarthost, default_port=25)
     sender = str(msg["From"])
     try:
-        await aiosmtplib.send(msg, sender=sender, recipients=[str(msg["To"])], hostname=host, port=port,
-                              local_hostname=config.server.hostname, timeout=TIMEOUT_SECONDS)
+        await aiosmtplib.send(
+            msg,
+            sender=sender,
+            recipients=[str(msg["To"])],
+            hostname=host,
+            port=port,
+            local_hostname=config.server.hostname,
+            timeout=TIMEOUT_SECONDS,
+        )
     except aiosmtplib.SMTPResponseException as e:
         raise NotifyError(f"smarthost {smarthost} refused the notice: {e.code} {e.message}") from None
     except (aiosmtplib.SMTPException, OSError) as e:

@@ -37,14 +37,25 @@ INLINE_IMAGE_MAX = 2 * 1024 * 1024  # one cid: image inlined as data:, at most
 INLINE_TOTAL_MAX = 10 * 1024 * 1024
 INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})  # never SVG
 
-FRAME_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:; "
-             "form-action 'none'; base-uri 'none'; frame-ancestors 'self'; "
-             "sandbox allow-popups allow-popups-to-escape-sandbox")
+FRAME_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:; "
+    "form-action 'none'; base-uri 'none'; frame-ancestors 'self'; "
+    "sandbox allow-popups allow-popups-to-escape-sandbox"
+)
 
 # Microsoft's names for Korean and Chinese charsets, and what they really mean.
-_CHARSET_ALIASES = {"ks_c_5601-1987": "cp949", "ks_c_5601": "cp949", "euc-kr": "cp949", "ksc5601": "cp949",
-                    "gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "iso-8859-1": "cp1252",
-                    "us-ascii": "ascii", "unicode-1-1-utf-7": "utf-7"}
+_CHARSET_ALIASES = {
+    "ks_c_5601-1987": "cp949",
+    "ks_c_5601": "cp949",
+    "euc-kr": "cp949",
+    "ksc5601": "cp949",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "iso-8859-1": "cp1252",
+    "us-ascii": "ascii",
+    "unicode-1-1-utf-7": "utf-7",
+}
 
 
 class BodySource(Protocol):
@@ -288,7 +299,7 @@ def safe_filename(name: str | None, index: int, content_type: str) -> str:
         name = f"part-{index}{ext}"
     if len(name) > 120:
         stem, dot, ext = name.rpartition(".")
-        name = (stem[: 110] + dot + ext[:9]) if dot and len(ext) < 10 else name[:120]
+        name = (stem[:110] + dot + ext[:9]) if dot and len(ext) < 10 else name[:120]
     return name
 
 
@@ -311,8 +322,12 @@ def parse_message(body: bytes) -> ParsedMessage:
             html = _decode_bytes(data, part.get_content_charset()).replace("\r\n", "\n")
             continue
         cid = (part.get("Content-ID") or "").strip().strip("<>").strip() or None
-        if cid and ctype in INLINE_IMAGE_TYPES and len(data) <= INLINE_IMAGE_MAX and \
-                inline_total + len(data) <= INLINE_TOTAL_MAX:
+        if (
+            cid
+            and ctype in INLINE_IMAGE_TYPES
+            and len(data) <= INLINE_IMAGE_MAX
+            and inline_total + len(data) <= INLINE_TOTAL_MAX
+        ):
             inline[cid] = f"data:{ctype};base64,{b64encode(data).decode('ascii')}"
             inline_total += len(data)
             if not is_att:
@@ -326,9 +341,17 @@ def parse_message(body: bytes) -> ParsedMessage:
         parts[index] = part
         attachments.append(Attachment(index, safe_filename(raw_name, index, ctype), ctype, len(data), cid))
     return ParsedMessage(
-        sender=_people(_header(msg, "From")), to=_people(_header(msg, "To")), cc=_people(_header(msg, "Cc")),
-        subject=_header(msg, "Subject"), date=_date(_header(msg, "Date")), text=text, html=html,
-        attachments=attachments, inline_images=inline, _parts=parts)
+        sender=_people(_header(msg, "From")),
+        to=_people(_header(msg, "To")),
+        cc=_people(_header(msg, "Cc")),
+        subject=_header(msg, "Subject"),
+        date=_date(_header(msg, "Date")),
+        text=text,
+        html=html,
+        attachments=attachments,
+        inline_images=inline,
+        _parts=parts,
+    )
 
 
 def attachment_bytes(parsed: ParsedMessage, index: int) -> tuple[Attachment, bytes] | None:
@@ -344,24 +367,72 @@ _TAGS = (set(nh3.ALLOWED_TAGS) - {"area", "map"}) | {"font", "center", "big"}
 _ATTRIBUTES: dict[str, set[str]] = {k: set(v) for k, v in nh3.ALLOWED_ATTRIBUTES.items()}
 _ATTRIBUTES.setdefault("*", set()).update({"style", "dir", "lang", "title", "align", "valign", "bgcolor"})
 for _tag in ("table", "td", "th", "tr", "tbody", "thead"):
-    _ATTRIBUTES.setdefault(_tag, set()).update({"width", "height", "bgcolor", "border", "cellpadding",
-                                                "cellspacing", "align", "valign"})
+    _ATTRIBUTES.setdefault(_tag, set()).update(
+        {"width", "height", "bgcolor", "border", "cellpadding", "cellspacing", "align", "valign"}
+    )
 _ATTRIBUTES.setdefault("font", set()).update({"color", "face", "size"})
 _STYLE_PROPERTIES = {
-    "color", "background-color", "font", "font-family", "font-size", "font-style", "font-weight",
-    "font-variant", "text-align", "text-decoration", "text-transform", "text-indent", "line-height",
-    "letter-spacing", "word-spacing", "white-space", "word-break", "overflow-wrap", "vertical-align",
-    "margin", "margin-top", "margin-right", "margin-bottom", "margin-left",
-    "padding", "padding-top", "padding-right", "padding-bottom", "padding-left",
-    "border", "border-top", "border-right", "border-bottom", "border-left", "border-color", "border-style",
-    "border-width", "border-collapse", "border-spacing", "border-radius",
-    "width", "max-width", "min-width", "height", "max-height", "min-height", "display", "list-style-type",
-    "table-layout", "direction",
+    "color",
+    "background-color",
+    "font",
+    "font-family",
+    "font-size",
+    "font-style",
+    "font-weight",
+    "font-variant",
+    "text-align",
+    "text-decoration",
+    "text-transform",
+    "text-indent",
+    "line-height",
+    "letter-spacing",
+    "word-spacing",
+    "white-space",
+    "word-break",
+    "overflow-wrap",
+    "vertical-align",
+    "margin",
+    "margin-top",
+    "margin-right",
+    "margin-bottom",
+    "margin-left",
+    "padding",
+    "padding-top",
+    "padding-right",
+    "padding-bottom",
+    "padding-left",
+    "border",
+    "border-top",
+    "border-right",
+    "border-bottom",
+    "border-left",
+    "border-color",
+    "border-style",
+    "border-width",
+    "border-collapse",
+    "border-spacing",
+    "border-radius",
+    "width",
+    "max-width",
+    "min-width",
+    "height",
+    "max-height",
+    "min-height",
+    "display",
+    "list-style-type",
+    "table-layout",
+    "direction",
 }
-_DANGEROUS_CSS = re.compile(r"url\s*\(|expression\s*\(|image-set|@import|behavior|binding|javascript:|\\|"
-                            r"image\s*\(|element\s*\(|src\s*\(", re.IGNORECASE)
-_REMOTE_REF = re.compile(r"""(?:src|srcset|background|poster|data|action)\s*=\s*['"]?\s*(?:https?:)?//"""
-                         r"""|url\(\s*['"]?\s*(?:https?:)?//|@import""", re.IGNORECASE)
+_DANGEROUS_CSS = re.compile(
+    r"url\s*\(|expression\s*\(|image-set|@import|behavior|binding|javascript:|\\|"
+    r"image\s*\(|element\s*\(|src\s*\(",
+    re.IGNORECASE,
+)
+_REMOTE_REF = re.compile(
+    r"""(?:src|srcset|background|poster|data|action)\s*=\s*['"]?\s*(?:https?:)?//"""
+    r"""|url\(\s*['"]?\s*(?:https?:)?//|@import""",
+    re.IGNORECASE,
+)
 _DATA_IMAGE = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE)
 
 
@@ -397,24 +468,37 @@ def safe_html(html: str, inline_images: dict[str, str] | None = None) -> SafeHtm
             return None
         return value
 
-    cleaned = nh3.clean(html, tags=_TAGS, attributes=_ATTRIBUTES, attribute_filter=attribute_filter,
-                        url_schemes={"http", "https", "mailto", "data", "cid"}, url_relative="deny",
-                        link_rel="noopener noreferrer nofollow", strip_comments=True,
-                        set_tag_attribute_values={"a": {"target": "_blank"}},
-                        filter_style_properties=_STYLE_PROPERTIES)
+    cleaned = nh3.clean(
+        html,
+        tags=_TAGS,
+        attributes=_ATTRIBUTES,
+        attribute_filter=attribute_filter,
+        url_schemes={"http", "https", "mailto", "data", "cid"},
+        url_relative="deny",
+        link_rel="noopener noreferrer nofollow",
+        strip_comments=True,
+        set_tag_attribute_values={"a": {"target": "_blank"}},
+        filter_style_properties=_STYLE_PROPERTIES,
+    )
     return SafeHtml(cleaned, blocked > 0 or _REMOTE_REF.search(html) is not None)
 
 
-FRAME_STYLE = ("html{color-scheme:light}body{margin:0;padding:12px 14px;font:15px/1.5 system-ui,-apple-system,"
-               "'Segoe UI',Roboto,'Noto Sans KR','Apple SD Gothic Neo','Malgun Gothic',sans-serif;color:#1d232b;"
-               "background:#fff;overflow-wrap:anywhere}img{max-width:100%;height:auto}"
-               "table{max-width:100%}pre{white-space:pre-wrap}a{color:#0b57d0}")
+FRAME_STYLE = (
+    "html{color-scheme:light}body{margin:0;padding:12px 14px;font:15px/1.5 system-ui,-apple-system,"
+    "'Segoe UI',Roboto,'Noto Sans KR','Apple SD Gothic Neo','Malgun Gothic',sans-serif;color:#1d232b;"
+    "background:#fff;overflow-wrap:anywhere}img{max-width:100%;height:auto}"
+    "table{max-width:100%}pre{white-space:pre-wrap}a{color:#0b57d0}"
+)
 
 
 def frame_document(body_html: str, lang: str = "en") -> str:
     """The sandboxed frame's whole document around already-sanitised HTML."""
-    return ("<!doctype html><html lang=\"" + ("ko" if lang == "ko" else "en") + "\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"referrer\" content=\"no-referrer\"><meta name=\"viewport\" "
-            "content=\"width=device-width, initial-scale=1\"><style>" + FRAME_STYLE + "</style></head><body>"
-            + body_html + "</body></html>")
-
+    return (
+        '<!doctype html><html lang="' + ("ko" if lang == "ko" else "en") + '"><head><meta charset="utf-8">'
+        '<meta name="referrer" content="no-referrer"><meta name="viewport" '
+        'content="width=device-width, initial-scale=1"><style>'
+        + FRAME_STYLE
+        + "</style></head><body>"
+        + body_html
+        + "</body></html>"
+    )

@@ -102,8 +102,11 @@ class Signer:
 
     # -- sign-in links ---------------------------------------------------------------------------
     def sign_link(self, claims: LinkClaims) -> str:
-        payload = json.dumps({"i": claims.link_id, "a": claims.address, "g": claims.grant_id,
-                              "e": int(claims.expires_at)}, separators=(",", ":"), sort_keys=True).encode()
+        payload = json.dumps(
+            {"i": claims.link_id, "a": claims.address, "g": claims.grant_id, "e": int(claims.expires_at)},
+            separators=(",", ":"),
+            sort_keys=True,
+        ).encode()
         body = _b64(payload)
         mac = hmac.new(self._link_key, f"{LINK_PREFIX}.{body}".encode(), hashlib.sha256).digest()
         return f"{LINK_PREFIX}.{body}.{_b64(mac)}"
@@ -119,8 +122,9 @@ class Signer:
             if not hmac.compare_digest(mac, expected):
                 raise LinkRefused(Refusal.INVALID)
             data = json.loads(_unb64(parts[1]))
-            claims = LinkClaims(link_id=str(data["i"]), address=str(data["a"]), grant_id=str(data["g"]),
-                                expires_at=float(data["e"]))
+            claims = LinkClaims(
+                link_id=str(data["i"]), address=str(data["a"]), grant_id=str(data["g"]), expires_at=float(data["e"])
+            )
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise LinkRefused(Refusal.INVALID) from None
         if claims.expires_at <= now:
@@ -135,16 +139,18 @@ class Signer:
         return _b64(mac.digest()[:16])
 
     def message_token_ok(self, queue_id: str, address: str, presented: str) -> bool:
-        return hmac.compare_digest(self.message_token(queue_id, address).encode(),
-                                   (presented or "").encode("ascii", "replace"))
+        return hmac.compare_digest(
+            self.message_token(queue_id, address).encode(), (presented or "").encode("ascii", "replace")
+        )
 
     # -- forms -----------------------------------------------------------------------------------
     def csrf_token(self, session_key: str) -> str:
         return _b64(hmac.new(self._csrf_key, session_key.encode(), hashlib.sha256).digest()[:18])
 
     def csrf_ok(self, session_key: str, presented: str | None) -> bool:
-        return bool(presented) and hmac.compare_digest(self.csrf_token(session_key).encode(),
-                                                       str(presented).encode("ascii", "replace"))
+        return bool(presented) and hmac.compare_digest(
+            self.csrf_token(session_key).encode(), str(presented).encode("ascii", "replace")
+        )
 
 
 def new_id(nbytes: int = 16) -> str:

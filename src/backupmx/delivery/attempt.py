@@ -34,6 +34,7 @@ log = logging.getLogger("backupmx.delivery")
 try:  # the spool's fault-injection hook, for kill tests
     from backupmx.spool.faults import fault_point
 except ImportError:  # pragma: no cover - the module ships with the spool
+
     def fault_point(name: str) -> None:
         return None
 
@@ -48,8 +49,9 @@ class Unreachable:
 
 
 class Attempts:
-    def __init__(self, config: Config, spool: Spool, resolver: RouteResolver,
-                 reroutes: Mapping[str, tuple[Target, ...]]) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, resolver: RouteResolver, reroutes: Mapping[str, tuple[Target, ...]]
+    ) -> None:
         self._config = config
         self._spool = spool
         self._resolver = resolver
@@ -74,8 +76,9 @@ class Attempts:
         except ConnectFailed as e:
             return Unreachable(Deferred(e.reply), e.target.label if e.target else None, e.reply.text)
 
-    async def deliver(self, dest: Destination, session: RelaySession, job: Job,
-                      lease_check: LeaseCheck | None = None) -> TransactionResult:
+    async def deliver(
+        self, dest: Destination, session: RelaySession, job: Job, lease_check: LeaseCheck | None = None
+    ) -> TransactionResult:
         """One transaction. `lease_check` is asked before MAIL FROM and before the final dot; when it
         says the lease is gone the result says `lease_lost` (nothing was delivered; record nothing)."""
         msg = job.claim.message

@@ -26,8 +26,7 @@ def next_attempt(attempts: int, *, minimum: timedelta, maximum: timedelta, rng: 
     return timedelta(seconds=min(max(jittered, lo), hi))
 
 
-def next_attempt_at(now: float, attempts: int, *, minimum: timedelta, maximum: timedelta,
-                    rng: Random) -> float:
+def next_attempt_at(now: float, attempts: int, *, minimum: timedelta, maximum: timedelta, rng: Random) -> float:
     """Absolute time of the next attempt after the `attempts`-th failure, counted from `now`."""
     return now + next_attempt(attempts, minimum=minimum, maximum=maximum, rng=rng).total_seconds()
 

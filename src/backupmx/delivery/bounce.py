@@ -91,14 +91,14 @@ async def original_for_dsn(spool: Spool, message: MessageRecord) -> bytes:
             if len(got) >= limit or (not whole and b"\r\n\r\n" in got):
                 break
     except Exception:
-        log.warning("%s: body unreadable for the DSN; it is sent without the original", message.id,
-                    exc_info=True)
+        log.warning("%s: body unreadable for the DSN; it is sent without the original", message.id, exc_info=True)
         return b""
     return bytes(got) if whole else _headers_of(bytes(got[:limit]))
 
 
-def build_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes,
-              reporting_mta: str, now: float) -> NewMessage:
+def build_dsn(
+    message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes, reporting_mta: str, now: float
+) -> NewMessage:
     """A multipart/report DSN about `recipients` of `message`, addressed to its envelope sender.
     Never raises for what the message or a primary carried: the full DSN, or the minimal one."""
     if not recipients:
@@ -121,8 +121,9 @@ def build_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, ori
     return NewMessage(envelope=dsn_env, body=body)
 
 
-def _full_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes,
-              reporting_mta: str, now: float) -> bytes:
+def _full_dsn(
+    message: MessageRecord, recipients: Sequence[DsnRecipient], *, original: bytes, reporting_mta: str, now: float
+) -> bytes:
     env = message.envelope
     utf8 = env.smtputf8
     actions = {r.action for r in recipients}
@@ -143,8 +144,7 @@ def _full_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, ori
         status.set_payload([_block_message(b) for b in blocks])
         outer.attach(status)
 
-    full = (DsnAction.FAILED in actions and (env.ret or "").upper() == "FULL"
-            and len(original) <= FULL_LIMIT)
+    full = DsnAction.FAILED in actions and (env.ret or "").upper() == "FULL" and len(original) <= FULL_LIMIT
     if full:
         outer.attach(_verbatim_part("message", "global" if utf8 else "rfc822", _with_final_crlf(original)))
     else:
@@ -175,29 +175,43 @@ def _top_headers(message: MessageRecord, actions: set[DsnAction], mta: str, now:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
-def _minimal_dsn(message: MessageRecord, recipients: Sequence[DsnRecipient], *, reporting_mta: str,
-                 now: float) -> bytes:
+def _minimal_dsn(
+    message: MessageRecord, recipients: Sequence[DsnRecipient], *, reporting_mta: str, now: float
+) -> bytes:
     """The fallback: plain string work only, every value cleaned and (but for To) made ASCII; the
     addresses in RFC 6533 utf-8-addr-xtext form, so the report still names who failed."""
     mta = _ascii(_clean(reporting_mta))
     boundary = f"backupmx-minimal-{_ascii(str(message.id))}"
     fields = [f"Reporting-MTA: dns; {mta}", f"Arrival-Date: {_date(message.received_at)}", ""]
-    text = [f"This is the mail system at host {mta}.", "",
-            "This is a delivery status report about your message:", ""]
+    text = [f"This is the mail system at host {mta}.", "", "This is a delivery status report about your message:", ""]
     for r in recipients:
         addr = _unitext(r.record.address)
         detail = _ascii(_one_line(str(r.diagnostic))) if r.diagnostic is not None else r.action.value
         text.append(f"<{addr}>: {r.action.value} ({_ascii(r.status)}) {detail}")
-        fields += [f"Final-Recipient: utf-8; {addr}", f"Action: {r.action.value}",
-                   f"Status: {_ascii(_clean(r.status))}", ""]
+        fields += [
+            f"Final-Recipient: utf-8; {addr}",
+            f"Action: {r.action.value}",
+            f"Status: {_ascii(_clean(r.status))}",
+            "",
+        ]
     parts = [
-        f"--{boundary}", "Content-Type: text/plain; charset=us-ascii", "", *text, "",
-        f"--{boundary}", "Content-Type: message/delivery-status", "", *fields,
-        f"--{boundary}--", "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        *text,
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        *fields,
+        f"--{boundary}--",
+        "",
     ]
     head = _top_headers(message, {r.action for r in recipients}, mta, now)
-    mime = (f'MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n'
-            f' boundary="{boundary}"\r\n\r\n')
+    mime = (
+        f"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n"
+        f' boundary="{boundary}"\r\n\r\n'
+    )
     return head + mime.encode("ascii") + "\r\n".join(parts).encode("ascii", "replace")
 
 
@@ -226,20 +240,30 @@ def _human_text(message: MessageRecord, recipients: Sequence[DsnRecipient], mta:
     lines = [f"This is the mail system at host {mta}.", ""]
     actions = {r.action for r in recipients}
     if DsnAction.FAILED in actions:
-        lines += ["I'm sorry to have to inform you that your message could not",
-                  "be delivered to one or more recipients. It's attached below.", ""]
+        lines += [
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. It's attached below.",
+            "",
+        ]
     if DsnAction.DELAYED in actions:
-        lines += ["####################################################################",
-                  "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
-                  "####################################################################", "",
-                  "The recipient's mail server is in an outage. Your message is safe:",
-                  f"it is held by the backup mail server {mta} and will be delivered",
-                  "as soon as the recipient's server is back. Nothing is lost.", ""]
+        lines += [
+            "####################################################################",
+            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+            "####################################################################",
+            "",
+            "The recipient's mail server is in an outage. Your message is safe:",
+            f"it is held by the backup mail server {mta} and will be delivered",
+            "as soon as the recipient's server is back. Nothing is lost.",
+            "",
+        ]
     if actions & {DsnAction.RELAYED, DsnAction.DELIVERED, DsnAction.EXPANDED}:
-        lines += ["Your message was successfully delivered to the destination(s)",
-                  "listed below. If the message was delivered to a mail server that",
-                  "does not support delivery status notifications, you will receive",
-                  "no further notifications.", ""]
+        lines += [
+            "Your message was successfully delivered to the destination(s)",
+            "listed below. If the message was delivered to a mail server that",
+            "does not support delivery status notifications, you will receive",
+            "no further notifications.",
+            "",
+        ]
     lines.append(f"Queue ID: {message.id}")
     lines.append("")
     for r in recipients:
@@ -265,8 +289,7 @@ def _default_detail(r: DsnRecipient) -> str:
 _Block = list[tuple[str, str]]
 
 
-def _status_blocks(message: MessageRecord, recipients: Sequence[DsnRecipient], mta: str,
-                   utf8: bool) -> list[_Block]:
+def _status_blocks(message: MessageRecord, recipients: Sequence[DsnRecipient], mta: str, utf8: bool) -> list[_Block]:
     env = message.envelope
     blocks: list[_Block] = []
     head = [("Reporting-MTA", f"dns; {mta}"), ("X-Backupmx-Queue-ID", str(message.id))]

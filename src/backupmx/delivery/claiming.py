@@ -19,8 +19,16 @@ from backupmx.spool import Claim, Spool
 
 
 class Claimer:
-    def __init__(self, spool: Spool, window: Window, *, owner: str, lease: float,
-                 protected: Iterable[str], deliverable: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        window: Window,
+        *,
+        owner: str,
+        lease: float,
+        protected: Iterable[str],
+        deliverable: Callable[[str], bool],
+    ) -> None:
         self._spool = spool
         self._window = window
         self._owner = owner
@@ -37,8 +45,9 @@ class Claimer:
         per_dest_cap = max(1, w.limit // 2)
         exclude = {d for d in self._protected if not self._deliverable(d)}
         exclude |= {name for name, d in w.dests.items() if d.queued >= per_dest_cap}
-        claims = await self._spool.claim_due(now=now, owner=self._owner, lease_seconds=self._lease,
-                                             limit=room, exclude_domains=sorted(exclude))
+        claims = await self._spool.claim_due(
+            now=now, owner=self._owner, lease_seconds=self._lease, limit=room, exclude_domains=sorted(exclude)
+        )
         mono = time.monotonic()
         count = 0
         give_back: list[Claim] = []
@@ -48,7 +57,7 @@ class Claimer:
                 by_domain.setdefault(r.domain.lower(), []).append(r)
             for domain, rcpts in by_domain.items():
                 for i in range(0, len(rcpts), MAX_RCPTS_PER_TRANSACTION):
-                    part = dataclasses.replace(claim, recipients=tuple(rcpts[i:i + MAX_RCPTS_PER_TRANSACTION]))
+                    part = dataclasses.replace(claim, recipients=tuple(rcpts[i : i + MAX_RCPTS_PER_TRANSACTION]))
                     if not self._deliverable(domain):
                         give_back.append(part)  # went DOWN since the claim
                         continue

@@ -62,8 +62,12 @@ class Connections:
     def put(self, dest: Destination, session: RelaySession, *, keep: bool) -> None:
         """A worker is done with `session`: cache it when `keep` (not stopping, destination deliverable)
         and the destination has room, else close it."""
-        if (keep and session.usable and session.transactions < self._d.messages_per_connection
-                and dest.connections + len(dest.cache) < self.limit(dest)):
+        if (
+            keep
+            and session.usable
+            and session.transactions < self._d.messages_per_connection
+            and dest.connections + len(dest.cache) < self.limit(dest)
+        ):
             dest.cache.append((session, time.monotonic()))
         else:
             self.close_later(session)

@@ -19,8 +19,9 @@ log = logging.getLogger("backupmx.delivery")
 
 
 class LeaseKeeper:
-    def __init__(self, spool: Spool, clock: Clock, window: Window, *, lease: float,
-                 stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self, spool: Spool, clock: Clock, window: Window, *, lease: float, stopping: Callable[[], bool]
+    ) -> None:
         self._spool = spool
         self._clock = clock
         self._window = window
@@ -67,8 +68,9 @@ class LeaseKeeper:
             log.warning("%s: lease lost before delivery; abandoned (someone else delivers it)", job.claim.message.id)
             return False
         except Exception as e:
-            log.warning("%s: lease could not be renewed before delivery (%s); abandoned, it comes back",
-                        job.claim.message.id, e)
+            log.warning(
+                "%s: lease could not be renewed before delivery (%s); abandoned, it comes back", job.claim.message.id, e
+            )
             return False
         job.lease_ends = time.monotonic() + self._lease
         return True

@@ -40,8 +40,7 @@ class Notices:
         while len(self._delay_sent) > self._delay_sent_max:
             self._delay_sent.popitem(last=False)
 
-    async def build(self, msg: MessageRecord, groups: Sequence[list[DsnRecipient]], now: float
-                    ) -> list[NewMessage]:
+    async def build(self, msg: MessageRecord, groups: Sequence[list[DsnRecipient]], now: float) -> list[NewMessage]:
         if not any(groups):
             return []
         original = await original_for_dsn(self._spool, msg)  # never raises; headers only unless RET=FULL

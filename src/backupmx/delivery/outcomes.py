@@ -43,6 +43,7 @@ RECORD_STOP_GRACE = 10.0  # after stop(), how long a record may still be tried a
 try:  # the spool's fault-injection hook, for kill tests
     from backupmx.spool.faults import fault_point
 except ImportError:  # pragma: no cover - the module ships with the spool
+
     def fault_point(name: str) -> None:
         return None
 
@@ -72,9 +73,19 @@ class Plan:
     delayed: list[DsnRecipient] = field(default_factory=list)
 
 
-def plan(msg: MessageRecord, recipients: Sequence[RecipientRecord], result: TransactionResult, *, now: float,
-         guard: bool, delay_due: bool, outages: Sequence[OutagePeriod], retention: RetentionPolicy,
-         config: Config, rng: Random) -> Plan:
+def plan(
+    msg: MessageRecord,
+    recipients: Sequence[RecipientRecord],
+    result: TransactionResult,
+    *,
+    now: float,
+    guard: bool,
+    delay_due: bool,
+    outages: Sequence[OutagePeriod],
+    retention: RetentionPolicy,
+    config: Config,
+    rng: Random,
+) -> Plan:
     """Per recipient, exactly one update: delivered, bounced (held instead under the recovery guard),
     expired (retention ran out), or deferred to its next attempt."""
     d = config.delivery
@@ -86,14 +97,16 @@ def plan(msg: MessageRecord, recipients: Sequence[RecipientRecord], result: Tran
             p.updates.append(RecipientUpdate(msg.id, rcpt.index, outcome))
             p.events.append(("delivered", rcpt, outcome, ""))
             if not result.dsn_offered and dsn_owed(msg.envelope, rcpt.notify, DsnAction.RELAYED):
-                p.relayed.append(DsnRecipient(rcpt, DsnAction.RELAYED, "2.0.0", outcome.reply,
-                                              result.remote_mta, now))
+                p.relayed.append(DsnRecipient(rcpt, DsnAction.RELAYED, "2.0.0", outcome.reply, result.remote_mta, now))
         elif isinstance(outcome, Bounced):
             p.updates.append(RecipientUpdate(msg.id, rcpt.index, outcome))
             p.events.append(("bounced", rcpt, outcome, ""))
             if dsn_owed(msg.envelope, rcpt.notify, DsnAction.FAILED):
-                p.failed.append(DsnRecipient(rcpt, DsnAction.FAILED, outcome.reply.status or "5.0.0",
-                                             outcome.reply, result.remote_mta, now))
+                p.failed.append(
+                    DsnRecipient(
+                        rcpt, DsnAction.FAILED, outcome.reply.status or "5.0.0", outcome.reply, result.remote_mta, now
+                    )
+                )
         elif outcome.guard_hold:
             p.updates.append(RecipientUpdate(msg.id, rcpt.index, outcome, next_attempt_at=now))
             p.events.append(("held", rcpt, outcome, "recovery-guard"))
@@ -101,19 +114,37 @@ def plan(msg: MessageRecord, recipients: Sequence[RecipientRecord], result: Tran
             p.updates.append(RecipientUpdate(msg.id, rcpt.index, outcome, expire=True))
             p.events.append(("expired", rcpt, outcome, ""))
             if dsn_owed(msg.envelope, rcpt.notify, DsnAction.FAILED):
-                p.failed.append(DsnRecipient(rcpt, DsnAction.FAILED, "4.4.7", None, result.remote_mta, now,
-                                             detail=f"delivery time expired; last reply: {outcome.reply}"))
+                p.failed.append(
+                    DsnRecipient(
+                        rcpt,
+                        DsnAction.FAILED,
+                        "4.4.7",
+                        None,
+                        result.remote_mta,
+                        now,
+                        detail=f"delivery time expired; last reply: {outcome.reply}",
+                    )
+                )
         else:
             retry_at = next_attempt_at(now, rcpt.attempts + 1, minimum=d.retry_min, maximum=d.retry_max, rng=rng)
             notify = delay_due and dsn_owed(msg.envelope, rcpt.notify, DsnAction.DELAYED)
-            p.updates.append(RecipientUpdate(msg.id, rcpt.index, outcome, next_attempt_at=retry_at,
-                                             delay_notified=notify))
+            p.updates.append(
+                RecipientUpdate(msg.id, rcpt.index, outcome, next_attempt_at=retry_at, delay_notified=notify)
+            )
             p.events.append(("deferred", rcpt, outcome, ""))
             if notify:
-                p.delayed.append(DsnRecipient(
-                    rcpt, DsnAction.DELAYED, outcome.reply.status or "4.0.0", None, result.remote_mta, now,
-                    will_retry_until=retention.expires_at(msg.received_at, now, outages),
-                    detail=f"delivery temporarily suspended: {outcome.reply}"))
+                p.delayed.append(
+                    DsnRecipient(
+                        rcpt,
+                        DsnAction.DELAYED,
+                        outcome.reply.status or "4.0.0",
+                        None,
+                        result.remote_mta,
+                        now,
+                        will_retry_until=retention.expires_at(msg.received_at, now, outages),
+                        detail=f"delivery temporarily suspended: {outcome.reply}",
+                    )
+                )
     return p
 
 
@@ -126,9 +157,22 @@ def _not_recorded(msg_id: QueueId, e: Exception) -> Recorded:
 
 
 class OutcomeRecorder:
-    def __init__(self, config: Config, spool: Spool, clock: Clock, maillog: MailLog, *, owner: str,
-                 lease: float, guard: Callable[[str, float], bool], outages: OutageCache, notices: Notices,
-                 totals: Totals, rng: Random, stopped_at: Callable[[], float | None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        clock: Clock,
+        maillog: MailLog,
+        *,
+        owner: str,
+        lease: float,
+        guard: Callable[[str, float], bool],
+        outages: OutageCache,
+        notices: Notices,
+        totals: Totals,
+        rng: Random,
+        stopped_at: Callable[[], float | None],
+    ) -> None:
         self._config = config
         self._spool = spool
         self._clock = clock
@@ -152,9 +196,18 @@ class OutcomeRecorder:
         now = self._clock.now()
         msg = job.claim.message
         outages = await self._outages.get(dest.domain)
-        p = plan(msg, job.claim.recipients, result, now=now, guard=self._guard(dest.domain, now),
-                 delay_due=self._notices.delay_due(msg, now), outages=outages, retention=self._retention,
-                 config=self._config, rng=self._rng)
+        p = plan(
+            msg,
+            job.claim.recipients,
+            result,
+            now=now,
+            guard=self._guard(dest.domain, now),
+            delay_due=self._notices.delay_due(msg, now),
+            outages=outages,
+            retention=self._retention,
+            config=self._config,
+            rng=self._rng,
+        )
         delivered = [u for u in p.updates if isinstance(u.outcome, Delivered)]
         others = [u for u in p.updates if not isinstance(u.outcome, Delivered)]
         if delivered:
@@ -170,8 +223,13 @@ class OutcomeRecorder:
         status = await self.write(job, others, dsns, now)
         if status is not Recorded.COMMITTED:
             if delivered:
-                log.warning("%s: delivered recipients recorded; the other outcomes and %d DSNs not (%s): those"
-                            " recipients come back with their lease", msg.id, len(dsns), status.value)
+                log.warning(
+                    "%s: delivered recipients recorded; the other outcomes and %d DSNs not (%s): those"
+                    " recipients come back with their lease",
+                    msg.id,
+                    len(dsns),
+                    status.value,
+                )
             return status
         if p.delayed:
             self._notices.delay_sent(msg)  # only once committed: a failed commit tries the notice again
@@ -179,16 +237,23 @@ class OutcomeRecorder:
         self._totals.counts["dsns"] += len(dsns)
         return Recorded.COMMITTED if not dsns else Recorded.WITH_DSNS
 
-    def account(self, dest: Destination, msg: MessageRecord, relay: str, events: Sequence[Event],
-                now: float) -> None:
+    def account(self, dest: Destination, msg: MessageRecord, relay: str, events: Sequence[Event], now: float) -> None:
         kind = None if msg.kind is MessageKind.USER else msg.kind.value  # DSNs, canaries: never user mail
         for event, rcpt, outcome, reason in events:
             self._totals.count(dest, event)
             reply = outcome.reply
             self._maillog.event(
-                event, str(msg.id), to=f"<{rcpt.address}>", relay=relay,
-                delay=f"{max(now - msg.received_at, 0.0):.1f}", attempts=rcpt.attempts + 1,
-                dsn=reply.status or None, reply=str(reply), reason=reason or None, kind=kind)
+                event,
+                str(msg.id),
+                to=f"<{rcpt.address}>",
+                relay=relay,
+                delay=f"{max(now - msg.received_at, 0.0):.1f}",
+                attempts=rcpt.attempts + 1,
+                dsn=reply.status or None,
+                reply=str(reply),
+                reason=reason or None,
+                kind=kind,
+            )
 
     async def write(self, job: Job, updates: list[RecipientUpdate], dsns: list[NewMessage], now: float) -> Recorded:
         """`spool.record` for one job; COMMITTED once the outcomes are committed (by this call or, its
@@ -221,13 +286,21 @@ class OutcomeRecorder:
             delay = min(delay * 2.0, RECORD_RETRY_MAX)
             mono = time.monotonic()
             if mono >= min(job.lease_ends - margin, give_up_at):
-                log.warning("%s: outcomes not recorded after %d tries, the lease runs out; the recipients"
-                            " come back (a duplicate at worst)", msg_id, tries)
+                log.warning(
+                    "%s: outcomes not recorded after %d tries, the lease runs out; the recipients"
+                    " come back (a duplicate at worst)",
+                    msg_id,
+                    tries,
+                )
                 return Recorded.LEFT
             stopped_at = self._stopped_at()
             if stopped_at is not None and mono >= stopped_at + RECORD_STOP_GRACE:
-                log.warning("%s: outcomes not recorded after %d tries, stopping; the recipients come back"
-                            " when the lease runs out", msg_id, tries)
+                log.warning(
+                    "%s: outcomes not recorded after %d tries, stopping; the recipients come back"
+                    " when the lease runs out",
+                    msg_id,
+                    tries,
+                )
                 return Recorded.LEFT
             try:
                 done = await self._recorded(job, updates)
@@ -241,8 +314,9 @@ class OutcomeRecorder:
                 tries += 1
                 await self._spool.record(self._owner, updates, dsns, now=now)
             except LeaseLost as e:
-                log.warning("%s: lease lost while trying to record again (%s); the recipients come back later",
-                            msg_id, e)
+                log.warning(
+                    "%s: lease lost while trying to record again (%s); the recipients come back later", msg_id, e
+                )
                 return Recorded.LEFT
             except SpoolUnavailable:
                 continue
@@ -283,6 +357,8 @@ class OutcomeRecorder:
             return True
         if changed == {False}:
             return False
-        log.warning("%s: some recipients changed while their outcomes waited to be recorded; left as they are",
-                    job.claim.message.id)
+        log.warning(
+            "%s: some recipients changed while their outcomes waited to be recorded; left as they are",
+            job.claim.message.id,
+        )
         return None

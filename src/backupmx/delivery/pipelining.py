@@ -104,12 +104,13 @@ class GroupReplies(asyncio.Protocol):
                 if len(buf) > MAX_REPLY:
                     raise aiosmtplib.SMTPResponseException(-1, "reply too long")
                 return None
-            line = bytes(buf[offset:end + 1])
+            line = bytes(buf[offset : end + 1])
             offset = end + 1
             code_text = line[:3]
             if not code_text.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
                 raise aiosmtplib.SMTPResponseException(
-                    -1, "malformed reply line: " + line.decode("utf-8", "surrogateescape"))
+                    -1, "malformed reply line: " + line.decode("utf-8", "surrogateescape")
+                )
             lines.append(line[4:].strip(b" \t\r\n"))
             if line[3:4] != b"-":
                 del buf[:offset]

@@ -50,21 +50,26 @@ class PoisonGuard:
                 await self._spool.kv_delete(NAMESPACE, key)
                 self._suspects.pop(key, None)
                 self.set_aside += 1
-                log.error("%s: set aside as poison after %d failures in a row (%d recipients held); last: %s",
-                          message_id, count, held, error)
+                log.error(
+                    "%s: set aside as poison after %d failures in a row (%d recipients held); last: %s",
+                    message_id,
+                    count,
+                    held,
+                    error,
+                )
                 self._maillog.event("held", key, reason=REASON, failures=count, error=error[:200])
                 return True
             await self._spool.kv_put(NAMESPACE, key, str(count).encode(), expires_at=now + COUNT_TTL, now=now)
         except Exception:
-            log.exception("%s: counting a failure toward the poison limit failed; it comes back with its lease",
-                          message_id)
+            log.exception(
+                "%s: counting a failure toward the poison limit failed; it comes back with its lease", message_id
+            )
             return False
         self._suspects[key] = None
         self._suspects.move_to_end(key)
         while len(self._suspects) > SUSPECTS_MAX:
             self._suspects.popitem(last=False)
-        log.warning("%s: failure %d of %d before it is set aside as poison: %s", message_id, count, self._limit,
-                    error)
+        log.warning("%s: failure %d of %d before it is set aside as poison: %s", message_id, count, self._limit, error)
         return False
 
     async def succeeded(self, message_id: QueueId) -> None:

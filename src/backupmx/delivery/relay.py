@@ -104,7 +104,7 @@ def reply_from(code: int, message: str) -> Reply:
     text = readable(message).strip()
     m = _STATUS_RE.match(text)
     if m:
-        return Reply(code, f"{m.group(1)}.{m.group(2)}.{m.group(3)}", text[m.end():])
+        return Reply(code, f"{m.group(1)}.{m.group(2)}.{m.group(3)}", text[m.end() :])
     return Reply(code, "", text)
 
 
@@ -179,8 +179,7 @@ class RelaySession:
         raise ConnectFailed(last.reply, last.target, unreachable=not reached_any)
 
     @classmethod
-    async def _open_one(cls, target: Target, settings: RelaySettings, *,
-                        allow_tls: bool = True) -> RelaySession:
+    async def _open_one(cls, target: Target, settings: RelaySettings, *, allow_tls: bool = True) -> RelaySession:
         smtp = aiosmtplib.SMTP(
             hostname=target.address or target.host,
             port=target.port,
@@ -197,40 +196,44 @@ class RelaySession:
             raise ConnectFailed(reply_from(e.code, e.message), target, unreachable=False) from e
         except aiosmtplib.SMTPConnectTimeoutError as e:
             smtp.close()
-            raise ConnectFailed(_temp(f"connect to {label}: timed out", "4.4.1"), target,
-                                unreachable=True) from e
+            raise ConnectFailed(_temp(f"connect to {label}: timed out", "4.4.1"), target, unreachable=True) from e
         except (aiosmtplib.SMTPConnectError, OSError) as e:
             smtp.close()
             reason = _connect_reason(e)
-            raise ConnectFailed(_temp(f"connect to {label}: {reason}", "4.4.1"), target,
-                                unreachable=True) from e
+            raise ConnectFailed(_temp(f"connect to {label}: {reason}", "4.4.1"), target, unreachable=True) from e
         try:
             await cls._hello(smtp, settings)
             tls = False
             if allow_tls and smtp.supports_extension("starttls"):
                 try:
-                    await smtp.starttls(server_hostname=target.host, validate_certs=settings.tls_verify,
-                                        timeout=settings.command_timeout)
+                    await smtp.starttls(
+                        server_hostname=target.host,
+                        validate_certs=settings.tls_verify,
+                        timeout=settings.command_timeout,
+                    )
                     tls = True
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
                     smtp.close()
                     if settings.tls_verify:
-                        raise ConnectFailed(_temp(f"TLS with {label} failed: {e}", "4.7.5"), target,
-                                            unreachable=False) from e
+                        raise ConnectFailed(
+                            _temp(f"TLS with {label} failed: {e}", "4.7.5"), target, unreachable=False
+                        ) from e
                     # opportunistic TLS: a broken handshake must not stop mail; retry in clear text
                     return await cls._open_one(target, settings, allow_tls=False)
                 await cls._hello(smtp, settings)
             elif settings.tls_verify:
                 await _quietly_quit(smtp, settings)
-                raise ConnectFailed(_temp(f"{label} does not offer STARTTLS, which is required",
-                                          "4.7.4"), target, unreachable=False)
+                raise ConnectFailed(
+                    _temp(f"{label} does not offer STARTTLS, which is required", "4.7.4"), target, unreachable=False
+                )
         except aiosmtplib.SMTPResponseException as e:
             smtp.close()
             raise ConnectFailed(reply_from(e.code, e.message), target, unreachable=False) from e
         except (aiosmtplib.SMTPException, OSError) as e:
             smtp.close()
-            raise ConnectFailed(_temp(f"{label} dropped the connection during EHLO: {e}"), target,
-                                unreachable=False) from e
+            raise ConnectFailed(
+                _temp(f"{label} dropped the connection during EHLO: {e}"), target, unreachable=False
+            ) from e
         return cls(smtp, target, settings, tls)
 
     @staticmethod
@@ -260,8 +263,14 @@ class RelaySession:
         self._smtp.close()
 
     # -- one transaction ---------------------------------------------------------------------------
-    async def deliver(self, envelope: Envelope, recipients: Sequence[RecipientRecord], body: Body, *,
-                      lease_check: LeaseCheck | None = None) -> TransactionResult:
+    async def deliver(
+        self,
+        envelope: Envelope,
+        recipients: Sequence[RecipientRecord],
+        body: Body,
+        *,
+        lease_check: LeaseCheck | None = None,
+    ) -> TransactionResult:
         """One MAIL/RCPT.../DATA transaction. Never raises for what the primary does; an error of our
         own is Deferred like any other surprise. `lease_check` is awaited with "mail" before MAIL FROM
         and with "dot" right before the final dot; False (or an error: the lease cannot be shown to be
@@ -272,15 +281,17 @@ class RelaySession:
         dsn = self.supports("dsn")
         relay, host = self.target.label, self.target.host
 
-        def result(fill: Outcome, *, timed_out: bool = False, final: Reply | None = None,
-                   lease_lost: bool = False) -> TransactionResult:
+        def result(
+            fill: Outcome, *, timed_out: bool = False, final: Reply | None = None, lease_lost: bool = False
+        ) -> TransactionResult:
             done = tuple(o if o is not None else fill for o in outcomes)
             return TransactionResult(done, relay, host, dsn, timed_out, final, lease_lost)
 
         def lost() -> TransactionResult:
             outcomes[:] = [None] * n  # nothing was delivered; whatever RCPT said is not ours to record
-            return result(Deferred(Reply(451, "4.3.0", "lease lost: another worker holds this message")),
-                          lease_lost=True)
+            return result(
+                Deferred(Reply(451, "4.3.0", "lease lost: another worker holds this message")), lease_lost=True
+            )
 
         utf8 = envelope.smtputf8 and self.supports("smtputf8")
         if envelope.smtputf8 and not utf8:
@@ -306,10 +317,12 @@ class RelaySession:
             rcpt_options = [_rcpt_options(r, dsn, utf8) for r in recipients]
             if self.supports("pipelining"):
                 accepted, ended = await self._envelope_pipelined(
-                    sender, mail_options, recipients, rcpt_options, encoding, outcomes)
+                    sender, mail_options, recipients, rcpt_options, encoding, outcomes
+                )
             else:
                 accepted, ended = await self._envelope_one_by_one(
-                    sender, mail_options, recipients, rcpt_options, encoding, outcomes)
+                    sender, mail_options, recipients, rcpt_options, encoding, outcomes
+                )
             if ended is not None:
                 return result(ended)
 
@@ -335,20 +348,25 @@ class RelaySession:
             return result(Deferred(_temp(f"timed out after {self._stage} with {relay}: {e}")), timed_out=True)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError):
             self.abort()
-            return result(Deferred(_temp(f"lost connection with {relay} after {self._stage}")),
-                          timed_out=True)
+            return result(Deferred(_temp(f"lost connection with {relay} after {self._stage}")), timed_out=True)
         except BodyUnreadable as e:
             self.abort()  # closes without the final dot: the primary takes nothing
             return result(Deferred(Reply(451, "4.3.0", readable(f"message body unreadable: {e}"))))
         except Exception as e:  # unknown error = temporary, never a bounce
             self.abort()  # closes without the final dot: the primary takes nothing
-            return result(Deferred(Reply(451, "4.3.0", readable(f"internal error talking to {relay}: "
-                                                                f"{type(e).__name__}"))))
+            return result(
+                Deferred(Reply(451, "4.3.0", readable(f"internal error talking to {relay}: {type(e).__name__}")))
+            )
 
-    async def _envelope_one_by_one(self, sender: str, mail_options: list[str],
-                                   recipients: Sequence[RecipientRecord], rcpt_options: list[list[str]],
-                                   encoding: str, outcomes: list[Outcome | None]
-                                   ) -> tuple[list[int], Outcome | None]:
+    async def _envelope_one_by_one(
+        self,
+        sender: str,
+        mail_options: list[str],
+        recipients: Sequence[RecipientRecord],
+        rcpt_options: list[list[str]],
+        encoding: str,
+        outcomes: list[Outcome | None],
+    ) -> tuple[list[int], Outcome | None]:
         """MAIL, each RCPT and DATA, each awaiting its reply (a primary without PIPELINING). Returns the
         accepted recipients' indexes and, when the transaction ended before the body, the outcome for
         every recipient without one; refused recipients get theirs in `outcomes`. A reply that ends
@@ -379,10 +397,15 @@ class RelaySession:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         return accepted, None
 
-    async def _envelope_pipelined(self, sender: str, mail_options: list[str],
-                                  recipients: Sequence[RecipientRecord], rcpt_options: list[list[str]],
-                                  encoding: str, outcomes: list[Outcome | None]
-                                  ) -> tuple[list[int], Outcome | None]:
+    async def _envelope_pipelined(
+        self,
+        sender: str,
+        mail_options: list[str],
+        recipients: Sequence[RecipientRecord],
+        rcpt_options: list[list[str]],
+        encoding: str,
+        outcomes: list[Outcome | None],
+    ) -> tuple[list[int], Outcome | None]:
         """The same with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one write, then their
         replies read in order, each within command_timeout, by our own reader (pipelining.py: aiosmtplib
         loses replies that arrive together). Every reply is checked (§3.1): a refused MAIL decides for
@@ -394,8 +417,10 @@ class RelaySession:
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before MAIL FROM")
         group = [_command(b"MAIL", b"FROM:" + _path(sender).encode(encoding), mail_options)]
-        group += [_command(b"RCPT", b"TO:" + _path(r.address).encode(encoding), rcpt_options[i])
-                  for i, r in enumerate(recipients)]
+        group += [
+            _command(b"RCPT", b"TO:" + _path(r.address).encode(encoding), rcpt_options[i])
+            for i, r in enumerate(recipients)
+        ]
         group.append(b"DATA\r\n")
         reader = GroupReplies.take(protocol)
         try:
@@ -426,8 +451,9 @@ class RelaySession:
             return [], Deferred(_temp("no recipient accepted"))
         return [], _as_outcome(data)  # DATA refused: the recipients it accepted share that reply
 
-    async def _group_replies(self, reader: GroupReplies, n: int, outcomes: list[Outcome | None]
-                             ) -> tuple[Reply, list[int], Reply]:
+    async def _group_replies(
+        self, reader: GroupReplies, n: int, outcomes: list[Outcome | None]
+    ) -> tuple[Reply, list[int], Reply]:
         """The replies to MAIL, n RCPTs and DATA, in order. Raises _SessionEnded at a 421."""
         mail = await self._group_reply(reader)
         self._stage = "RCPT TO"
@@ -481,7 +507,7 @@ class RelaySession:
         stuffer = DotStuffer()
         async for chunk in _chunks(body):
             for offset in range(0, len(chunk), CHUNK):
-                protocol.write(stuffer.feed(chunk[offset:offset + CHUNK]))
+                protocol.write(stuffer.feed(chunk[offset : offset + CHUNK]))
                 # wait for the kernel to take each block (aiosmtplib's flow control helper): memory
                 # stays at a few blocks however large the message
                 await asyncio.wait_for(protocol._drain_helper(), self._settings.command_timeout)
@@ -621,4 +647,3 @@ def _ascii_orcpt(orcpt: str) -> str:
     if kind.strip().lower() == "utf-8":
         return kind + ";" + "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in value)
     return kind + ";" + _xtext_ascii(value)
-

@@ -40,8 +40,7 @@ def retention_used(received_at: float, now: float, outages: Iterable[OutagePerio
     if now <= received_at:
         return 0.0
     spans = sorted(
-        (max(p.started_at, received_at), min(p.ended_at if p.ended_at is not None else now, now))
-        for p in outages
+        (max(p.started_at, received_at), min(p.ended_at if p.ended_at is not None else now, now)) for p in outages
     )
     paused = 0.0
     cursor = received_at
@@ -53,8 +52,9 @@ def retention_used(received_at: float, now: float, outages: Iterable[OutagePerio
     return (now - received_at) - paused
 
 
-def is_expired(received_at: float, now: float, outages: Iterable[OutagePeriod], *,
-               retention: timedelta, cap: timedelta) -> bool:
+def is_expired(
+    received_at: float, now: float, outages: Iterable[OutagePeriod], *, retention: timedelta, cap: timedelta
+) -> bool:
     if now - received_at >= cap.total_seconds():
         return True
     return retention_used(received_at, now, outages) >= retention.total_seconds()

@@ -111,8 +111,7 @@ class DnsPythonLookup:
 async def _getaddrinfo(host: str, timeout: float) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout)
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout)
     except TimeoutError as e:
         raise DnsTemporaryError(f"{host}: lookup timed out") from e
     except socket.gaierror as e:
@@ -162,8 +161,14 @@ class RouteResolver:
     """Routes per destination domain, shared by the engine and the health monitor (one cache of the
     last good answers). `mx_port` exists for tests; MX delivery is to port 25."""
 
-    def __init__(self, config: Config, dns_lookup: DnsLookup | None = None, *, mx_port: int = 25,
-                 is_local_address: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        dns_lookup: DnsLookup | None = None,
+        *,
+        mx_port: int = 25,
+        is_local_address: Callable[[str], bool] | None = None,
+    ) -> None:
         self._config = config
         self._dns: DnsLookup = dns_lookup or DnsPythonLookup(config.dns)
         self._mx_port = mx_port
@@ -196,7 +201,7 @@ class RouteResolver:
         if route.targets:
             self._last_good[domain] = route
             if len(self._last_good) > LAST_GOOD_MAX:  # senders' domains (DSNs) come and go: bounded
-                for name in [n for n in self._last_good if self._config.domain(n) is None][:LAST_GOOD_MAX // 10]:
+                for name in [n for n in self._last_good if self._config.domain(n) is None][: LAST_GOOD_MAX // 10]:
                     del self._last_good[name]  # the oldest answers of unprotected domains (insertion order)
         return route
 

@@ -67,8 +67,18 @@ class DeliveryEngine:
     `run_once()` makes one complete pass (claim everything due now, deliver it, wait for the results)
     and returns; tests drive the engine with it and a FakeClock."""
 
-    def __init__(self, config: Config, spool: Spool, clock: Clock, maillog: MailLog, monitor: Monitor,
-                 resolver: RouteResolver, *, owner: str | None = None, rng: Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        clock: Clock,
+        maillog: MailLog,
+        monitor: Monitor,
+        resolver: RouteResolver,
+        *,
+        owner: str | None = None,
+        rng: Random | None = None,
+    ) -> None:
         self._config = config
         self._d = d = config.delivery
         self._spool = spool
@@ -94,19 +104,50 @@ class DeliveryEngine:
         self._totals = Totals()
         self._outages = OutageCache(config, spool)
         self._notices = Notices(config, spool)
-        self._claimer = Claimer(spool, self._window, owner=owner, lease=lease, protected=protected,
-                                deliverable=self._deliverable)
+        self._claimer = Claimer(
+            spool, self._window, owner=owner, lease=lease, protected=protected, deliverable=self._deliverable
+        )
         self._connections = Connections(self._window, d, self._spawn)
         self._attempts = Attempts(config, spool, resolver, self._reroutes)
-        self._recorder = OutcomeRecorder(config, spool, clock, maillog, owner=owner, lease=lease, guard=self._guard,
-                                         outages=self._outages, notices=self._notices, totals=self._totals,
-                                         rng=rng or Random(), stopped_at=lambda: self._stopped_at)
+        self._recorder = OutcomeRecorder(
+            config,
+            spool,
+            clock,
+            maillog,
+            owner=owner,
+            lease=lease,
+            guard=self._guard,
+            outages=self._outages,
+            notices=self._notices,
+            totals=self._totals,
+            rng=rng or Random(),
+            stopped_at=lambda: self._stopped_at,
+        )
         self._poison = PoisonGuard(spool, clock, maillog, limit=d.poison_after)
-        self._sweep = DownSweep(config, spool, self._window, self._recorder, owner=owner, lease=lease,
-                                protected=protected, deliverable=self._deliverable, outages=self._outages,
-                                notices=self._notices, totals=self._totals, poison=self._poison)
-        self._held = HeldSweep(config, spool, self._window, self._recorder, owner=owner, lease=lease,
-                               notices=self._notices, totals=self._totals)
+        self._sweep = DownSweep(
+            config,
+            spool,
+            self._window,
+            self._recorder,
+            owner=owner,
+            lease=lease,
+            protected=protected,
+            deliverable=self._deliverable,
+            outages=self._outages,
+            notices=self._notices,
+            totals=self._totals,
+            poison=self._poison,
+        )
+        self._held = HeldSweep(
+            config,
+            spool,
+            self._window,
+            self._recorder,
+            owner=owner,
+            lease=lease,
+            notices=self._notices,
+            totals=self._totals,
+        )
         self._leases = LeaseKeeper(spool, clock, self._window, lease=lease, stopping=lambda: self._stopping)
         for name in sorted(protected):
             self._window.dest(name)  # every protected destination shows in statistics(), even before mail
@@ -363,8 +404,9 @@ class DeliveryEngine:
                     await self._claimer.release(rest)  # if this fails, their leases run out
                     return
                 outcomes = tuple(outcome for _ in job.claim.recipients)
-                result = TransactionResult(outcomes, label, relay.rsplit(":", 1)[0] if relay else "", False,
-                                           timed_out=False)
+                result = TransactionResult(
+                    outcomes, label, relay.rsplit(":", 1)[0] if relay else "", False, timed_out=False
+                )
                 await self._record(dest, job, result)  # total: each job independently
                 self._window.done(job)
         finally:

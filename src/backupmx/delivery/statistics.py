@@ -61,11 +61,30 @@ class Totals:
     def snapshot(self, window: Window, reroutes: Mapping[str, tuple[Target, ...]]) -> EngineStatistics:
         dests = {
             name: DestinationStatistics(
-                name, int(d.cwnd), d.connections, len(d.cache), d.in_flight, d.queued, d.delivered,
-                d.deferred, d.bounced, d.expired, d.held,
-                ", ".join(t.label for t in reroutes[name]) if name in reroutes else None)
+                name,
+                int(d.cwnd),
+                d.connections,
+                len(d.cache),
+                d.in_flight,
+                d.queued,
+                d.delivered,
+                d.deferred,
+                d.bounced,
+                d.expired,
+                d.held,
+                ", ".join(t.label for t in reroutes[name]) if name in reroutes else None,
+            )
             for name, d in window.dests.items()
         }
         t = self.counts
-        return EngineStatistics(window.limit, window.claimed, t["delivered"], t["deferred"], t["bounced"],
-                                t["expired"], t["held"], t["dsns"], MappingProxyType(dests))
+        return EngineStatistics(
+            window.limit,
+            window.claimed,
+            t["delivered"],
+            t["deferred"],
+            t["bounced"],
+            t["expired"],
+            t["held"],
+            t["dsns"],
+            MappingProxyType(dests),
+        )

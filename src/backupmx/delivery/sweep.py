@@ -34,9 +34,22 @@ SWEEP_BATCHES = 10  # batches per destination and sweep at most
 
 
 class DownSweep:
-    def __init__(self, config: Config, spool: Spool, window: Window, recorder: OutcomeRecorder, *, owner: str,
-                 lease: float, protected: Iterable[str], deliverable: Callable[[str], bool], outages: OutageCache,
-                 notices: Notices, totals: Totals, poison: PoisonGuard) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        window: Window,
+        recorder: OutcomeRecorder,
+        *,
+        owner: str,
+        lease: float,
+        protected: Iterable[str],
+        deliverable: Callable[[str], bool],
+        outages: OutageCache,
+        notices: Notices,
+        totals: Totals,
+        poison: PoisonGuard,
+    ) -> None:
         self._d = config.delivery
         self._spool = spool
         self._window = window
@@ -65,8 +78,9 @@ class DownSweep:
         delay notice or its expiry, within `retry_max`), so the next batch, and the next sweep, reads
         other recipients instead of the same first SWEEP_BATCH again."""
         for _ in range(SWEEP_BATCHES):
-            claims = await self._spool.claim_due(now=now, owner=self._owner, lease_seconds=self._lease,
-                                                 limit=SWEEP_BATCH, domains=[domain])
+            claims = await self._spool.claim_due(
+                now=now, owner=self._owner, lease_seconds=self._lease, limit=SWEEP_BATCH, domains=[domain]
+            )
             if not claims:
                 return
             outages = await self._outages.get(domain, fresh=True)
@@ -93,8 +107,9 @@ class DownSweep:
             at = min(at, msg.received_at + warn.total_seconds())
         return max(at, now + 1.0)
 
-    async def _sweep_message(self, domain: str, claim: Claim, now: float, outages: Sequence[OutagePeriod]
-                             ) -> list[RecipientRecord]:
+    async def _sweep_message(
+        self, domain: str, claim: Claim, now: float, outages: Sequence[OutagePeriod]
+    ) -> list[RecipientRecord]:
         """Expire or notify what is due for it, in one commit with the DSNs; returns the untouched
         recipients. A failure leaves the message to its lease; an unexpected one counts as poison."""
         msg = claim.message
@@ -113,16 +128,39 @@ class DownSweep:
                     updates.append(RecipientUpdate(msg.id, rcpt.index, None, expire=True))
                     events.append(("expired", rcpt, outcome, ""))
                     if dsn_owed(msg.envelope, rcpt.notify, DsnAction.FAILED):
-                        failed.append(DsnRecipient(rcpt, DsnAction.FAILED, "4.4.7", None, None, rcpt.last_attempt_at,
-                                                   detail=f"delivery time expired; last reply: {outcome.reply}"))
+                        failed.append(
+                            DsnRecipient(
+                                rcpt,
+                                DsnAction.FAILED,
+                                "4.4.7",
+                                None,
+                                None,
+                                rcpt.last_attempt_at,
+                                detail=f"delivery time expired; last reply: {outcome.reply}",
+                            )
+                        )
                 elif delay_due and dsn_owed(msg.envelope, rcpt.notify, DsnAction.DELAYED):
                     # no attempt against a DOWN primary: only the notice, then wait for the recovery flush
-                    updates.append(RecipientUpdate(msg.id, rcpt.index, Deferred(down),
-                                                   next_attempt_at=now + self._d.retry_max.total_seconds(),
-                                                   delay_notified=True))
-                    delayed.append(DsnRecipient(
-                        rcpt, DsnAction.DELAYED, "4.4.1", None, None, rcpt.last_attempt_at,
-                        will_retry_until=self._retention.expires_at(msg.received_at, now, outages)))
+                    updates.append(
+                        RecipientUpdate(
+                            msg.id,
+                            rcpt.index,
+                            Deferred(down),
+                            next_attempt_at=now + self._d.retry_max.total_seconds(),
+                            delay_notified=True,
+                        )
+                    )
+                    delayed.append(
+                        DsnRecipient(
+                            rcpt,
+                            DsnAction.DELAYED,
+                            "4.4.1",
+                            None,
+                            None,
+                            rcpt.last_attempt_at,
+                            will_retry_until=self._retention.expires_at(msg.received_at, now, outages),
+                        )
+                    )
                 else:
                     untouched.append(rcpt)
             if not updates:
@@ -154,8 +192,18 @@ class HeldSweep:
     operator released or deleted it first. Messages are read oldest first; the first one not yet at the
     cap ends the scan (arrival order), so a sweep reads little more than what it expires."""
 
-    def __init__(self, config: Config, spool: Spool, window: Window, recorder: OutcomeRecorder, *, owner: str,
-                 lease: float, notices: Notices, totals: Totals) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        window: Window,
+        recorder: OutcomeRecorder,
+        *,
+        owner: str,
+        lease: float,
+        notices: Notices,
+        totals: Totals,
+    ) -> None:
         self._cap = config.delivery.retention_cap.total_seconds()
         self._spool = spool
         self._window = window
@@ -186,8 +234,9 @@ class HeldSweep:
             after = page[-1].id
 
     async def _expire_message(self, msg: MessageRecord, reason: str, now: float) -> None:
-        claim = await self._spool.claim_held(msg.id, reason=reason, owner=self._owner, lease_seconds=self._lease,
-                                             now=now)
+        claim = await self._spool.claim_held(
+            msg.id, reason=reason, owner=self._owner, lease_seconds=self._lease, now=now
+        )
         if claim is None:
             return
         msg = claim.message
@@ -200,9 +249,17 @@ class HeldSweep:
             updates.append(RecipientUpdate(msg.id, rcpt.index, None, expire=True))
             events.append(("expired", rcpt, outcome, reason))
             if dsn_owed(msg.envelope, rcpt.notify, DsnAction.FAILED):
-                failed.append(DsnRecipient(rcpt, DsnAction.FAILED, "4.4.7", None, None, rcpt.last_attempt_at,
-                                           detail=f"held ({reason}) until the retention cap; last reply: "
-                                                  f"{outcome.reply}"))
+                failed.append(
+                    DsnRecipient(
+                        rcpt,
+                        DsnAction.FAILED,
+                        "4.4.7",
+                        None,
+                        None,
+                        rcpt.last_attempt_at,
+                        detail=f"held ({reason}) until the retention cap; last reply: {outcome.reply}",
+                    )
+                )
         try:
             dsns = await self._notices.build(msg, [failed], now)
         except Exception:

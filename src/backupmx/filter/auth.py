@@ -39,8 +39,18 @@ log = logging.getLogger("backupmx.filter")
 MAX_VERIFY = 16 * 1024 * 1024
 MAX_SIGNATURES = 5
 # the fields the ARC-Message-Signature covers (dkimpy refuses to sign DKIM-Signature and ARC fields here)
-ARC_SIGNED = [b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
-              b"content-type", b"content-transfer-encoding"]
+ARC_SIGNED = [
+    b"from",
+    b"to",
+    b"cc",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"reply-to",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+]
 DMARC_REJECTED = Reply(550, "5.7.1", "Message rejected by the DMARC policy of its From domain")
 _SPF_METHOD = re.compile(rb"spf=\S+ smtp\.(?:mailfrom|helo)=\S+")
 
@@ -158,17 +168,22 @@ class AuthFilter:
             head = next(body.chunks(64 * 1024), b"")
         else:
             message = body.getvalue()
-            head = message[:64 * 1024]
+            head = message[: 64 * 1024]
             methods, dmarc = await asyncio.to_thread(self._evaluate, session, message)
         ours = f"Authentication-Results: {self._authserv_id};".encode()
         spf_field = head.split(b"\r\n", 1)[0] if head.startswith(ours) else b""
         spf = _SPF_METHOD.search(spf_field)
         all_methods = ([spf.group(0).decode("utf-8", "replace")] if spf else []) + methods
         value = f"{self._authserv_id};\r\n\t" + ";\r\n\t".join(all_methods)
-        edits = HeaderEdits(remove=(("Authentication-Results", 1),) if spf_field else (),
-                            add=(("Authentication-Results", value, 0),))
-        if (dmarc is not None and dmarc.result == "fail" and dmarc.policy == "reject"
-                and self.wants_reject(session.recipients)):
+        edits = HeaderEdits(
+            remove=(("Authentication-Results", 1),) if spf_field else (), add=(("Authentication-Results", value, 0),)
+        )
+        if (
+            dmarc is not None
+            and dmarc.result == "fail"
+            and dmarc.policy == "reject"
+            and self.wants_reject(session.recipients)
+        ):
             return Screening(body, Refusal(DMARC_REJECTED, dmarc.method()))
         edited = apply_edits(body, edits, tmp_dir)
         if edited is not body:
@@ -186,8 +201,9 @@ class AuthFilter:
         key, selector, domain = self._arc
         message = body.getvalue()
         try:
-            fields = await asyncio.to_thread(dkim.arc_sign, message, selector, domain, key,
-                                             self._authserv_id.encode(), include_headers=ARC_SIGNED)
+            fields = await asyncio.to_thread(
+                dkim.arc_sign, message, selector, domain, key, self._authserv_id.encode(), include_headers=ARC_SIGNED
+            )
         except (dkim.DKIMException, ValueError) as e:
             log.warning("ARC seal failed: %s; stored unsealed", e)
             return body
@@ -209,15 +225,19 @@ class AuthFilter:
     def _evaluate(self, session: SessionInfo, message: bytes) -> tuple[list[str], DmarcResult | None]:
         dns_txt = DnsTxt(self._dns)
         sigs = verify_dkim(message, dns_txt)
-        methods = [f"dkim={r} header.d={d or 'unknown'} header.s={s or 'unknown'}" for r, d, s in sigs] or \
-                  ["dkim=none"]
+        methods = [f"dkim={r} header.d={d or 'unknown'} header.s={s or 'unknown'}" for r, d, s in sigs] or ["dkim=none"]
         if self._arc is not None:  # the chain we extend: its cv= is this result (RFC 8617 §5.1.1)
             methods.append(f"arc={verify_arc(message, dns_txt)}")
         if not self._dmarc:
             return methods, None
         spf_result, spf_domain = self._spf_of(message, session)
-        dmarc = evaluate(from_domain(message), spf_result=spf_result, spf_domain=spf_domain,
-                         dkim_passes=[d for r, d, _s in sigs if r == "pass"], txt=dns_txt.strings)
+        dmarc = evaluate(
+            from_domain(message),
+            spf_result=spf_result,
+            spf_domain=spf_domain,
+            dkim_passes=[d for r, d, _s in sigs if r == "pass"],
+            txt=dns_txt.strings,
+        )
         return [*methods, dmarc.method()], dmarc
 
     def _spf_of(self, message: bytes, session: SessionInfo) -> tuple[str, str]:

@@ -49,8 +49,6 @@ LEVEL_HYSTERESIS = 0.9  # a level alert ends only once the value is back below 9
 SET_ASIDE = ("poison", "recovery-guard")  # held reasons that need a human (an operator's own hold does not)
 
 
-
-
 def check_alerts(config: Config, alerts: Sequence[AlertConfig]) -> None:
     """Refuse email alerts that would travel through what they report on: a protected primary, or this
     node's own SMTP listener (where mail for a protected domain would be held, not delivered)."""
@@ -69,8 +67,11 @@ def check_alerts(config: Config, alerts: Sequence[AlertConfig]) -> None:
                 raise ConfigError(f"{where} is this node's own SMTP listener")
         for rcpt in a.to:
             if rcpt.rpartition("@")[2].lower() in config.domain_names:
-                log.warning("alerts[%d]: %s is in a protected domain: while its primary is down the alert "
-                            "cannot reach it", i, rcpt)
+                log.warning(
+                    "alerts[%d]: %s is in a protected domain: while its primary is down the alert cannot reach it",
+                    i,
+                    rcpt,
+                )
 
 
 # --- notices ---------------------------------------------------------------------------------------
@@ -109,8 +110,10 @@ class WebhookTransport:
 
         assert alert.url is not None
         timeout = aiohttp.ClientTimeout(total=alert.timeout.total_seconds())
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-                alert.url, json=notice.to_json(node), headers=alert.headers) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(alert.url, json=notice.to_json(node), headers=alert.headers) as resp,
+        ):
             if resp.status >= 300:
                 raise RuntimeError(f"webhook answered {resp.status}")
 
@@ -129,11 +132,16 @@ class EmailTransport:
         msg["Message-ID"] = make_msgid(domain=node or None)
         msg["Auto-Submitted"] = "auto-generated"
         doc = notice.to_json(node)
-        lines = [notice.summary, "", *(f"{k}: {v}" for k, v in doc.items() if k not in ("text", "details")),
-                 *(f"{k}: {v}" for k, v in notice.details.items())]
+        lines = [
+            notice.summary,
+            "",
+            *(f"{k}: {v}" for k, v in doc.items() if k not in ("text", "details")),
+            *(f"{k}: {v}" for k, v in notice.details.items()),
+        ]
         msg.set_content("\n".join(lines) + "\n")
-        await aiosmtplib.send(msg, hostname=host, port=port, timeout=alert.timeout.total_seconds(),
-                              local_hostname=node or None)
+        await aiosmtplib.send(
+            msg, hostname=host, port=port, timeout=alert.timeout.total_seconds(), local_hostname=node or None
+        )
 
 
 def _transport(alert: AlertConfig) -> Transport:
@@ -215,9 +223,18 @@ class AlertManager:
     """Evaluates alert conditions and sends notices. `start()`/`stop()`, or `await run()`; tests call
     `evaluate()` and `drain()` directly."""
 
-    def __init__(self, alerts: Sequence[AlertConfig], *, config: Config, spool: StatsSource,
-                 health: HealthView | None, clock: Clock, maillog: MailLog | None = None,
-                 transports: Mapping[int, Transport] | None = None, canary: CanaryView | None = None) -> None:
+    def __init__(
+        self,
+        alerts: Sequence[AlertConfig],
+        *,
+        config: Config,
+        spool: StatsSource,
+        health: HealthView | None,
+        clock: Clock,
+        maillog: MailLog | None = None,
+        transports: Mapping[int, Transport] | None = None,
+        canary: CanaryView | None = None,
+    ) -> None:
         check_alerts(config, alerts)
         self.config = config
         self.spool = spool
@@ -231,7 +248,8 @@ class AlertManager:
             maillog.subscribe(self.failures.listener)
         self._dests = [
             _Destination(a, f"{i}:{a.kind}:{a.url or a.smarthost}", (transports or {}).get(i) or _transport(a))
-            for i, a in enumerate(alerts)]
+            for i, a in enumerate(alerts)
+        ]
         self.interval = min((a.interval.total_seconds() for a in alerts), default=30.0)
         self._state_file = config.server.data_dir / STATE_FILE
         self._transitions: list[tuple[str, DestinationState, DestinationState, float]] = []
@@ -262,9 +280,15 @@ class AlertManager:
         for d in self._dests:
             for key, notice in d.active.items():
                 seen.setdefault(key, notice)
-        return [{"alert": n.condition.value, "domain": n.scope or None, "summary": n.summary,
-                 "since": datetime.fromtimestamp(n.at, UTC).isoformat(timespec="seconds")}
-                for n in seen.values()]
+        return [
+            {
+                "alert": n.condition.value,
+                "domain": n.scope or None,
+                "summary": n.summary,
+                "since": datetime.fromtimestamp(n.at, UTC).isoformat(timespec="seconds"),
+            }
+            for n in seen.values()
+        ]
 
     # -- evaluation -----------------------------------------------------------------------------
     async def evaluate(self) -> list[tuple[AlertConfig, Notice]]:
@@ -299,16 +323,29 @@ class AlertManager:
             self._save_state()
         return out
 
-    def _evaluate_one(self, dest: _Destination, now: float, health: Mapping[str, DestinationStatus],
-                      stats: SpoolStats | None, free: int | None,
-                      transitions: Sequence[tuple[str, DestinationState, DestinationState, float]],
-                      broken: Mapping[str, str] | None = None) -> list[Notice]:
+    def _evaluate_one(
+        self,
+        dest: _Destination,
+        now: float,
+        health: Mapping[str, DestinationStatus],
+        stats: SpoolStats | None,
+        free: int | None,
+        transitions: Sequence[tuple[str, DestinationState, DestinationState, float]],
+        broken: Mapping[str, str] | None = None,
+    ) -> list[Notice]:
         a = dest.alert
         wanted = set(a.on)
         notices: list[Notice] = []
 
-        def change(cond: Condition, scope: str, active: bool | None, firing_text: str, resolved_text: str,
-                   at: float = now, **details: object) -> None:
+        def change(
+            cond: Condition,
+            scope: str,
+            active: bool | None,
+            firing_text: str,
+            resolved_text: str,
+            at: float = now,
+            **details: object,
+        ) -> None:
             """active None = no information: keep the current state."""
             if cond not in wanted or active is None:
                 return
@@ -325,52 +362,92 @@ class AlertManager:
         # primary down / back: every transition heard, in order, then the snapshot (catches a restart)
         for domain, old, new, at in transitions:
             if new is DestinationState.DOWN:
-                change(Condition.PRIMARY_DOWN, domain, True, _down_text(domain, health.get(domain)),
-                       f"primary of {domain} is back", at=at, state=new.value)
+                change(
+                    Condition.PRIMARY_DOWN,
+                    domain,
+                    True,
+                    _down_text(domain, health.get(domain)),
+                    f"primary of {domain} is back",
+                    at=at,
+                    state=new.value,
+                )
             elif old is DestinationState.DOWN:
-                change(Condition.PRIMARY_DOWN, domain, False, "", _back_text(domain, dest.active, at),
-                       at=at, state=new.value)
+                change(
+                    Condition.PRIMARY_DOWN,
+                    domain,
+                    False,
+                    "",
+                    _back_text(domain, dest.active, at),
+                    at=at,
+                    state=new.value,
+                )
         by_domain = {d.domain: d for d in stats.domains} if stats else {}
         for domain in self.domains:
             st = health.get(domain)
             state = st.state if st else DestinationState.UNKNOWN
             known = state is not DestinationState.UNKNOWN
             down = state is DestinationState.DOWN
-            change(Condition.PRIMARY_DOWN, domain, down if known else None, _down_text(domain, st),
-                   _back_text(domain, dest.active, now), state=state.value,
-                   last_error=st.last_error if st else None)
+            change(
+                Condition.PRIMARY_DOWN,
+                domain,
+                down if known else None,
+                _down_text(domain, st),
+                _back_text(domain, dest.active, now),
+                state=state.value,
+                last_error=st.last_error if st else None,
+            )
 
             outage_age = (now - st.outage_since) if st and st.outage_since is not None else None
             limit = a.outage_longer_than.total_seconds()
-            change(Condition.OUTAGE_LONG, domain, None if not known else bool(outage_age and outage_age >= limit),
-                   f"outage of {domain} has lasted {format_span(outage_age or 0.0)} (alert after {format_span(limit)})",
-                   f"outage of {domain} is over", outage_seconds=round(outage_age or 0))
+            change(
+                Condition.OUTAGE_LONG,
+                domain,
+                None if not known else bool(outage_age and outage_age >= limit),
+                f"outage of {domain} has lasted {format_span(outage_age or 0.0)} (alert after {format_span(limit)})",
+                f"outage of {domain} is over",
+                outage_seconds=round(outage_age or 0),
+            )
 
             if stats is not None:
                 ds = by_domain.get(domain)
                 waiting = (ds.by_state.get("queued", 0) + ds.by_state.get("held", 0)) if ds else 0
                 key = (Condition.HELD_MAIL, domain)
                 over = waiting > a.held_above if key not in dest.active else waiting > a.held_above * LEVEL_HYSTERESIS
-                change(Condition.HELD_MAIL, domain, over,
-                       f"{waiting} recipients of {domain} are waiting (alert above {a.held_above})",
-                       f"mail waiting for {domain} is back to {waiting} recipients", recipients=waiting)
+                change(
+                    Condition.HELD_MAIL,
+                    domain,
+                    over,
+                    f"{waiting} recipients of {domain} are waiting (alert above {a.held_above})",
+                    f"mail waiting for {domain} is back to {waiting} recipients",
+                    recipients=waiting,
+                )
                 oldest = ds.oldest_pending_at if ds else None
                 age = now - oldest if oldest is not None else 0.0
-                change(Condition.OLDEST_MESSAGE, domain, age > a.oldest_older_than.total_seconds(),
-                       f"the oldest message for {domain} has waited {format_span(age)} "
-                       f"(alert after {format_span(a.oldest_older_than.total_seconds())})",
-                       f"no message for {domain} is older than {format_span(a.oldest_older_than.total_seconds())} now",
-                       oldest_seconds=round(age))
+                change(
+                    Condition.OLDEST_MESSAGE,
+                    domain,
+                    age > a.oldest_older_than.total_seconds(),
+                    f"the oldest message for {domain} has waited {format_span(age)} "
+                    f"(alert after {format_span(a.oldest_older_than.total_seconds())})",
+                    f"no message for {domain} is older than {format_span(a.oldest_older_than.total_seconds())} now",
+                    oldest_seconds=round(age),
+                )
 
                 set_aside = {r: n for r, n in (ds.held_by_reason.items() if ds else ()) if r in SET_ASIDE and n}
                 held_at = min((ds.held_since[r] for r in set_aside if ds and r in ds.held_since), default=now)
-                change(Condition.MAIL_SET_ASIDE, domain, bool(set_aside),
-                       f"{sum(set_aside.values())} recipients of {domain} are set aside "
-                       f"({', '.join(f'{r}: {n}' for r, n in sorted(set_aside.items()))}), the longest for "
-                       f"{format_span(max(now - held_at, 0.0))}: review them (`backupmx queue list --state held`),"
-                       " then release or delete; at retention_cap they expire with a DSN",
-                       f"no recipient of {domain} is set aside any more", recipients=sum(set_aside.values()),
-                       reasons=dict(set_aside), held_seconds=round(max(now - held_at, 0.0)))
+                change(
+                    Condition.MAIL_SET_ASIDE,
+                    domain,
+                    bool(set_aside),
+                    f"{sum(set_aside.values())} recipients of {domain} are set aside "
+                    f"({', '.join(f'{r}: {n}' for r, n in sorted(set_aside.items()))}), the longest for "
+                    f"{format_span(max(now - held_at, 0.0))}: review them (`backupmx queue list --state held`),"
+                    " then release or delete; at retention_cap they expire with a DSN",
+                    f"no recipient of {domain} is set aside any more",
+                    recipients=sum(set_aside.values()),
+                    reasons=dict(set_aside),
+                    held_seconds=round(max(now - held_at, 0.0)),
+                )
 
             window = a.failure_window.total_seconds()
             recent = self.failures.recent(domain, window)
@@ -379,10 +456,16 @@ class AlertManager:
             if down or not known:
                 failing = None  # while the primary is down, failures are the outage's; keep the state
             last = recent[-1][1] if recent else ""
-            change(Condition.DELIVERY_FAILING, domain, failing,
-                   f"deliveries to {domain} are failing although its primary answers: {len(recent)} "
-                   f"in {format_span(window)}, last: {last}",
-                   f"deliveries to {domain} succeed again", failures=len(recent), last_reply=last or None)
+            change(
+                Condition.DELIVERY_FAILING,
+                domain,
+                failing,
+                f"deliveries to {domain} are failing although its primary answers: {len(recent)} "
+                f"in {format_span(window)}, last: {last}",
+                f"deliveries to {domain} succeed again",
+                failures=len(recent),
+                last_reply=last or None,
+            )
 
         if broken is not None:  # the canary judges the path; this only tells its state changes
             scopes = set(broken) | {s for c, s in dest.active if c is Condition.BACKUP_PATH_BROKEN}
@@ -390,15 +473,26 @@ class AlertManager:
                 why = broken.get(domain)
                 began = dest.active.get((Condition.BACKUP_PATH_BROKEN, domain))
                 after = f" after {format_span(now - began.at)} broken" if began else ""
-                change(Condition.BACKUP_PATH_BROKEN, domain, why is not None, why or f"backup path broken for {domain}",
-                       f"backup path for {domain} works again: a canary was delivered{after}", reason=why)
+                change(
+                    Condition.BACKUP_PATH_BROKEN,
+                    domain,
+                    why is not None,
+                    why or f"backup path broken for {domain}",
+                    f"backup path for {domain} works again: a canary was delivered{after}",
+                    reason=why,
+                )
 
         if free is not None:
             key = (Condition.FREE_DISK, "")
             threshold = a.free_disk_below if key not in dest.active else a.free_disk_below / LEVEL_HYSTERESIS
-            change(Condition.FREE_DISK, "", free < threshold,
-                   f"free disk on {self.node} is {_bytes(free)} (alert below {_bytes(a.free_disk_below)})",
-                   f"free disk on {self.node} is back to {_bytes(free)}", free_bytes=free)
+            change(
+                Condition.FREE_DISK,
+                "",
+                free < threshold,
+                f"free disk on {self.node} is {_bytes(free)} (alert below {_bytes(a.free_disk_below)})",
+                f"free disk on {self.node} is back to {_bytes(free)}",
+                free_bytes=free,
+            )
         return notices
 
     # -- sending ----------------------------------------------------------------------------------

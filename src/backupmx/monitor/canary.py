@@ -61,7 +61,7 @@ _UP = (DestinationState.UP, DestinationState.RECOVERING)
 
 # name -> help: the canary's metrics, added to the admin listener's /metrics (admin/metrics.py has the rest)
 METRICS: dict[str, str] = {
-    "backupmx_backup_path_broken": "1 while the canary's \"backup path broken\" alert fires for the domain.",
+    "backupmx_backup_path_broken": '1 while the canary\'s "backup path broken" alert fires for the domain.',
     "backupmx_canary_latency_seconds": "End-to-end time of the last delivered canary (listener to primary's 250).",
     "backupmx_canary_last_success_timestamp_seconds": "When the last canary was delivered (0: never).",
     "backupmx_canary_runs_total": "Canaries judged since start, by domain and outcome.",
@@ -96,16 +96,32 @@ class CanaryResult:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "outcome": self.outcome.value, "sent_at": self.sent_at,
-                "finished_at": self.finished_at, "stage": self.stage.value, "latency": self.latency,
-                "queue_id": self.queue_id, "reply": self.reply, "detail": self.detail}
+        return {
+            "domain": self.domain,
+            "outcome": self.outcome.value,
+            "sent_at": self.sent_at,
+            "finished_at": self.finished_at,
+            "stage": self.stage.value,
+            "latency": self.latency,
+            "queue_id": self.queue_id,
+            "reply": self.reply,
+            "detail": self.detail,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CanaryResult:
         latency = d.get("latency")
-        return cls(str(d["domain"]), CanaryOutcome(d["outcome"]), float(d["sent_at"]), float(d["finished_at"]),
-                   CanaryStage(d.get("stage") or ""), None if latency is None else float(latency),
-                   d.get("queue_id"), d.get("reply"), str(d.get("detail") or ""))
+        return cls(
+            str(d["domain"]),
+            CanaryOutcome(d["outcome"]),
+            float(d["sent_at"]),
+            float(d["finished_at"]),
+            CanaryStage(d.get("stage") or ""),
+            None if latency is None else float(latency),
+            d.get("queue_id"),
+            d.get("reply"),
+            str(d.get("detail") or ""),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,16 +142,28 @@ class CanaryStatus:
         return self.broken_since is not None
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "node": self.node, "last": self.last.to_json() if self.last else None,
-                "broken_since": self.broken_since, "broken_reason": self.broken_reason,
-                "last_success_at": self.last_success_at, "last_latency": self.last_latency}
+        return {
+            "domain": self.domain,
+            "node": self.node,
+            "last": self.last.to_json() if self.last else None,
+            "broken_since": self.broken_since,
+            "broken_reason": self.broken_reason,
+            "last_success_at": self.last_success_at,
+            "last_latency": self.last_latency,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CanaryStatus:
         last = d.get("last")
-        return cls(str(d["domain"]), str(d.get("node") or ""), CanaryResult.from_json(last) if last else None,
-                   _opt_float(d.get("broken_since")), d.get("broken_reason"), _opt_float(d.get("last_success_at")),
-                   _opt_float(d.get("last_latency")))
+        return cls(
+            str(d["domain"]),
+            str(d.get("node") or ""),
+            CanaryResult.from_json(last) if last else None,
+            _opt_float(d.get("broken_since")),
+            d.get("broken_reason"),
+            _opt_float(d.get("last_success_at")),
+            _opt_float(d.get("last_latency")),
+        )
 
 
 def _opt_float(v: object) -> float | None:
@@ -205,9 +233,9 @@ def header_value(head: bytes, name: str) -> str | None:
     want = name.lower().encode() + b":"
     lines = section.split(b"\r\n")
     for i, line in enumerate(lines):
-        if line[:len(want)].lower() == want:
-            value = line[len(want):]
-            for cont in lines[i + 1:]:
+        if line[: len(want)].lower() == want:
+            value = line[len(want) :]
+            for cont in lines[i + 1 :]:
                 if cont[:1] not in (b" ", b"\t"):
                     break
                 value += cont
@@ -215,8 +243,9 @@ def header_value(head: bytes, name: str) -> str | None:
     return None
 
 
-def build_message(*, node: str, hostname: str, domain: str, sender: str, to: str, at: float,
-                  canary_id: str, mark_value: str) -> bytes:
+def build_message(
+    *, node: str, hostname: str, domain: str, sender: str, to: str, at: float, canary_id: str, mark_value: str
+) -> bytes:
     lines = [
         f"From: backupmx canary <{sender or f'mailer-daemon@{hostname}'}>",
         f"To: <{to}>",
@@ -262,8 +291,18 @@ class Canary:
     """One per process, for every `[[canary]]`. `await open()`, then `await run()` until `stop()`;
     `run_once(domain)` sends one canary and judges it (tests). Set `SmtpServer.classify = canary.classify`."""
 
-    def __init__(self, config: Config, spool: Spool, health: HealthView, maillog: MailLog, clock: Clock,
-                 listener: Listener, *, secret: bytes | None = None, poll: float = POLL) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        health: HealthView,
+        maillog: MailLog,
+        clock: Clock,
+        listener: Listener,
+        *,
+        secret: bytes | None = None,
+        poll: float = POLL,
+    ) -> None:
         self._config = config
         self._node = config.server.node
         self._hostname = config.server.hostname
@@ -305,13 +344,27 @@ class Canary:
 
     # -- reading ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, CanaryStatus]:
-        return {name: CanaryStatus(name, self._node, d.last, d.broken_since, d.broken_reason, d.last_success_at,
-                                   d.last_latency, dict(d.runs)) for name, d in self._domains.items()}
+        return {
+            name: CanaryStatus(
+                name,
+                self._node,
+                d.last,
+                d.broken_since,
+                d.broken_reason,
+                d.last_success_at,
+                d.last_latency,
+                dict(d.runs),
+            )
+            for name, d in self._domains.items()
+        }
 
     def broken(self) -> dict[str, str]:
         """Domains whose "backup path broken" alert fires now -> why (for an alert manager)."""
-        return {name: d.broken_reason or "backup path broken" for name, d in self._domains.items()
-                if d.broken_since is not None}
+        return {
+            name: d.broken_reason or "backup path broken"
+            for name, d in self._domains.items()
+            if d.broken_since is not None
+        }
 
     def collector(self) -> CanaryCollector:
         """For the admin listener's Prometheus registry (`registry.register(canary.collector())`)."""
@@ -374,17 +427,31 @@ class Canary:
         c = d.cfg
         sent_at = self._clock.now()
         canary_id = f"{int(sent_at)}-{secrets.token_hex(6)}"
-        message = build_message(node=self._node, hostname=self._hostname, domain=domain, sender=c.mail_from,
-                                to=c.to, at=sent_at, canary_id=canary_id,
-                                mark_value=mark(self._secret, self._node, domain, canary_id))
+        message = build_message(
+            node=self._node,
+            hostname=self._hostname,
+            domain=domain,
+            sender=c.mail_from,
+            to=c.to,
+            at=sent_at,
+            canary_id=canary_id,
+            mark_value=mark(self._secret, self._node, domain, canary_id),
+        )
         self._outstanding[canary_id] = domain
         try:
             qid, reply = await self._submit(c, message, timeout=min(c.deadline.total_seconds(), SUBMIT_TIMEOUT))
         finally:
             self._outstanding.pop(canary_id, None)
         if qid is None:
-            result = CanaryResult(domain, CanaryOutcome.FAILED, sent_at, self._clock.now(), CanaryStage.LISTENER,
-                                  reply=reply, detail="this node's SMTP listener did not accept the canary")
+            result = CanaryResult(
+                domain,
+                CanaryOutcome.FAILED,
+                sent_at,
+                self._clock.now(),
+                CanaryStage.LISTENER,
+                reply=reply,
+                detail="this node's SMTP listener did not accept the canary",
+            )
         else:
             result = await self._follow(domain, qid, sent_at, sent_at + c.deadline.total_seconds())
         await self._record(d, result)
@@ -404,8 +471,9 @@ class Canary:
             host, port = self._endpoint()
         except OSError as e:
             return None, str(e)
-        smtp = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self._hostname, timeout=timeout,
-                               start_tls=False)
+        smtp = aiosmtplib.SMTP(
+            hostname=host, port=port, local_hostname=self._hostname, timeout=timeout, start_tls=False
+        )
         try:
             await smtp.connect()
             await smtp.ehlo()
@@ -443,28 +511,58 @@ class Canary:
                 if now < deadline_at and error.startswith("spool"):
                     await self._clock.sleep(min(self._poll, deadline_at - now))
                     continue
-                return CanaryResult(domain, CanaryOutcome.FAILED, sent_at, now, CanaryStage.RELAY, queue_id=qid,
-                                    detail=error)
+                return CanaryResult(
+                    domain, CanaryOutcome.FAILED, sent_at, now, CanaryStage.RELAY, queue_id=qid, detail=error
+                )
             if rec.kind is not MessageKind.CANARY:
                 log.error("canary %s was stored as %s mail: the listener's classify hook is not set", qid, rec.kind)
             r = rec.recipients[0]
             if r.state is RecipientState.DELIVERED:
                 done = r.last_attempt_at if r.last_attempt_at is not None else now
-                return CanaryResult(domain, CanaryOutcome.DELIVERED, sent_at, now, latency=max(done - sent_at, 0.0),
-                                    queue_id=qid, reply=r.last_reply)
+                return CanaryResult(
+                    domain,
+                    CanaryOutcome.DELIVERED,
+                    sent_at,
+                    now,
+                    latency=max(done - sent_at, 0.0),
+                    queue_id=qid,
+                    reply=r.last_reply,
+                )
             if r.state in (RecipientState.BOUNCED, RecipientState.EXPIRED, RecipientState.HELD):
                 what = f"held ({r.held_reason})" if r.state is RecipientState.HELD else r.state.value
                 await self._remove(rec.id, r.state)
-                return CanaryResult(domain, CanaryOutcome.FAILED, sent_at, now, CanaryStage.RELAY, queue_id=qid,
-                                    reply=r.last_reply, detail=f"the canary was {what}")
+                return CanaryResult(
+                    domain,
+                    CanaryOutcome.FAILED,
+                    sent_at,
+                    now,
+                    CanaryStage.RELAY,
+                    queue_id=qid,
+                    reply=r.last_reply,
+                    detail=f"the canary was {what}",
+                )
             if now >= deadline_at or self._stopping:
                 await self._remove(rec.id, r.state)
                 if not self._primary_up(domain) or self._stopping:
-                    return CanaryResult(domain, CanaryOutcome.INCONCLUSIVE, sent_at, now, queue_id=qid,
-                                        reply=r.last_reply, detail="the primary went down (or we stopped) meanwhile")
-                return CanaryResult(domain, CanaryOutcome.FAILED, sent_at, now, CanaryStage.DEADLINE, queue_id=qid,
-                                    reply=r.last_reply, detail=f"not delivered within {deadline_at - sent_at:.0f}s "
-                                    f"({r.attempts} attempt(s))")
+                    return CanaryResult(
+                        domain,
+                        CanaryOutcome.INCONCLUSIVE,
+                        sent_at,
+                        now,
+                        queue_id=qid,
+                        reply=r.last_reply,
+                        detail="the primary went down (or we stopped) meanwhile",
+                    )
+                return CanaryResult(
+                    domain,
+                    CanaryOutcome.FAILED,
+                    sent_at,
+                    now,
+                    CanaryStage.DEADLINE,
+                    queue_id=qid,
+                    reply=r.last_reply,
+                    detail=f"not delivered within {deadline_at - sent_at:.0f}s ({r.attempts} attempt(s))",
+                )
             await self._clock.sleep(min(self._poll, deadline_at - now))
 
     async def _remove(self, qid: QueueId, state: RecipientState) -> None:
@@ -480,14 +578,22 @@ class Canary:
         d.last = result
         d.runs[result.outcome.value] = d.runs.get(result.outcome.value, 0) + 1
         self._maillog.event(
-            "canary", result.queue_id, domain=domain, result=result.outcome.value, stage=result.stage.value or None,
-            latency=f"{result.latency:.3f}s" if result.latency is not None else None, reply=result.reply,
-            detail=result.detail or None)
+            "canary",
+            result.queue_id,
+            domain=domain,
+            result=result.outcome.value,
+            stage=result.stage.value or None,
+            latency=f"{result.latency:.3f}s" if result.latency is not None else None,
+            reply=result.reply,
+            detail=result.detail or None,
+        )
         if result.outcome is CanaryOutcome.DELIVERED:
             d.last_success_at, d.last_latency = result.finished_at, result.latency
             if d.broken_since is not None:
-                summary = (f"backup path for {domain} works again: canary delivered in {result.latency or 0.0:.1f}s "
-                           f"after {format_span(result.finished_at - d.broken_since, minute_seconds=True)} broken")
+                summary = (
+                    f"backup path for {domain} works again: canary delivered in {result.latency or 0.0:.1f}s "
+                    f"after {format_span(result.finished_at - d.broken_since, minute_seconds=True)} broken"
+                )
                 d.broken_since, d.broken_reason = None, None
                 log.warning("%s", summary)
                 self._maillog.event("canary-alert", result.queue_id, domain=domain, status="resolved", summary=summary)
@@ -495,10 +601,12 @@ class Canary:
             why = f"{result.detail}: {result.reply}" if result.reply else result.detail
             d.broken_since, d.broken_reason = result.finished_at, f"backup path broken for {domain}: {why}"
             log.error("%s", d.broken_reason)
-            self._maillog.event("canary-alert", result.queue_id, domain=domain, status="firing",
-                                summary=d.broken_reason)
-        status = CanaryStatus(domain, self._node, d.last, d.broken_since, d.broken_reason, d.last_success_at,
-                              d.last_latency)
+            self._maillog.event(
+                "canary-alert", result.queue_id, domain=domain, status="firing", summary=d.broken_reason
+            )
+        status = CanaryStatus(
+            domain, self._node, d.last, d.broken_since, d.broken_reason, d.last_success_at, d.last_latency
+        )
         try:
             await self._spool.kv_put(KV_NAMESPACE, kv_key(self._node, domain), json.dumps(status.to_json()).encode())
         except SpoolError as e:
@@ -513,14 +621,20 @@ class CanaryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.canary.snapshot()
-        broken = GaugeMetricFamily("backupmx_backup_path_broken", METRICS["backupmx_backup_path_broken"],
-                                   labels=["domain"])
-        latency = GaugeMetricFamily("backupmx_canary_latency_seconds", METRICS["backupmx_canary_latency_seconds"],
-                                    labels=["domain"])
-        success = GaugeMetricFamily("backupmx_canary_last_success_timestamp_seconds",
-                                    METRICS["backupmx_canary_last_success_timestamp_seconds"], labels=["domain"])
-        runs = CounterMetricFamily("backupmx_canary_runs", METRICS["backupmx_canary_runs_total"],
-                                   labels=["domain", "outcome"])
+        broken = GaugeMetricFamily(
+            "backupmx_backup_path_broken", METRICS["backupmx_backup_path_broken"], labels=["domain"]
+        )
+        latency = GaugeMetricFamily(
+            "backupmx_canary_latency_seconds", METRICS["backupmx_canary_latency_seconds"], labels=["domain"]
+        )
+        success = GaugeMetricFamily(
+            "backupmx_canary_last_success_timestamp_seconds",
+            METRICS["backupmx_canary_last_success_timestamp_seconds"],
+            labels=["domain"],
+        )
+        runs = CounterMetricFamily(
+            "backupmx_canary_runs", METRICS["backupmx_canary_runs_total"], labels=["domain", "outcome"]
+        )
         for name, st in sorted(snap.items()):
             broken.add_metric([name], 1 if st.broken else 0)
             if st.last_latency is not None:
@@ -531,5 +645,14 @@ class CanaryCollector(Collector):
         yield from (broken, latency, success, runs)
 
 
-__all__ = ["HEADER", "Canary", "CanaryCollector", "CanaryOutcome", "CanaryResult", "CanaryStage", "CanaryStatus",
-           "load_secret", "read_status"]
+__all__ = [
+    "HEADER",
+    "Canary",
+    "CanaryCollector",
+    "CanaryOutcome",
+    "CanaryResult",
+    "CanaryStage",
+    "CanaryStatus",
+    "load_secret",
+    "read_status",
+]

@@ -73,13 +73,27 @@ class DrillRequest:
     requested_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "domain": self.domain, "node": self.node, "action": self.action,
-                "window": self.window, "settle": self.settle, "requested_at": self.requested_at}
+        return {
+            "id": self.id,
+            "domain": self.domain,
+            "node": self.node,
+            "action": self.action,
+            "window": self.window,
+            "settle": self.settle,
+            "requested_at": self.requested_at,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> DrillRequest:
-        return cls(str(d["id"]), str(d["domain"]), str(d["node"]), str(d["action"]), float(d.get("window", 0)),
-                   float(d.get("settle", DEFAULT_SETTLE)), float(d.get("requested_at", 0)))
+        return cls(
+            str(d["id"]),
+            str(d["domain"]),
+            str(d["node"]),
+            str(d["action"]),
+            float(d.get("window", 0)),
+            float(d.get("settle", DEFAULT_SETTLE)),
+            float(d.get("requested_at", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +122,26 @@ class DrillReport:
         return self.state is DrillState.DONE and self.held == 0 and self.bounced == 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "domain": self.domain, "node": self.node, "state": self.state.value,
-                "ok": self.ok, "started_at": self.started_at, "window": self.window, "ends_at": self.ends_at,
-                "ended_at": self.ended_at, "finished_at": self.finished_at,
-                "accepted_messages": self.accepted_messages, "accepted": self.accepted,
-                "delivered": self.delivered, "held": self.held, "bounced": self.bounced,
-                "not_delivered": list(self.not_delivered), "warnings": list(self.warnings), "detail": self.detail}
+        return {
+            "id": self.id,
+            "domain": self.domain,
+            "node": self.node,
+            "state": self.state.value,
+            "ok": self.ok,
+            "started_at": self.started_at,
+            "window": self.window,
+            "ends_at": self.ends_at,
+            "ended_at": self.ended_at,
+            "finished_at": self.finished_at,
+            "accepted_messages": self.accepted_messages,
+            "accepted": self.accepted,
+            "delivered": self.delivered,
+            "held": self.held,
+            "bounced": self.bounced,
+            "not_delivered": list(self.not_delivered),
+            "warnings": list(self.warnings),
+            "detail": self.detail,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> DrillReport:
@@ -121,11 +149,25 @@ class DrillReport:
             v = d.get(k)
             return None if v is None else float(v)
 
-        return cls(str(d["id"]), str(d["domain"]), str(d["node"]), DrillState(d["state"]), float(d["started_at"]),
-                   float(d["window"]), float(d["ends_at"]), opt("ended_at"), opt("finished_at"),
-                   int(d.get("accepted_messages", 0)), int(d.get("accepted", 0)), int(d.get("delivered", 0)),
-                   int(d.get("held", 0)), int(d.get("bounced", 0)), tuple(d.get("not_delivered") or ()),
-                   tuple(d.get("warnings") or ()), str(d.get("detail") or ""))
+        return cls(
+            str(d["id"]),
+            str(d["domain"]),
+            str(d["node"]),
+            DrillState(d["state"]),
+            float(d["started_at"]),
+            float(d["window"]),
+            float(d["ends_at"]),
+            opt("ended_at"),
+            opt("finished_at"),
+            int(d.get("accepted_messages", 0)),
+            int(d.get("accepted", 0)),
+            int(d.get("delivered", 0)),
+            int(d.get("held", 0)),
+            int(d.get("bounced", 0)),
+            tuple(d.get("not_delivered") or ()),
+            tuple(d.get("warnings") or ()),
+            str(d.get("detail") or ""),
+        )
 
 
 async def read_report(spool: Spool, domain: str) -> DrillReport | None:
@@ -161,8 +203,9 @@ class DrillRunner:
     """Inside `serve`: takes drill requests for this node from the spool's kv and runs them.
     `await run()` until `stop()`; tests may call `start_drill()` directly."""
 
-    def __init__(self, config: Config, spool: Spool, health: DrillHealth, maillog: MailLog, clock: Clock,
-                 *, poll: float = POLL) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, health: DrillHealth, maillog: MailLog, clock: Clock, *, poll: float = POLL
+    ) -> None:
         self._config = config
         self._node = config.server.node
         self._spool = spool
@@ -217,10 +260,19 @@ class DrillRunner:
         for d in self._config.domains:
             try:
                 rep = await read_report(self._spool, d.name)
-                if rep is not None and rep.node == self._node and rep.state in (DrillState.RUNNING,
-                                                                               DrillState.SETTLING):
-                    await self._save(replace(rep, state=DrillState.INTERRUPTED, finished_at=self._clock.now(),
-                                             detail="serve stopped during the drill; counts are from before"))
+                if (
+                    rep is not None
+                    and rep.node == self._node
+                    and rep.state in (DrillState.RUNNING, DrillState.SETTLING)
+                ):
+                    await self._save(
+                        replace(
+                            rep,
+                            state=DrillState.INTERRUPTED,
+                            finished_at=self._clock.now(),
+                            detail="serve stopped during the drill; counts are from before",
+                        )
+                    )
             except SpoolError as e:
                 log.warning("drill: cannot look at the last drill of %s: %s", d.name, e)
 
@@ -282,15 +334,20 @@ class DrillRunner:
         req = r.request
         domain = req.domain
         started = self._clock.now()
-        report = DrillReport(req.id, domain, self._node, DrillState.RUNNING, started, req.window,
-                             started + req.window)
+        report = DrillReport(req.id, domain, self._node, DrillState.RUNNING, started, req.window, started + req.window)
         forced = False
         try:
             await self._save(report)
             await self._health.force_down(domain, f"drill {req.id}")
             forced = True
-            self._maillog.event("drill-started", None, domain=domain, drill=req.id,
-                                window=f"{req.window:g}s", until=utc_text(report.ends_at))
+            self._maillog.event(
+                "drill-started",
+                None,
+                domain=domain,
+                drill=req.id,
+                window=f"{req.window:g}s",
+                until=utc_text(report.ends_at),
+            )
             while not r.stop.is_set() and self._clock.now() < report.ends_at:
                 await self._sleep(min(self._poll, report.ends_at - self._clock.now()), r.stop)
             r.collecting = False
@@ -298,10 +355,15 @@ class DrillRunner:
             await self._health.clear_force(domain)
             forced = False
             early = " (stopped early)" if ended < report.ends_at else ""
-            self._maillog.event("drill-released", None, domain=domain, drill=req.id, accepted=len(r.queued),
-                                held_for=f"{ended - started:.0f}s{early}")
-            report = replace(report, state=DrillState.SETTLING, ended_at=ended,
-                             accepted_messages=len(r.queued))
+            self._maillog.event(
+                "drill-released",
+                None,
+                domain=domain,
+                drill=req.id,
+                accepted=len(r.queued),
+                held_for=f"{ended - started:.0f}s{early}",
+            )
+            report = replace(report, state=DrillState.SETTLING, ended_at=ended, accepted_messages=len(r.queued))
             await self._save(report)
             settle_until = ended + req.settle
             finished: dict[QueueId, MessageRecord | None] = {}
@@ -311,18 +373,36 @@ class DrillRunner:
                     break
                 await self._sleep(min(self._poll, settle_until - self._clock.now()), self._wake)
             state = DrillState.INTERRUPTED if self._stopping and report.held else DrillState.DONE
-            report = replace(report, state=state, finished_at=self._clock.now(),
-                             warnings=_warnings(report, req.settle),
-                             detail="serve stopped while the window's mail was leaving" if state is
-                             DrillState.INTERRUPTED else report.detail)
+            report = replace(
+                report,
+                state=state,
+                finished_at=self._clock.now(),
+                warnings=_warnings(report, req.settle),
+                detail="serve stopped while the window's mail was leaving"
+                if state is DrillState.INTERRUPTED
+                else report.detail,
+            )
             await self._save(report)
-            self._maillog.event("drill-finished", None, domain=domain, drill=req.id, result=report.state.value,
-                                accepted=report.accepted, delivered=report.delivered, held=report.held,
-                                bounced=report.bounced, ok="yes" if report.ok else "no")
+            self._maillog.event(
+                "drill-finished",
+                None,
+                domain=domain,
+                drill=req.id,
+                result=report.state.value,
+                accepted=report.accepted,
+                delivered=report.delivered,
+                held=report.held,
+                bounced=report.bounced,
+                ok="yes" if report.ok else "no",
+            )
         except Exception as e:
             log.exception("drill %s of %s failed", req.id, domain)
-            report = replace(report, state=DrillState.INTERRUPTED, finished_at=self._clock.now(),
-                             detail=f"the drill failed: {type(e).__name__}: {e}")
+            report = replace(
+                report,
+                state=DrillState.INTERRUPTED,
+                finished_at=self._clock.now(),
+                detail=f"the drill failed: {type(e).__name__}: {e}",
+            )
             try:
                 await self._save(report)
             except SpoolError:
@@ -336,8 +416,9 @@ class DrillRunner:
                     log.exception("drill %s: releasing %s failed", req.id, domain)
             self._running.pop(domain, None)
 
-    async def _count(self, report: DrillReport, ids: list[QueueId],
-                     finished: dict[QueueId, MessageRecord | None]) -> DrillReport:
+    async def _count(
+        self, report: DrillReport, ids: list[QueueId], finished: dict[QueueId, MessageRecord | None]
+    ) -> DrillReport:
         """Where the window's mail for the domain is now (user mail only: no canaries, no DSNs). Messages
         that are done with the domain go into `finished` and are not read again on the next call."""
         domain = report.domain
@@ -369,10 +450,24 @@ class DrillRunner:
                 else:
                     held += 1
                 if len(listed) < LISTED:
-                    listed.append({"id": rec.id, "address": x.address, "state": x.state.value,
-                                   "held_reason": x.held_reason, "last_reply": x.last_reply})
-        return replace(report, accepted_messages=messages, accepted=accepted, delivered=delivered, held=held,
-                       bounced=bounced, not_delivered=tuple(listed))
+                    listed.append(
+                        {
+                            "id": rec.id,
+                            "address": x.address,
+                            "state": x.state.value,
+                            "held_reason": x.held_reason,
+                            "last_reply": x.last_reply,
+                        }
+                    )
+        return replace(
+            report,
+            accepted_messages=messages,
+            accepted=accepted,
+            delivered=delivered,
+            held=held,
+            bounced=bounced,
+            not_delivered=tuple(listed),
+        )
 
     async def _save(self, report: DrillReport) -> None:
         await self._spool.kv_put(KV_NAMESPACE, report_key(report.domain), json.dumps(report.to_json()).encode())
@@ -382,11 +477,15 @@ def _warnings(report: DrillReport, settle: float) -> tuple[str, ...]:
     d = report.domain
     out: list[str] = []
     if report.accepted == 0:
-        out.append(f"no mail for {d} was accepted during the window: no sender used this backup MX (are the MX "
-                   f"records in place? `backupmx check {d}`), or the window was too short for the traffic")
+        out.append(
+            f"no mail for {d} was accepted during the window: no sender used this backup MX (are the MX "
+            f"records in place? `backupmx check {d}`), or the window was too short for the traffic"
+        )
     if report.held:
-        out.append(f"{report.held} recipient(s) still waiting {settle:g}s after the release: "
-                   f"`backupmx queue list --domain {d}`")
+        out.append(
+            f"{report.held} recipient(s) still waiting {settle:g}s after the release: "
+            f"`backupmx queue list --domain {d}`"
+        )
     if report.bounced:
         out.append(f"{report.bounced} recipient(s) bounced after the release (the primary refused them)")
     return tuple(out)
@@ -441,12 +540,18 @@ def render_report(r: DrillReport) -> str:
     if r.state is DrillState.DONE and not r.ok:
         verdict = "NOT OK: mail from the window was not delivered"
     end = utc_text(r.ended_at) if r.ended_at else f"{utc_text(r.ends_at)} (planned)"
-    lines = [f"drill of {r.domain} on {r.node} ({r.id}): {verdict}",
-             f"  window     {utc_text(r.started_at)} .. {end} ({r.window:g}s asked)"]
+    lines = [
+        f"drill of {r.domain} on {r.node} ({r.id}): {verdict}",
+        f"  window     {utc_text(r.started_at)} .. {end} ({r.window:g}s asked)",
+    ]
     if r.finished_at:
         lines.append(f"  finished   {utc_text(r.finished_at)}")
-    lines += [f"  accepted   {r.accepted_messages} message(s), {r.accepted} recipient(s) in {r.domain}",
-              f"  delivered  {r.delivered}", f"  held       {r.held}", f"  bounced    {r.bounced}"]
+    lines += [
+        f"  accepted   {r.accepted_messages} message(s), {r.accepted} recipient(s) in {r.domain}",
+        f"  delivered  {r.delivered}",
+        f"  held       {r.held}",
+        f"  bounced    {r.bounced}",
+    ]
     for x in r.not_delivered:
         lines.append(f"    {x.get('id')} <{x.get('address')}> {x.get('state')}: {x.get('last_reply') or '-'}")
     lines += [f"  warning: {w}" for w in r.warnings]
@@ -460,5 +565,15 @@ def utc_text(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-__all__ = ["DrillReport", "DrillRequest", "DrillRunner", "DrillState", "new_drill_id", "read_report",
-           "render_report", "submit_request", "utc_text", "wait_report"]
+__all__ = [
+    "DrillReport",
+    "DrillRequest",
+    "DrillRunner",
+    "DrillState",
+    "new_drill_id",
+    "read_report",
+    "render_report",
+    "submit_request",
+    "utc_text",
+    "wait_report",
+]

@@ -42,8 +42,9 @@ class ProbeResult:
 Prober = Callable[[str, Sequence[TargetLike]], Awaitable[ProbeResult]]
 
 
-async def smtp_probe(targets: Sequence[TargetLike], *, local_hostname: str, timeout: float,
-                     rcpt: str | None = None) -> ProbeResult:
+async def smtp_probe(
+    targets: Sequence[TargetLike], *, local_hostname: str, timeout: float, rcpt: str | None = None
+) -> ProbeResult:
     """The primary is up when any target gives a banner, answers EHLO (and accepts `rcpt`)."""
     if not targets:
         return ProbeResult(False, "", "no route")
@@ -56,8 +57,9 @@ async def smtp_probe(targets: Sequence[TargetLike], *, local_hostname: str, time
 
 
 async def _probe_one(t: TargetLike, *, local_hostname: str, timeout: float, rcpt: str | None) -> ProbeResult:
-    smtp = aiosmtplib.SMTP(hostname=t.address or t.host, port=t.port, local_hostname=local_hostname,
-                           timeout=timeout, start_tls=False)
+    smtp = aiosmtplib.SMTP(
+        hostname=t.address or t.host, port=t.port, local_hostname=local_hostname, timeout=timeout, start_tls=False
+    )
     label = t.label
     try:
         await smtp.connect(timeout=timeout)
@@ -106,15 +108,32 @@ class _Dest:
 
     def status(self) -> DestinationStatus:
         error = f"forced down: {self.forced}" if self.forced else self.last_error
-        return DestinationStatus(self.domain, self.state, self.since, self.outage_since, self.recovered_at,
-                                 self.last_probe_at, error, self.failures, self.target)
+        return DestinationStatus(
+            self.domain,
+            self.state,
+            self.since,
+            self.outage_since,
+            self.recovered_at,
+            self.last_probe_at,
+            error,
+            self.failures,
+            self.target,
+        )
 
 
 class HealthMonitor:
     """One per process. `await open()` (or `run()`, which opens) before the engine claims mail."""
 
-    def __init__(self, config: Config, spool: Spool, clock: Clock, maillog: MailLog, resolver: RouteLookup,
-                 *, prober: Prober | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        clock: Clock,
+        maillog: MailLog,
+        resolver: RouteLookup,
+        *,
+        prober: Prober | None = None,
+    ) -> None:
         self._config = config
         d = config.delivery
         self._interval = d.probe_interval.total_seconds()
@@ -227,8 +246,12 @@ class HealthMonitor:
             if self._prober is not None:
                 result = await self._prober(dest.domain, targets)
             else:
-                result = await smtp_probe(targets, local_hostname=self._config.server.hostname,
-                                          timeout=self._timeout, rcpt=dcfg.probe_rcpt if dcfg else None)
+                result = await smtp_probe(
+                    targets,
+                    local_hostname=self._config.server.hostname,
+                    timeout=self._timeout,
+                    rcpt=dcfg.probe_rcpt if dcfg else None,
+                )
         now = self._clock.now()
         dest.last_probe_at = now
         dest.next_probe_at = now + self._interval
@@ -313,8 +336,14 @@ class HealthMonitor:
 
     async def _enter_down(self, dest: _Dest, started_at: float, reason: str) -> None:
         await self._declare(dest, started_at)
-        self._maillog.event("outage-declared", None, domain=dest.domain, target=dest.target or None,
-                            failures=dest.failures, reason=reason)
+        self._maillog.event(
+            "outage-declared",
+            None,
+            domain=dest.domain,
+            target=dest.target or None,
+            failures=dest.failures,
+            reason=reason,
+        )
         self._transition(dest, DestinationState.DOWN, self._clock.now())
 
     async def _declare(self, dest: _Dest, started_at: float) -> None:
@@ -331,8 +360,9 @@ class HealthMonitor:
         except Exception:
             log.exception("ending the outage of %s in the spool", dest.domain)
         began = dest.outage_since if dest.outage_since is not None else dest.since
-        self._maillog.event("primary-back", None, domain=dest.domain, target=dest.target or None,
-                            outage=f"{max(now - began, 0.0):.0f}s")
+        self._maillog.event(
+            "primary-back", None, domain=dest.domain, target=dest.target or None, outage=f"{max(now - began, 0.0):.0f}s"
+        )
         dest.outage_since = None
         dest.recovered_at = now
         self._transition(dest, DestinationState.RECOVERING, now)

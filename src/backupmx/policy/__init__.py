@@ -123,8 +123,9 @@ class HeaderStamp(Protocol):
     async def stamp(self, session: SessionInfo) -> Stamp: ...
 
 
-async def run_checks(checks: Sequence[Check], stage: Stage, session: SessionInfo,
-                     address: str | None = None) -> Verdict:
+async def run_checks(
+    checks: Sequence[Check], stage: Stage, session: SessionInfo, address: str | None = None
+) -> Verdict:
     """Ask each check for `stage` in order; the first verdict other than CONTINUE wins."""
     for chk in checks:
         if stage not in chk.stages:

@@ -68,11 +68,11 @@ def organizational_domain(domain: str) -> str:
         if candidate in exceptions:
             suffix_len = len(labels) - i - 1
             break
-        parent = ".".join(labels[i + 1:])
+        parent = ".".join(labels[i + 1 :])
         if candidate in plain or (i + 1 <= len(labels) and parent in wild):
             suffix_len = len(labels) - i
             break
-    return ".".join(labels[-(suffix_len + 1):]) if len(labels) > suffix_len else domain.lower()
+    return ".".join(labels[-(suffix_len + 1) :]) if len(labels) > suffix_len else domain.lower()
 
 
 def parse_record(text: str) -> dict[str, str] | None:
@@ -94,8 +94,14 @@ def _aligned(domain: str, from_domain: str, strict: bool) -> bool:
     return organizational_domain(domain) == organizational_domain(from_domain)
 
 
-def evaluate(from_domain: str, *, spf_result: str, spf_domain: str, dkim_passes: list[str],
-             txt: Callable[[str], list[str] | None]) -> DmarcResult:
+def evaluate(
+    from_domain: str,
+    *,
+    spf_result: str,
+    spf_domain: str,
+    dkim_passes: list[str],
+    txt: Callable[[str], list[str] | None],
+) -> DmarcResult:
     """The DMARC result for a message whose From domain is `from_domain`, given the SPF result for
     `spf_domain` (the MAIL FROM's domain, or the HELO's for <>) and the d= of every passing DKIM signature."""
     if not from_domain:

@@ -54,7 +54,7 @@ def async_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
 
 
 def query_name(ip: str, zone: str) -> str | None:
-    """"192.0.2.1" -> "1.2.0.192.<zone>"; IPv6 as 32 nibbles; None for something that is no address."""
+    """ "192.0.2.1" -> "1.2.0.192.<zone>"; IPv6 as 32 nibbles; None for something that is no address."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

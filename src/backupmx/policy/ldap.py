@@ -62,8 +62,13 @@ class SyncState:
     error: str = ""  # the last attempt's failure; "" when it succeeded
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "synced_at": self.synced_at, "count": self.count,
-                "attempted_at": self.attempted_at, "error": self.error}
+        return {
+            "domain": self.domain,
+            "synced_at": self.synced_at,
+            "count": self.count,
+            "attempted_at": self.attempted_at,
+            "error": self.error,
+        }
 
 
 def search_directory(domain: DomainConfig) -> set[str]:
@@ -82,17 +87,32 @@ def search_directory(domain: DomainConfig) -> set[str]:
         except (OSError, IndexError) as e:
             raise LdapUnavailable(f"ldap_password_file {domain.ldap_password_file}: cannot be read") from e
     try:
-        server = ldap3.Server(parts.hostname or "localhost", port=parts.port, use_ssl=parts.scheme == "ldaps",
-                              connect_timeout=timeout, get_info=ldap3.NONE)
-        conn = ldap3.Connection(server, user=domain.ldap_bind_dn or None, password=password or None,
-                                receive_timeout=timeout, raise_exceptions=True, read_only=True,
-                                auto_referrals=False)
+        server = ldap3.Server(
+            parts.hostname or "localhost",
+            port=parts.port,
+            use_ssl=parts.scheme == "ldaps",
+            connect_timeout=timeout,
+            get_info=ldap3.NONE,
+        )
+        conn = ldap3.Connection(
+            server,
+            user=domain.ldap_bind_dn or None,
+            password=password or None,
+            receive_timeout=timeout,
+            raise_exceptions=True,
+            read_only=True,
+            auto_referrals=False,
+        )
         try:
             conn.bind()
             found: set[str] = set()
             entries = conn.extend.standard.paged_search(
-                domain.ldap_base, domain.ldap_filter, attributes=list(domain.ldap_attributes),
-                paged_size=PAGE_SIZE, generator=True)
+                domain.ldap_base,
+                domain.ldap_filter,
+                attributes=list(domain.ldap_attributes),
+                paged_size=PAGE_SIZE,
+                generator=True,
+            )
             for entry in entries:
                 if entry.get("type") != "searchResEntry":
                     continue  # referrals are not followed
@@ -132,8 +152,9 @@ async def read_state(spool: KvStore, domain: str) -> SyncState:
     if raw is None:
         return SyncState(domain)
     doc = json.loads(raw)
-    return SyncState(domain, doc.get("synced_at"), int(doc.get("count") or 0), doc.get("attempted_at"),
-                     str(doc.get("error") or ""))
+    return SyncState(
+        domain, doc.get("synced_at"), int(doc.get("count") or 0), doc.get("attempted_at"), str(doc.get("error") or "")
+    )
 
 
 async def read_addresses(spool: KvStore, domain: str) -> tuple[float, list[str]] | None:
@@ -149,13 +170,17 @@ async def listing(spool: KvStore, domain: DomainConfig) -> dict[str, Any]:
     """What `recipients list` shows of an LDAP domain: the last sync and its addresses (JSON-ready)."""
     state = await read_state(spool, domain.name)
     synced = await read_addresses(spool, domain.name)
-    return {"url": domain.ldap_url, "synced_at": iso_time(state.synced_at),
-            "attempted_at": iso_time(state.attempted_at), "error": state.error or None,
-            "entries": synced[1] if synced else []}
+    return {
+        "url": domain.ldap_url,
+        "synced_at": iso_time(state.synced_at),
+        "attempted_at": iso_time(state.attempted_at),
+        "error": state.error or None,
+        "entries": synced[1] if synced else [],
+    }
 
 
 def summary(item: dict[str, Any]) -> str:
-    """"ldap ldap://dir:389, 3 addresses, synced 2026-...; last attempt ... failed: ..." (`recipients list`
+    """ "ldap ldap://dir:389, 3 addresses, synced 2026-...; last attempt ... failed: ..." (`recipients list`
     and `status`); `item` has url, count, synced_at, attempted_at and error."""
     text = f"ldap {item['url']}, {item['count']} addresses, "
     text += f"synced {item['synced_at']}" if item["synced_at"] else "never synced (unknown_while_down applies)"
@@ -167,9 +192,14 @@ def summary(item: dict[str, Any]) -> str:
 class LdapSync:
     """Keeps the LDAP domains' directories in step with the directory server and the kv."""
 
-    def __init__(self, domains: Iterable[DomainConfig], spool: Spool, *,
-                 search: Callable[[DomainConfig], set[str]] = search_directory,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        domains: Iterable[DomainConfig],
+        spool: Spool,
+        *,
+        search: Callable[[DomainConfig], set[str]] = search_directory,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.domains = [d for d in domains if d.ldap_url is not None]
         self.directories = {d.name: LdapRecipients(d.name) for d in self.domains}
         self._spool = spool
@@ -220,8 +250,12 @@ class LdapSync:
     async def _failed(self, directory: LdapRecipients, now: float, error: str) -> SyncState:
         old = directory.state
         state = SyncState(directory.domain, old.synced_at, old.count, now, error)
-        log.warning("ldap %s: directory unavailable (%s); keeping the %d addresses of the last sync",
-                    directory.domain, error, old.count)
+        log.warning(
+            "ldap %s: directory unavailable (%s); keeping the %d addresses of the last sync",
+            directory.domain,
+            error,
+            old.count,
+        )
         directory.state = state
         with contextlib.suppress(Exception):  # a record of the failure; the next attempt writes again
             synced = await read_addresses(self._spool, directory.domain)
@@ -249,5 +283,14 @@ class LdapSync:
         self._stop.set()
 
 
-__all__ = ["LdapRecipients", "LdapSync", "LdapUnavailable", "SyncState", "addresses_from", "listing",
-           "read_addresses", "read_state", "summary"]
+__all__ = [
+    "LdapRecipients",
+    "LdapSync",
+    "LdapUnavailable",
+    "SyncState",
+    "addresses_from",
+    "listing",
+    "read_addresses",
+    "read_state",
+    "summary",
+]

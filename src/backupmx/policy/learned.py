@@ -40,22 +40,25 @@ class LearnedRecipient:
 
 
 def learned_key(address: str) -> str:
-    """"Alice@Example.TEST" -> "example.test/alice"."""
+    """ "Alice@Example.TEST" -> "example.test/alice"."""
     local, _, domain = address.rpartition("@")
     return f"{domain.lower()}/{local.casefold()}"
 
 
 def _encode(entry: LearnedRecipient) -> bytes:
-    return json.dumps({"a": entry.address, "k": entry.known, "s": entry.source, "at": entry.learned_at,
-                       "exp": entry.expires_at}, separators=(",", ":")).encode()
+    return json.dumps(
+        {"a": entry.address, "k": entry.known, "s": entry.source, "at": entry.learned_at, "exp": entry.expires_at},
+        separators=(",", ":"),
+    ).encode()
 
 
 def _decode(raw: bytes) -> LearnedRecipient | None:
     try:
         d = json.loads(raw)
         exp = d.get("exp")
-        return LearnedRecipient(str(d["a"]), bool(d["k"]), str(d.get("s", "")), float(d["at"]),
-                                None if exp is None else float(exp))
+        return LearnedRecipient(
+            str(d["a"]), bool(d["k"]), str(d.get("s", "")), float(d["at"]), None if exp is None else float(exp)
+        )
     except (ValueError, KeyError, TypeError):
         return None  # a damaged row is as good as none: the address is asked again
 
@@ -87,8 +90,9 @@ class LearnedRecipients:
 
     async def put(self, entry: LearnedRecipient) -> None:
         physical = None if entry.expires_at is None else entry.expires_at + self._keep
-        await self._kv.kv_put(NAMESPACE, learned_key(entry.address), _encode(entry), expires_at=physical,
-                              now=entry.learned_at)
+        await self._kv.kv_put(
+            NAMESPACE, learned_key(entry.address), _encode(entry), expires_at=physical, now=entry.learned_at
+        )
 
     async def delete(self, address: str) -> bool:
         return await self._kv.kv_delete(NAMESPACE, learned_key(address))

@@ -55,8 +55,9 @@ class _Bucket:
 class TokenBuckets:
     """`rate` tokens per second into buckets of `burst`, one per key."""
 
-    def __init__(self, rate: float, burst: float, *, max_keys: int = MAX_CLIENTS,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, rate: float, burst: float, *, max_keys: int = MAX_CLIENTS, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate = rate
@@ -97,10 +98,17 @@ class MessageRateLimit:
     name = "rate-limit"
     stages = frozenset({Stage.MAIL})
 
-    def __init__(self, per_minute: int, burst: int = 0, *, max_clients: int = MAX_CLIENTS,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._buckets = TokenBuckets(per_minute / 60.0, float(burst or per_minute), max_keys=max_clients,
-                                     monotonic=monotonic)
+    def __init__(
+        self,
+        per_minute: int,
+        burst: int = 0,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._buckets = TokenBuckets(
+            per_minute / 60.0, float(burst or per_minute), max_keys=max_clients, monotonic=monotonic
+        )
 
     @classmethod
     def from_config(cls, cfg: Config) -> MessageRateLimit | None:

@@ -94,8 +94,7 @@ class StaticRecipients:
 class FileRecipients:
     """A recipient file, re-read when it changes. `monotonic` is injectable for tests."""
 
-    def __init__(self, path: Path, domain: str, *,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, domain: str, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.domain = domain
         self._monotonic = monotonic
@@ -160,8 +159,9 @@ class RecipientCheck:
     name = "recipients"
     stages = frozenset({Stage.RCPT})
 
-    def __init__(self, domains: Iterable[DomainConfig],
-                 directories: Mapping[str, RecipientDirectory] | None = None) -> None:
+    def __init__(
+        self, domains: Iterable[DomainConfig], directories: Mapping[str, RecipientDirectory] | None = None
+    ) -> None:
         self._domains = {d.name: d for d in domains}
         self._dirs: dict[str, RecipientDirectory] = {}
         for name, d in self._domains.items():

@@ -49,8 +49,7 @@ MAX_FIELD = 64 * 1024  # an incoming header field longer than this is judged on 
 
 
 # --- pyspf, with our resolver -------------------------------------------------------------------------
-_RESOLVER: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar("spf_resolver",
-                                                                                         default=None)
+_RESOLVER: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar("spf_resolver", default=None)
 _install_lock = threading.Lock()
 _spf: Any = None
 
@@ -82,8 +81,9 @@ def _load_spf() -> Any:
 def _lookup(spf: Any, resolver: dns.resolver.Resolver, name: str, qtype: str, timeout: float) -> list[Any]:
     """pyspf's DNSLookup contract: [((name, qtype), value)], [] for NXDOMAIN/NODATA, TempError else."""
     try:
-        answer = resolver.resolve(name, qtype, lifetime=min(float(timeout), resolver.lifetime), search=False,
-                                  raise_on_no_answer=False)
+        answer = resolver.resolve(
+            name, qtype, lifetime=min(float(timeout), resolver.lifetime), search=False, raise_on_no_answer=False
+        )
     except dns.resolver.NXDOMAIN:
         return []
     except (dns.exception.DNSException, OSError) as e:
@@ -237,8 +237,9 @@ class SpfRejectCheck:
     async def check(self, stage: Stage, session: SessionInfo, address: str | None) -> Verdict:
         if stage is Stage.MAIL and not self._everywhere:
             return Verdict.cont()
-        if stage is Stage.RCPT and (self._everywhere or address is None
-                                    or address.rpartition("@")[2].lower() not in self._domains):
+        if stage is Stage.RCPT and (
+            self._everywhere or address is None or address.rpartition("@")[2].lower() not in self._domains
+        ):
             return Verdict.cont()
         spf = await self._result(session)
         if spf.result == "fail":
@@ -251,7 +252,7 @@ def _skip_cfws(value: bytes, i: int) -> int:
     """Past folding white space and (nested) comments."""
     depth = 0
     while i < len(value):
-        c = value[i:i + 1]
+        c = value[i : i + 1]
         if depth:
             if c == b"\\":
                 i += 2
@@ -269,12 +270,12 @@ def authserv_id_of(field: bytes) -> str:
     """The authserv-id of a whole `Authentication-Results:` field (first line and continuations)."""
     _, _, value = field.partition(b":")
     i = _skip_cfws(value, 0)
-    if value[i:i + 1] == b'"':
+    if value[i : i + 1] == b'"':
         end = value.find(b'"', i + 1)
-        token = value[i + 1:end if end > 0 else len(value)]
+        token = value[i + 1 : end if end > 0 else len(value)]
     else:
         j = i
-        while j < len(value) and value[j:j + 1] not in (b" ", b"\t", b"\r", b"\n", b";", b"("):
+        while j < len(value) and value[j : j + 1] not in (b" ", b"\t", b"\r", b"\n", b";", b"("):
             j += 1
         token = value[i:j]
     return token.decode("utf-8", "replace").strip().lower().rstrip(".")
@@ -311,8 +312,8 @@ class ForgedResultsFilter:
                 if len(self._buf) > self._max:  # a huge line: decide on what we have, let the rest through
                     out += self._overlong()
                 break
-            line = bytes(self._buf[:nl + 2])
-            del self._buf[:nl + 2]
+            line = bytes(self._buf[: nl + 2])
+            del self._buf[: nl + 2]
             if self._passing:
                 self._passing = False
                 out += line
@@ -363,7 +364,7 @@ class ForgedResultsFilter:
 
     def _rename(self, field: bytes) -> bytes:
         self.renamed += 1
-        return RENAMED + field[len(HEADER):]
+        return RENAMED + field[len(HEADER) :]
 
 
 __all__ = [

@@ -83,8 +83,9 @@ class SmtpRcptProber:
     is used when offered (required and verified for `tls_verify` domains); a failed handshake falls back
     to clear text otherwise, as deliveries do. The whole probe is bounded by `timeout`."""
 
-    def __init__(self, routes: RouteLookup, *, local_hostname: str, timeout: float,
-                 tls_verify: Iterable[str] = ()) -> None:
+    def __init__(
+        self, routes: RouteLookup, *, local_hostname: str, timeout: float, tls_verify: Iterable[str] = ()
+    ) -> None:
         self._routes = routes
         self._hostname = local_hostname
         self._timeout = timeout
@@ -92,8 +93,12 @@ class SmtpRcptProber:
 
     @classmethod
     def from_config(cls, cfg: Config, routes: RouteLookup) -> SmtpRcptProber:
-        return cls(routes, local_hostname=cfg.server.hostname, timeout=cfg.delivery.probe_timeout.total_seconds(),
-                   tls_verify=[d.name for d in cfg.domains if d.tls_verify])
+        return cls(
+            routes,
+            local_hostname=cfg.server.hostname,
+            timeout=cfg.delivery.probe_timeout.total_seconds(),
+            tls_verify=[d.name for d in cfg.domains if d.tls_verify],
+        )
 
     async def probe(self, domain: str, address: str) -> ProbeResult:
         try:
@@ -113,9 +118,14 @@ class SmtpRcptProber:
     async def _probe_target(self, target: TargetLike, domain: str, address: str) -> ProbeResult:
         verify = domain in self._tls_verify
         for use_tls in (True, False):
-            smtp = aiosmtplib.SMTP(hostname=target.address or target.host, port=target.port,
-                                   local_hostname=self._hostname, timeout=self._timeout, start_tls=False,
-                                   validate_certs=verify)
+            smtp = aiosmtplib.SMTP(
+                hostname=target.address or target.host,
+                port=target.port,
+                local_hostname=self._hostname,
+                timeout=self._timeout,
+                start_tls=False,
+                validate_certs=verify,
+            )
             try:
                 await smtp.connect()
                 await smtp.ehlo()
@@ -132,8 +142,9 @@ class SmtpRcptProber:
                 await smtp.mail("")
                 try:
                     resp = await smtp.rcpt(address)
-                    result = ProbeResult(classify_rcpt(resp.code, resp.message), f"{resp.code} {resp.message}",
-                                         answered=True)
+                    result = ProbeResult(
+                        classify_rcpt(resp.code, resp.message), f"{resp.code} {resp.message}", answered=True
+                    )
                 except aiosmtplib.SMTPRecipientRefused as e:
                     result = ProbeResult(classify_rcpt(e.code, e.message), f"{e.code} {e.message}", answered=True)
                 with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -174,9 +185,18 @@ class Answer:
 class RecipientVerifier:
     """Answers for the addresses of the verify domains; owns the probes and the learned set."""
 
-    def __init__(self, domains: Iterable[DomainConfig], store: LearnedRecipients, prober: RcptProber,
-                 health: HealthView, clock: Clock, *, maillog: MailLog | None = None,
-                 probes_per_domain: int = PROBES_PER_DOMAIN, probe_wait: float = 30.0) -> None:
+    def __init__(
+        self,
+        domains: Iterable[DomainConfig],
+        store: LearnedRecipients,
+        prober: RcptProber,
+        health: HealthView,
+        clock: Clock,
+        *,
+        maillog: MailLog | None = None,
+        probes_per_domain: int = PROBES_PER_DOMAIN,
+        probe_wait: float = 30.0,
+    ) -> None:
         self._domains = {d.name: d for d in domains if d.recipients == "verify"}
         self._store = store
         self._prober = prober
@@ -255,15 +275,17 @@ class RecipientVerifier:
         now = self._clock.now()
         self._event(address, result)
         if result.answer is ProbeAnswer.KNOWN:
-            await self._put(LearnedRecipient(address, True, Source.PROBE, now,
-                                             now + dcfg.verify_positive_ttl.total_seconds()))
+            await self._put(
+                LearnedRecipient(address, True, Source.PROBE, now, now + dcfg.verify_positive_ttl.total_seconds())
+            )
             return Answer(Verification.KNOWN, f"probe: {result.detail}")
         if result.answer is ProbeAnswer.UNKNOWN:
             if self._state(domain) is DestinationState.RECOVERING or self._health.in_recovery_guard(domain, now):
                 # a primary that just came back may not see its users yet (DESIGN: recovery guard)
                 return self._stale_or(stale, f"probe during recovery, not trusted: {result.detail}")
-            await self._put(LearnedRecipient(address, False, Source.PROBE, now,
-                                             now + dcfg.verify_negative_ttl.total_seconds()))
+            await self._put(
+                LearnedRecipient(address, False, Source.PROBE, now, now + dcfg.verify_negative_ttl.total_seconds())
+            )
             return Answer(Verification.UNKNOWN, f"probe: {result.detail}")
         return self._stale_or(stale, f"probe: {result.detail}")
 
@@ -282,8 +304,9 @@ class RecipientVerifier:
 
     def _event(self, address: str, result: ProbeResult) -> None:
         if self._maillog is not None:
-            self._maillog.event("verify", recipient=f"<{address}>", result=result.answer.value,
-                                reply=result.detail[:300])
+            self._maillog.event(
+                "verify", recipient=f"<{address}>", result=result.answer.value, reply=result.detail[:300]
+            )
 
     # -- learning from deliveries ------------------------------------------------------------------
     def on_maillog(self, event: str, fields: dict[str, object]) -> None:

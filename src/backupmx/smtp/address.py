@@ -119,7 +119,7 @@ def split_path(arg: str) -> tuple[str, str]:
         elif c == "<":
             raise AddressError(AddressErrorKind.SYNTAX, "nested angle bracket")
         elif c == ">":
-            rest = text[i + 1:]
+            rest = text[i + 1 :]
             if rest and not rest.startswith(" "):
                 raise AddressError(AddressErrorKind.SYNTAX, "text after the closing bracket")
             return text[: i + 1], rest.strip(" ")
@@ -165,7 +165,7 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 
 
 def parse_params(text: str, *, utf8: bool = False) -> list[tuple[str, str | None]]:
-    """"SIZE=100 BODY=8BITMIME" -> [("SIZE", "100"), ("BODY", "8BITMIME")]; keywords upper-cased."""
+    """ "SIZE=100 BODY=8BITMIME" -> [("SIZE", "100"), ("BODY", "8BITMIME")]; keywords upper-cased."""
     out: list[tuple[str, str | None]] = []
     for item in text.split(" "):
         if not item:

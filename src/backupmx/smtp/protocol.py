@@ -259,8 +259,10 @@ class SmtpConnection:
         self._data_done = False
 
     def __repr__(self) -> str:
-        return (f"<SmtpConnection {self.state.name} helo={self.helo!r} tls={self.tls} "
-                f"pending={type(self._pending).__name__ if self._pending else None} buffered={len(self._buf)}>")
+        return (
+            f"<SmtpConnection {self.state.name} helo={self.helo!r} tls={self.tls} "
+            f"pending={type(self._pending).__name__ if self._pending else None} buffered={len(self._buf)}>"
+        )
 
     # -- input / output ----------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -647,8 +649,9 @@ class SmtpConnection:
         notify, orcpt = params_or_reply
         return RcptTo(Recipient(str(mailbox), notify, orcpt), mailbox)
 
-    def _rcpt_params(self, items: list[tuple[str, str | None]],
-                     utf8: bool) -> tuple[tuple[str, ...] | None, str | None] | Reply:
+    def _rcpt_params(
+        self, items: list[tuple[str, str | None]], utf8: bool
+    ) -> tuple[tuple[str, ...] | None, str | None] | Reply:
         seen: set[str] = set()
         notify: tuple[str, ...] | None = None
         orcpt: str | None = None
@@ -661,16 +664,24 @@ class SmtpConnection:
             if key == "NOTIFY":
                 words = tuple(w.upper() for w in (value or "").split(","))
                 ok = (words == ("NEVER",)) or (
-                    bool(words) and len(set(words)) == len(words)
-                    and all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words))
+                    bool(words)
+                    and len(set(words)) == len(words)
+                    and all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words)
+                )
                 if value is None or not ok:
                     return Reply(501, "5.5.4", "Bad NOTIFY parameter syntax")
                 notify = words
             elif key == "ORCPT":
                 addr_type, semi, xtext = (value or "").partition(";")
-                if (value is None or not semi or len(value) > 500 or not addr_type.isascii()
-                        or not addr_type.replace("-", "").isalnum() or not xtext
-                        or not is_xtext(xtext, utf8=utf8)):
+                if (
+                    value is None
+                    or not semi
+                    or len(value) > 500
+                    or not addr_type.isascii()
+                    or not addr_type.replace("-", "").isalnum()
+                    or not xtext
+                    or not is_xtext(xtext, utf8=utf8)
+                ):
                     return Reply(501, "5.5.4", "Bad ORCPT parameter syntax")
                 if not orcpt_carriable(addr_type, xtext):  # a decoded CR/LF would break the DSN
                     return Reply(501, "5.5.4", "Bad ORCPT parameter: control characters once decoded")
@@ -784,7 +795,7 @@ class SmtpConnection:
                 header = region
         text = tail + header.lower()
         self._received += text.count(_RECEIVED)
-        self._hdr_tail = text[-(len(_RECEIVED) - 1):]
+        self._hdr_tail = text[-(len(_RECEIVED) - 1) :]
 
     def _finish_data(self) -> Event:
         size = self._data_size
@@ -807,9 +818,17 @@ _Handler = Callable[[SmtpConnection, str, str], Event | None]
 def _handlers() -> dict[str, _Handler]:
     c = SmtpConnection
     return {
-        "EHLO": c._cmd_hello, "HELO": c._cmd_hello, "MAIL": c._cmd_mail, "RCPT": c._cmd_rcpt,
-        "DATA": c._cmd_data, "RSET": c._cmd_rset, "NOOP": c._cmd_noop, "QUIT": c._cmd_quit,
-        "VRFY": c._cmd_vrfy, "HELP": c._cmd_help, "STARTTLS": c._cmd_starttls,
+        "EHLO": c._cmd_hello,
+        "HELO": c._cmd_hello,
+        "MAIL": c._cmd_mail,
+        "RCPT": c._cmd_rcpt,
+        "DATA": c._cmd_data,
+        "RSET": c._cmd_rset,
+        "NOOP": c._cmd_noop,
+        "QUIT": c._cmd_quit,
+        "VRFY": c._cmd_vrfy,
+        "HELP": c._cmd_help,
+        "STARTTLS": c._cmd_starttls,
     }
 
 

@@ -82,8 +82,18 @@ def _date(second: int) -> str:
     return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
-def received_header(*, helo: str, client_ip: str, hostname: str, node: str, protocol: str,
-                    queue_id: str, recipients: list[str], when: float, tls: str | None = None) -> bytes:
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    node: str,
+    protocol: str,
+    queue_id: str,
+    recipients: list[str],
+    when: float,
+    tls: str | None = None,
+) -> bytes:
     date = _date(int(when // 1))  # RFC 5322 dates have whole seconds: format_datetime drops the rest
     lines = [
         _from_part(helo, client_ip),

@@ -123,9 +123,17 @@ class _Data:
 
 
 class SmtpServer:
-    def __init__(self, *, config: Config, spool: Spool, checks: Sequence[Check], maillog: MailLog,
-                 clock: Clock, tls_context: ssl.SSLContext | None = None,
-                 stamps: Sequence[HeaderStamp] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        spool: Spool,
+        checks: Sequence[Check],
+        maillog: MailLog,
+        clock: Clock,
+        tls_context: ssl.SSLContext | None = None,
+        stamps: Sequence[HeaderStamp] = (),
+    ) -> None:
         self.cfg = config
         self.spool = spool
         self.checks = list(checks)
@@ -185,8 +193,9 @@ class SmtpServer:
         for item in self.cfg.server.listen:
             host, port = parse_hostport(item)
             try:
-                srv = await loop.create_server(lambda: _Session(self), host or None, port,
-                                               reuse_address=True, backlog=1024, start_serving=False)
+                srv = await loop.create_server(
+                    lambda: _Session(self), host or None, port, reuse_address=True, backlog=1024, start_serving=False
+                )
             except OSError as e:
                 if ":" in host and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     log.warning("listener %s skipped: %s", item, e.strerror)
@@ -418,12 +427,13 @@ class _Session(asyncio.Protocol):
                     wake = await self._wait(loop.time() + srv._greeting_delay, idle=False)
                     if conn.talked_early:
                         log.info("client %s talked before the greeting", self.client_ip)
-                        self._log_reject(Stage.CONNECT, Reply(554, "5.5.1", "talked before greeting"),
-                                         "pregreet")
+                        self._log_reject(Stage.CONNECT, Reply(554, "5.5.1", "talked before greeting"), "pregreet")
                     elif wake is _Wake.EOF:
                         return
-                conn.greet(SHUTTING_DOWN if srv._stopping else Reply(220, "", f"{srv.cfg.server.hostname} ESMTP"),
-                           reject_early_talkers=srv._greeting_delay > 0)
+                conn.greet(
+                    SHUTTING_DOWN if srv._stopping else Reply(220, "", f"{srv.cfg.server.hostname} ESMTP"),
+                    reject_early_talkers=srv._greeting_delay > 0,
+                )
             await self._pump()
         except _SessionEnd:
             pass
@@ -439,8 +449,13 @@ class _Session(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
             srv._release(self)
-            srv.maillog.event("disconnect", client=self.client_ip, commands=conn.commands,
-                              queued=self._queued, rejected=self._rejected)
+            srv.maillog.event(
+                "disconnect",
+                client=self.client_ip,
+                commands=conn.commands,
+                queued=self._queued,
+                rejected=self._rejected,
+            )
 
     async def _pump(self) -> None:
         conn = self._conn
@@ -467,8 +482,7 @@ class _Session(asyncio.Protocol):
             elif isinstance(ev, Rejected):
                 tx = conn.transaction
                 self._info.sender = tx.sender if tx is not None else None
-                self._log_reject(_STAGE_OF.get(ev.command, Stage.CONNECT), ev.reply, "protocol",
-                                 argument=ev.argument)
+                self._log_reject(_STAGE_OF.get(ev.command, Stage.CONNECT), ev.reply, "protocol", argument=ev.argument)
             elif isinstance(ev, StartTls):
                 await self._start_tls()
 
@@ -547,18 +561,25 @@ class _Session(asyncio.Protocol):
             log.exception("policy check failed at %s for %s", stage, self.client_ip)
             return Verdict.defer(CHECK_FAILED, log_reason="check error")
 
-    def _log_reject(self, stage: Stage, reply: Reply, reason: str = "", *, recipient: str | None = None,
-                    argument: str | None = None) -> None:
+    def _log_reject(
+        self, stage: Stage, reply: Reply, reason: str = "", *, recipient: str | None = None, argument: str | None = None
+    ) -> None:
         self._rejected += 1
         self.server._n.rejected += 1
         info = self._info
         tx = self._conn.transaction
         sender = tx.sender if tx is not None else info.sender if stage is Stage.MAIL else None
         self.server.maillog.event(
-            "reject", stage=stage.value, client=self.client_ip, helo=info.helo or None,
+            "reject",
+            stage=stage.value,
+            client=self.client_ip,
+            helo=info.helo or None,
             sender=None if sender is None else f"<{sender}>",
             recipient=None if recipient is None else f"<{recipient}>",
-            command=argument[:200] if argument else None, reply=str(reply), reason=reason or None)
+            command=argument[:200] if argument else None,
+            reply=str(reply),
+            reason=reason or None,
+        )
 
     # -- events ------------------------------------------------------------------------------------
     async def _on_hello(self, ev: Hello) -> None:
@@ -623,11 +644,16 @@ class _Session(asyncio.Protocol):
         body = BodyBuffer(srv._tmp_dir)
         self._data = _Data(qid, body, filters=filters)
         header = received_header(
-            helo=self._conn.helo or "", client_ip=self.client_ip, hostname=srv.cfg.server.hostname,
-            node=srv.cfg.server.node, protocol=protocol_name(extended=self._conn.extended, tls=self._conn.tls,
-                                                             smtputf8=tx.params.smtputf8),
-            queue_id=qid, recipients=[r.address for r in tx.recipients], when=now,
-            tls=self._tls_info if self._conn.tls else None)
+            helo=self._conn.helo or "",
+            client_ip=self.client_ip,
+            hostname=srv.cfg.server.hostname,
+            node=srv.cfg.server.node,
+            protocol=protocol_name(extended=self._conn.extended, tls=self._conn.tls, smtputf8=tx.params.smtputf8),
+            queue_id=qid,
+            recipients=[r.address for r in tx.recipients],
+            when=now,
+            tls=self._tls_info if self._conn.tls else None,
+        )
         self._write_body(stamped + header)
         self._conn.accept()
 
@@ -710,9 +736,15 @@ class _Session(asyncio.Protocol):
                     conn.refuse(screening.refusal.reply)
                     return
             envelope = Envelope(
-                sender=tx.sender, recipients=tuple(tx.recipients), body_type=tx.params.body_type,
-                smtputf8=tx.params.smtputf8, ret=tx.params.ret, envid=tx.params.envid,
-                client_ip=self.client_ip, client_helo=conn.helo or "")
+                sender=tx.sender,
+                recipients=tuple(tx.recipients),
+                body_type=tx.params.body_type,
+                smtputf8=tx.params.smtputf8,
+                ret=tx.params.ret,
+                envid=tx.params.envid,
+                client_ip=self.client_ip,
+                client_helo=conn.helo or "",
+            )
             if srv.classify is not None:
                 try:
                     envelope = srv.classify(envelope, data.body)
@@ -745,10 +777,16 @@ class _Session(asyncio.Protocol):
             srv._n.recipients_accepted += len(tx.recipients)
             srv._n.bytes_accepted += size
             srv.maillog.event(
-                "queued", data.queue_id, client=self.client_ip, helo=conn.helo or "",
-                size=size, nrcpt=len(tx.recipients), to=AddressList(r.address for r in tx.recipients),
+                "queued",
+                data.queue_id,
+                client=self.client_ip,
+                helo=conn.helo or "",
+                size=size,
+                nrcpt=len(tx.recipients),
+                to=AddressList(r.address for r in tx.recipients),
                 kind=None if envelope.kind is MessageKind.USER else envelope.kind.value,
-                **{"from": f"<{tx.sender}>"})
+                **{"from": f"<{tx.sender}>"},
+            )
             if srv.on_queued is not None:
                 try:
                     srv.on_queued(data.queue_id, frozenset(r.domain for r in tx.recipients))
@@ -771,8 +809,13 @@ class _Session(asyncio.Protocol):
         # data_received from here on was sent inside TLS.
         self._tls_early = bytearray()
         try:
-            transport = await loop.start_tls(self._transport, self, ctx, server_side=True,
-                                             ssl_handshake_timeout=min(self.server._idle, TLS_HANDSHAKE_TIMEOUT))
+            transport = await loop.start_tls(
+                self._transport,
+                self,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=min(self.server._idle, TLS_HANDSHAKE_TIMEOUT),
+            )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             log.info("client %s: TLS handshake failed: %s", self.client_ip, e)
             raise _SessionEnd from None
@@ -787,8 +830,9 @@ class _Session(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cipher = ssl_object.cipher()
-            self._tls_info = tls_comment(ssl_object.version(), cipher[0] if cipher else None,
-                                         cipher[2] if cipher else None)
+            self._tls_info = tls_comment(
+                ssl_object.version(), cipher[0] if cipher else None, cipher[2] if cipher else None
+            )
             self._info.tls_version, self._info.tls_cipher = ssl_object.version() or "", cipher[0] if cipher else ""
         else:
             self._tls_info = tls_comment(None, None, None)

@@ -15,7 +15,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def decode_xtext(value: str) -> str:
-    """"+HH" to its octet; the octets read as UTF-8 (undecodable ones replaced), other text kept."""
+    """ "+HH" to its octet; the octets read as UTF-8 (undecodable ones replaced), other text kept."""
     if "+" not in value:
         return value
     raw = value.encode("utf-8", "surrogateescape")

@@ -98,13 +98,15 @@ class KvStore(Protocol):
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None: ...
 
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None: ...
+    async def kv_put(
+        self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None, now: float | None = None
+    ) -> None: ...
 
     async def kv_delete(self, namespace: str, key: str) -> bool: ...
 
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> Sequence[KvItem]: ...
+    async def kv_list(
+        self, namespace: str, *, prefix: str = "", after: str | None = None, limit: int = KV_LIST_MAX
+    ) -> Sequence[KvItem]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +167,9 @@ class Spool(Protocol):
         via `put_with_id` when the caller chose it."""
         ...
 
-    async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
-                          *, now: float | None = None) -> QueueId: ...
+    async def put_with_id(
+        self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer, *, now: float | None = None
+    ) -> QueueId: ...
 
     async def put_record(self, message: MessageRecord, body: BodyBuffer) -> None:
         """Store `message` exactly (ID, arrival, every recipient's state, attempts, next attempt, last
@@ -175,9 +178,16 @@ class Spool(Protocol):
         ...
 
     # -- delivery path -----------------------------------------------------------------------------
-    async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
-                        domains: Sequence[str] | None = None,
-                        exclude_domains: Sequence[str] = ()) -> list[Claim]:
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        domains: Sequence[str] | None = None,
+        exclude_domains: Sequence[str] = (),
+    ) -> list[Claim]:
         """Lease up to `limit` due recipients, grouped by message, oldest message first.
         `domains` restricts to recipients of those domains (None = any)."""
         ...
@@ -186,8 +196,9 @@ class Spool(Protocol):
         """Extend the lease while a delivery runs. Raises LeaseLost if any lease was taken over."""
         ...
 
-    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
-                         now: float) -> Claim | None:
+    async def claim_held(
+        self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float, now: float
+    ) -> Claim | None:
         """Lease the recipients of `message_id` HELD for `reason` (none under a live lease), so that
         `record` can give them an outcome (expiry at the retention cap, with its DSN); they stay HELD
         meanwhile. None when there are none."""
@@ -199,8 +210,9 @@ class Spool(Protocol):
         a sweep that looked at them moves on to others; None keeps their due time."""
         ...
 
-    async def record(self, owner: str, updates: Sequence[RecipientUpdate],
-                     new_messages: Sequence[NewMessage] = (), *, now: float) -> list[QueueId]:
+    async def record(
+        self, owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (), *, now: float
+    ) -> list[QueueId]:
         """Write outcomes and queue DSNs in ONE commit; returns the IDs of the new messages.
         Deferred -> QUEUED with attempts+1 and next_attempt_at; Deferred(guard_hold) -> HELD
         ("recovery-guard"); Delivered -> DELIVERED; Bounced -> BOUNCED; expire -> EXPIRED.
@@ -225,13 +237,25 @@ class Spool(Protocol):
         ...
 
     # -- operator actions (CLI, API); they work while `serve` runs --------------------------------
-    async def hold(self, message_id: QueueId | None, *, reason: str = "operator",
-                   domain: str | None = None, now: float | None = None) -> int:
+    async def hold(
+        self,
+        message_id: QueueId | None,
+        *,
+        reason: str = "operator",
+        domain: str | None = None,
+        now: float | None = None,
+    ) -> int:
         """QUEUED -> HELD for one message (None = all, or all of `domain`). Returns recipients changed."""
         ...
 
-    async def release_held(self, message_id: QueueId | None, *, domain: str | None = None,
-                           reason: str | None = None, now: float | None = None) -> int:
+    async def release_held(
+        self,
+        message_id: QueueId | None,
+        *,
+        domain: str | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> int:
         """HELD -> QUEUED, due now. `reason` restricts to holds of that reason ("recovery-guard")."""
         ...
 
@@ -249,8 +273,9 @@ class Spool(Protocol):
     # -- reading -----------------------------------------------------------------------------------
     async def get(self, message_id: QueueId) -> MessageRecord | None: ...
 
-    async def list_messages(self, flt: QueueFilter = QueueFilter(), *, limit: int = 100,
-                            after: QueueId | None = None) -> list[MessageRecord]:
+    async def list_messages(
+        self, flt: QueueFilter = QueueFilter(), *, limit: int = 100, after: QueueId | None = None
+    ) -> list[MessageRecord]:
         """A page, in arrival order, of messages whose ID is greater than `after`."""
         ...
 
@@ -276,8 +301,9 @@ class Spool(Protocol):
         """The value under (namespace, key), or None (also when it has expired)."""
         ...
 
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None:
+    async def kv_put(
+        self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None, now: float | None = None
+    ) -> None:
         """Set (namespace, key) to `value`, committed (every node of a shared spool sees it)."""
         ...
 
@@ -285,8 +311,9 @@ class Spool(Protocol):
         """Remove (namespace, key); True when it existed."""
         ...
 
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> list[KvItem]:
+    async def kv_list(
+        self, namespace: str, *, prefix: str = "", after: str | None = None, limit: int = KV_LIST_MAX
+    ) -> list[KvItem]:
         """A page of the live items of `namespace` whose key starts with `prefix`, in key order, keys
         greater than `after` (None: from the start); at most `limit` (capped at KV_LIST_MAX)."""
         ...

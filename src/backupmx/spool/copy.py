@@ -51,8 +51,15 @@ class CopyReport:
     approximate: tuple[QueueId, ...]  # copied without put_record: states reduced to queued/held
 
 
-async def copy_spool(src: Spool, dst: Spool, progress: Callable[[CopyProgress], None] | None = None, *,
-                     tmp_dir: Path | None = None, verify: bool = True, page: int = PAGE) -> CopyReport:
+async def copy_spool(
+    src: Spool,
+    dst: Spool,
+    progress: Callable[[CopyProgress], None] | None = None,
+    *,
+    tmp_dir: Path | None = None,
+    verify: bool = True,
+    page: int = PAGE,
+) -> CopyReport:
     """Copy every pending message of `src` into `dst` (both opened). See the module docstring."""
     total = await src.count_pending(include_kinds=ALL_KINDS)
     exact = isinstance(dst, ExactImport)
@@ -80,12 +87,14 @@ async def copy_spool(src: Spool, dst: Spool, progress: Callable[[CopyProgress], 
         if len(batch) < page:
             break
         after = batch[-1].id
-    return CopyReport(copied=copied, already_there=already, bytes_copied=nbytes, failed=tuple(failed),
-                      approximate=tuple(approximate))
+    return CopyReport(
+        copied=copied, already_there=already, bytes_copied=nbytes, failed=tuple(failed), approximate=tuple(approximate)
+    )
 
 
-async def _copy_one(src: Spool, dst: Spool, message: MessageRecord, *, exact: bool, tmp_dir: Path | None,
-                    verify: bool) -> str | None:
+async def _copy_one(
+    src: Spool, dst: Spool, message: MessageRecord, *, exact: bool, tmp_dir: Path | None, verify: bool
+) -> str | None:
     """None when copied (and verified); else why not."""
     with BodyBuffer(tmp_dir) as body:
         crc = 0
@@ -114,9 +123,11 @@ async def _put_approximately(dst: Spool, message: MessageRecord, body: BodyBuffe
     pending = [r for r in message.recipients if not r.state.is_final]
     env_rcpts = message.envelope.recipients
     recipients = tuple(
-        env_rcpts[r.index] if 0 <= r.index < len(env_rcpts) and env_rcpts[r.index].address == r.address
+        env_rcpts[r.index]
+        if 0 <= r.index < len(env_rcpts) and env_rcpts[r.index].address == r.address
         else Recipient(r.address, r.notify, r.orcpt)
-        for r in pending)
+        for r in pending
+    )
     envelope = dataclasses.replace(message.envelope, recipients=recipients)
     await dst.put_with_id(message.id, envelope, body, now=message.received_at)
     held = [r for r in pending if r.state is RecipientState.HELD]

@@ -26,8 +26,11 @@ def _rcpt_upd(*, finished_at: bool) -> str:
     also stamps messages.finished_at with the last recipient's updated_at. One text for both versions, so
     the migration differs only where the schema did."""
     updated_at = ", n.updated_at" if finished_at else ""
-    set_finished = (",\n                          finished_at = CASE WHEN m.pending_rcpts + x.d = 0 THEN x.at END"
-                    if finished_at else "")
+    set_finished = (
+        ",\n                          finished_at = CASE WHEN m.pending_rcpts + x.d = 0 THEN x.at END"
+        if finished_at
+        else ""
+    )
     at = ", max(updated_at) AS at" if finished_at else ""
     return f"""CREATE OR REPLACE FUNCTION rcpt_upd() RETURNS trigger LANGUAGE plpgsql
 SET search_path = {SCHEMA}, pg_temp AS $$
@@ -245,8 +248,14 @@ END $$;
 -- message's and the (message, domain)'s pending counts. `x = x + delta` is applied to the latest row
 -- version under its row lock, so concurrent nodes finishing recipients of one message cannot race.
 {_rcpt_upd(finished_at=False)}
-{_count_pending(function="msg_count", counts="msg_counts", key="kind",
-                pending="{row}.pending_rcpts > 0 AND {row}.corrupt_reason IS NULL")}
+{
+    _count_pending(
+        function="msg_count",
+        counts="msg_counts",
+        key="kind",
+        pending="{row}.pending_rcpts > 0 AND {row}.corrupt_reason IS NULL",
+    )
+}
 {_count_pending(function="dom_count", counts="dom_pending", key="domain", pending="{row}.pending > 0")}
 DROP TRIGGER IF EXISTS rcpt_ins ON recipients;
 CREATE TRIGGER rcpt_ins AFTER INSERT ON recipients REFERENCING NEW TABLE AS new_rows
@@ -302,11 +311,14 @@ async def migrate(conn: Any) -> tuple[int, int]:
         current = await schema_version(conn)  # again, under the lock
         if current > SCHEMA_VERSION:
             raise SpoolUnavailable(
-                f"spool schema version {current} is newer than this backupmx understands ({SCHEMA_VERSION})")
+                f"spool schema version {current} is newer than this backupmx understands ({SCHEMA_VERSION})"
+            )
         await conn.execute(f"SET LOCAL search_path = {SCHEMA}, pg_temp")
         for version in range(current + 1, SCHEMA_VERSION + 1):
             await conn.execute(_MIGRATIONS[version])
             await conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', $1)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value", str(version))
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                str(version),
+            )
     return current, SCHEMA_VERSION

@@ -77,8 +77,10 @@ _DEFAULT_FILTER = QueueFilter()
 _PENDING = (RecipientState.QUEUED.value, RecipientState.HELD.value)
 
 _MSG_COLS = "id, sender, kind, size, received_at, envelope_json, corrupt_reason"
-_RCPT_COLS = ("message_id, idx, address, domain, state, attempts, next_attempt_at, last_attempt_at, "
-              "last_reply, held_reason, notify, orcpt, delay_notified, updated_at")
+_RCPT_COLS = (
+    "message_id, idx, address, domain, state, attempts, next_attempt_at, last_attempt_at, "
+    "last_reply, held_reason, notify, orcpt, delay_notified, updated_at"
+)
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class _Writer:
                 continue
             # This operation failed after writing: it fails alone, the rest run again without it.
             self._finish(group[failed_at], False, map_error(failure))
-            group = group[:failed_at] + group[failed_at + 1:]
+            group = group[:failed_at] + group[failed_at + 1 :]
             if group:
                 self.split_groups += 1
 
@@ -321,8 +323,9 @@ async def _load_messages(conn: Connection, mrows: Sequence[Any]) -> list[tuple[M
         return []
     ids = [r["id"] for r in mrows]
     by_msg: dict[str, list[RecipientRecord]] = {}
-    for r in await conn.fetch(f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ANY($1::text[])"
-                              " ORDER BY message_id, idx", ids):
+    for r in await conn.fetch(
+        f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ANY($1::text[]) ORDER BY message_id, idx", ids
+    ):
         by_msg.setdefault(r["message_id"], []).append(rcpt_record(r))
     return [message_record(row, tuple(by_msg.get(row["id"], ()))) for row in mrows]
 
@@ -378,7 +381,7 @@ def _inline_body(chunks: Iterable[bytes], size: int) -> _StoredBody:
     written = 0
     for chunk in chunks:
         for start in range(0, len(chunk), CHUNK):
-            piece = bytes(chunk[start:start + CHUNK])
+            piece = bytes(chunk[start : start + CHUNK])
             data.append(piece)
             crc = zlib.crc32(piece, crc)
             written += len(piece)
@@ -387,15 +390,30 @@ def _inline_body(chunks: Iterable[bytes], size: int) -> _StoredBody:
     return _StoredBody(size=size, crc=crc, chunks=len(data), inline=data)
 
 
-async def _insert_message(conn: Connection, qid: str, envelope: Envelope, body: _StoredBody, received_at: float,
-                          node: str, recipients: Sequence[RecipientRecord] | None = None) -> None:
+async def _insert_message(
+    conn: Connection,
+    qid: str,
+    envelope: Envelope,
+    body: _StoredBody,
+    received_at: float,
+    node: str,
+    recipients: Sequence[RecipientRecord] | None = None,
+) -> None:
     """Store one message in the group's transaction. `recipients` (an exact import) keeps their states;
     None queues every recipient of the envelope, due at `received_at`."""
     if recipients is None:
         recipients = [
-            RecipientRecord(message_id=QueueId(qid), index=i, address=r.address, domain=r.domain,
-                            state=RecipientState.QUEUED, next_attempt_at=received_at, notify=r.notify,
-                            orcpt=r.orcpt, updated_at=received_at)
+            RecipientRecord(
+                message_id=QueueId(qid),
+                index=i,
+                address=r.address,
+                domain=r.domain,
+                state=RecipientState.QUEUED,
+                next_attempt_at=received_at,
+                notify=r.notify,
+                orcpt=r.orcpt,
+                updated_at=received_at,
+            )
             for i, r in enumerate(envelope.recipients)
         ]
     per_domain: dict[str, int] = {}
@@ -404,16 +422,35 @@ async def _insert_message(conn: Connection, qid: str, envelope: Envelope, body: 
     pending = sum(per_domain.values())
     finished_at = None if pending else max((r.updated_at for r in recipients), default=received_at)
     row = await conn.fetchrow(
-        _INSERT_MESSAGE, qid, envelope.sender, envelope.kind.value, body.size, received_at, node,
-        json.dumps(envelope.to_json()), crc_text(body.crc), body.chunks, pending,
-        [r.index for r in recipients], [r.address for r in recipients], [r.domain for r in recipients],
-        [r.state.value for r in recipients], [r.attempts for r in recipients],
-        [r.next_attempt_at for r in recipients], [r.last_attempt_at for r in recipients],
-        [r.last_reply for r in recipients], [r.held_reason for r in recipients],
-        [",".join(r.notify) if r.notify else None for r in recipients], [r.orcpt for r in recipients],
-        [r.delay_notified for r in recipients], [r.updated_at for r in recipients],
-        list(per_domain), list(per_domain.values()),
-        body.inline or [], body.inline is None, finished_at,
+        _INSERT_MESSAGE,
+        qid,
+        envelope.sender,
+        envelope.kind.value,
+        body.size,
+        received_at,
+        node,
+        json.dumps(envelope.to_json()),
+        crc_text(body.crc),
+        body.chunks,
+        pending,
+        [r.index for r in recipients],
+        [r.address for r in recipients],
+        [r.domain for r in recipients],
+        [r.state.value for r in recipients],
+        [r.attempts for r in recipients],
+        [r.next_attempt_at for r in recipients],
+        [r.last_attempt_at for r in recipients],
+        [r.last_reply for r in recipients],
+        [r.held_reason for r in recipients],
+        [",".join(r.notify) if r.notify else None for r in recipients],
+        [r.orcpt for r in recipients],
+        [r.delay_notified for r in recipients],
+        [r.updated_at for r in recipients],
+        list(per_domain),
+        list(per_domain.values()),
+        body.inline or [],
+        body.inline is None,
+        finished_at,
     )
     if row["inserted"] == 0:
         raise _Clean(SpoolError(f"queue ID {qid} is already taken"))
@@ -422,8 +459,12 @@ async def _insert_message(conn: Connection, qid: str, envelope: Envelope, body: 
 
 
 async def _mark_corrupt(conn: Connection, qid: str, reason: str, now: float) -> None:
-    await conn.execute("UPDATE messages SET corrupt_reason = $1, corrupt_at = $2 WHERE id = $3"
-                       " AND corrupt_reason IS NULL", reason, now, qid)
+    await conn.execute(
+        "UPDATE messages SET corrupt_reason = $1, corrupt_at = $2 WHERE id = $3 AND corrupt_reason IS NULL",
+        reason,
+        now,
+        qid,
+    )
     log.error("spool: set aside %s as corrupt: %s", qid, reason)
 
 
@@ -543,9 +584,17 @@ class PostgresSpool:
     `node` is this node's name (`server.node_name`): it shards the counters and names the node in
     `received_by` and the nodes table; leases are owned by the `owner` the delivery engine passes."""
 
-    def __init__(self, url: str, *, node: str = "local", clock: Clock | None = None, pool_size: int = 4,
-                 connect_timeout: float = 5.0, command_timeout: float = 60.0,
-                 lease_clock: Literal["database", "node"] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        node: str = "local",
+        clock: Clock | None = None,
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 60.0,
+        lease_clock: Literal["database", "node"] | None = None,
+    ) -> None:
         self.url = url
         self.node = node
         self.clock: Clock = clock or SystemClock()
@@ -584,8 +633,12 @@ class PostgresSpool:
         }
 
     async def _connect(self) -> Connection:
-        return await asyncpg.connect(self.url, timeout=self.connect_timeout, command_timeout=self.command_timeout,
-                                     server_settings=self._server_settings())
+        return await asyncpg.connect(
+            self.url,
+            timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            server_settings=self._server_settings(),
+        )
 
     async def open(self) -> None:
         async with self._open_lock:
@@ -598,9 +651,14 @@ class PostgresSpool:
                 await self._check_settings(conn)
                 await self._reap_uploads(conn, self.clock.now())
                 self._pool = await asyncpg.create_pool(
-                    self.url, min_size=0, max_size=self.pool_size, max_inactive_connection_lifetime=60.0,
-                    timeout=self.connect_timeout, command_timeout=self.command_timeout,
-                    server_settings=self._server_settings())
+                    self.url,
+                    min_size=0,
+                    max_size=self.pool_size,
+                    max_inactive_connection_lifetime=60.0,
+                    timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    server_settings=self._server_settings(),
+                )
             except Exception as exc:
                 if conn is not None:
                     conn.terminate()
@@ -647,16 +705,23 @@ class PostgresSpool:
             "WITH stale AS (DELETE FROM body_uploads WHERE started_at < $1 RETURNING message_id)"
             " DELETE FROM body_chunks c USING stale WHERE c.message_id = stale.message_id"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = stale.message_id)",
-            now - UPLOAD_STALE_SECONDS)
+            now - UPLOAD_STALE_SECONDS,
+        )
         return _count(status)
 
     def statistics(self) -> SpoolStatistics:
         w = self._writer
         if w is None:
             return SpoolStatistics()
-        return SpoolStatistics(commits=w.commits, groups=w.groups, operations=w.operations, puts=w.puts,
-                               failed_operations=w.failed, largest_group=w.largest_group,
-                               split_groups=w.split_groups)
+        return SpoolStatistics(
+            commits=w.commits,
+            groups=w.groups,
+            operations=w.operations,
+            puts=w.puts,
+            failed_operations=w.failed,
+            largest_group=w.largest_group,
+            split_groups=w.split_groups,
+        )
 
     # -- plumbing ------------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[Connection], Awaitable[T]], *, is_put: bool = False) -> T:
@@ -682,8 +747,10 @@ class PostgresSpool:
                 raise
             except Exception as exc:
                 # A pooled connection from before a database restart fails once: reads are safe to repeat.
-                if attempt == 1 and (isinstance(exc, asyncpg.InterfaceError | asyncpg.PostgresConnectionError)
-                                     or _sqlstate(exc).startswith("57P")):
+                if attempt == 1 and (
+                    isinstance(exc, asyncpg.InterfaceError | asyncpg.PostgresConnectionError)
+                    or _sqlstate(exc).startswith("57P")
+                ):
                     continue
                 raise map_error(exc) from exc
         raise SpoolUnavailable("spool unavailable")  # not reached
@@ -710,8 +777,9 @@ class PostgresSpool:
         t = self._now(now)
         return await self.put_with_id(new_queue_id(t), envelope, body, now=t)
 
-    async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
-                          *, now: float | None = None) -> QueueId:
+    async def put_with_id(
+        self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer, *, now: float | None = None
+    ) -> QueueId:
         t = self._now(now)
         await self._store(queue_id, envelope, body, t)
         return queue_id
@@ -723,8 +791,14 @@ class PostgresSpool:
             raise SpoolError(f"{message.id}: body is {body.size} bytes, the record says {message.size}")
         await self._store(message.id, message.envelope, body, message.received_at, message.recipients)
 
-    async def _store(self, qid: QueueId, envelope: Envelope, body: BodyBuffer, received_at: float,
-                     recipients: Sequence[RecipientRecord] | None = None) -> None:
+    async def _store(
+        self,
+        qid: QueueId,
+        envelope: Envelope,
+        body: BodyBuffer,
+        received_at: float,
+        recipients: Sequence[RecipientRecord] | None = None,
+    ) -> None:
         if body.size <= INLINE_BODY_MAX:
 
             async def op(conn: Connection) -> None:
@@ -753,8 +827,9 @@ class PostgresSpool:
             seq = 0
             written = 0
             async with conn.transaction():
-                await conn.execute("INSERT INTO body_uploads (message_id, node, started_at) VALUES ($1, $2, $3)",
-                                   qid, self.node, now)
+                await conn.execute(
+                    "INSERT INTO body_uploads (message_id, node, started_at) VALUES ($1, $2, $3)", qid, self.node, now
+                )
                 stmt = await conn.prepare("INSERT INTO body_chunks (message_id, seq, data) VALUES ($1, $2, $3)")
                 for chunk in body.chunks(CHUNK):
                     await stmt.fetch(qid, seq, chunk)
@@ -783,18 +858,28 @@ class PostgresSpool:
 
     async def _drop_upload(self, qid: QueueId) -> None:
         """Best effort: remove the upload of a put that failed (else it is reaped after an hour)."""
+
         async def fn(conn: Connection) -> None:
             await conn.execute(
                 "WITH u AS (DELETE FROM body_uploads WHERE message_id = $1 RETURNING message_id)"
                 " DELETE FROM body_chunks c USING u WHERE c.message_id = u.message_id"
-                " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = u.message_id)", qid)
+                " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = u.message_id)",
+                qid,
+            )
 
         await self._read(fn)
 
     # -- delivery path -------------------------------------------------------------------------------
-    async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
-                        domains: Sequence[str] | None = None,
-                        exclude_domains: Sequence[str] = ()) -> list[Claim]:
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        domains: Sequence[str] | None = None,
+        exclude_domains: Sequence[str] = (),
+    ) -> list[Claim]:
         if limit <= 0 or (domains is not None and not domains):
             return []
         wanted = None if domains is None else list(dict.fromkeys(d.lower() for d in domains))
@@ -803,9 +888,13 @@ class PostgresSpool:
         async def op(conn: Connection) -> list[Claim]:
             doms = wanted
             if doms is None and excluded:
-                doms = [r["domain"] for r in await conn.fetch(
-                    "SELECT domain FROM rcpt_counts WHERE state = 'queued' GROUP BY domain HAVING sum(n) > 0")
-                    if r["domain"] not in excluded]
+                doms = [
+                    r["domain"]
+                    for r in await conn.fetch(
+                        "SELECT domain FROM rcpt_counts WHERE state = 'queued' GROUP BY domain HAVING sum(n) > 0"
+                    )
+                    if r["domain"] not in excluded
+                ]
                 if not doms:
                     return []
             lease_now = await self._lease_now(conn, now)
@@ -829,8 +918,12 @@ class PostgresSpool:
                 if found is None or found[1] is not None:
                     if found is not None and found[1] is not None:
                         await _mark_corrupt(conn, qid, found[1], now)
-                    await conn.execute("UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
-                                       " WHERE message_id = $1 AND idx = ANY($2::int[])", qid, idxs)
+                    await conn.execute(
+                        "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+                        " WHERE message_id = $1 AND idx = ANY($2::int[])",
+                        qid,
+                        idxs,
+                    )
                     continue
                 record = found[0]
                 keep = set(idxs)
@@ -853,14 +946,23 @@ class PostgresSpool:
         host = socket.gethostname()
         other = await conn.fetchrow("SELECT host, seen_at FROM nodes WHERE name = $1", self.node)
         if other is not None and other["host"] != host and abs(now - other["seen_at"]) < 4 * NODE_SEEN_INTERVAL:
-            log.warning("spool: node name %r is also used on %s (seen %.0fs ago): two nodes with one name share "
-                        "their leases; give each node its own server.node_name", self.node, other["host"],
-                        now - other["seen_at"])
+            log.warning(
+                "spool: node name %r is also used on %s (seen %.0fs ago): two nodes with one name share "
+                "their leases; give each node its own server.node_name",
+                self.node,
+                other["host"],
+                now - other["seen_at"],
+            )
         await conn.execute(
             "INSERT INTO nodes (name, host, pid, version, started_at, seen_at) VALUES ($1, $2, $3, $4, $5, $5)"
             " ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
             " version = excluded.version, started_at = excluded.started_at, seen_at = excluded.seen_at",
-            self.node, host, os.getpid(), __version__, now)
+            self.node,
+            host,
+            os.getpid(),
+            __version__,
+            now,
+        )
 
     async def renew(self, claims: Sequence[Claim], *, now: float, lease_seconds: float) -> None:
         keys = [(c.owner, r.message_id, r.index) for c in claims for r in c.recipients]
@@ -873,7 +975,9 @@ class PostgresSpool:
                 "SELECT r.message_id, r.idx, r.lease_owner FROM recipients r"
                 " JOIN unnest($1::text[], $2::int[]) AS k(qid, idx) ON r.message_id = k.qid AND r.idx = k.idx"
                 " ORDER BY r.message_id, r.idx FOR UPDATE OF r",
-                [k[1] for k in keys], [k[2] for k in keys])
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+            )
             held = {(r["message_id"], r["idx"]): r["lease_owner"] for r in rows}
             for owner, qid, idx in keys:
                 if held.get((qid, idx)) != owner:
@@ -881,19 +985,27 @@ class PostgresSpool:
             await conn.execute(
                 "UPDATE recipients r SET lease_until = $4 FROM unnest($1::text[], $2::int[], $3::text[])"
                 " AS k(qid, idx, owner) WHERE r.message_id = k.qid AND r.idx = k.idx AND r.lease_owner = k.owner",
-                [k[1] for k in keys], [k[2] for k in keys], [k[0] for k in keys], until)
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+                [k[0] for k in keys],
+                until,
+            )
 
         await self._write(op)
 
-    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
-                         now: float) -> Claim | None:
+    async def claim_held(
+        self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float, now: float
+    ) -> Claim | None:
         async def op(conn: Connection) -> Claim | None:
             lease_now = await self._lease_now(conn, now)
             until = lease_now + lease_seconds
             rows = await conn.fetch(
                 "SELECT idx FROM recipients WHERE message_id = $1 AND state = 'held' AND held_reason = $2"
                 " AND (lease_until IS NULL OR lease_until <= $3) ORDER BY idx FOR UPDATE SKIP LOCKED",
-                message_id, reason, lease_now)
+                message_id,
+                reason,
+                lease_now,
+            )
             idxs = [int(r["idx"]) for r in rows]
             if not idxs:
                 return None
@@ -903,8 +1015,14 @@ class PostgresSpool:
                 if loaded:
                     await _mark_corrupt(conn, message_id, loaded[0][1] or "", now)
                 return None
-            await conn.execute("UPDATE recipients SET lease_owner = $1, lease_until = $2"
-                               " WHERE message_id = $3 AND idx = ANY($4::int[])", owner, until, message_id, idxs)
+            await conn.execute(
+                "UPDATE recipients SET lease_owner = $1, lease_until = $2"
+                " WHERE message_id = $3 AND idx = ANY($4::int[])",
+                owner,
+                until,
+                message_id,
+                idxs,
+            )
             record = loaded[0][0]
             wanted = set(idxs)
             return Claim(record, tuple(r for r in record.recipients if r.index in wanted), owner, until)
@@ -914,8 +1032,11 @@ class PostgresSpool:
     async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
         if due is not None and len(due) != len(claims):
             raise SpoolError("release: due must be aligned with claims")
-        keys = [(c.owner, r.message_id, r.index, None if due is None else due[n])
-                for n, c in enumerate(claims) for r in c.recipients]
+        keys = [
+            (c.owner, r.message_id, r.index, None if due is None else due[n])
+            for n, c in enumerate(claims)
+            for r in c.recipients
+        ]
         if not keys:
             return
 
@@ -925,12 +1046,17 @@ class PostgresSpool:
                 " next_attempt_at = coalesce(k.due, r.next_attempt_at)"
                 " FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[]) AS k(qid, idx, owner, due)"
                 " WHERE r.message_id = k.qid AND r.idx = k.idx AND r.lease_owner = k.owner",
-                [k[1] for k in keys], [k[2] for k in keys], [k[0] for k in keys], [k[3] for k in keys])
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+                [k[0] for k in keys],
+                [k[3] for k in keys],
+            )
 
         await self._write(op)
 
-    async def record(self, owner: str, updates: Sequence[RecipientUpdate],
-                     new_messages: Sequence[NewMessage] = (), *, now: float) -> list[QueueId]:
+    async def record(
+        self, owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (), *, now: float
+    ) -> list[QueueId]:
         updates = list(updates)
         new_messages = list(new_messages)
 
@@ -939,10 +1065,17 @@ class PostgresSpool:
                 keys = {(u.message_id, u.index) for u in updates}
                 kinds = [_outcome_kind(u) for u in updates]
                 status = await conn.execute(
-                    _RECORD, [u.message_id for u in updates], [u.index for u in updates], kinds,
-                    [u.next_attempt_at for u in updates], [u.outcome is not None for u in updates],
+                    _RECORD,
+                    [u.message_id for u in updates],
+                    [u.index for u in updates],
+                    kinds,
+                    [u.next_attempt_at for u in updates],
+                    [u.outcome is not None for u in updates],
                     [str(u.outcome.reply) if u.outcome is not None else None for u in updates],
-                    [u.delay_notified for u in updates], owner, now)
+                    [u.delay_notified for u in updates],
+                    owner,
+                    now,
+                )
                 done = _count(status)
                 if done != len(keys):
                     lost = LeaseLost(f"{updates[0].message_id}...: a lease is no longer held by {owner}")
@@ -966,10 +1099,14 @@ class PostgresSpool:
         end: a damaged body raises SpoolError after its last chunk, so a relay must send the final "."
         only once this iterator has finished without error."""
         chunk_size = max(1, chunk_size)
-        first = await self._read(lambda c: c.fetchrow(
-            "SELECT m.size, m.checksum, m.corrupt_reason, m.chunks, array(SELECT b.data FROM body_chunks b"
-            " WHERE b.message_id = m.id AND b.seq < $2 ORDER BY b.seq) AS head FROM messages m WHERE m.id = $1",
-            message_id, READ_BATCH))
+        first = await self._read(
+            lambda c: c.fetchrow(
+                "SELECT m.size, m.checksum, m.corrupt_reason, m.chunks, array(SELECT b.data FROM body_chunks b"
+                " WHERE b.message_id = m.id AND b.seq < $2 ORDER BY b.seq) AS head FROM messages m WHERE m.id = $1",
+                message_id,
+                READ_BATCH,
+            )
+        )
         if first is None:
             raise NotFound(f"no message {message_id}")
         if first["corrupt_reason"] is not None:
@@ -993,16 +1130,21 @@ class PostgresSpool:
             crc = zlib.crc32(data, crc)
             total += len(data)
             for start in range(0, len(data), chunk_size):
-                yield data[start:start + chunk_size]
+                yield data[start : start + chunk_size]
         if total != size:
             await self._damaged(message_id, f"body is {total} bytes, expected {size}")
         if crc_text(crc) != expected:
             await self._damaged(message_id, f"body checksum mismatch: stored {expected}, computed {crc_text(crc)}")
 
     async def _chunk_rows(self, message_id: QueueId, start: int) -> list[Any]:
-        return await self._read(lambda c: c.fetch(
-            "SELECT seq, data FROM body_chunks WHERE message_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq",
-            message_id, start, start + READ_BATCH))
+        return await self._read(
+            lambda c: c.fetch(
+                "SELECT seq, data FROM body_chunks WHERE message_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq",
+                message_id,
+                start,
+                start + READ_BATCH,
+            )
+        )
 
     async def _damaged(self, message_id: QueueId, reason: str) -> None:
         await self._set_aside([(message_id, reason)])
@@ -1022,30 +1164,52 @@ class PostgresSpool:
 
         async def fn(conn: Connection) -> float | None:
             # Unleased (or lease expired): the first by next_attempt_at; leased: when the lease runs out.
-            free = await conn.fetchval("SELECT min(next_attempt_at) FROM recipients WHERE state = 'queued'"
-                                       " AND (lease_until IS NULL OR lease_until <= $1)" + where, *args)
-            leased = await conn.fetchval("SELECT min(greatest(next_attempt_at, lease_until)) FROM recipients"
-                                         " WHERE lease_until > $1 AND state = 'queued'" + where, *args)
+            free = await conn.fetchval(
+                "SELECT min(next_attempt_at) FROM recipients WHERE state = 'queued'"
+                " AND (lease_until IS NULL OR lease_until <= $1)" + where,
+                *args,
+            )
+            leased = await conn.fetchval(
+                "SELECT min(greatest(next_attempt_at, lease_until)) FROM recipients"
+                " WHERE lease_until > $1 AND state = 'queued'" + where,
+                *args,
+            )
             found = [v for v in (free, leased) if v is not None]
             return min(found) if found else None
 
         return await self._read(fn)
 
     # -- operator actions ----------------------------------------------------------------------------
-    async def hold(self, message_id: QueueId | None, *, reason: str = "operator",
-                   domain: str | None = None, now: float | None = None) -> int:
+    async def hold(
+        self,
+        message_id: QueueId | None,
+        *,
+        reason: str = "operator",
+        domain: str | None = None,
+        now: float | None = None,
+    ) -> int:
         params: list[Any] = [reason, self._now(now)]
         where = _target(message_id, domain, params)
 
         async def op(conn: Connection) -> int:
-            return _count(await conn.execute(
-                "UPDATE recipients SET state = 'held', held_reason = $1, updated_at = $2"
-                f" WHERE state = 'queued'{where}", *params))
+            return _count(
+                await conn.execute(
+                    "UPDATE recipients SET state = 'held', held_reason = $1, updated_at = $2"
+                    f" WHERE state = 'queued'{where}",
+                    *params,
+                )
+            )
 
         return await self._write(op)
 
-    async def release_held(self, message_id: QueueId | None, *, domain: str | None = None,
-                           reason: str | None = None, now: float | None = None) -> int:
+    async def release_held(
+        self,
+        message_id: QueueId | None,
+        *,
+        domain: str | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> int:
         params: list[Any] = [self._now(now)]
         where = _target(message_id, domain, params)
         if reason is not None:
@@ -1053,9 +1217,13 @@ class PostgresSpool:
             where += f" AND held_reason = ${len(params)}"
 
         async def op(conn: Connection) -> int:
-            return _count(await conn.execute(
-                "UPDATE recipients SET state = 'queued', held_reason = NULL, next_attempt_at = $1, updated_at = $1"
-                f" WHERE state = 'held'{where}", *params))
+            return _count(
+                await conn.execute(
+                    "UPDATE recipients SET state = 'queued', held_reason = NULL, next_attempt_at = $1, updated_at = $1"
+                    f" WHERE state = 'held'{where}",
+                    *params,
+                )
+            )
 
         return await self._write(op)
 
@@ -1067,20 +1235,28 @@ class PostgresSpool:
 
     @staticmethod
     async def _delete_messages(conn: Connection, ids: list[str]) -> int:
-        return _count(await conn.execute(
-            "WITH r AS (DELETE FROM recipients WHERE message_id = ANY($1::text[])),"
-            " d AS (DELETE FROM msg_domains WHERE message_id = ANY($1::text[])),"
-            " b AS (DELETE FROM body_chunks WHERE message_id = ANY($1::text[]))"
-            " DELETE FROM messages WHERE id = ANY($1::text[])", ids))
+        return _count(
+            await conn.execute(
+                "WITH r AS (DELETE FROM recipients WHERE message_id = ANY($1::text[])),"
+                " d AS (DELETE FROM msg_domains WHERE message_id = ANY($1::text[])),"
+                " b AS (DELETE FROM body_chunks WHERE message_id = ANY($1::text[]))"
+                " DELETE FROM messages WHERE id = ANY($1::text[])",
+                ids,
+            )
+        )
 
     async def flush(self, domain: str | None = None, *, now: float | None = None) -> int:
         params: list[Any] = [self._now(now)]
         where = _target(None, domain, params)
 
         async def op(conn: Connection) -> int:
-            return _count(await conn.execute(
-                "UPDATE recipients SET next_attempt_at = $1, updated_at = $1"
-                f" WHERE state = 'queued' AND next_attempt_at > $1{where}", *params))
+            return _count(
+                await conn.execute(
+                    "UPDATE recipients SET next_attempt_at = $1, updated_at = $1"
+                    f" WHERE state = 'queued' AND next_attempt_at > $1{where}",
+                    *params,
+                )
+            )
 
         return await self._write(op)
 
@@ -1093,9 +1269,15 @@ class PostgresSpool:
         total = 0
 
         async def op(conn: Connection, batch: int) -> int:
-            ids = [r["id"] for r in await conn.fetch(
-                "SELECT id FROM messages WHERE pending_rcpts = 0 AND corrupt_reason IS NULL AND finished_at < $1"
-                " ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED", before, batch)]
+            ids = [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM messages WHERE pending_rcpts = 0 AND corrupt_reason IS NULL AND finished_at < $1"
+                    " ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    before,
+                    batch,
+                )
+            ]
             return await self._delete_messages(conn, ids) if ids else 0
 
         while total < limit:
@@ -1126,8 +1308,9 @@ class PostgresSpool:
             await self._set_aside([(message_id, problem)])
         return record
 
-    async def list_messages(self, flt: QueueFilter = _DEFAULT_FILTER, *, limit: int = 100,
-                            after: QueueId | None = None) -> list[MessageRecord]:
+    async def list_messages(
+        self, flt: QueueFilter = _DEFAULT_FILTER, *, limit: int = 100, after: QueueId | None = None
+    ) -> list[MessageRecord]:
         params: list[Any] = [after or ""]
         where = ["m.id > $1"]
         if flt.pending_only:
@@ -1167,59 +1350,92 @@ class PostgresSpool:
         kinds = [str(k) for k in include_kinds]
         if not kinds:
             return 0
-        value = await self._read(lambda c: c.fetchval(
-            "SELECT coalesce(sum(n), 0) FROM msg_counts WHERE kind = ANY($1::text[])", kinds))
+        value = await self._read(
+            lambda c: c.fetchval("SELECT coalesce(sum(n), 0) FROM msg_counts WHERE kind = ANY($1::text[])", kinds)
+        )
         return int(value)
 
     async def stats(self) -> SpoolStats:
         async def fn(conn: Connection) -> SpoolStats:
             by_state: dict[str, int] = {}
             per_domain: dict[str, dict[str, int]] = {}
-            for row in await conn.fetch("SELECT domain, state, sum(n)::bigint AS n FROM rcpt_counts"
-                                        " GROUP BY domain, state HAVING sum(n) <> 0 ORDER BY domain, state"):
+            for row in await conn.fetch(
+                "SELECT domain, state, sum(n)::bigint AS n FROM rcpt_counts"
+                " GROUP BY domain, state HAVING sum(n) <> 0 ORDER BY domain, state"
+            ):
                 per_domain.setdefault(row["domain"], {})[row["state"]] = int(row["n"])
                 by_state[row["state"]] = by_state.get(row["state"], 0) + int(row["n"])
-            dom_msgs = {row["domain"]: int(row["n"]) for row in await conn.fetch(
-                "SELECT domain, sum(n)::bigint AS n FROM dom_pending GROUP BY domain")}
-            oldest_by_domain = {row["domain"]: row["oldest"] for row in await conn.fetch(
-                "SELECT d.domain, (SELECT m.received_at FROM msg_domains md JOIN messages m ON m.id = md.message_id"
-                " WHERE md.domain = d.domain AND md.pending > 0 ORDER BY md.message_id LIMIT 1) AS oldest"
-                " FROM unnest($1::text[]) AS d(domain)", list(per_domain))}
+            dom_msgs = {
+                row["domain"]: int(row["n"])
+                for row in await conn.fetch("SELECT domain, sum(n)::bigint AS n FROM dom_pending GROUP BY domain")
+            }
+            oldest_by_domain = {
+                row["domain"]: row["oldest"]
+                for row in await conn.fetch(
+                    "SELECT d.domain, (SELECT m.received_at FROM msg_domains md JOIN messages m ON m.id = md.message_id"
+                    " WHERE md.domain = d.domain AND md.pending > 0 ORDER BY md.message_id LIMIT 1) AS oldest"
+                    " FROM unnest($1::text[]) AS d(domain)",
+                    list(per_domain),
+                )
+            }
             held: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
             if by_state.get("held"):  # the partial index of held recipients: nothing read when none is held
                 for row in await conn.fetch(
-                        "SELECT domain, coalesce(held_reason, 'operator') AS reason, count(*) AS n,"
-                        " min(updated_at) AS since FROM recipients WHERE state = 'held' GROUP BY 1, 2"):
+                    "SELECT domain, coalesce(held_reason, 'operator') AS reason, count(*) AS n,"
+                    " min(updated_at) AS since FROM recipients WHERE state = 'held' GROUP BY 1, 2"
+                ):
                     n_by, at_by = held.setdefault(row["domain"], ({}, {}))
                     n_by[row["reason"]] = int(row["n"])
                     at_by[row["reason"]] = float(row["since"])
             domains = tuple(
-                DomainStats(domain=domain, by_state=states, messages_pending=dom_msgs.get(domain, 0),
-                            oldest_pending_at=oldest_by_domain.get(domain),
-                            held_by_reason=held.get(domain, ({}, {}))[0], held_since=held.get(domain, ({}, {}))[1])
-                for domain, states in per_domain.items())
+                DomainStats(
+                    domain=domain,
+                    by_state=states,
+                    messages_pending=dom_msgs.get(domain, 0),
+                    oldest_pending_at=oldest_by_domain.get(domain),
+                    held_by_reason=held.get(domain, ({}, {}))[0],
+                    held_since=held.get(domain, ({}, {}))[1],
+                )
+                for domain, states in per_domain.items()
+            )
             pending = await conn.fetchval("SELECT coalesce(sum(n), 0) FROM msg_counts")
-            oldest = await conn.fetchval("SELECT received_at FROM messages WHERE pending_rcpts > 0"
-                                         " AND corrupt_reason IS NULL ORDER BY id LIMIT 1")
+            oldest = await conn.fetchval(
+                "SELECT received_at FROM messages WHERE pending_rcpts > 0"
+                " AND corrupt_reason IS NULL ORDER BY id LIMIT 1"
+            )
             corrupt = await conn.fetchval("SELECT count(*) FROM messages WHERE corrupt_reason IS NOT NULL")
             size = await conn.fetchval(
                 "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'", SCHEMA)
-            return SpoolStats(messages_pending=int(pending), recipients_by_state=by_state, domains=domains,
-                              oldest_pending_at=oldest, corrupt=int(corrupt), bytes_on_disk=int(size))
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+                SCHEMA,
+            )
+            return SpoolStats(
+                messages_pending=int(pending),
+                recipients_by_state=by_state,
+                domains=domains,
+                oldest_pending_at=oldest,
+                corrupt=int(corrupt),
+                bytes_on_disk=int(size),
+            )
 
         return await self._read(fn, snapshot=True)
 
     async def list_corrupt(self) -> list[tuple[QueueId, str]]:
-        rows = await self._read(lambda c: c.fetch(
-            "SELECT id, corrupt_reason FROM messages WHERE corrupt_reason IS NOT NULL ORDER BY id LIMIT $1",
-            LIST_CORRUPT_LIMIT))
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT id, corrupt_reason FROM messages WHERE corrupt_reason IS NOT NULL ORDER BY id LIMIT $1",
+                LIST_CORRUPT_LIMIT,
+            )
+        )
         return [(QueueId(r["id"]), str(r["corrupt_reason"])) for r in rows]
 
     async def nodes(self) -> list[NodeInfo]:
         """The nodes that opened this spool, most recently seen first."""
-        rows = await self._read(lambda c: c.fetch(
-            "SELECT name, host, pid, version, started_at, seen_at FROM nodes ORDER BY seen_at DESC, name"))
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT name, host, pid, version, started_at, seen_at FROM nodes ORDER BY seen_at DESC, name"
+            )
+        )
         return [NodeInfo(**dict(r)) for r in rows]
 
     # -- outages (shared by every node) --------------------------------------------------------------
@@ -1227,8 +1443,13 @@ class PostgresSpool:
         d = domain.lower()
 
         async def op(conn: Connection) -> None:
-            await conn.execute("INSERT INTO outages (domain, started_at, started_by) VALUES ($1, $2, $3)"
-                               " ON CONFLICT (domain) WHERE ended_at IS NULL DO NOTHING", d, at, self.node)
+            await conn.execute(
+                "INSERT INTO outages (domain, started_at, started_by) VALUES ($1, $2, $3)"
+                " ON CONFLICT (domain) WHERE ended_at IS NULL DO NOTHING",
+                d,
+                at,
+                self.node,
+            )
 
         await self._write(op)
 
@@ -1236,8 +1457,12 @@ class PostgresSpool:
         d = domain.lower()
 
         async def op(conn: Connection) -> None:
-            await conn.execute("UPDATE outages SET ended_at = $2, ended_by = $3 WHERE domain = $1"
-                               " AND ended_at IS NULL", d, at, self.node)
+            await conn.execute(
+                "UPDATE outages SET ended_at = $2, ended_by = $3 WHERE domain = $1 AND ended_at IS NULL",
+                d,
+                at,
+                self.node,
+            )
 
         await self._write(op)
 
@@ -1255,13 +1480,19 @@ class PostgresSpool:
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         """The value under (namespace, key), or None (also when it has expired)."""
         now = self.clock.now()
-        value = await self._read(lambda c: c.fetchval(
-            "SELECT value FROM kv WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
-            namespace, key, now))
+        value = await self._read(
+            lambda c: c.fetchval(
+                "SELECT value FROM kv WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)",
+                namespace,
+                key,
+                now,
+            )
+        )
         return None if value is None else bytes(value)
 
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None:
+    async def kv_put(
+        self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None, now: float | None = None
+    ) -> None:
         """Set (namespace, key) to `value` for every node, committed with this node's next group."""
         t = self._now(now)
 
@@ -1270,27 +1501,44 @@ class PostgresSpool:
                 "INSERT INTO kv (namespace, key, value, updated_at, updated_by, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (namespace, key) DO UPDATE SET"
                 " value = excluded.value, updated_at = excluded.updated_at, updated_by = excluded.updated_by,"
-                " expires_at = excluded.expires_at", namespace, key, value, t, self.node, expires_at)
+                " expires_at = excluded.expires_at",
+                namespace,
+                key,
+                value,
+                t,
+                self.node,
+                expires_at,
+            )
 
         await self._write(op)
 
     async def kv_delete(self, namespace: str, key: str) -> bool:
         async def op(conn: Connection) -> bool:
-            return _count(await conn.execute("DELETE FROM kv WHERE namespace = $1 AND key = $2",
-                                             namespace, key)) > 0
+            return _count(await conn.execute("DELETE FROM kv WHERE namespace = $1 AND key = $2", namespace, key)) > 0
 
         return await self._write(op)
 
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> list[KvItem]:
+    async def kv_list(
+        self, namespace: str, *, prefix: str = "", after: str | None = None, limit: int = KV_LIST_MAX
+    ) -> list[KvItem]:
         """A page of live items of `namespace` whose key starts with `prefix`, in key order after `after`."""
         now = self.clock.now()
-        rows = await self._read(lambda c: c.fetch(
-            "SELECT namespace, key, value, updated_at, updated_by, expires_at FROM kv WHERE namespace = $1"
-            " AND key > $2 AND left(key, length($3)) = $3 AND (expires_at IS NULL OR expires_at > $4)"
-            " ORDER BY key LIMIT $5", namespace, after or "", prefix, now, max(0, min(limit, KV_LIST_MAX))))
-        return [KvItem(r["namespace"], r["key"], bytes(r["value"]), r["updated_at"], r["updated_by"],
-                       r["expires_at"]) for r in rows]
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT namespace, key, value, updated_at, updated_by, expires_at FROM kv WHERE namespace = $1"
+                " AND key > $2 AND left(key, length($3)) = $3 AND (expires_at IS NULL OR expires_at > $4)"
+                " ORDER BY key LIMIT $5",
+                namespace,
+                after or "",
+                prefix,
+                now,
+                max(0, min(limit, KV_LIST_MAX)),
+            )
+        )
+        return [
+            KvItem(r["namespace"], r["key"], bytes(r["value"]), r["updated_at"], r["updated_by"], r["expires_at"])
+            for r in rows
+        ]
 
 
 __all__ = ["KvItem", "NodeInfo", "PostgresSpool", "map_error"]

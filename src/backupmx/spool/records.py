@@ -59,8 +59,9 @@ def message_record(row: Any, rcpts: tuple[RecipientRecord, ...]) -> tuple[Messag
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         problem = f"unreadable envelope: {type(exc).__name__}: {exc}"
         envelope = fallback_envelope(row, rcpts)
-    record = MessageRecord(id=QueueId(row["id"]), envelope=envelope, size=row["size"],
-                           received_at=row["received_at"], recipients=rcpts)
+    record = MessageRecord(
+        id=QueueId(row["id"]), envelope=envelope, size=row["size"], received_at=row["received_at"], recipients=rcpts
+    )
     return record, problem
 
 

@@ -270,7 +270,8 @@ def migrate(conn: sqlite3.Connection) -> None:
         current = user_version(conn)  # again, under the write lock
         if current > SCHEMA_VERSION:
             raise SpoolUnavailable(
-                f"spool schema version {current} is newer than this backupmx understands ({SCHEMA_VERSION})")
+                f"spool schema version {current} is newer than this backupmx understands ({SCHEMA_VERSION})"
+            )
         for version in range(current + 1, SCHEMA_VERSION + 1):
             for statement in _split(_MIGRATIONS[version]):
                 _execute_idempotent(conn, statement)

@@ -75,8 +75,10 @@ _PENDING = ("queued", "held")
 
 _MSG_COLS = "id, sender, kind, size, received_at, envelope_json, corrupt_reason"
 _MSG_COLS_M = ", ".join(f"m.{c.strip()}" for c in _MSG_COLS.split(","))
-_RCPT_COLS = ("message_id, idx, address, domain, state, attempts, next_attempt_at, last_attempt_at, "
-              "last_reply, held_reason, notify, orcpt, delay_notified, updated_at")
+_RCPT_COLS = (
+    "message_id, idx, address, domain, state, attempts, next_attempt_at, last_attempt_at, "
+    "last_reply, held_reason, notify, orcpt, delay_notified, updated_at"
+)
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class _Writer:
                     self._finish(op, False, map_error(exc))
                     with self._lock:
                         self.split_groups += 1
-                    rest = group[:i] + group[i + 1:]
+                    rest = group[:i] + group[i + 1 :]
                     if rest:
                         self._run_group(rest)
                     return
@@ -227,7 +229,7 @@ class _Writer:
                 except sqlite3.Error:
                     self._abort(conn)
                     self._finish(op, False, map_error(exc))
-                    rest = group[:i] + group[i + 1:]
+                    rest = group[:i] + group[i + 1 :]
                     if rest:
                         self._run_group(rest)
                     return
@@ -286,8 +288,7 @@ def _load_message(conn: sqlite3.Connection, row: sqlite3.Row) -> tuple[MessageRe
     """The record of one message row; the second value is why its envelope is unreadable, if it is."""
     rcpts = tuple(
         rcpt_record(r)
-        for r in conn.execute(f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ? ORDER BY idx",
-                              (row["id"],))
+        for r in conn.execute(f"SELECT {_RCPT_COLS} FROM recipients WHERE message_id = ? ORDER BY idx", (row["id"],))
     )
     return message_record(row, rcpts)
 
@@ -297,9 +298,15 @@ def _body_chunks(body: BodyBuffer) -> Iterator[bytes]:
 
 
 # --- write operations (run in the writer thread, inside a savepoint) -----------------------------------
-def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, size: int,
-                    chunks: Iterable[bytes], now: float,
-                    recipients: Sequence[RecipientRecord] | None = None) -> None:
+def _insert_message(
+    conn: sqlite3.Connection,
+    qid: QueueId,
+    envelope: Envelope,
+    size: int,
+    chunks: Iterable[bytes],
+    now: float,
+    recipients: Sequence[RecipientRecord] | None = None,
+) -> None:
     """Store one message. `recipients` (an exact import) keeps their states; None queues every
     recipient of the envelope, due at `now`."""
     if recipients is not None and conn.execute("SELECT 1 FROM messages WHERE id = ?", (qid,)).fetchone():
@@ -325,8 +332,17 @@ def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, 
     conn.execute(
         "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (qid, envelope.sender, envelope.kind.value, size, now, json.dumps(envelope.to_json()),
-         crc_text(crc), 1 if envelope.recipients else 0, None if envelope.recipients else now),
+        (
+            qid,
+            envelope.sender,
+            envelope.kind.value,
+            size,
+            now,
+            json.dumps(envelope.to_json()),
+            crc_text(crc),
+            1 if envelope.recipients else 0,
+            None if envelope.recipients else now,
+        ),
     )
     conn.executemany(
         "INSERT INTO recipients(message_id, idx, address, domain, state, next_attempt_at, notify, orcpt,"
@@ -338,8 +354,15 @@ def _insert_message(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, 
     )
 
 
-def _insert_record(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, size: int, crc: int,
-                   received_at: float, recipients: Sequence[RecipientRecord]) -> None:
+def _insert_record(
+    conn: sqlite3.Connection,
+    qid: QueueId,
+    envelope: Envelope,
+    size: int,
+    crc: int,
+    received_at: float,
+    recipients: Sequence[RecipientRecord],
+) -> None:
     """The message and recipient rows of an exact import (the body is already in). The triggers count
     the recipients by state; `pending` and `finished_at` are set here, as the state updates would."""
     pending = any(r.state.value in _PENDING for r in recipients)
@@ -347,23 +370,47 @@ def _insert_record(conn: sqlite3.Connection, qid: QueueId, envelope: Envelope, s
     conn.execute(
         "INSERT INTO messages(id, sender, kind, size, received_at, envelope_json, checksum, pending, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (qid, envelope.sender, envelope.kind.value, size, received_at, json.dumps(envelope.to_json()),
-         crc_text(crc), 1 if pending else 0, finished_at),
+        (
+            qid,
+            envelope.sender,
+            envelope.kind.value,
+            size,
+            received_at,
+            json.dumps(envelope.to_json()),
+            crc_text(crc),
+            1 if pending else 0,
+            finished_at,
+        ),
     )
     conn.executemany(
         f"INSERT INTO recipients({_RCPT_COLS}) VALUES ({', '.join('?' * 14)})",
         [
-            (qid, r.index, r.address, r.domain, r.state.value, r.attempts, r.next_attempt_at, r.last_attempt_at,
-             r.last_reply, r.held_reason, ",".join(r.notify) if r.notify else None, r.orcpt,
-             1 if r.delay_notified else 0, r.updated_at)
+            (
+                qid,
+                r.index,
+                r.address,
+                r.domain,
+                r.state.value,
+                r.attempts,
+                r.next_attempt_at,
+                r.last_attempt_at,
+                r.last_reply,
+                r.held_reason,
+                ",".join(r.notify) if r.notify else None,
+                r.orcpt,
+                1 if r.delay_notified else 0,
+                r.updated_at,
+            )
             for r in recipients
         ],
     )
 
 
 def _mark_corrupt(conn: sqlite3.Connection, qid: str, reason: str, now: float) -> None:
-    conn.execute("UPDATE messages SET corrupt_reason = ?, corrupt_at = ? WHERE id = ? AND corrupt_reason IS NULL",
-                 (reason, now, qid))
+    conn.execute(
+        "UPDATE messages SET corrupt_reason = ?, corrupt_at = ? WHERE id = ? AND corrupt_reason IS NULL",
+        (reason, now, qid),
+    )
     log.error("spool: set aside %s as corrupt: %s", qid, reason)
 
 
@@ -377,16 +424,21 @@ class _DueRow:
 SMALL_DOMAIN = 100  # queued recipients at most for a domain to share the claim's one query for small domains
 
 
-def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequence[str] | None,
-              exclude: Sequence[str]) -> list[_DueRow]:
+def _due_rows(
+    conn: sqlite3.Connection, now: float, limit: int, domains: Sequence[str] | None, exclude: Sequence[str]
+) -> list[_DueRow]:
     """Up to `limit` due, unleased QUEUED recipients of sound messages, most overdue (then oldest) first."""
-    cond = ("r.state = 'queued' AND r.next_attempt_at <= :now"
-            " AND (r.lease_until IS NULL OR r.lease_until <= :now)"
-            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id"
-            " AND m.corrupt_reason IS NOT NULL)")
+    cond = (
+        "r.state = 'queued' AND r.next_attempt_at <= :now"
+        " AND (r.lease_until IS NULL OR r.lease_until <= :now)"
+        " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id"
+        " AND m.corrupt_reason IS NOT NULL)"
+    )
     if domains is None and not exclude:
-        sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_due"
-               f" WHERE {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
+        sql = (
+            f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_due"
+            f" WHERE {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit"
+        )
         return [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit})]
     small: list[str] = []
     if domains is None:
@@ -399,8 +451,10 @@ def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequenc
     # One bounded, index-ordered query per large domain, merged: a large excluded (DOWN) domain is never
     # scanned. The many small ones (DSNs to senders' domains) share one query: a claim never runs one
     # query per queued domain; that query reads at most SMALL_DOMAIN rows of each.
-    sql = (f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_domain_due"
-           f" WHERE r.domain = :domain AND {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit")
+    sql = (
+        f"SELECT r.next_attempt_at, r.message_id, r.idx FROM recipients r INDEXED BY rcpt_domain_due"
+        f" WHERE r.domain = :domain AND {cond} ORDER BY r.next_attempt_at, r.message_id LIMIT :limit"
+    )
     per_domain = [
         [_DueRow(*row) for row in conn.execute(sql, {"now": now, "limit": limit, "domain": d.lower()})]
         for d in dict.fromkeys(domains)
@@ -412,7 +466,9 @@ def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequenc
         rows = conn.execute(
             f"SELECT r.next_attempt_at, r.message_id, r.idx FROM claim_domains c"
             f" JOIN recipients r INDEXED BY rcpt_domain_due ON r.domain = c.domain AND {cond}"
-            f" ORDER BY r.next_attempt_at, r.message_id LIMIT :limit", {"now": now, "limit": limit})
+            f" ORDER BY r.next_attempt_at, r.message_id LIMIT :limit",
+            {"now": now, "limit": limit},
+        )
         per_domain.append([_DueRow(*row) for row in rows])
     merged = heapq.merge(*per_domain, key=lambda r: (r.next_attempt_at, r.message_id, r.idx))
     return [r for _, r in zip(range(limit), merged, strict=False)]
@@ -422,8 +478,9 @@ def _due_rows(conn: sqlite3.Connection, now: float, limit: int, domains: Sequenc
 class SqliteSpool:
     """The Spool contract on one SQLite file: `data_dir/spool.db`, body buffers in `data_dir/tmp`."""
 
-    def __init__(self, data_dir: Path, *, node: str = "local", clock: Clock | None = None,
-                 busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, data_dir: Path, *, node: str = "local", clock: Clock | None = None, busy_timeout: float = 5.0
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / DB_NAME
         self.tmp_dir = self.data_dir / "tmp"
@@ -436,8 +493,7 @@ class SqliteSpool:
 
     # -- connections -------------------------------------------------------------------------------------
     def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         conn.execute("PRAGMA synchronous = FULL")
@@ -519,9 +575,15 @@ class SqliteSpool:
         if w is None:
             return SpoolStatistics()
         with w._lock:
-            return SpoolStatistics(commits=w.commits, groups=w.groups, operations=w.operations, puts=w.puts,
-                                   failed_operations=w.failed, largest_group=w.largest_group,
-                                   split_groups=w.split_groups)
+            return SpoolStatistics(
+                commits=w.commits,
+                groups=w.groups,
+                operations=w.operations,
+                puts=w.puts,
+                failed_operations=w.failed,
+                largest_group=w.largest_group,
+                split_groups=w.split_groups,
+            )
 
     # -- plumbing ------------------------------------------------------------------------------------------
     async def _write(self, fn: Callable[[sqlite3.Connection], T], *, puts: int = 0) -> T:
@@ -583,8 +645,9 @@ class SqliteSpool:
         t = self._now(now)
         return await self.put_with_id(new_queue_id(t), envelope, body, now=t)
 
-    async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
-                          *, now: float | None = None) -> QueueId:
+    async def put_with_id(
+        self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer, *, now: float | None = None
+    ) -> QueueId:
         t = self._now(now)
         size = body.size
 
@@ -602,15 +665,23 @@ class SqliteSpool:
         size = body.size
 
         def op(conn: sqlite3.Connection) -> None:
-            _insert_message(conn, message.id, message.envelope, size, _body_chunks(body), message.received_at,
-                            message.recipients)
+            _insert_message(
+                conn, message.id, message.envelope, size, _body_chunks(body), message.received_at, message.recipients
+            )
 
         await self._write(op, puts=1)
 
     # -- delivery path ---------------------------------------------------------------------------------------
-    async def claim_due(self, *, now: float, owner: str, lease_seconds: float, limit: int,
-                        domains: Sequence[str] | None = None,
-                        exclude_domains: Sequence[str] = ()) -> list[Claim]:
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        domains: Sequence[str] | None = None,
+        exclude_domains: Sequence[str] = (),
+    ) -> list[Claim]:
         if limit <= 0 or (domains is not None and not domains):
             return []
         until = now + lease_seconds
@@ -646,8 +717,9 @@ class SqliteSpool:
 
         def op(conn: sqlite3.Connection) -> None:
             for owner, qid, idx in keys:
-                row = conn.execute("SELECT lease_owner FROM recipients WHERE message_id = ? AND idx = ?",
-                                   (qid, idx)).fetchone()
+                row = conn.execute(
+                    "SELECT lease_owner FROM recipients WHERE message_id = ? AND idx = ?", (qid, idx)
+                ).fetchone()
                 if row is None or row[0] != owner:
                     raise LeaseLost(f"{qid}[{idx}]: lease no longer held by {owner}")
             conn.executemany(
@@ -657,14 +729,20 @@ class SqliteSpool:
 
         await self._write(op)
 
-    async def claim_held(self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float,
-                         now: float) -> Claim | None:
+    async def claim_held(
+        self, message_id: QueueId, *, reason: str, owner: str, lease_seconds: float, now: float
+    ) -> Claim | None:
         until = now + lease_seconds
 
         def op(conn: sqlite3.Connection) -> Claim | None:
-            idxs = [r[0] for r in conn.execute(
-                "SELECT idx FROM recipients WHERE message_id = ? AND +state = 'held' AND held_reason = ?"
-                " AND (lease_until IS NULL OR lease_until <= ?)", (message_id, reason, now))]
+            idxs = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT idx FROM recipients WHERE message_id = ? AND +state = 'held' AND held_reason = ?"
+                    " AND (lease_until IS NULL OR lease_until <= ?)",
+                    (message_id, reason, now),
+                )
+            ]
             mrow = conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,)).fetchone()
             if not idxs or mrow is None:
                 return None
@@ -672,8 +750,10 @@ class SqliteSpool:
             if problem is not None:
                 _mark_corrupt(conn, message_id, problem, now)
                 return None
-            conn.executemany("UPDATE recipients SET lease_owner = ?, lease_until = ? WHERE message_id = ? AND idx = ?",
-                             [(owner, until, message_id, i) for i in idxs])
+            conn.executemany(
+                "UPDATE recipients SET lease_owner = ?, lease_until = ? WHERE message_id = ? AND idx = ?",
+                [(owner, until, message_id, i) for i in idxs],
+            )
             wanted = set(idxs)
             return Claim(record, tuple(r for r in record.recipients if r.index in wanted), owner, until)
 
@@ -682,8 +762,11 @@ class SqliteSpool:
     async def release(self, claims: Sequence[Claim], *, due: Sequence[float] | None = None) -> None:
         if due is not None and len(due) != len(claims):
             raise SpoolError("release: due must be aligned with claims")
-        keys = [(c.owner, r.message_id, r.index, None if due is None else due[n])
-                for n, c in enumerate(claims) for r in c.recipients]
+        keys = [
+            (c.owner, r.message_id, r.index, None if due is None else due[n])
+            for n, c in enumerate(claims)
+            for r in c.recipients
+        ]
         if not keys:
             return
 
@@ -697,8 +780,9 @@ class SqliteSpool:
 
         await self._write(op)
 
-    async def record(self, owner: str, updates: Sequence[RecipientUpdate],
-                     new_messages: Sequence[NewMessage] = (), *, now: float) -> list[QueueId]:
+    async def record(
+        self, owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (), *, now: float
+    ) -> list[QueueId]:
         updates = list(updates)
         new_messages = list(new_messages)
 
@@ -706,15 +790,26 @@ class SqliteSpool:
             for u in updates:
                 row = conn.execute(
                     "SELECT state, lease_owner, held_reason FROM recipients WHERE message_id = ? AND idx = ?",
-                    (u.message_id, u.index)).fetchone()
+                    (u.message_id, u.index),
+                ).fetchone()
                 if row is None or row["lease_owner"] != owner:
                     raise LeaseLost(f"{u.message_id}[{u.index}]: lease no longer held by {owner}")
                 current = RecipientState(row["state"])
                 state, held_reason, next_at = _outcome_state(u, current, row["held_reason"])
-                sets = ["state = :state", "held_reason = :held", "lease_owner = NULL", "lease_until = NULL",
-                        "updated_at = :now"]
-                params: dict[str, Any] = {"state": state.value, "held": held_reason, "now": now,
-                                          "qid": u.message_id, "idx": u.index}
+                sets = [
+                    "state = :state",
+                    "held_reason = :held",
+                    "lease_owner = NULL",
+                    "lease_until = NULL",
+                    "updated_at = :now",
+                ]
+                params: dict[str, Any] = {
+                    "state": state.value,
+                    "held": held_reason,
+                    "now": now,
+                    "qid": u.message_id,
+                    "idx": u.index,
+                }
                 if next_at is not None:
                     sets.append("next_attempt_at = :next")
                     params["next"] = next_at
@@ -723,8 +818,7 @@ class SqliteSpool:
                     params["reply"] = str(u.outcome.reply)
                 if u.delay_notified:
                     sets.append("delay_notified = 1")
-                conn.execute(f"UPDATE recipients SET {', '.join(sets)} WHERE message_id = :qid AND idx = :idx",
-                             params)
+                conn.execute(f"UPDATE recipients SET {', '.join(sets)} WHERE message_id = :qid AND idx = :idx", params)
             ids: list[QueueId] = []
             for m in new_messages:
                 qid = new_queue_id(now)
@@ -739,8 +833,9 @@ class SqliteSpool:
         # on the delivery path of every message. Anything unusual (missing, corrupt, large, damaged)
         # goes the streaming way, which sets aside and raises exactly as before.
         def whole(conn: sqlite3.Connection) -> bytes | None:
-            meta = conn.execute("SELECT size, checksum, corrupt_reason FROM messages WHERE id = ?",
-                                (message_id,)).fetchone()
+            meta = conn.execute(
+                "SELECT size, checksum, corrupt_reason FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
             if meta is None or meta["corrupt_reason"] is not None or int(meta["size"]) > WHOLE_BODY_MAX:
                 return None
             row = conn.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchone()
@@ -757,8 +852,11 @@ class SqliteSpool:
         """Chunks of the stored body. The checksum is known only at the end: a damaged body raises
         SpoolError after its last chunk, so a relay must send the final "." only once this iterator
         has finished without error."""
-        meta = await self._read(lambda c: c.execute(
-            "SELECT size, checksum, corrupt_reason FROM messages WHERE id = ?", (message_id,)).fetchone())
+        meta = await self._read(
+            lambda c: c.execute(
+                "SELECT size, checksum, corrupt_reason FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+        )
         if meta is None:
             raise NotFound(f"no message {message_id}")
         if meta["corrupt_reason"] is not None:
@@ -767,8 +865,7 @@ class SqliteSpool:
         crc, offset = 0, 0
 
         def chunk_at(conn: sqlite3.Connection, start: int) -> bytes | None:
-            row = conn.execute("SELECT rowid, length(data) FROM bodies WHERE message_id = ?",
-                               (message_id,)).fetchone()
+            row = conn.execute("SELECT rowid, length(data) FROM bodies WHERE message_id = ?", (message_id,)).fetchone()
             if row is None:
                 return None
             if row[1] != size:
@@ -807,8 +904,7 @@ class SqliteSpool:
             raise SpoolError(f"{message_id}: {reason}")
 
     async def _exists(self, message_id: QueueId) -> bool:
-        row = await self._read(lambda c: c.execute("SELECT 1 FROM messages WHERE id = ?",
-                                                   (message_id,)).fetchone())
+        row = await self._read(lambda c: c.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone())
         return row is not None
 
     async def next_due_at(self, *, domains: Sequence[str] | None = None) -> float | None:
@@ -823,14 +919,17 @@ class SqliteSpool:
             if doms is None:
                 row = conn.execute(
                     "SELECT next_attempt_at FROM recipients INDEXED BY rcpt_due WHERE state = 'queued'"
-                    f" AND {unleased} ORDER BY next_attempt_at LIMIT 1", (now,)).fetchone()
+                    f" AND {unleased} ORDER BY next_attempt_at LIMIT 1",
+                    (now,),
+                ).fetchone()
                 candidates += [row[0]] if row else []
             else:
                 for d in doms:
                     row = conn.execute(
                         "SELECT next_attempt_at FROM recipients INDEXED BY rcpt_domain_due WHERE domain = ?"
                         f" AND state = 'queued' AND {unleased} ORDER BY next_attempt_at LIMIT 1",
-                        (d, now)).fetchone()
+                        (d, now),
+                    ).fetchone()
                     candidates += [row[0]] if row else []
             # Leased: due again when the lease runs out (if no outcome is recorded before).
             where_dom, params = "", []
@@ -839,7 +938,9 @@ class SqliteSpool:
                 params = doms
             row = conn.execute(
                 "SELECT min(max(next_attempt_at, lease_until)) FROM recipients INDEXED BY rcpt_leased"
-                " WHERE lease_until > ? AND state = 'queued'" + where_dom, [now, *params]).fetchone()
+                " WHERE lease_until > ? AND state = 'queued'" + where_dom,
+                [now, *params],
+            ).fetchone()
             if row[0] is not None:
                 candidates.append(row[0])
             return min(candidates, default=None)
@@ -847,12 +948,15 @@ class SqliteSpool:
         return await self._read(fn)
 
     # -- operator actions ---------------------------------------------------------------------------------
-    async def _update_recipients(self, sets: str, set_params: Sequence[Any], where: str,
-                                 where_params: Sequence[Any]) -> int:
+    async def _update_recipients(
+        self, sets: str, set_params: Sequence[Any], where: str, where_params: Sequence[Any]
+    ) -> int:
         """UPDATE recipients in bounded chunks, each its own write: holding a million recipients never
         makes one huge transaction (memory, WAL) nor keeps puts waiting behind it."""
-        sql = (f"UPDATE recipients SET {sets} WHERE (message_id, idx) IN"
-               f" (SELECT message_id, idx FROM recipients WHERE {where} LIMIT {UPDATE_CHUNK})")
+        sql = (
+            f"UPDATE recipients SET {sets} WHERE (message_id, idx) IN"
+            f" (SELECT message_id, idx FROM recipients WHERE {where} LIMIT {UPDATE_CHUNK})"
+        )
         params = [*set_params, *where_params]
 
         def op(conn: sqlite3.Connection) -> int:
@@ -865,22 +969,36 @@ class SqliteSpool:
             if n < UPDATE_CHUNK:
                 return total
 
-    async def hold(self, message_id: QueueId | None, *, reason: str = "operator",
-                   domain: str | None = None, now: float | None = None) -> int:
+    async def hold(
+        self,
+        message_id: QueueId | None,
+        *,
+        reason: str = "operator",
+        domain: str | None = None,
+        now: float | None = None,
+    ) -> int:
         t = self._now(now)
         where, params = _target("queued", message_id, domain)
-        return await self._update_recipients("state = 'held', held_reason = ?, updated_at = ?", [reason, t],
-                                             where, params)
+        return await self._update_recipients(
+            "state = 'held', held_reason = ?, updated_at = ?", [reason, t], where, params
+        )
 
-    async def release_held(self, message_id: QueueId | None, *, domain: str | None = None,
-                           reason: str | None = None, now: float | None = None) -> int:
+    async def release_held(
+        self,
+        message_id: QueueId | None,
+        *,
+        domain: str | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> int:
         t = self._now(now)
         where, params = _target("held", message_id, domain)
         if reason is not None:
             where += " AND held_reason = ?"
             params.append(reason)
         return await self._update_recipients(
-            "state = 'queued', held_reason = NULL, next_attempt_at = ?, updated_at = ?", [t, t], where, params)
+            "state = 'queued', held_reason = NULL, next_attempt_at = ?, updated_at = ?", [t, t], where, params
+        )
 
     async def delete(self, message_id: QueueId) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -893,8 +1011,9 @@ class SqliteSpool:
     async def flush(self, domain: str | None = None, *, now: float | None = None) -> int:
         t = self._now(now)
         where, params = _target("queued", None, domain)
-        return await self._update_recipients("next_attempt_at = ?, updated_at = ?", [t, t],
-                                             f"{where} AND next_attempt_at > ?", [*params, t])
+        return await self._update_recipients(
+            "next_attempt_at = ?, updated_at = ?", [t, t], f"{where} AND next_attempt_at > ?", [*params, t]
+        )
 
     async def purge(self, *, before: float, limit: int = 10_000) -> int:
         """Delete up to `limit` finished messages (every recipient delivered/bounced/expired) whose last
@@ -903,9 +1022,14 @@ class SqliteSpool:
 
         def op(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM kv WHERE expires_at <= ?", (now,))
-            ids = [row[0] for row in conn.execute(
-                "SELECT id FROM messages INDEXED BY messages_finished WHERE pending = 0 AND finished_at < ?"
-                " AND corrupt_reason IS NULL ORDER BY finished_at LIMIT ?", (before, limit))]
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM messages INDEXED BY messages_finished WHERE pending = 0 AND finished_at < ?"
+                    " AND corrupt_reason IS NULL ORDER BY finished_at LIMIT ?",
+                    (before, limit),
+                )
+            ]
             for qid in ids:
                 conn.execute("DELETE FROM recipients WHERE message_id = ?", (qid,))
                 conn.execute("DELETE FROM bodies WHERE message_id = ?", (qid,))
@@ -928,8 +1052,9 @@ class SqliteSpool:
             await self._set_aside([(message_id, problem)])
         return record
 
-    async def list_messages(self, flt: QueueFilter = _DEFAULT_FILTER, *, limit: int = 100,
-                            after: QueueId | None = None) -> list[MessageRecord]:
+    async def list_messages(
+        self, flt: QueueFilter = _DEFAULT_FILTER, *, limit: int = 100, after: QueueId | None = None
+    ) -> list[MessageRecord]:
         # Message-level conditions, on m.
         mwhere: list[str] = []
         mparams: list[Any] = []
@@ -968,8 +1093,10 @@ class SqliteSpool:
                 drive = "INDEXED BY rcpt_held"
                 rwhere.append("r.state = 'held'")
             where = " AND ".join(["r.message_id > ?", *rwhere, *mwhere])
-            sql = (f"SELECT {_MSG_COLS_M} FROM recipients r {drive} CROSS JOIN messages m ON m.id = r.message_id"
-                   f" WHERE {where} GROUP BY r.message_id ORDER BY r.message_id LIMIT ?")
+            sql = (
+                f"SELECT {_MSG_COLS_M} FROM recipients r {drive} CROSS JOIN messages m ON m.id = r.message_id"
+                f" WHERE {where} GROUP BY r.message_id ORDER BY r.message_id LIMIT ?"
+            )
             params = [after or "", *rparams, *mparams, lim]
         else:
             conds = ["m.id > ?", *mwhere]
@@ -996,8 +1123,8 @@ class SqliteSpool:
 
         def fn(conn: sqlite3.Connection) -> int:
             row = conn.execute(
-                f"SELECT coalesce(sum(pending), 0) FROM msg_counts WHERE kind IN ({','.join('?' * len(kinds))})",
-                kinds).fetchone()
+                f"SELECT coalesce(sum(pending), 0) FROM msg_counts WHERE kind IN ({','.join('?' * len(kinds))})", kinds
+            ).fetchone()
             return int(row[0])
 
         return await self._read(fn)
@@ -1013,8 +1140,9 @@ class SqliteSpool:
             held: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
             if by_state.get("held"):  # the partial index of held recipients: nothing read when none is held
                 for row in conn.execute(
-                        "SELECT domain, coalesce(held_reason, 'operator'), count(*), min(updated_at)"
-                        " FROM recipients INDEXED BY rcpt_held WHERE state = 'held' GROUP BY 1, 2"):
+                    "SELECT domain, coalesce(held_reason, 'operator'), count(*), min(updated_at)"
+                    " FROM recipients INDEXED BY rcpt_held WHERE state = 'held' GROUP BY 1, 2"
+                ):
                     n_by, at_by = held.setdefault(row[0], ({}, {}))
                     n_by[row[1]] = int(row[2])
                     at_by[row[1]] = float(row[3])
@@ -1022,19 +1150,28 @@ class SqliteSpool:
             for domain, states in per_domain.items():
                 oldest_id = conn.execute(
                     "SELECT min(message_id) FROM recipients INDEXED BY rcpt_domain_pending"
-                    " WHERE domain = ? AND state IN ('queued','held')", (domain,)).fetchone()[0]
+                    " WHERE domain = ? AND state IN ('queued','held')",
+                    (domain,),
+                ).fetchone()[0]
                 oldest = None
                 if oldest_id is not None:
-                    oldest = conn.execute("SELECT received_at FROM messages WHERE id = ?",
-                                          (oldest_id,)).fetchone()[0]
+                    oldest = conn.execute("SELECT received_at FROM messages WHERE id = ?", (oldest_id,)).fetchone()[0]
                 held_n, held_at = held.get(domain, ({}, {}))
-                domains.append(DomainStats(domain=domain, by_state=states,
-                                           messages_pending=dom_msgs.get(domain, 0), oldest_pending_at=oldest,
-                                           held_by_reason=held_n, held_since=held_at))
+                domains.append(
+                    DomainStats(
+                        domain=domain,
+                        by_state=states,
+                        messages_pending=dom_msgs.get(domain, 0),
+                        oldest_pending_at=oldest,
+                        held_by_reason=held_n,
+                        held_since=held_at,
+                    )
+                )
             pending = conn.execute("SELECT coalesce(sum(pending), 0) FROM msg_counts").fetchone()[0]
             oldest_row = conn.execute(
                 "SELECT received_at FROM messages INDEXED BY messages_pending WHERE pending = 1"
-                " AND corrupt_reason IS NULL ORDER BY id LIMIT 1").fetchone()
+                " AND corrupt_reason IS NULL ORDER BY id LIMIT 1"
+            ).fetchone()
             corrupt = conn.execute(
                 "SELECT count(*) FROM messages INDEXED BY messages_corrupt WHERE corrupt_reason IS NOT NULL"
             ).fetchone()[0]
@@ -1060,18 +1197,29 @@ class SqliteSpool:
 
     async def list_corrupt(self) -> list[tuple[QueueId, str]]:
         def fn(conn: sqlite3.Connection) -> list[tuple[QueueId, str]]:
-            return [(QueueId(row[0]), str(row[1])) for row in conn.execute(
-                "SELECT id, corrupt_reason FROM messages INDEXED BY messages_corrupt"
-                " WHERE corrupt_reason IS NOT NULL ORDER BY id LIMIT ?", (LIST_CORRUPT_LIMIT,))]
+            return [
+                (QueueId(row[0]), str(row[1]))
+                for row in conn.execute(
+                    "SELECT id, corrupt_reason FROM messages INDEXED BY messages_corrupt"
+                    " WHERE corrupt_reason IS NOT NULL ORDER BY id LIMIT ?",
+                    (LIST_CORRUPT_LIMIT,),
+                )
+            ]
 
         return await self._read(fn)
 
     async def verify(self, *, after: QueueId | None = None, limit: int = 1000) -> tuple[int, QueueId | None]:
         """Check the body checksums of up to `limit` messages after `after`; damaged ones are set aside.
         Returns (how many were damaged, the last ID checked or None at the end) for the next call."""
-        rows = await self._read(lambda c: [row[0] for row in c.execute(
-            "SELECT id FROM messages WHERE id > ? AND corrupt_reason IS NULL ORDER BY id LIMIT ?",
-            (after or "", limit))])
+        rows = await self._read(
+            lambda c: [
+                row[0]
+                for row in c.execute(
+                    "SELECT id FROM messages WHERE id > ? AND corrupt_reason IS NULL ORDER BY id LIMIT ?",
+                    (after or "", limit),
+                )
+            ]
+        )
         damaged = 0
         for qid in rows:
             try:
@@ -1114,20 +1262,22 @@ class SqliteSpool:
 
         return await self._read(fn)
 
-
     # -- shared state for the other parts of backupmx --------------------------------------------------------
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         now = self.clock.now()
 
         def fn(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute("SELECT value FROM kv WHERE namespace = ? AND key = ?"
-                               " AND (expires_at IS NULL OR expires_at > ?)", (namespace, key, now)).fetchone()
+            row = conn.execute(
+                "SELECT value FROM kv WHERE namespace = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, key, now),
+            ).fetchone()
             return None if row is None else bytes(row[0])
 
         return await self._read(fn)
 
-    async def kv_put(self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None,
-                     now: float | None = None) -> None:
+    async def kv_put(
+        self, namespace: str, key: str, value: bytes, *, expires_at: float | None = None, now: float | None = None
+    ) -> None:
         t = self._now(now)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -1135,7 +1285,8 @@ class SqliteSpool:
                 "INSERT INTO kv (namespace, key, value, updated_at, updated_by, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at,"
                 " updated_by = excluded.updated_by, expires_at = excluded.expires_at",
-                (namespace, key, bytes(value), t, self.node, expires_at))
+                (namespace, key, bytes(value), t, self.node, expires_at),
+            )
 
         await self._write(op)
 
@@ -1145,15 +1296,18 @@ class SqliteSpool:
 
         return await self._write(op)
 
-    async def kv_list(self, namespace: str, *, prefix: str = "", after: str | None = None,
-                      limit: int = KV_LIST_MAX) -> list[KvItem]:
+    async def kv_list(
+        self, namespace: str, *, prefix: str = "", after: str | None = None, limit: int = KV_LIST_MAX
+    ) -> list[KvItem]:
         """A page of live items of `namespace` whose key starts with `prefix`, in key order after `after`.
         One range of the primary key: from the later of `after` and `prefix` to the end of the prefix."""
         now = self.clock.now()
         lim = max(0, min(limit, KV_LIST_MAX))
-        sql = ("SELECT namespace, key, value, updated_at, updated_by, expires_at FROM kv"
-               " WHERE namespace = ? AND key > ? AND key >= ? AND substr(key, 1, ?) = ?"
-               " AND (expires_at IS NULL OR expires_at > ?)")
+        sql = (
+            "SELECT namespace, key, value, updated_at, updated_by, expires_at FROM kv"
+            " WHERE namespace = ? AND key > ? AND key >= ? AND substr(key, 1, ?) = ?"
+            " AND (expires_at IS NULL OR expires_at > ?)"
+        )
         params: list[Any] = [namespace, after or "", prefix, len(prefix), prefix, now]
         end = _prefix_end(prefix)
         if end is not None:
@@ -1163,8 +1317,7 @@ class SqliteSpool:
         params.append(lim)
 
         def fn(conn: sqlite3.Connection) -> list[KvItem]:
-            return [KvItem(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
-                    for row in conn.execute(sql, params)]
+            return [KvItem(row[0], row[1], bytes(row[2]), row[3], row[4], row[5]) for row in conn.execute(sql, params)]
 
         return await self._read(fn)
 
@@ -1200,8 +1353,9 @@ def _target(state: str, message_id: QueueId | None, domain: str | None) -> tuple
     return where, params
 
 
-def _outcome_state(u: RecipientUpdate, current: RecipientState,
-                   held_reason: str | None) -> tuple[RecipientState, str | None, float | None]:
+def _outcome_state(
+    u: RecipientUpdate, current: RecipientState, held_reason: str | None
+) -> tuple[RecipientState, str | None, float | None]:
     """(new state, held reason, next_attempt_at or None to keep) for one outcome.
 
     The mail really went out on Delivered, so that wins over an operator's hold placed during the
@@ -1216,8 +1370,11 @@ def _outcome_state(u: RecipientUpdate, current: RecipientState,
     if outcome is None:
         raise SpoolError(f"{u.message_id}[{u.index}]: an update needs an outcome or expire=True")
     if outcome.guard_hold:
-        return RecipientState.HELD, held_reason if current is RecipientState.HELD else "recovery-guard", \
-            u.next_attempt_at
+        return (
+            RecipientState.HELD,
+            held_reason if current is RecipientState.HELD else "recovery-guard",
+            u.next_attempt_at,
+        )
     if current is RecipientState.HELD:
         return RecipientState.HELD, held_reason, u.next_attempt_at
     return RecipientState.QUEUED, None, u.next_attempt_at

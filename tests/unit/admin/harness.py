@@ -28,8 +28,15 @@ TOKEN = "test-token-0123456789abcdef"
 DOMAINS = ("example.test", "other.test")
 
 
-def admin_config(data_dir: Path, *, domains: Sequence[str] = DOMAINS, listen: str = "127.0.0.1:0",
-                 token_file: Path | None = None, smtp_listen: str = "127.0.0.1:2525", **extra: Any) -> Config:
+def admin_config(
+    data_dir: Path,
+    *,
+    domains: Sequence[str] = DOMAINS,
+    listen: str = "127.0.0.1:0",
+    token_file: Path | None = None,
+    smtp_listen: str = "127.0.0.1:2525",
+    **extra: Any,
+) -> Config:
     if token_file is None:
         token_file = data_dir.parent / "admin-token"
         token_file.parent.mkdir(parents=True, exist_ok=True)
@@ -51,14 +58,27 @@ class FakeHealth:
         self.clock = clock
         self.statuses: dict[str, DestinationStatus] = {}
 
-    def set(self, domain: str, state: DestinationState, *, since: float | None = None,
-            outage_since: float | None = None, error: str | None = None) -> None:
+    def set(
+        self,
+        domain: str,
+        state: DestinationState,
+        *,
+        since: float | None = None,
+        outage_since: float | None = None,
+        error: str | None = None,
+    ) -> None:
         now = self.clock.now()
         self.statuses[domain] = DestinationStatus(
-            domain=domain, state=state, since=since if since is not None else now,
+            domain=domain,
+            state=state,
+            since=since if since is not None else now,
             outage_since=outage_since if state is DestinationState.DOWN else None,
-            recovered_at=None, last_probe_at=now, last_error=error,
-            consecutive_failures=3 if state is DestinationState.DOWN else 0, target="127.0.0.1:1")
+            recovered_at=None,
+            last_probe_at=now,
+            last_error=error,
+            consecutive_failures=3 if state is DestinationState.DOWN else 0,
+            target="127.0.0.1:1",
+        )
 
     def snapshot(self) -> dict[str, DestinationStatus]:
         return dict(self.statuses)
@@ -110,10 +130,18 @@ def body_for(subject: str, size: int = 400) -> bytes:
     return head + b"x" * max(0, size - len(head) - 2) + b"\r\n"
 
 
-async def put(spool: SqliteSpool, rcpts: Sequence[str], *, sender: str = "s@sender.test",
-              subject: str = "hello", now: float | None = None, body: bytes | None = None) -> QueueId:
-    env = Envelope(sender=sender, recipients=tuple(Recipient(r) for r in rcpts), client_ip="192.0.2.1",
-                   client_helo="client.test")
+async def put(
+    spool: SqliteSpool,
+    rcpts: Sequence[str],
+    *,
+    sender: str = "s@sender.test",
+    subject: str = "hello",
+    now: float | None = None,
+    body: bytes | None = None,
+) -> QueueId:
+    env = Envelope(
+        sender=sender, recipients=tuple(Recipient(r) for r in rcpts), client_ip="192.0.2.1", client_helo="client.test"
+    )
     with BodyBuffer.from_bytes(body or body_for(subject)) as buf:
         return await spool.put(env, buf, now=now)
 
@@ -124,8 +152,12 @@ UNKNOWN_USER = Reply(550, "5.1.1", "<a@example.test>: unknown user")
 async def guard_hold(spool: SqliteSpool, queue_id: QueueId, *, now: float, reply: Reply = UNKNOWN_USER) -> None:
     """Make the message's queued recipients HELD by the recovery guard, as delivery would."""
     claims = await spool.claim_due(now=now + 1, owner="test", lease_seconds=60, limit=100)
-    updates = [RecipientUpdate(r.message_id, r.index, Deferred(reply, guard_hold=True))
-               for c in claims if c.message.id == queue_id for r in c.recipients]
+    updates = [
+        RecipientUpdate(r.message_id, r.index, Deferred(reply, guard_hold=True))
+        for c in claims
+        if c.message.id == queue_id
+        for r in c.recipients
+    ]
     await spool.release([c for c in claims if c.message.id != queue_id])
     await spool.record("test", updates, now=now + 1)
 
@@ -158,9 +190,15 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_admin(tmp_path: Path, *, clock: Clock | None = None, with_engine: bool = True,
-                        config: Config | None = None, maillog: MailLog | None = None,
-                        sample_interval: float = 60.0) -> AsyncIterator[Harness]:
+async def running_admin(
+    tmp_path: Path,
+    *,
+    clock: Clock | None = None,
+    with_engine: bool = True,
+    config: Config | None = None,
+    maillog: MailLog | None = None,
+    sample_interval: float = 60.0,
+) -> AsyncIterator[Harness]:
     clock = clock or SystemClock()
     cfg = config or admin_config(tmp_path / "data")
     spool = SqliteSpool(cfg.server.data_dir, node="test", clock=clock)
@@ -169,8 +207,9 @@ async def running_admin(tmp_path: Path, *, clock: Clock | None = None, with_engi
     engine = FakeEngine()
     smtp = FakeSmtp()
     log = maillog or MailLog(open("/dev/null", "w"))  # noqa: SIM115
-    server = AdminServer(cfg, spool, health, engine if with_engine else None, smtp, log, clock,
-                         sample_interval=sample_interval)
+    server = AdminServer(
+        cfg, spool, health, engine if with_engine else None, smtp, log, clock, sample_interval=sample_interval
+    )
     await server.start()
     http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
     anon = aiohttp.ClientSession()

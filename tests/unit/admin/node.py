@@ -28,17 +28,30 @@ from backupmx.spool.sqlite import SqliteSpool
 from tests.unit.admin.harness import TOKEN
 
 
-def node_config(tmp: Path, primaries: dict[str, str], *, delivery: dict[str, Any] | None = None,
-                hostname: str = "backup.test") -> Config:
+def node_config(
+    tmp: Path, primaries: dict[str, str], *, delivery: dict[str, Any] | None = None, hostname: str = "backup.test"
+) -> Config:
     token_file = tmp / "admin-token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     raw: dict[str, Any] = {
-        "server": {"hostname": hostname, "listen": ["127.0.0.1:0"], "data_dir": str(tmp / "data"),
-                   "min_free_disk": "1MB"},
+        "server": {
+            "hostname": hostname,
+            "listen": ["127.0.0.1:0"],
+            "data_dir": str(tmp / "data"),
+            "min_free_disk": "1MB",
+        },
         "domains": [{"name": d, "primary": [p]} for d, p in primaries.items()],
-        "delivery": {"retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", "probe_timeout": "2s",
-                     "down_after": 2, "connect_timeout": "2s", "recovery_guard": "1h", **(delivery or {})},
+        "delivery": {
+            "retry_min": "1s",
+            "retry_max": "2s",
+            "probe_interval": "1s",
+            "probe_timeout": "2s",
+            "down_after": 2,
+            "connect_timeout": "2s",
+            "recovery_guard": "1h",
+            **(delivery or {}),
+        },
         "admin": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
     }
     return config_from_dict(raw, source="node.toml")
@@ -66,8 +79,7 @@ class Node:
 
     def send(self, rcpts: Sequence[str], subject: str, sender: str = "alice@sender.test") -> str:
         """One message over SMTP (blocking; call through asyncio.to_thread); returns the queue ID."""
-        body = (f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n"
-                f"This is {subject}.\r\n")
+        body = f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\nThis is {subject}.\r\n"
         with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as c:
             c.ehlo("client.test")
             c.mail(sender)
@@ -80,9 +92,15 @@ class Node:
 
 
 @asynccontextmanager
-async def running_node(tmp: Path, primaries: dict[str, str], *, alerts: Sequence[dict[str, Any]] = (),
-                       delivery: dict[str, Any] | None = None, sample_interval: float = 60.0,
-                       hostname: str = "backup.test") -> AsyncIterator[Node]:
+async def running_node(
+    tmp: Path,
+    primaries: dict[str, str],
+    *,
+    alerts: Sequence[dict[str, Any]] = (),
+    delivery: dict[str, Any] | None = None,
+    sample_interval: float = 60.0,
+    hostname: str = "backup.test",
+) -> AsyncIterator[Node]:
     cfg = node_config(tmp, primaries, delivery=delivery, hostname=hostname)
     clock = SystemClock()
     out = io.StringIO()
@@ -99,8 +117,9 @@ async def running_node(tmp: Path, primaries: dict[str, str], *, alerts: Sequence
     if test_alerts:
         manager = AlertManager(test_alerts, config=cfg, spool=spool, health=monitor, clock=clock, maillog=maillog)
         monitor.subscribe(manager.on_health_change)
-    admin = AdminServer(cfg, spool, monitor, engine, smtp, maillog, clock, alerts=manager,
-                        sample_interval=sample_interval)
+    admin = AdminServer(
+        cfg, spool, monitor, engine, smtp, maillog, clock, alerts=manager, sample_interval=sample_interval
+    )
     await monitor.open()
     tasks = [asyncio.create_task(monitor.run()), asyncio.create_task(engine.run())]
     await smtp.start()

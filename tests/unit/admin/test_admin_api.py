@@ -30,8 +30,12 @@ async def test_without_or_with_a_wrong_token_the_api_answers_401(tmp_path: Path)
             async with h.anon.get(h.url + path, headers={"Authorization": f"Basic {TOKEN}"}) as r:
                 assert r.status == 401
         qid = await put(h.spool, ["a@example.test"])
-        for method, path in (("POST", "/api/queue/flush"), ("POST", f"/api/queue/{qid}/hold"),
-                             ("DELETE", f"/api/queue/{qid}"), ("PUT", "/api/domains/example.test/reroute")):
+        for method, path in (
+            ("POST", "/api/queue/flush"),
+            ("POST", f"/api/queue/{qid}/hold"),
+            ("DELETE", f"/api/queue/{qid}"),
+            ("PUT", "/api/domains/example.test/reroute"),
+        ):
             async with h.anon.request(method, h.url + path, json={"hosts": ["127.0.0.1:9"]}) as r:
                 assert r.status == 401, path
         # nothing changed
@@ -58,9 +62,16 @@ async def test_openapi_describes_every_route(tmp_path: Path) -> None:
         assert r.status == 200
         spec = await r.json()
     assert spec["openapi"].startswith("3.")
-    assert set(spec["paths"]) >= {"/healthz", "/api/status", "/api/domains", "/api/domains/{domain}",
-                                  "/api/queue", "/api/queue/{id}", "/api/queue/{id}/body",
-                                  "/api/domains/{domain}/reroute"}
+    assert set(spec["paths"]) >= {
+        "/healthz",
+        "/api/status",
+        "/api/domains",
+        "/api/domains/{domain}",
+        "/api/queue",
+        "/api/queue/{id}",
+        "/api/queue/{id}/body",
+        "/api/domains/{domain}/reroute",
+    }
     assert set(spec["paths"]["/api/domains/{domain}/reroute"]) == {"put", "delete"}
     # every $ref resolves
     text = json.dumps(spec)
@@ -72,8 +83,9 @@ async def test_openapi_describes_every_route(tmp_path: Path) -> None:
 async def test_domain_status_shows_state_outage_held_and_oldest(tmp_path: Path) -> None:
     async with running_admin(tmp_path) as h:
         now = time.time()
-        h.health.set("example.test", DestinationState.DOWN, since=now - 600, outage_since=now - 600,
-                     error="connect refused")
+        h.health.set(
+            "example.test", DestinationState.DOWN, since=now - 600, outage_since=now - 600, error="connect refused"
+        )
         h.health.set("other.test", DestinationState.UP, since=now - 3600)
         await put(h.spool, ["a@example.test", "b@example.test"], now=now - 300)
         await put(h.spool, ["c@example.test"], now=now - 100)
@@ -153,9 +165,18 @@ async def test_hold_release_delete_flush_change_the_spool_like_the_cli(tmp_path:
         from backupmx.model import Deferred
         from backupmx.reply import Reply
         from backupmx.spool import RecipientUpdate
-        await h.spool.record("t", [RecipientUpdate(r.message_id, r.index, Deferred(Reply(451, "4.3.0", "later")),
-                                                   next_attempt_at=time.time() + 3600)
-                                   for c in claims for r in c.recipients], now=time.time())
+
+        await h.spool.record(
+            "t",
+            [
+                RecipientUpdate(
+                    r.message_id, r.index, Deferred(Reply(451, "4.3.0", "later")), next_attempt_at=time.time() + 3600
+                )
+                for c in claims
+                for r in c.recipients
+            ],
+            now=time.time(),
+        )
         assert (await h.call("POST", "/api/domains/example.test/flush")) == {"flushed": 2}
         m = await h.spool.get(qid)
         assert m is not None and all(r.next_attempt_at <= time.time() for r in m.recipients)
@@ -200,13 +221,29 @@ async def test_reroute_sets_the_engine_flushes_and_undoes(tmp_path: Path) -> Non
         from backupmx.model import Deferred
         from backupmx.reply import Reply
         from backupmx.spool import RecipientUpdate
-        await h.spool.record("t", [RecipientUpdate(r.message_id, r.index, Deferred(Reply(421, "4.4.2", "down")),
-                                                   next_attempt_at=time.time() + 3600)
-                                   for c in claims for r in c.recipients], now=time.time())
-        doc = await h.call("PUT", "/api/domains/example.test/reroute",
-                           json={"hosts": ["127.0.0.1:2600", "[::1]:2601"], "release_held": True})
-        assert doc == {"domain": "example.test", "reroute": ["127.0.0.1:2600", "[::1]:2601"], "flushed": 1,
-                       "released": 1}
+
+        await h.spool.record(
+            "t",
+            [
+                RecipientUpdate(
+                    r.message_id, r.index, Deferred(Reply(421, "4.4.2", "down")), next_attempt_at=time.time() + 3600
+                )
+                for c in claims
+                for r in c.recipients
+            ],
+            now=time.time(),
+        )
+        doc = await h.call(
+            "PUT",
+            "/api/domains/example.test/reroute",
+            json={"hosts": ["127.0.0.1:2600", "[::1]:2601"], "release_held": True},
+        )
+        assert doc == {
+            "domain": "example.test",
+            "reroute": ["127.0.0.1:2600", "[::1]:2601"],
+            "flushed": 1,
+            "released": 1,
+        }
         assert h.engine.reroutes == {"example.test": [("127.0.0.1", 2600), ("::1", 2601)]}
         assert "example.test" in h.engine.wakes
         for q in (qid, later):
@@ -230,8 +267,9 @@ async def test_reroute_refuses_bad_hosts_and_our_own_listener(tmp_path: Path) ->
             async with h.http.put(h.url + "/api/domains/example.test/reroute", json={"hosts": hosts}) as r:
                 assert r.status == 400, hosts
                 assert (await r.json())["error"].startswith("hosts:")
-        async with h.http.put(h.url + "/api/domains/example.test/reroute", data=b"not json",
-                              headers={"Content-Type": "application/json"}) as r:
+        async with h.http.put(
+            h.url + "/api/domains/example.test/reroute", data=b"not json", headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 400
         assert h.engine.reroutes == {}
 
@@ -281,9 +319,13 @@ async def test_without_a_token_file_a_token_is_generated_on_loopback(tmp_path: P
     from backupmx.config import config_from_dict
 
     data = tmp_path / "data"
-    cfg = config_from_dict({"server": {"data_dir": str(data), "listen": ["127.0.0.1:2525"]},
-                            "domains": [{"name": "example.test", "primary": ["127.0.0.1:1"]}],
-                            "admin": {"listen": "127.0.0.1:0"}})
+    cfg = config_from_dict(
+        {
+            "server": {"data_dir": str(data), "listen": ["127.0.0.1:2525"]},
+            "domains": [{"name": "example.test", "primary": ["127.0.0.1:1"]}],
+            "admin": {"listen": "127.0.0.1:0"},
+        }
+    )
     async with running_admin(tmp_path, config=cfg) as h:
         token_file = data / "admin.token"
         token = token_file.read_text().strip()

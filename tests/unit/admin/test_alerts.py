@@ -74,24 +74,44 @@ class FakeStats:
 
 
 def webhook(url: str, **kw: Any) -> AlertConfig:
-    return AlertConfig.model_validate({"kind": "webhook", "url": url, "interval": "1s", "retry_min": "1s",
-                                       "free_disk_below": "1KB", **kw})
+    return AlertConfig.model_validate(
+        {"kind": "webhook", "url": url, "interval": "1s", "retry_min": "1s", "free_disk_below": "1KB", **kw}
+    )
 
 
-def manager(cfg: Config, alerts: list[AlertConfig], clock: Any, health: FakeHealth, stats: FakeStats | None = None,
-            maillog: MailLog | None = None) -> AlertManager:
+def manager(
+    cfg: Config,
+    alerts: list[AlertConfig],
+    clock: Any,
+    health: FakeHealth,
+    stats: FakeStats | None = None,
+    maillog: MailLog | None = None,
+) -> AlertManager:
     return AlertManager(alerts, config=cfg, spool=stats or FakeStats(), health=health, clock=clock, maillog=maillog)
 
 
 def test_alert_config_is_validated_with_named_errors() -> None:
     assert AlertConfig.model_validate({"kind": "webhook", "url": "https://hooks.example/x"}).on == tuple(Condition)
-    a = AlertConfig.model_validate({"kind": "email", "smarthost": "smtp.example.net:587", "mail_from": "mx@ex.net",
-                                    "to": ["ops@ex.net"], "on": "primary_down", "held_above": 10})
+    a = AlertConfig.model_validate(
+        {
+            "kind": "email",
+            "smarthost": "smtp.example.net:587",
+            "mail_from": "mx@ex.net",
+            "to": ["ops@ex.net"],
+            "on": "primary_down",
+            "held_above": 10,
+        }
+    )
     assert a.on == (Condition.PRIMARY_DOWN,) and a.held_above == 10
-    for bad in ({"kind": "webhook"}, {"kind": "webhook", "url": "ftp://x"}, {"kind": "email", "smarthost": "x:25"},
-                {"kind": "sms", "url": "http://x"}, {"kind": "webhook", "url": "http://x", "colour": "red"},
-                {"kind": "webhook", "url": "http://x", "on": ["primary_sad"]},
-                {"kind": "webhook", "url": "http://x", "interval": "0s"}):
+    for bad in (
+        {"kind": "webhook"},
+        {"kind": "webhook", "url": "ftp://x"},
+        {"kind": "email", "smarthost": "x:25"},
+        {"kind": "sms", "url": "http://x"},
+        {"kind": "webhook", "url": "http://x", "colour": "red"},
+        {"kind": "webhook", "url": "http://x", "on": ["primary_sad"]},
+        {"kind": "webhook", "url": "http://x", "interval": "0s"},
+    ):
         with pytest.raises(ValidationError):
             AlertConfig.model_validate(bad)
 
@@ -132,7 +152,9 @@ async def test_one_outage_gives_exactly_one_down_and_one_back_over_http(tmp_path
         finally:
             await mgr.stop()
     assert [(p["alert"], p["status"], p["domain"]) for p in rec.posts] == [
-        ("primary_down", "firing", "example.test"), ("primary_down", "resolved", "example.test")]
+        ("primary_down", "firing", "example.test"),
+        ("primary_down", "resolved", "example.test"),
+    ]
     down, back = rec.posts
     assert "connection refused" in down["summary"] and down["node"] == "backup.test"
     assert back["summary"].startswith("primary of example.test is back after")
@@ -155,8 +177,10 @@ async def test_a_quick_down_and_up_between_evaluations_is_still_told(tmp_path: P
     clock.advance(5)
     mgr.on_health_change("example.test", DestinationState.DOWN, DestinationState.RECOVERING)
     notices = [n for _, n in await mgr.evaluate()]
-    assert [(n.condition, n.firing) for n in notices] == [(Condition.PRIMARY_DOWN, True),
-                                                          (Condition.PRIMARY_DOWN, False)]
+    assert [(n.condition, n.firing) for n in notices] == [
+        (Condition.PRIMARY_DOWN, True),
+        (Condition.PRIMARY_DOWN, False),
+    ]
     assert await mgr.evaluate() == []
 
 
@@ -185,8 +209,13 @@ async def test_level_and_age_thresholds_fire_once_and_recover_once(tmp_path: Pat
     stats = FakeStats()
     for d in ("example.test", "other.test"):
         health.set(d, DestinationState.UP)
-    a = webhook("http://127.0.0.1:9/", held_above=100, oldest_older_than="1h", outage_longer_than="30m",
-                on=["held_mail", "oldest_message", "outage_long"])
+    a = webhook(
+        "http://127.0.0.1:9/",
+        held_above=100,
+        oldest_older_than="1h",
+        outage_longer_than="30m",
+        on=["held_mail", "oldest_message", "outage_long"],
+    )
     mgr = manager(admin_config(tmp_path / "d"), [a], clock, health, stats)
     stats.set("example.test", queued=90, held=5, oldest=clock.now())
     assert await mgr.evaluate() == []
@@ -220,12 +249,23 @@ async def test_mail_set_aside_fires_while_poison_or_guard_holds_exist(tmp_path: 
     for d in ("example.test", "other.test"):
         health.set(d, DestinationState.UP)
     mgr = manager(admin_config(tmp_path / "d"), [webhook("http://127.0.0.1:9/")], clock, health, stats)
-    stats.domains["example.test"] = DomainStats("example.test", {"held": 1}, 1, clock.now(),
-                                                held_by_reason={"operator": 1}, held_since={"operator": clock.now()})
+    stats.domains["example.test"] = DomainStats(
+        "example.test",
+        {"held": 1},
+        1,
+        clock.now(),
+        held_by_reason={"operator": 1},
+        held_since={"operator": clock.now()},
+    )
     assert [n for _, n in await mgr.evaluate() if n.condition is Condition.MAIL_SET_ASIDE] == []
     stats.domains["example.test"] = DomainStats(
-        "example.test", {"held": 3}, 2, clock.now() - 7200, held_by_reason={"operator": 1, "poison": 2},
-        held_since={"operator": clock.now(), "poison": clock.now() - 7200})
+        "example.test",
+        {"held": 3},
+        2,
+        clock.now() - 7200,
+        held_by_reason={"operator": 1, "poison": 2},
+        held_since={"operator": clock.now(), "poison": clock.now() - 7200},
+    )
     got = [n for _, n in await mgr.evaluate() if n.condition is Condition.MAIL_SET_ASIDE]
     assert [(n.scope, n.firing) for n in got] == [("example.test", True)]
     assert "2 recipients of example.test are set aside (poison: 2), the longest for 2h" in got[0].summary
@@ -238,8 +278,12 @@ async def test_mail_set_aside_fires_while_poison_or_guard_holds_exist(tmp_path: 
 async def test_free_disk_below_threshold(tmp_path: Path) -> None:
     clock = FakeClock(time.time())
     health = FakeHealth(clock)
-    mgr = manager(admin_config(tmp_path / "d"), [webhook("http://127.0.0.1:9/", free_disk_below=10**18,
-                                                          on=["free_disk"])], clock, health)
+    mgr = manager(
+        admin_config(tmp_path / "d"),
+        [webhook("http://127.0.0.1:9/", free_disk_below=10**18, on=["free_disk"])],
+        clock,
+        health,
+    )
     notices = [n for _, n in await mgr.evaluate()]
     assert [(n.condition, n.scope, n.firing) for n in notices] == [(Condition.FREE_DISK, "", True)]
     assert "free disk on backup.test is" in notices[0].summary
@@ -251,8 +295,13 @@ async def test_delivery_failing_while_the_primary_answers(tmp_path: Path) -> Non
     health = FakeHealth(clock)
     health.set("example.test", DestinationState.UP)
     maillog = MailLog(open("/dev/null", "w"))  # noqa: SIM115
-    mgr = manager(admin_config(tmp_path / "d"), [webhook("http://127.0.0.1:9/", delivery_failures=3,
-                                                          on=["delivery_failing"])], clock, health, maillog=maillog)
+    mgr = manager(
+        admin_config(tmp_path / "d"),
+        [webhook("http://127.0.0.1:9/", delivery_failures=3, on=["delivery_failing"])],
+        clock,
+        health,
+        maillog=maillog,
+    )
     for _ in range(5):  # the primary unreachable: the outage's business, not this alert's
         maillog.event("deferred", "Q1", to="<a@example.test>", dsn="4.4.1", reply="451 4.4.1 connect refused")
     assert await mgr.evaluate() == []
@@ -276,13 +325,20 @@ async def test_delivery_failing_counts_user_mail_only(tmp_path: Path) -> None:
     health = FakeHealth(clock)
     health.set("example.test", DestinationState.UP)
     maillog = MailLog(open("/dev/null", "w"))  # noqa: SIM115
-    mgr = manager(admin_config(tmp_path / "d"), [webhook("http://127.0.0.1:9/", delivery_failures=3,
-                                                          on=["delivery_failing"])], clock, health, maillog=maillog)
+    mgr = manager(
+        admin_config(tmp_path / "d"),
+        [webhook("http://127.0.0.1:9/", delivery_failures=3, on=["delivery_failing"])],
+        clock,
+        health,
+        maillog=maillog,
+    )
     for _ in range(5):
-        maillog.event("bounced", "Q1", to="<canary@example.test>", dsn="5.1.1", reply="550 5.1.1 unknown",
-                      kind="canary")
-        maillog.event("deferred", "Q2", to="<bob@example.test>", dsn="4.2.2", reply="452 4.2.2 mailbox full",
-                      kind="dsn")
+        maillog.event(
+            "bounced", "Q1", to="<canary@example.test>", dsn="5.1.1", reply="550 5.1.1 unknown", kind="canary"
+        )
+        maillog.event(
+            "deferred", "Q2", to="<bob@example.test>", dsn="4.2.2", reply="452 4.2.2 mailbox full", kind="dsn"
+        )
     assert await mgr.evaluate() == []
     assert mgr.failures.recent("example.test", 3600) == []
 
@@ -300,8 +356,12 @@ async def test_webhook_retries_with_backoff_then_gives_up(tmp_path: Path) -> Non
         assert clock.now() - start == pytest.approx(1 + 2)  # retry_min 1s, doubled
     async with receiver(fail_first=100) as rec:
         health.set("other.test", DestinationState.DOWN, outage_since=clock.now())
-        mgr = manager(admin_config(tmp_path / "e"), [webhook(rec.url, on=["primary_down"], attempts=4,
-                                                               retry_max="2s")], clock, health)
+        mgr = manager(
+            admin_config(tmp_path / "e"),
+            [webhook(rec.url, on=["primary_down"], attempts=4, retry_max="2s")],
+            clock,
+            health,
+        )
         start = clock.now()
         await mgr.evaluate()  # two domains down: two notices
         await mgr.drain()
@@ -319,8 +379,10 @@ class FakeCanary:
         return dict(self.reasons)
 
 
-REFUSED = ("backup path broken for example.test: the canary was bounced: "
-           "550 5.1.1 <canary@example.test>: Recipient address rejected: User unknown")
+REFUSED = (
+    "backup path broken for example.test: the canary was bounced: "
+    "550 5.1.1 <canary@example.test>: Recipient address rejected: User unknown"
+)
 
 
 async def test_a_canary_refused_then_fixed_gives_one_broken_and_one_recovery_over_http(tmp_path: Path) -> None:
@@ -330,8 +392,14 @@ async def test_a_canary_refused_then_fixed_gives_one_broken_and_one_recovery_ove
     health.set("other.test", DestinationState.UP)
     canary = FakeCanary()
     async with receiver() as rec:
-        mgr = AlertManager([webhook(rec.url)], config=admin_config(tmp_path / "d"), spool=FakeStats(), health=health,
-                           clock=clock, canary=canary)
+        mgr = AlertManager(
+            [webhook(rec.url)],
+            config=admin_config(tmp_path / "d"),
+            spool=FakeStats(),
+            health=health,
+            clock=clock,
+            canary=canary,
+        )
         await mgr.start()
         try:
             await asyncio.sleep(1.5)  # a working path: nothing to say
@@ -346,7 +414,9 @@ async def test_a_canary_refused_then_fixed_gives_one_broken_and_one_recovery_ove
         finally:
             await mgr.stop()
     assert [(p["alert"], p["status"], p["domain"]) for p in rec.posts] == [
-        ("backup_path_broken", "firing", "example.test"), ("backup_path_broken", "resolved", "example.test")]
+        ("backup_path_broken", "firing", "example.test"),
+        ("backup_path_broken", "resolved", "example.test"),
+    ]
     broken, fixed = rec.posts
     assert broken["summary"] == REFUSED and broken["details"]["reason"] == REFUSED
     assert fixed["summary"].startswith("backup path for example.test works again: a canary was delivered after ")
@@ -377,8 +447,14 @@ async def test_backup_path_broken_is_on_by_default_kept_across_a_restart_and_nee
     assert [(n.condition, n.firing) for n in notices] == [(Condition.BACKUP_PATH_BROKEN, False)]
     assert notices[0].summary == "backup path for example.test works again: a canary was delivered after 1m broken"
     # only the destinations that asked for it hear it
-    only_down = AlertManager([webhook("http://127.0.0.1:9/", on=["primary_down"])], config=admin_config(tmp_path / "e"),
-                             spool=FakeStats(), health=health, clock=clock, canary=canary)
+    only_down = AlertManager(
+        [webhook("http://127.0.0.1:9/", on=["primary_down"])],
+        config=admin_config(tmp_path / "e"),
+        spool=FakeStats(),
+        health=health,
+        clock=clock,
+        canary=canary,
+    )
     canary.reasons["example.test"] = REFUSED
     assert await only_down.evaluate() == []
 
@@ -403,8 +479,15 @@ async def test_email_alert_goes_through_the_smarthost(tmp_path: Path) -> None:
         clock = FakeClock(time.time())
         health = FakeHealth(clock)
         health.set("example.test", DestinationState.DOWN, outage_since=clock.now(), error="connect refused")
-        a = AlertConfig.model_validate({"kind": "email", "smarthost": f"127.0.0.1:{port}", "mail_from": "mx@ops.test",
-                                        "to": ["ops@ops.test", "pager@ops.test"], "on": ["primary_down"]})
+        a = AlertConfig.model_validate(
+            {
+                "kind": "email",
+                "smarthost": f"127.0.0.1:{port}",
+                "mail_from": "mx@ops.test",
+                "to": ["ops@ops.test", "pager@ops.test"],
+                "on": ["primary_down"],
+            }
+        )
         mgr = manager(admin_config(tmp_path / "d"), [a], clock, health)
         await mgr.evaluate()
         await mgr.drain()
@@ -415,7 +498,8 @@ async def test_email_alert_goes_through_the_smarthost(tmp_path: Path) -> None:
     assert sender == "mx@ops.test" and rcpts == ["ops@ops.test", "pager@ops.test"]
     msg = email.message_from_bytes(content, policy=email.policy.default)
     assert msg["Subject"].startswith(
-        "[backupmx backup.test] PROBLEM: primary of example.test is down (connect refused)")
+        "[backupmx backup.test] PROBLEM: primary of example.test is down (connect refused)"
+    )
     assert msg["Auto-Submitted"] == "auto-generated"
     assert "state: down" in msg.get_content()
 
@@ -426,6 +510,13 @@ def test_the_notice_json_shape() -> None:
     notice = Notice(Condition.HELD_MAIL, "example.test", True, "too much", 1_700_000_000.0, {"recipients": 5})
     doc = notice.to_json("n1")
     assert json.loads(json.dumps(doc)) == {
-        "source": "backupmx", "node": "n1", "alert": "held_mail", "status": "firing", "domain": "example.test",
-        "summary": "too much", "text": "[backupmx n1] too much", "at": "2023-11-14T22:13:20+00:00",
-        "details": {"recipients": 5}}
+        "source": "backupmx",
+        "node": "n1",
+        "alert": "held_mail",
+        "status": "firing",
+        "domain": "example.test",
+        "summary": "too much",
+        "text": "[backupmx n1] too much",
+        "at": "2023-11-14T22:13:20+00:00",
+        "details": {"recipients": 5},
+    }

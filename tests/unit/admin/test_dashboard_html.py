@@ -29,16 +29,25 @@ async def test_pages_render_escape_and_carry_csrf_tokens(tmp_path: Path) -> None
         qid = await put(h.spool, ["a@example.test"], body=body)
         s = await logged_in(h)
         try:
-            for path in ("/", "/queue", "/queue?domain=example.test&state=queued", "/domains/example.test",
-                         f"/queue/{qid}", "/review"):
+            for path in (
+                "/",
+                "/queue",
+                "/queue?domain=example.test&state=queued",
+                "/domains/example.test",
+                f"/queue/{qid}",
+                "/review",
+            ):
                 async with s.get(h.url + path) as r:
                     assert r.status == 200, path
                     html = await r.text()
                     assert "Content-Security-Policy" in r.headers
                 assert "<script>alert(1)" not in html
                 forms = re.findall(r"<form method=\"post\".*?</form>", html, re.S)
-                assert all('name="csrf" value="' in f and 'value=""' not in f.split('name="csrf"')[1][:12]
-                           for f in forms if "/login" not in f), path
+                assert all(
+                    'name="csrf" value="' in f and 'value=""' not in f.split('name="csrf"')[1][:12]
+                    for f in forms
+                    if "/login" not in f
+                ), path
                 assert "Outage declared: example.test" in html, path
             async with s.get(h.url + f"/queue/{qid}") as r:
                 assert "&lt;script&gt;alert(1)&lt;/script&gt;" in await r.text()
@@ -70,8 +79,12 @@ async def test_a_form_post_from_another_origin_is_refused(tmp_path: Path) -> Non
                 csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', await r.text())
             assert csrf is not None
             form = {"csrf": csrf.group(1), "back": "/queue"}
-            async with s.post(h.url + f"/ui/queue/{qid}/hold", data=form,
-                              headers={"Origin": "http://evil.example"}, allow_redirects=False) as r:
+            async with s.post(
+                h.url + f"/ui/queue/{qid}/hold",
+                data=form,
+                headers={"Origin": "http://evil.example"},
+                allow_redirects=False,
+            ) as r:
                 assert r.status == 403
             async with s.post(h.url + f"/ui/queue/{qid}/hold", data=form, allow_redirects=False) as r:
                 assert r.status == 303 and r.headers["Location"].startswith("/queue?done=held")
@@ -85,8 +98,10 @@ async def test_a_form_post_from_another_origin_is_refused(tmp_path: Path) -> Non
             old = next(c.value for c in s.cookie_jar if c.key == "backupmx_session")
             async with s.post(h.url + "/logout", data={"csrf": csrf.group(1)}, allow_redirects=False) as r:
                 assert r.status == 303
-            async with aiohttp.ClientSession() as replay, replay.get(
-                    h.url + "/api/status", headers={"Cookie": f"backupmx_session={old}"}) as r:
+            async with (
+                aiohttp.ClientSession() as replay,
+                replay.get(h.url + "/api/status", headers={"Cookie": f"backupmx_session={old}"}) as r,
+            ):
                 assert r.status == 401  # the logged-out cookie is refused even if someone kept it
         finally:
             await s.close()

@@ -10,32 +10,38 @@ from backupmx.model import MessageKind
 KNOWN = frozenset({"example.test", "other.test"})
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"reply": "554 5.7.1 Relay access denied"}, ReasonClass.POLICY),
-    ({"reply": "550 5.1.1 <a@x>: unknown user"}, ReasonClass.ADDRESS),
-    ({"dsn": "4.4.1", "reply": "451 4.4.1 connect refused"}, ReasonClass.NETWORK),
-    ({"reply": "452 4.3.1 Insufficient system storage"}, ReasonClass.SYSTEM),
-    ({"reply": "552 5.2.2 mailbox full"}, ReasonClass.MAILBOX),
-    ({"reply": "554 5.6.7 SMTPUTF8 required"}, ReasonClass.CONTENT),
-    ({"reply": "500 5.5.2 line too long"}, ReasonClass.PROTOCOL),
-    ({"reply": "250 2.0.0 Ok"}, ReasonClass.OK),
-    ({"reply": "421 too busy"}, ReasonClass.OTHER),
-    ({"reason": "recovery-guard"}, ReasonClass.OTHER),  # text that is not a reply is not misread
-    ({"status": "5.7.1"}, ReasonClass.POLICY),
-    ({"status": "5.7"}, ReasonClass.OTHER),  # not a status code: two parts
-    ({"status": "3.1.1"}, ReasonClass.OTHER),  # no such class
-    ({"status": "5..1"}, ReasonClass.OTHER),
-    ({"status": "5.1.1x"}, ReasonClass.OTHER),
-    ({"reply": "250 5.x ok"}, ReasonClass.OK),  # a 2xx reply without a valid status code
-    ({}, ReasonClass.OTHER),
-])
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"reply": "554 5.7.1 Relay access denied"}, ReasonClass.POLICY),
+        ({"reply": "550 5.1.1 <a@x>: unknown user"}, ReasonClass.ADDRESS),
+        ({"dsn": "4.4.1", "reply": "451 4.4.1 connect refused"}, ReasonClass.NETWORK),
+        ({"reply": "452 4.3.1 Insufficient system storage"}, ReasonClass.SYSTEM),
+        ({"reply": "552 5.2.2 mailbox full"}, ReasonClass.MAILBOX),
+        ({"reply": "554 5.6.7 SMTPUTF8 required"}, ReasonClass.CONTENT),
+        ({"reply": "500 5.5.2 line too long"}, ReasonClass.PROTOCOL),
+        ({"reply": "250 2.0.0 Ok"}, ReasonClass.OK),
+        ({"reply": "421 too busy"}, ReasonClass.OTHER),
+        ({"reason": "recovery-guard"}, ReasonClass.OTHER),  # text that is not a reply is not misread
+        ({"status": "5.7.1"}, ReasonClass.POLICY),
+        ({"status": "5.7"}, ReasonClass.OTHER),  # not a status code: two parts
+        ({"status": "3.1.1"}, ReasonClass.OTHER),  # no such class
+        ({"status": "5..1"}, ReasonClass.OTHER),
+        ({"status": "5.1.1x"}, ReasonClass.OTHER),
+        ({"reply": "250 5.x ok"}, ReasonClass.OK),  # a 2xx reply without a valid status code
+        ({}, ReasonClass.OTHER),
+    ],
+)
 def test_reason_class(fields: dict[str, object], expected: ReasonClass) -> None:
     assert reason_class(fields) is expected
 
 
 def test_event_domains_label_only_protected_domains() -> None:
     assert event_domains({"to": "<a@example.test>,<b@Other.Test>,<c@evil.test>"}, KNOWN) == [
-        "example.test", "other.test", "other"]
+        "example.test",
+        "other.test",
+        "other",
+    ]
     assert event_domains({"recipient": "<x@example.test.>"}, KNOWN) == ["example.test"]
     assert event_domains({"domain": "OTHER.test"}, KNOWN) == ["other.test"]
     assert event_domains({"to": ["a@example.test"]}, KNOWN) == ["example.test"]
@@ -88,5 +94,7 @@ def test_our_own_mail_never_counts_as_user_mail() -> None:
     }
     t.listener("bounced", {"to": "<a@example.test>", "reply": "550 5.1.1 unknown", "kind": "user"})
     t.listener("delivered", {"to": "<a@example.test>", "reply": "250 2.0.0 Ok"})
-    assert t.counts() == {(MailEvent.BOUNCED, "example.test", ReasonClass.ADDRESS): 1,
-                          (MailEvent.DELIVERED, "example.test", ReasonClass.OK): 1}
+    assert t.counts() == {
+        (MailEvent.BOUNCED, "example.test", ReasonClass.ADDRESS): 1,
+        (MailEvent.DELIVERED, "example.test", ReasonClass.OK): 1,
+    }

@@ -77,8 +77,10 @@ async def test_metrics_match_the_spool_and_the_monitor(tmp_path: Path) -> None:
     assert v("backupmx_mail_events_total", event="deferred", domain="other.test", reason="network") == 1
     assert v("backupmx_mail_events_total", event="delivered", domain="other.test", reason="ok") == 1
     assert v("backupmx_mail_events_total", event="bounced", domain="other.test", reason="address") == 1
-    assert ("backupmx_mail_events_total", (("domain", "example.test"), ("event", "delivered"), ("reason", "ok"))) \
-        not in s  # the canary is no user mail
+    assert (
+        "backupmx_mail_events_total",
+        (("domain", "example.test"), ("event", "delivered"), ("reason", "ok")),
+    ) not in s  # the canary is no user mail
     assert v("backupmx_own_mail_events_total", kind="canary", event="accepted", reason="ok") == 1
     assert v("backupmx_own_mail_events_total", kind="canary", event="delivered", reason="ok") == 1
     assert v("backupmx_own_mail_events_total", kind="dsn", event="bounced", reason="policy") == 1

@@ -52,9 +52,24 @@ class Pki:
         self.root = root
         self.ca = root / "ca.pem"
         self._ca_key = root / "ca.key"
-        _openssl("req", "-x509", *_EC, "-nodes", "-keyout", self._ca_key, "-out", self.ca, "-days", "30",
-                 "-subj", "/O=backupmx lab/CN=backupmx lab CA",
-                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        _openssl(
+            "req",
+            "-x509",
+            *_EC,
+            "-nodes",
+            "-keyout",
+            self._ca_key,
+            "-out",
+            self.ca,
+            "-days",
+            "30",
+            "-subj",
+            "/O=backupmx lab/CN=backupmx lab CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
         self._issued: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     def leaf(self, name: str, kind: str = "ca") -> tuple[Path, Path]:
@@ -63,15 +78,46 @@ class Pki:
             return self._issued[(name, kind)]
         cert, key = self.root / f"{name}.{kind}.pem", self.root / f"{name}.{kind}.key"
         if kind == "self-signed":
-            _openssl("req", "-x509", *_EC, "-nodes", "-keyout", key, "-out", cert, "-days", "30",
-                     "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}")
+            _openssl(
+                "req",
+                "-x509",
+                *_EC,
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+                "-days",
+                "30",
+                "-subj",
+                f"/CN={name}",
+                "-addext",
+                f"subjectAltName=DNS:{name}",
+            )
         else:
             csr, ext = self.root / f"{name}.csr", self.root / f"{name}.ext"
-            ext.write_text(f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"
-                           "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+            ext.write_text(
+                f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+            )
             _openssl("req", "-new", *_EC, "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
-            _openssl("x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self._ca_key, "-CAcreateserial",
-                     "-days", "30", "-out", cert, "-extfile", ext)
+            _openssl(
+                "x509",
+                "-req",
+                "-in",
+                csr,
+                "-CA",
+                self.ca,
+                "-CAkey",
+                self._ca_key,
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-out",
+                cert,
+                "-extfile",
+                ext,
+            )
         self._issued[(name, kind)] = (cert, key)
         return cert, key
 
@@ -85,8 +131,11 @@ class Pki:
     def tlsa(self, name: str | None, usage: int = 3, selector: int = 1, mtype: int = 1) -> str:
         """TLSA rdata for the CA-signed certificate of `name` (None: the lab CA), e.g. "3 1 1 ab12..."."""
         cert = x509.load_pem_x509_certificate((self.leaf(name)[0] if name else self.ca).read_bytes())
-        der = (cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) if selector == 1
-               else cert.public_bytes(Encoding.DER))
+        der = (
+            cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            if selector == 1
+            else cert.public_bytes(Encoding.DER)
+        )
         data = hashlib.sha256(der).digest() if mtype == 1 else hashlib.sha512(der).digest() if mtype == 2 else der
         return f"{usage} {selector} {mtype} {data.hex()}"
 
@@ -268,9 +317,17 @@ class Lab:
         self._controllers: list[Controller] = []
         self._policy_servers: list[PolicyServer] = []
 
-    def mx(self, name: str, address: str, *, domains: set[str] | frozenset[str], tls: str | None = "ca",
-           users: frozenset[str] | None = KNOWN_USERS, open_relay: bool = False,
-           cert_name: str | None = None) -> LabHandler:
+    def mx(
+        self,
+        name: str,
+        address: str,
+        *,
+        domains: set[str] | frozenset[str],
+        tls: str | None = "ca",
+        users: frozenset[str] | None = KNOWN_USERS,
+        open_relay: bool = False,
+        cert_name: str | None = None,
+    ) -> LabHandler:
         handler = LabHandler(name, frozenset(domains), users, open_relay)
         self.mxs.append(LabMx(name, address, handler, tls, cert_name))
         return handler
@@ -310,10 +367,18 @@ class Lab:
                         cert = self.pki.fullchain(m.cert_name or m.name)
                     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                     ctx.load_cert_chain(cert, key)
-                controller = Controller(m.handler, hostname=m.address, port=self.port, server_hostname=m.name,
-                                        tls_context=ctx, require_starttls=False, ready_timeout=5.0,
-                                        # what a backupmx node offers, so node.ehlo has nothing to say
-                                        enable_SMTPUTF8=True, data_size_limit=100_000_000)
+                controller = Controller(
+                    m.handler,
+                    hostname=m.address,
+                    port=self.port,
+                    server_hostname=m.name,
+                    tls_context=ctx,
+                    require_starttls=False,
+                    ready_timeout=5.0,
+                    # what a backupmx node offers, so node.ehlo has nothing to say
+                    enable_SMTPUTF8=True,
+                    data_size_limit=100_000_000,
+                )
                 controller.start()
                 self._controllers.append(controller)
         except BaseException:
@@ -337,18 +402,36 @@ class Lab:
         assert len(ports) == 1, "one policy port per lab"
         return ports.pop()
 
-    async def check(self, domain: str, *, config: Config | None = None, timeout: float = 3.0,
-                    **kw: Any) -> CheckReport:
+    async def check(self, domain: str, *, config: Config | None = None, timeout: float = 3.0, **kw: Any) -> CheckReport:
         kw.setdefault("asn_db", str(self.asn_db) if self.asn_db else None)
         kw.setdefault("sts_port", self.sts_port)
-        return await run_check(domain, nameserver=self.dns.nameserver, config=config, smtp_port=self.port,
-                               timeout=timeout, cafile=str(self.pki.ca), helo=LAB_HELO, **kw)
+        return await run_check(
+            domain,
+            nameserver=self.dns.nameserver,
+            config=config,
+            smtp_port=self.port,
+            timeout=timeout,
+            cafile=str(self.pki.ca),
+            helo=LAB_HELO,
+            **kw,
+        )
 
     def cli_args(self, domain: str) -> list[str]:
         asn = ["--asn-db", str(self.asn_db)] if self.asn_db else []
         asn += ["--sts-port", str(self.sts_port)] if self.sts_port != 443 else []
-        return ["check", domain, "--nameserver", self.dns.nameserver, "--port", str(self.port),
-                "--timeout", "3", "--cafile", str(self.pki.ca), *asn]
+        return [
+            "check",
+            domain,
+            "--nameserver",
+            self.dns.nameserver,
+            "--port",
+            str(self.port),
+            "--timeout",
+            "3",
+            "--cafile",
+            str(self.pki.ca),
+            *asn,
+        ]
 
     def assert_clean_sessions(self) -> None:
         """No DATA anywhere; every session that issued a command ended with RSET then QUIT."""
@@ -367,8 +450,9 @@ def problems(report: CheckReport) -> set[tuple[str, Level, str]]:
 TLSRPT = "v=TLSRPTv1; rua=mailto:tlsrpt@reports.lab.test"
 
 
-def zone(mx: list[str], hosts: dict[str, str], ns: list[str] | None = None, tlsrpt: str | None = TLSRPT,
-         **extra: Any) -> dict[str, Any]:
+def zone(
+    mx: list[str], hosts: dict[str, str], ns: list[str] | None = None, tlsrpt: str | None = TLSRPT, **extra: Any
+) -> dict[str, Any]:
     """A case's zone: MX records, A records of the hosts, NS (the two shared nameservers by default) and,
     with MX records, a TLS-RPT record (`tlsrpt`; None: none)."""
     spec: dict[str, Any] = {"@": {"NS": ns or STD_NS, "MX": mx} if mx else {"NS": ns or STD_NS}}
@@ -386,8 +470,10 @@ def two_mx(domain: str, backup_ip: str = "127.2.0.1", **extra: Any) -> dict[str,
 
 def node_config(hostname: str, domains: list[str], lab: Lab | None = None, **domain_kw: Any) -> Config:
     # "verify": the default "any" would add a node.recipients warning (backscatter) to every report
-    raw: dict[str, Any] = {"server": {"hostname": hostname},
-                           "domains": [{"name": d, "recipients": "verify", **domain_kw} for d in domains]}
+    raw: dict[str, Any] = {
+        "server": {"hostname": hostname},
+        "domains": [{"name": d, "recipients": "verify", **domain_kw} for d in domains],
+    }
     if lab is not None:
         raw["dns"] = {"nameservers": [lab.dns.nameserver]}
     return config_from_dict(raw, source="lab.toml")
@@ -399,8 +485,18 @@ def worst_lab(pki: Pki) -> Lab:
     network too; the MTA-STS policy (enforce, max_age an hour) lists the primary only; only the primary
     has a TLSA record (in a signed zone); there is no TLS-RPT record."""
     ns = ["ns1.worst.test.", "ns2.worst.test."]
-    lab = Lab(pki, two_mx("worst.test", "127.1.0.2", ns=ns, tlsrpt=None, ns1={"A": "127.1.0.53"},
-                          ns2={"A": "127.1.0.54"}, **{"_25._tcp.mx1": {"TLSA": pki.tlsa("mx1.worst.test")}}))
+    lab = Lab(
+        pki,
+        two_mx(
+            "worst.test",
+            "127.1.0.2",
+            ns=ns,
+            tlsrpt=None,
+            ns1={"A": "127.1.0.53"},
+            ns2={"A": "127.1.0.54"},
+            **{"_25._tcp.mx1": {"TLSA": pki.tlsa("mx1.worst.test")}},
+        ),
+    )
     lab.dns.secure("worst.test")
     lab.sts("worst.test", sts_policy("enforce", "mx1.worst.test", max_age=3600))
     lab.mx("mx1.worst.test", "127.1.0.1", domains={"worst.test"})

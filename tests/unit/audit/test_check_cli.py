@@ -41,14 +41,22 @@ def test_json_output_and_exit_one_on_failures(pki: Pki, capsys: pytest.CaptureFi
     assert code == 1 and doc["exit_code"] == 1 and doc["result"] == "fail"
     assert doc["node"] == "mx2.worst.test" and doc["config"] == str(cfg)
     assert {(m["check"], m["level"]) for m in doc["marks"] if m["level"] == "fail"} == {
-        ("site.backup", "fail"), ("site.prefix", "fail"), ("sts.mx-match", "fail"), ("sts.cert", "fail"),
-        ("dane.tlsa", "fail"), ("smtp.starttls", "fail"), ("smtp.relay", "fail")}
+        ("site.backup", "fail"),
+        ("site.prefix", "fail"),
+        ("sts.mx-match", "fail"),
+        ("sts.cert", "fail"),
+        ("dane.tlsa", "fail"),
+        ("smtp.starttls", "fail"),
+        ("smtp.relay", "fail"),
+    }
     assert doc["mta_sts"]["policy"] == {"mode": "enforce", "mx": ["mx1.worst.test"], "max_age": 3600}
     assert doc["tlsa"][0]["host"] == "mx1.worst.test" and doc["tlsa"][0]["secure"] is True
     assert doc["asn"]["source"].startswith("file ")
     assert [m["level"] for m in doc["marks"] if m["check"].startswith("node.")] == ["ok", "ok"]
     assert [(r["preference"], r["host"], r["role"]) for r in doc["dns"]["mx"]] == [
-        (10, "mx1.worst.test", "primary"), (20, "mx2.worst.test", "backup")]
+        (10, "mx1.worst.test", "primary"),
+        (20, "mx2.worst.test", "backup"),
+    ]
     assert doc["dns"]["mx"][0]["addresses"] == [{"address": "127.1.0.1", "ttl": 300}]
     primary = next(p for p in doc["smtp"] if p["host"] == "mx1.worst.test")
     assert primary["tls"]["cert"]["subject"] == "CN=mx1.worst.test" and primary["tls"]["verified"] is True
@@ -71,8 +79,10 @@ def test_strict_fails_on_warnings(pki: Pki, capsys: pytest.CaptureFixture[str]) 
         (["check", "not a domain", "--nameserver", "127.0.0.1:1"], "not a domain name"),
         (["check", "cli.test", "--cafile", "/nonexistent/ca.pem"], "no such file"),
         (["check", "cli.test", "--config", "/nonexistent/backupmx.toml"], "no such file"),
-        (["check", "cli.test", "--nameserver", "127.0.0.1:1", "--asn-db", "/nonexistent/asn.dat"],
-         "--asn-db /nonexistent/asn.dat: No such file"),
+        (
+            ["check", "cli.test", "--nameserver", "127.0.0.1:1", "--asn-db", "/nonexistent/asn.dat"],
+            "--asn-db /nonexistent/asn.dat: No such file",
+        ),
     ],
 )
 def test_usage_errors_exit_two(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,8 +90,9 @@ def test_usage_errors_exit_two(args: list[str], message: str, capsys: pytest.Cap
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--port", "0"], ["--port", "x"], ["--timeout", "0"], ["--timeout", "9999"],
-                                 ["--asn-lookup", "whois"]])
+@pytest.mark.parametrize(
+    "bad", [["--port", "0"], ["--port", "x"], ["--timeout", "0"], ["--timeout", "9999"], ["--asn-lookup", "whois"]]
+)
 def test_bad_port_or_timeout(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["check", "cli.test", *bad])
@@ -91,8 +102,17 @@ def test_bad_port_or_timeout(bad: list[str], capsys: pytest.CaptureFixture[str])
 def test_the_installed_command(pki: Pki) -> None:
     """The real entry point in a fresh process, against the lab in this one."""
     with worst_lab(pki) as lab:
-        done = subprocess.run([sys.executable, "-c", "import sys; from backupmx.cli import main; sys.exit(main())",
-                               *lab.cli_args("worst.test")], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from backupmx.cli import main; sys.exit(main())",
+                *lab.cli_args("worst.test"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert done.returncode == 1, done.stderr
     assert "[FAIL] smtp.relay" in done.stdout and "open relay" in done.stdout
     assert done.stdout.rstrip().endswith("exit 1")

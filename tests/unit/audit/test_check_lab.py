@@ -21,12 +21,30 @@ from backupmx.audit.report import CheckReport, Level
 from tests.unit.audit.lab import KNOWN_USERS, Lab, Pki, node_config, problems, two_mx, worst_lab, zone
 
 OK, INFO, WARN, FAIL = Level.OK, Level.INFO, Level.WARN, Level.FAIL
-SMTP_OK = {("smtp.connect", OK), ("smtp.ehlo", OK), ("smtp.starttls", OK), ("smtp.tls-cert", OK),
-           ("smtp.postmaster", OK), ("smtp.unknown-user", OK), ("smtp.relay", OK)}
+SMTP_OK = {
+    ("smtp.connect", OK),
+    ("smtp.ehlo", OK),
+    ("smtp.starttls", OK),
+    ("smtp.tls-cert", OK),
+    ("smtp.postmaster", OK),
+    ("smtp.unknown-user", OK),
+    ("smtp.relay", OK),
+}
 # every lab check has the lab's ASN file and a TLS-RPT record, and no MTA-STS or TLSA unless a case adds them
 POLICY_OK = {("site.asn", OK), ("site.prefix", OK), ("sts.policy", OK), ("dane.tlsa", OK), ("tlsrpt.record", OK)}
-HEALTHY = {("mx.records", OK), ("mx.count", OK), ("mx.address", OK), ("mx.distinct", OK),
-           ("site.backup", OK), ("site.ns", OK), ("site.mx-zone", OK)} | SMTP_OK | POLICY_OK
+HEALTHY = (
+    {
+        ("mx.records", OK),
+        ("mx.count", OK),
+        ("mx.address", OK),
+        ("mx.distinct", OK),
+        ("site.backup", OK),
+        ("site.ns", OK),
+        ("site.mx-zone", OK),
+    }
+    | SMTP_OK
+    | POLICY_OK
+)
 
 
 async def audit(lab: Lab, domain: str, **kw: Any) -> CheckReport:
@@ -58,7 +76,9 @@ async def test_healthy_setup_has_no_warning_and_no_failure(pki: Pki) -> None:
     assert problems(report) == set()
     assert report.exit_code == 0 and report.strict_exit_code == 0
     assert [(r.preference, r.host.name, r.role.value, r.host.ips) for r in report.dns.mx] == [
-        (10, "mx1.healthy.test", "primary", ("127.1.0.1",)), (20, "mx2.healthy.test", "backup", ("127.2.0.1",))]
+        (10, "mx1.healthy.test", "primary", ("127.1.0.1",)),
+        (20, "mx2.healthy.test", "backup", ("127.2.0.1",)),
+    ]
     assert all(r.ttl == 300 for r in report.dns.mx)
     assert {h.name for h in report.dns.ns} == {"ns1.dns-one.test", "ns2.dns-two.test"}
     backup = next(p for p in report.smtp if p.host == "mx2.healthy.test")
@@ -67,7 +87,10 @@ async def test_healthy_setup_has_no_warning_and_no_failure(pki: Pki) -> None:
     assert backup.tls.cert.issuer == "O=backupmx lab, CN=backupmx lab CA"
     assert "STARTTLS" in backup.extensions
     assert [(t.kind, t.reply.code if t.reply else None) for t in backup.rcpts] == [
-        ("postmaster", 250), ("unknown", 550), ("relay", 554)]
+        ("postmaster", 250),
+        ("unknown", 550),
+        ("relay", 554),
+    ]
     assert all(t.mail_from == "" for t in backup.rcpts)  # the null sender, so nothing could bounce anywhere
 
 
@@ -77,8 +100,13 @@ async def test_single_mx(pki: Pki) -> None:
     with lab:
         report = await audit(lab, "single.test")
     assert problems(report) == {("mx.count", FAIL, "single.test")}
-    assert report.pairs() == HEALTHY - {("mx.count", OK), ("mx.distinct", OK), ("site.backup", OK),
-                                        ("site.asn", OK), ("site.prefix", OK)} | {("mx.count", FAIL)}
+    assert report.pairs() == HEALTHY - {
+        ("mx.count", OK),
+        ("mx.distinct", OK),
+        ("site.backup", OK),
+        ("site.asn", OK),
+        ("site.prefix", OK),
+    } | {("mx.count", FAIL)}
     assert report.exit_code == 1
 
 
@@ -89,10 +117,16 @@ async def test_backup_in_the_primarys_slash_24(pki: Pki) -> None:
     with lab:
         report = await audit(lab, "samenet.test")
     # the lab's ASN file announces each /24 on its own: one prefix, one AS
-    assert problems(report) == {("site.backup", FAIL, "mx2.samenet.test"), ("site.prefix", FAIL, "mx2.samenet.test"),
-                                ("site.asn", WARN, "mx2.samenet.test")}
+    assert problems(report) == {
+        ("site.backup", FAIL, "mx2.samenet.test"),
+        ("site.prefix", FAIL, "mx2.samenet.test"),
+        ("site.asn", WARN, "mx2.samenet.test"),
+    }
     assert report.pairs() == HEALTHY - {("site.backup", OK), ("site.prefix", OK), ("site.asn", OK)} | {
-        ("site.backup", FAIL), ("site.prefix", FAIL), ("site.asn", WARN)}
+        ("site.backup", FAIL),
+        ("site.prefix", FAIL),
+        ("site.asn", WARN),
+    }
     mark = next(m for m in report.marks if m.check == "site.backup")
     assert "127.1.0.0/24" in mark.text and "mx1.samenet.test" in mark.text
     assert report.exit_code == 1
@@ -115,9 +149,13 @@ async def test_all_mx_names_on_one_address(pki: Pki) -> None:
     with lab:
         report = await audit(lab, "sameaddr.test")
     # one server answers for both names with mx1's certificate: the mx2 probe sees a name mismatch
-    assert problems(report) == {("mx.distinct", FAIL, "sameaddr.test"), ("site.backup", FAIL, "mx2.sameaddr.test"),
-                                ("site.prefix", FAIL, "mx2.sameaddr.test"), ("site.asn", WARN, "mx2.sameaddr.test"),
-                                ("smtp.tls-cert", WARN, subject("mx2.sameaddr.test", "127.1.0.1"))}
+    assert problems(report) == {
+        ("mx.distinct", FAIL, "sameaddr.test"),
+        ("site.backup", FAIL, "mx2.sameaddr.test"),
+        ("site.prefix", FAIL, "mx2.sameaddr.test"),
+        ("site.asn", WARN, "mx2.sameaddr.test"),
+        ("smtp.tls-cert", WARN, subject("mx2.sameaddr.test", "127.1.0.1")),
+    }
     mismatch = next(m for m in report.marks if m.check == "smtp.tls-cert" and m.level is WARN)
     assert "mismatch" in mismatch.text.lower()
 
@@ -133,7 +171,9 @@ async def test_nameservers_inside_the_primarys_network(pki: Pki) -> None:
         report = await audit(lab, "nsinside.test")
     assert problems(report) == {("site.ns", WARN, "nsinside.test"), ("site.mx-zone", WARN, "nsinside.test")}
     assert report.pairs() == HEALTHY - {("site.ns", OK), ("site.mx-zone", OK)} | {
-        ("site.ns", WARN), ("site.mx-zone", WARN)}
+        ("site.ns", WARN),
+        ("site.mx-zone", WARN),
+    }
     assert report.exit_code == 0
 
 
@@ -225,8 +265,11 @@ async def test_unreachable_backup(pki: Pki) -> None:
 
 
 async def test_mx_host_without_address_and_mx_alias(pki: Pki) -> None:
-    zones = {"names.test": zone(["10 mx1", "20 mx2", "30 mx3"], {"mx1": "127.1.0.1", "real3": "127.2.0.1"},
-                                mx3={"CNAME": "real3"})}
+    zones = {
+        "names.test": zone(
+            ["10 mx1", "20 mx2", "30 mx3"], {"mx1": "127.1.0.1", "real3": "127.2.0.1"}, mx3={"CNAME": "real3"}
+        )
+    }
     lab = Lab(pki, zones)
     lab.mx("mx1.names.test", "127.1.0.1", domains={"names.test"})
     lab.mx("mx3.names.test", "127.2.0.1", domains={"names.test"})
@@ -289,7 +332,10 @@ async def test_ipv6_addresses_are_listed_and_probed(pki: Pki) -> None:
     backup = next(r for r in report.dns.mx if r.host.name == "mx2.v6.test")
     assert backup.host.ips == ("127.2.0.1", "::1")
     assert sorted((p.host, p.address) for p in report.smtp) == [
-        ("mx1.v6.test", "127.1.0.1"), ("mx2.v6.test", "127.2.0.1"), ("mx2.v6.test", "::1")]
+        ("mx1.v6.test", "127.1.0.1"),
+        ("mx2.v6.test", "127.2.0.1"),
+        ("mx2.v6.test", "::1"),
+    ]
     assert "[ ok ] smtp.relay" in render_text(report) and "mx2.v6.test [::1]" in render_text(report)
 
 
@@ -300,8 +346,11 @@ async def test_equal_preferences_judge_each_host_against_the_others(pki: Pki) ->
     lab.mx("mx2.peers.test", "127.1.0.2", domains={"peers.test"})
     with lab:
         report = await audit(lab, "peers.test")
-    assert problems(report) == {(check, level, host) for host in ("mx1.peers.test", "mx2.peers.test")
-                                for check, level in (("site.backup", FAIL), ("site.prefix", FAIL), ("site.asn", WARN))}
+    assert problems(report) == {
+        (check, level, host)
+        for host in ("mx1.peers.test", "mx2.peers.test")
+        for check, level in (("site.backup", FAIL), ("site.prefix", FAIL), ("site.asn", WARN))
+    }
     assert all(r.role.value == "primary" for r in report.dns.mx)
 
 
@@ -336,7 +385,10 @@ async def test_config_nameservers_are_used_without_nameserver(pki: Pki) -> None:
     assert report.dns.resolver == lab.dns.nameserver
     # no --asn-db here: the network check says so
     assert report.pairs() == HEALTHY - {("site.asn", OK), ("site.prefix", OK)} | {
-        ("site.asn", INFO), ("node.domain", OK), ("node.mx", OK)}
+        ("site.asn", INFO),
+        ("node.domain", OK),
+        ("node.mx", OK),
+    }
     assert "not checked" in next(m.text for m in report.marks if m.check == "site.asn")
     assert lab.dns.queried("viacfg.test", "MX") >= 1
 

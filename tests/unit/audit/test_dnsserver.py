@@ -29,7 +29,7 @@ ZONES = {
         "$TTL": 60,
     },
     "other.test": "@ IN NS ns2\nns2 IN A 127.4.0.53\nmx2 120 IN A 127.2.0.1\n"
-                  "big IN TXT " + " ".join([f'"{"x" * 200}"'] * 12) + "\n",
+    "big IN TXT " + " ".join([f'"{"x" * 200}"'] * 12) + "\n",
 }
 
 
@@ -138,8 +138,10 @@ def test_zones_change_while_running(server: DnsServer) -> None:
 
 
 def test_two_servers_on_distinct_loopback_addresses() -> None:
-    with DnsServer(ZONES, host="127.0.0.54") as a, DnsServer({"solo.test": {"@": {"A": "127.0.0.9"}}},
-                                                             host="127.0.0.55") as b:
+    with (
+        DnsServer(ZONES, host="127.0.0.54") as a,
+        DnsServer({"solo.test": {"@": {"A": "127.0.0.9"}}}, host="127.0.0.55") as b,
+    ):
         assert a.nameserver.startswith("127.0.0.54:") and b.nameserver.startswith("127.0.0.55:")
         assert ask(b, "solo.test", "A").answer and ask(a, "solo.test", "A").rcode() == dns.rcode.REFUSED
 

@@ -35,12 +35,22 @@ def host(name: str, *ips: str, **kw: Any) -> Host:
     return Host(name, tuple(Address(ip, 300) for ip in ips), **kw)
 
 
-def view(*mx: tuple[int, Host], ns: tuple[Host, ...] = (), zones: dict[str, tuple[Host, ...]] | None = None,
-         zone_of: dict[str, str] | None = None) -> DnsView:
+def view(
+    *mx: tuple[int, Host],
+    ns: tuple[Host, ...] = (),
+    zones: dict[str, tuple[Host, ...]] | None = None,
+    zone_of: dict[str, str] | None = None,
+) -> DnsView:
     best = min(p for p, _ in mx) if mx else 0
     records = tuple(MxRecord(p, h, 300, Role.PRIMARY if p == best else Role.BACKUP) for p, h in mx)
-    return DnsView("example.test", "test", records, ns=ns, zone_of=zone_of or {},
-                   zones={z: ZoneView(z, hs) for z, hs in (zones or {}).items()})
+    return DnsView(
+        "example.test",
+        "test",
+        records,
+        ns=ns,
+        zone_of=zone_of or {},
+        zones={z: ZoneView(z, hs) for z, hs in (zones or {}).items()},
+    )
 
 
 def marks(found: list[Any], prefix: str = "") -> set[tuple[str, Level, str]]:
@@ -93,18 +103,30 @@ def test_site_ns_unknown_when_ns_lookup_failed() -> None:
 
 def test_site_ns_ok_when_one_nameserver_is_outside() -> None:
     ns = (host("ns1.example.test", "192.0.2.53"), host("ns2.other.test", "203.0.113.53"))
-    v = view((10, host("mx1.example.test", "192.0.2.1")), (20, host("mx2.example.test", "198.51.100.1")), ns=ns,
-             zones={"other.test": (host("ns.other.test", "203.0.113.1"),)}, zone_of={"ns2.other.test": "other.test"})
+    v = view(
+        (10, host("mx1.example.test", "192.0.2.1")),
+        (20, host("mx2.example.test", "198.51.100.1")),
+        ns=ns,
+        zones={"other.test": (host("ns.other.test", "203.0.113.1"),)},
+        zone_of={"ns2.other.test": "other.test"},
+    )
     assert marks(site_marks(v), "site.ns") == {("site.ns", OK, "example.test")}
 
 
 def test_mx_zone_with_a_single_nameserver_is_one_network() -> None:
-    v = view((10, host("mx1.example.test", "192.0.2.1")), (20, host("mx2.backup.test", "198.51.100.1")),
-             zones={"example.test": (host("ns1", "203.0.113.1"), host("ns2", "198.18.0.1")),
-                    "backup.test": (host("ns.backup.test", "198.51.100.53"),)},
-             zone_of={"mx1.example.test": "example.test", "mx2.backup.test": "backup.test"})
-    assert marks(site_marks(v), "site.mx-zone") == {("site.mx-zone", OK, "example.test"),
-                                                    ("site.mx-zone", WARN, "backup.test")}
+    v = view(
+        (10, host("mx1.example.test", "192.0.2.1")),
+        (20, host("mx2.backup.test", "198.51.100.1")),
+        zones={
+            "example.test": (host("ns1", "203.0.113.1"), host("ns2", "198.18.0.1")),
+            "backup.test": (host("ns.backup.test", "198.51.100.53"),),
+        },
+        zone_of={"mx1.example.test": "example.test", "mx2.backup.test": "backup.test"},
+    )
+    assert marks(site_marks(v), "site.mx-zone") == {
+        ("site.mx-zone", OK, "example.test"),
+        ("site.mx-zone", WARN, "backup.test"),
+    }
 
 
 CFG_MX = {"name": "example.test"}
@@ -137,19 +159,32 @@ def test_node_domain_missing() -> None:
 
 
 def cert(*, days_left: float, self_signed: bool = False) -> CertInfo:
-    return CertInfo("CN=mx.example.test", "CN=mx.example.test" if self_signed else "CN=CA", NOW - timedelta(days=30),
-                    NOW + timedelta(days=days_left), self_signed)
+    return CertInfo(
+        "CN=mx.example.test",
+        "CN=mx.example.test" if self_signed else "CN=CA",
+        NOW - timedelta(days=30),
+        NOW + timedelta(days=days_left),
+        self_signed,
+    )
 
 
 def probe(**kw: Any) -> SmtpProbe:
     base: dict[str, Any] = dict(
-        host="mx.example.test", address="192.0.2.1", port=25, role=Role.BACKUP,
+        host="mx.example.test",
+        address="192.0.2.1",
+        port=25,
+        role=Role.BACKUP,
         banner=Reply(220, "", "mx.example.test ESMTP"),
-        ehlo=Reply(250, "", "mx.example.test\nSTARTTLS"), starttls_offered=True, starttls=Reply(220, "", "go"),
+        ehlo=Reply(250, "", "mx.example.test\nSTARTTLS"),
+        starttls_offered=True,
+        starttls=Reply(220, "", "go"),
         tls=TlsInfo("TLSv1.3", "X", cert(days_left=60), True),
-        rcpts=(RcptTest("postmaster", "", "postmaster@example.test", Reply(250, "", ""), Reply(250, "", "")),
-               RcptTest("unknown", "", "x@example.test", Reply(250, "", ""), Reply(550, "5.1.1", "no")),
-               RcptTest("relay", "", "r@example.net", Reply(250, "", ""), Reply(554, "5.7.1", "no"))))
+        rcpts=(
+            RcptTest("postmaster", "", "postmaster@example.test", Reply(250, "", ""), Reply(250, "", "")),
+            RcptTest("unknown", "", "x@example.test", Reply(250, "", ""), Reply(550, "5.1.1", "no")),
+            RcptTest("relay", "", "r@example.net", Reply(250, "", ""), Reply(554, "5.7.1", "no")),
+        ),
+    )
     base.update(kw)
     return SmtpProbe(**base)
 
@@ -163,19 +198,27 @@ def rcpt(kind: str, code: int) -> RcptTest:
     [
         ({}, set()),
         ({"tls": TlsInfo("TLSv1.3", "X", cert(days_left=5), True)}, {("smtp.tls-cert", WARN)}),  # expires soon
-        ({"tls": TlsInfo("TLSv1.3", "X", cert(days_left=-1), False, "certificate has expired")},
-         {("smtp.tls-cert", WARN)}),
-        ({"tls": TlsInfo("TLSv1.3", "X", cert(days_left=60), False, "unable to get local issuer certificate")},
-         {("smtp.tls-cert", WARN)}),
+        (
+            {"tls": TlsInfo("TLSv1.3", "X", cert(days_left=-1), False, "certificate has expired")},
+            {("smtp.tls-cert", WARN)},
+        ),
+        (
+            {"tls": TlsInfo("TLSv1.3", "X", cert(days_left=60), False, "unable to get local issuer certificate")},
+            {("smtp.tls-cert", WARN)},
+        ),
         ({"tls": TlsInfo("TLSv1.3", "X", None, True)}, {("smtp.tls-cert", WARN)}),
         ({"starttls": Reply(454, "4.7.0", "TLS not available")}, {("smtp.starttls", FAIL)}),
         ({"tls": None, "tls_error": "wrong version number"}, {("smtp.starttls", FAIL)}),
         ({"rcpts": (rcpt("postmaster", 450),)}, {("smtp.postmaster", WARN)}),
         ({"rcpts": (rcpt("postmaster", 550),)}, {("smtp.postmaster", FAIL)}),
-        ({"rcpts": (RcptTest("postmaster", "", "postmaster@example.test", Reply(451, "4.3.0", "later"), None),)},
-         {("smtp.postmaster", WARN)}),
-        ({"rcpts": (RcptTest("postmaster", "", "postmaster@example.test", Reply(550, "5.7.1", "no"), None),)},
-         {("smtp.postmaster", FAIL)}),
+        (
+            {"rcpts": (RcptTest("postmaster", "", "postmaster@example.test", Reply(451, "4.3.0", "later"), None),)},
+            {("smtp.postmaster", WARN)},
+        ),
+        (
+            {"rcpts": (RcptTest("postmaster", "", "postmaster@example.test", Reply(550, "5.7.1", "no"), None),)},
+            {("smtp.postmaster", FAIL)},
+        ),
         ({"rcpts": (rcpt("unknown", 450),)}, set()),  # a deferral makes no backscatter
         ({"rcpts": (rcpt("unknown", 250),)}, {("smtp.unknown-user", WARN)}),
         ({"rcpts": (rcpt("unknown", 250),), "role": Role.PRIMARY}, {("smtp.unknown-user", INFO)}),

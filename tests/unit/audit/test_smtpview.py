@@ -220,8 +220,11 @@ async def test_connection_refused() -> None:
     [
         (250, ["2.1.5 Ok"], Reply(250, "2.1.5", "Ok")),
         (250, ["mx.example.test", "PIPELINING", "8BITMIME"], Reply(250, "", "mx.example.test\nPIPELINING\n8BITMIME")),
-        (550, ["5.1.1 <x@y>: Recipient address rejected:", "5.1.1 User unknown"],
-         Reply(550, "5.1.1", "<x@y>: Recipient address rejected:\nUser unknown")),
+        (
+            550,
+            ["5.1.1 <x@y>: Recipient address rejected:", "5.1.1 User unknown"],
+            Reply(550, "5.1.1", "<x@y>: Recipient address rejected:\nUser unknown"),
+        ),
         (220, [""], Reply(220, "", "")),
         (554, ["5.7.1"], Reply(554, "5.7.1", "")),
         (250, ["1.2.3 not a status"], Reply(250, "", "1.2.3 not a status")),

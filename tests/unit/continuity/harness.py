@@ -91,8 +91,14 @@ class Inbox:
 
 
 @asynccontextmanager
-async def running_inbox(tmp: Path, *, sanitize: Sanitizer = safe_html, clock: Clock | None = None,
-                        domains: Sequence[str] = DOMAINS, **continuity: Any) -> AsyncIterator[Inbox]:
+async def running_inbox(
+    tmp: Path,
+    *,
+    sanitize: Sanitizer = safe_html,
+    clock: Clock | None = None,
+    domains: Sequence[str] = DOMAINS,
+    **continuity: Any,
+) -> AsyncIterator[Inbox]:
     cfg = continuity_config(tmp, domains=domains, **continuity)
     clock = clock or SystemClock()
     spool = SqliteSpool(cfg.server.data_dir, node="backup.test", clock=clock)

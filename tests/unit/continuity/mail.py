@@ -10,7 +10,8 @@ from email.policy import SMTP
 
 # A 1x1 red PNG.
 PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
+)
 
 
 def _head(sender: str, to: str, subject: str, date: str) -> EmailMessage:
@@ -23,38 +24,58 @@ def _head(sender: str, to: str, subject: str, date: str) -> EmailMessage:
     return m
 
 
-def plain(to: str = "alice@example.test", subject: str = "Plain hello", *, sender: str = "Bob <bob@else.test>",
-          text: str = "Hello Alice,\n\nthe quarterly figures are attached to nothing: this is plain text.\n",
-          date: str = "Tue, 24 Nov 2026 09:15:00 +0000") -> bytes:
+def plain(
+    to: str = "alice@example.test",
+    subject: str = "Plain hello",
+    *,
+    sender: str = "Bob <bob@else.test>",
+    text: str = "Hello Alice,\n\nthe quarterly figures are attached to nothing: this is plain text.\n",
+    date: str = "Tue, 24 Nov 2026 09:15:00 +0000",
+) -> bytes:
     m = _head(sender, to, subject, date)
     m.set_content(text)
     return m.as_bytes()
 
 
-def html(to: str = "alice@example.test", subject: str = "Newsletter in HTML", *,
-         sender: str = "News <news@else.test>", date: str = "Tue, 24 Nov 2026 10:00:00 +0000") -> bytes:
+def html(
+    to: str = "alice@example.test",
+    subject: str = "Newsletter in HTML",
+    *,
+    sender: str = "News <news@else.test>",
+    date: str = "Tue, 24 Nov 2026 10:00:00 +0000",
+) -> bytes:
     m = _head(sender, to, subject, date)
     m.set_content("The plain text version of the newsletter.\n")
     m.add_alternative(
-        "<html><body><h1 style=\"color:#0b57d0\">This week</h1>"
-        "<p>Three things happened. <b>One</b>, <i>two</i> and <a href=\"https://example.org/more\">three</a>.</p>"
-        "<table border=\"1\" cellpadding=\"4\"><tr><th>Item</th><th>Count</th></tr>"
-        "<tr><td>Apples</td><td>3</td></tr></table></body></html>", subtype="html")
+        '<html><body><h1 style="color:#0b57d0">This week</h1>'
+        '<p>Three things happened. <b>One</b>, <i>two</i> and <a href="https://example.org/more">three</a>.</p>'
+        '<table border="1" cellpadding="4"><tr><th>Item</th><th>Count</th></tr>'
+        "<tr><td>Apples</td><td>3</td></tr></table></body></html>",
+        subtype="html",
+    )
     return m.as_bytes()
 
 
-def multipart(to: str = "alice@example.test", subject: str = "Contract and logo", *,
-              sender: str = "Carol <carol@else.test>", date: str = "Tue, 24 Nov 2026 11:30:00 +0000") -> bytes:
+def multipart(
+    to: str = "alice@example.test",
+    subject: str = "Contract and logo",
+    *,
+    sender: str = "Carol <carol@else.test>",
+    date: str = "Tue, 24 Nov 2026 11:30:00 +0000",
+) -> bytes:
     m = _head(sender, to, subject, date)
     m.set_content("Please find the contract attached.\n")
-    m.add_alternative("<p>Please find the contract attached.</p><p><img src=\"cid:logo@else.test\" alt=\"logo\" "
-                      "width=\"16\" height=\"16\"></p>", subtype="html")
+    m.add_alternative(
+        '<p>Please find the contract attached.</p><p><img src="cid:logo@else.test" alt="logo" '
+        'width="16" height="16"></p>',
+        subtype="html",
+    )
     html_part = m.get_payload()[1]
     html_part.add_related(PNG, maintype="image", subtype="png", cid="<logo@else.test>")
-    m.add_attachment(b"%PDF-1.4\n% a tiny contract\n", maintype="application", subtype="pdf",
-                     filename="contract 2026.pdf")
-    m.add_attachment("계약서 요약입니다.\n".encode(), maintype="text", subtype="plain",
-                     filename="요약.txt")
+    m.add_attachment(
+        b"%PDF-1.4\n% a tiny contract\n", maintype="application", subtype="pdf", filename="contract 2026.pdf"
+    )
+    m.add_attachment("계약서 요약입니다.\n".encode(), maintype="text", subtype="plain", filename="요약.txt")
     return m.as_bytes()
 
 
@@ -62,10 +83,12 @@ def korean(to: str = "alice@example.test", *, charset: str = "ks_c_5601-1987") -
     """What Outlook in Korea sends: the body in ks_c_5601-1987 (really cp949), a B-encoded subject."""
     subject = "=?ks_c_5601-1987?B?" + base64.b64encode("회의 일정 안내".encode("cp949")).decode() + "?="
     body = "안녕하세요. 다음 주 회의는 화요일 오후 2시입니다.\r\n".encode("cp949")
-    return (f"From: =?UTF-8?B?{base64.b64encode('김철수'.encode()).decode()}?= <kim@else.test>\r\n"
-            f"To: {to}\r\nSubject: {subject}\r\nDate: Tue, 24 Nov 2026 12:00:00 +0900\r\n"
-            f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=\"{charset}\"\r\n"
-            f"Content-Transfer-Encoding: 8bit\r\n\r\n").encode() + body
+    return (
+        f"From: =?UTF-8?B?{base64.b64encode('김철수'.encode()).decode()}?= <kim@else.test>\r\n"
+        f"To: {to}\r\nSubject: {subject}\r\nDate: Tue, 24 Nov 2026 12:00:00 +0900\r\n"
+        f'MIME-Version: 1.0\r\nContent-Type: text/plain; charset="{charset}"\r\n'
+        f"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode() + body
 
 
 def hostile(origin: str, to: str = "alice@example.test") -> bytes:
@@ -105,10 +128,18 @@ def hostile(origin: str, to: str = "alice@example.test") -> bytes:
 <details open ontoggle="alert('ontoggle')"><summary>more</summary>x</details>
 <input autofocus onfocus="alert('autofocus')">
 </body></html>"""
-    m = _head("\"<script>alert('from')</script>\" <evil@else.test>", to,
-              "<img src=x onerror=alert('subject')> Invoice", "Tue, 24 Nov 2026 13:00:00 +0000")
+    m = _head(
+        "\"<script>alert('from')</script>\" <evil@else.test>",
+        to,
+        "<img src=x onerror=alert('subject')> Invoice",
+        "Tue, 24 Nov 2026 13:00:00 +0000",
+    )
     m.set_content("plain version of the hostile message\n")
     m.add_alternative(markup, subtype="html")
-    m.add_attachment(f"<script>alert('attachment')</script><img src=\"{origin}/attachment.png\">".encode(),
-                     maintype="text", subtype="html", filename="\"><img src=x onerror=alert(1)>.html")
+    m.add_attachment(
+        f"<script>alert('attachment')</script><img src=\"{origin}/attachment.png\">".encode(),
+        maintype="text",
+        subtype="html",
+        filename='"><img src=x onerror=alert(1)>.html',
+    )
     return m.as_bytes()

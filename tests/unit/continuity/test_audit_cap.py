@@ -17,8 +17,13 @@ def test_a_burst_of_refusals_is_two_lines(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.log")
     t = 1000.0
     for i in range(300):
-        log.refusal(t + i * 0.1, "signin-refused", actor="192.0.2.1", client="192.0.2.1",
-                    why="invalid" if i < 10 else "rate-limited")
+        log.refusal(
+            t + i * 0.1,
+            "signin-refused",
+            actor="192.0.2.1",
+            client="192.0.2.1",
+            why="invalid" if i < 10 else "rate-limited",
+        )
     assert len(lines(log.path)) == 1  # only the first, at once
     log.refusal(t + 5, "signin-refused", actor="192.0.2.2", client="192.0.2.2", why="invalid")
     log.flush(t + 30)  # the burst has not ended yet

@@ -49,14 +49,24 @@ def smarthost() -> Iterator[tuple[Sink, int]]:
 
 def write_config(tmp: Path, **continuity: Any) -> Path:
     path = tmp / "backupmx.toml"
-    path.write_text(render_toml({
-        "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2525"], "data_dir": str(tmp / "data")},
-        "domains": [{"name": "example.test", "primary": ["127.0.0.1:1"]},
-                    {"name": "other.test", "primary": ["127.0.0.1:1"]}],
-        "admin": {"listen": ""},
-        "continuity": {"enabled": True, "listen": "127.0.0.1:18099", "base_url": "https://mail-backup.example.test",
-                       **continuity},
-    }))
+    path.write_text(
+        render_toml(
+            {
+                "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2525"], "data_dir": str(tmp / "data")},
+                "domains": [
+                    {"name": "example.test", "primary": ["127.0.0.1:1"]},
+                    {"name": "other.test", "primary": ["127.0.0.1:1"]},
+                ],
+                "admin": {"listen": ""},
+                "continuity": {
+                    "enabled": True,
+                    "listen": "127.0.0.1:18099",
+                    "base_url": "https://mail-backup.example.test",
+                    **continuity,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -101,36 +111,44 @@ def test_grant_prints_a_signed_link_and_audits(tmp_path: Path, capsys: pytest.Ca
     events = [line.split()[1] for line in out.splitlines()]
     assert events == ["grant", "link", "link", "revoke"]
     assert "v1." not in out  # no token in the audit log
-    audit = (tmp_path / "data" / "continuity-audit.log")
+    audit = tmp_path / "data" / "continuity-audit.log"
     assert stat.S_IMODE(os.stat(audit).st_mode) == 0o600 and "v1." not in audit.read_text()
 
 
 def test_grant_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = str(write_config(tmp_path))
-    for argv, why in ((["alice@elsewhere.test"], "not a protected domain"),
-                      (["alice@example.test", "--expires", "400d"], "grant_max"),
-                      (["alice@example.test", "--expires", "soon"], "--expires"),
-                      (["alice"], "not an address"),
-                      ([], "give an ADDRESS or --domain"),
-                      (["alice@example.test", "--notify", "bob@example.test"], "is a protected domain"),
-                      (["alice@example.test", "--notify", "alice@home.test"], "smarthost")):
+    for argv, why in (
+        (["alice@elsewhere.test"], "not a protected domain"),
+        (["alice@example.test", "--expires", "400d"], "grant_max"),
+        (["alice@example.test", "--expires", "soon"], "--expires"),
+        (["alice"], "not an address"),
+        ([], "give an ADDRESS or --domain"),
+        (["alice@example.test", "--notify", "bob@example.test"], "is a protected domain"),
+        (["alice@example.test", "--notify", "alice@home.test"], "smarthost"),
+    ):
         code, _, err = run(capsys, "access", "grant", *argv, "--config", cfg)
         assert code != 0 and why in err, (argv, err)
 
 
 def test_domain_grant_writes_a_private_csv_of_links(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = str(write_config(tmp_path))
-    seed(tmp_path, [(["alice@example.test", "bob@example.test"], mail.plain()),
-                    (["alice@example.test"], mail.html()),
-                    (["carol@other.test"], mail.plain(to="carol@other.test"))])
+    seed(
+        tmp_path,
+        [
+            (["alice@example.test", "bob@example.test"], mail.plain()),
+            (["alice@example.test"], mail.html()),
+            (["carol@other.test"], mail.plain(to="carol@other.test")),
+        ],
+    )
     out_csv = tmp_path / "links.csv"
-    code, out, err = run(capsys, "access", "grant", "--domain", "example.test", "--csv", str(out_csv),
-                         "--config", cfg)
+    code, out, err = run(capsys, "access", "grant", "--domain", "example.test", "--csv", str(out_csv), "--config", cfg)
     assert code == 0, err
     assert "2 link(s)" in out
     rows = list(csv.DictReader(out_csv.open()))
-    assert [(r["address"], r["held_messages"]) for r in rows] == [("alice@example.test", "2"),
-                                                                 ("bob@example.test", "1")]
+    assert [(r["address"], r["held_messages"]) for r in rows] == [
+        ("alice@example.test", "2"),
+        ("bob@example.test", "1"),
+    ]
     assert all(r["link"].startswith("https://mail-backup.example.test/signin?t=v1.") for r in rows)
     assert stat.S_IMODE(os.stat(out_csv).st_mode) == 0o600
     code, out, _ = run(capsys, "access", "list", "--config", cfg)
@@ -153,15 +171,17 @@ def test_gate_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 2 and "not a protected domain" in err
 
 
-def test_notify_sends_the_link_through_the_smarthost(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     smarthost: tuple[Sink, int]) -> None:
+def test_notify_sends_the_link_through_the_smarthost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], smarthost: tuple[Sink, int]
+) -> None:
     sink, port = smarthost
     cfg = str(write_config(tmp_path, smarthost=f"127.0.0.1:{port}", notify_from="it@backup.test"))
-    code, out, err = run(capsys, "access", "grant", "alice@example.test", "--notify", "alice.home@private.test",
-                         "--config", cfg)
+    code, out, err = run(
+        capsys, "access", "grant", "alice@example.test", "--notify", "alice.home@private.test", "--config", cfg
+    )
     assert code == 0, err
     link = next(line for line in out.splitlines() if line.startswith("https://"))
-    (sender, rcpts, content), = sink.messages
+    ((sender, rcpts, content),) = sink.messages
     assert sender == "it@backup.test" and rcpts == ["alice.home@private.test"]
     msg = email.message_from_bytes(content, policy=email.policy.default)
     body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
@@ -179,8 +199,18 @@ def test_smarthost_must_not_be_a_primary(tmp_path: Path, capsys: pytest.CaptureF
 def test_queue_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = str(write_config(tmp_path))
     ids = seed(tmp_path, [(["alice@example.test"], mail.plain(subject=f"n{i}")) for i in range(3)])
-    code, _out, err = run(capsys, "queue", "export", "--recipient", "alice@example.test", "--format", "eml",
-                         str(tmp_path / "out"), "--config", cfg)
+    code, _out, err = run(
+        capsys,
+        "queue",
+        "export",
+        "--recipient",
+        "alice@example.test",
+        "--format",
+        "eml",
+        str(tmp_path / "out"),
+        "--config",
+        cfg,
+    )
     assert code == 0, err
     assert "exported 3 messages" in err  # the closing line of the progress bar, on stderr
     assert sorted(p.stem for p in (tmp_path / "out" / "alice@example.test").glob("*.eml")) == sorted(ids)

@@ -88,8 +88,9 @@ async def test_a_link_is_redeemed_once_even_by_another_store_and_concurrently(sp
     assert e.value.reason is Refusal.USED
     # two redemptions at once: exactly one wins
     link2 = await a.issue_link("alice@example.test", ttl=600)
-    results = await asyncio.gather(a.redeem(link2.token, session_ttl=60), b.redeem(link2.token, session_ttl=60),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        a.redeem(link2.token, session_ttl=60), b.redeem(link2.token, session_ttl=60), return_exceptions=True
+    )
     assert sum(isinstance(r, tuple) for r in results) == 1
     assert sum(isinstance(r, LinkRefused) and r.reason is Refusal.USED for r in results) == 1
 
@@ -148,8 +149,7 @@ async def test_grants_kept_by_an_older_version_are_listed(spool: SqliteSpool) ->
     clock = FakeClock()
     a = store(spool, clock)
     for subject, g_id in (("bob@example.test", "g1"), ("@other.test", "g2")):
-        doc = {"subject": subject, "id": g_id, "created_at": clock.now(), "expires_at": clock.now() + 600,
-               "by": "old"}
+        doc = {"subject": subject, "id": g_id, "created_at": clock.now(), "expires_at": clock.now() + 600, "by": "old"}
         await spool.kv_put(NS_GRANT, subject, json.dumps(doc).encode(), expires_at=clock.now() + 600)
     await spool.kv_put(NS_INDEX, "grants", json.dumps(["@other.test", "bob@example.test", "gone@x.test"]).encode())
     assert [(g.subject, g.id) for g in await a.grants()] == [("bob@example.test", "g1"), ("@other.test", "g2")]

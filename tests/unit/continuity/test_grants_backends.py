@@ -23,8 +23,9 @@ async def test_one_link_one_session_across_two_nodes(backend: Backend, spool: Sp
         await a.grant("alice@example.test", expires_at=clock.now() + 3600, by="t")
         for _ in range(5):
             link = await a.issue_link("alice@example.test", ttl=600)
-            results = await asyncio.gather(a.redeem(link.token, session_ttl=60),
-                                           b.redeem(link.token, session_ttl=60), return_exceptions=True)
+            results = await asyncio.gather(
+                a.redeem(link.token, session_ttl=60), b.redeem(link.token, session_ttl=60), return_exceptions=True
+            )
             sessions = [r for r in results if isinstance(r, tuple)]
             refused = [r for r in results if isinstance(r, LinkRefused)]
             assert len(sessions) == 1 and len(refused) == 1, results

@@ -12,11 +12,23 @@ import pytest
 from backupmx.continuity.i18n import MESSAGES, Translator, choose
 
 
-@pytest.mark.parametrize(("header", "lang"), [
-    (None, "en"), ("", "en"), ("ko", "ko"), ("ko-KR", "ko"), ("ko-KR,ko;q=0.9,en-US;q=0.8", "ko"),
-    ("en-US,en;q=0.9,ko;q=0.8", "en"), ("fr,ko;q=0.5", "ko"), ("fr,de", "en"), ("ko;q=0,en;q=0.1", "en"),
-    ("en;q=0.5,ko;q=0.5", "en"), ("ko;q=banana", "en"), ("*", "en"),
-])
+@pytest.mark.parametrize(
+    ("header", "lang"),
+    [
+        (None, "en"),
+        ("", "en"),
+        ("ko", "ko"),
+        ("ko-KR", "ko"),
+        ("ko-KR,ko;q=0.9,en-US;q=0.8", "ko"),
+        ("en-US,en;q=0.9,ko;q=0.8", "en"),
+        ("fr,ko;q=0.5", "ko"),
+        ("fr,de", "en"),
+        ("ko;q=0,en;q=0.1", "en"),
+        ("en;q=0.5,ko;q=0.5", "en"),
+        ("ko;q=banana", "en"),
+        ("*", "en"),
+    ],
+)
 def test_choose(header: str | None, lang: str) -> None:
     assert choose(header) == lang
 

@@ -86,10 +86,16 @@ async def test_sign_in_once_then_see_only_held_mail_of_your_own(tmp_path: Path) 
         q_done = await put(s, ["alice@example.test", "bob@example.test"], mail.plain(subject="Delivered to Alice"))
         claims = await s.claim_due(now=inbox.clock.now() + 1, owner="t", lease_seconds=60, limit=100)
         ok = Reply(250, "2.0.0", "ok")
-        await s.record("t", [RecipientUpdate(c.message.id, r.index, Delivered(ok))
-                             for c in claims for r in c.recipients
-                             if c.message.id == q_done and r.address == "alice@example.test"],
-                       now=inbox.clock.now())
+        await s.record(
+            "t",
+            [
+                RecipientUpdate(c.message.id, r.index, Delivered(ok))
+                for c in claims
+                for r in c.recipients
+                if c.message.id == q_done and r.address == "alice@example.test"
+            ],
+            now=inbox.clock.now(),
+        )
         await s.release([c for c in claims])
         alice = await inbox.sign_in("alice@example.test")
         async with alice.get(inbox.url + "/") as r:
@@ -112,9 +118,12 @@ async def test_sign_in_once_then_see_only_held_mail_of_your_own(tmp_path: Path) 
         bob_url = next(u for u in bob_urls if q_bob in u)
         shared_for_bob = next(u for u in bob_urls if q_both in u)
         assert shared_for_bob not in mine  # the same message has another URL for another person
-        for u in (bob_url, shared_for_bob,  # bob's own URLs, leaked to alice
-                  f"/m/{q_bob}/{mine[0].split('/')[3]}",  # bob's ID with alice's token of another message
-                  f"/m/{q_done}/{inbox.server.signer.message_token(q_done, 'alice@example.test')}"):
+        for u in (
+            bob_url,
+            shared_for_bob,  # bob's own URLs, leaked to alice
+            f"/m/{q_bob}/{mine[0].split('/')[3]}",  # bob's ID with alice's token of another message
+            f"/m/{q_done}/{inbox.server.signer.message_token(q_done, 'alice@example.test')}",
+        ):
             for suffix in ("", "/frame", "/eml", "/part/1"):
                 async with alice.get(inbox.url + u + suffix) as r:
                     assert r.status == 404, u + suffix
@@ -144,8 +153,11 @@ async def test_a_link_works_once_even_across_a_restart_and_not_when_expired(tmp_
         again.open()
         c3 = again.client()
         for method in ("get", "post"):
-            req = c3.get(again.url + f"/signin?t={token}") if method == "get" else \
-                c3.post(again.url + "/signin", data={"t": token})
+            req = (
+                c3.get(again.url + f"/signin?t={token}")
+                if method == "get"
+                else c3.post(again.url + "/signin", data={"t": token})
+            )
             async with req as r:
                 assert r.status == 403
                 assert "already been used" in await r.text()
@@ -251,8 +263,9 @@ async def test_signing_out_needs_the_csrf_token_and_same_origin(tmp_path: Path) 
         async with alice.get(inbox.url + "/") as r:
             csrf = re.search(r'name="csrf" value="([^"]+)"', await r.text())
         assert csrf
-        async with alice.post(inbox.url + "/signout", data={"csrf": csrf.group(1)},
-                              headers={"Origin": "https://evil.example"}) as r:
+        async with alice.post(
+            inbox.url + "/signout", data={"csrf": csrf.group(1)}, headers={"Origin": "https://evil.example"}
+        ) as r:
             assert r.status == 403
         async with alice.post(inbox.url + "/signout", data={"csrf": csrf.group(1)}) as r:
             assert r.status == 200 and "signed out" in await r.text()
@@ -271,11 +284,14 @@ async def test_a_cross_site_sign_in_post_is_refused(tmp_path: Path) -> None:
             assert r.status == 303  # not spent by the refused attempt
 
 
-@pytest.mark.parametrize(("accept", "expect"), [
-    ("ko-KR,ko;q=0.9,en-US;q=0.8,en;q=0.7", "보관 중인 메일"),
-    ("en-US,en;q=0.9,ko;q=0.8", "Held mail"),
-    ("fr-FR,fr;q=0.9", "Held mail"),
-])
+@pytest.mark.parametrize(
+    ("accept", "expect"),
+    [
+        ("ko-KR,ko;q=0.9,en-US;q=0.8,en;q=0.7", "보관 중인 메일"),
+        ("en-US,en;q=0.9,ko;q=0.8", "Held mail"),
+        ("fr-FR,fr;q=0.9", "Held mail"),
+    ],
+)
 async def test_language_follows_accept_language(tmp_path: Path, accept: str, expect: str) -> None:
     async with running_inbox(tmp_path) as inbox:
         inbox.open()
@@ -308,8 +324,15 @@ async def test_bounced_mail_is_not_held(tmp_path: Path) -> None:
         s = inbox.spool
         await put(s, ["alice@example.test"], mail.plain(subject="Bounced one"), sender="")
         claims = await s.claim_due(now=inbox.clock.now() + 1, owner="t", lease_seconds=60, limit=10)
-        await s.record("t", [RecipientUpdate(c.message.id, r.index, Bounced(Reply(550, "5.1.1", "no")))
-                             for c in claims for r in c.recipients], now=inbox.clock.now())
+        await s.record(
+            "t",
+            [
+                RecipientUpdate(c.message.id, r.index, Bounced(Reply(550, "5.1.1", "no")))
+                for c in claims
+                for r in c.recipients
+            ],
+            now=inbox.clock.now(),
+        )
         alice = await inbox.sign_in("alice@example.test")
         async with alice.get(inbox.url + "/") as r:
             assert "Bounced one" not in await r.text()
@@ -325,16 +348,39 @@ async def test_over_tls_the_cookie_is_secure_and_hsts_is_sent(tmp_path: Path) ->
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     async with running_inbox(tmp_path, tls_cert=str(crt), tls_key=str(key)) as inbox:
         inbox.open()
         assert inbox.url.startswith("https://")
         ctx = ssl.create_default_context(cafile=str(crt))
         token = await inbox.link("alice@example.test")
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as c, \
-                c.post(inbox.url + "/signin", data={"t": token}, allow_redirects=False) as r:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as c,
+            c.post(inbox.url + "/signin", data={"t": token}, allow_redirects=False) as r,
+        ):
             assert r.status == 303
             cookie = r.headers["Set-Cookie"]
             assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie

@@ -42,8 +42,10 @@ def test_korean_legacy_charsets(charset: str) -> None:
 
 
 def test_raw_8bit_headers_and_unknown_charsets_degrade_not_fail() -> None:
-    body = (b"Subject: " + "안녕하세요".encode("cp949") + b"\r\nFrom: x@y.test\r\n"
-            b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\n" + "본문".encode() + b"\r\n")
+    body = (
+        b"Subject: " + "안녕하세요".encode("cp949") + b"\r\nFrom: x@y.test\r\n"
+        b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\n" + "본문".encode() + b"\r\n"
+    )
     p = parse_message(body)
     assert p.subject == "안녕하세요"
     assert p.text is not None and "본문" in p.text
@@ -52,8 +54,10 @@ def test_raw_8bit_headers_and_unknown_charsets_degrade_not_fail() -> None:
 
 
 def test_header_tricks_are_cleaned() -> None:
-    body = (b"From: =?UTF-8?B?" + __import__("base64").b64encode("Bank\u202egnp.exe".encode()) + b"?= <a@b.test>\r\n"
-            b"Subject: line\r\n =?UTF-8?Q?one=0D=0Atwo?=\r\n\r\nx\r\n")
+    body = (
+        b"From: =?UTF-8?B?" + __import__("base64").b64encode("Bank\u202egnp.exe".encode()) + b"?= <a@b.test>\r\n"
+        b"Subject: line\r\n =?UTF-8?Q?one=0D=0Atwo?=\r\n\r\nx\r\n"
+    )
     p = parse_message(body)
     assert "\u202e" not in p.sender[0].name
     assert "\r" not in p.subject and "\n" not in p.subject
@@ -71,10 +75,35 @@ def test_hostile_html_keeps_its_text_and_loses_everything_active() -> None:
     html = out.html.lower()
     assert "totally normal invoice" in html and "red text" in html
     assert out.remote_blocked
-    for needle in ("<script", "onload", "onerror", "ontoggle", "onfocus", "javascript", "expression", "url(",
-                   "<form", "<input", "<iframe", "<object", "<embed", "<video", "<audio", "<svg", "<meta",
-                   "<base", "<link", "<style", "behavior", "srcset=", "background=", "data:text", "127.0.0.1:9",
-                   "<math", "relative.png"):
+    for needle in (
+        "<script",
+        "onload",
+        "onerror",
+        "ontoggle",
+        "onfocus",
+        "javascript",
+        "expression",
+        "url(",
+        "<form",
+        "<input",
+        "<iframe",
+        "<object",
+        "<embed",
+        "<video",
+        "<audio",
+        "<svg",
+        "<meta",
+        "<base",
+        "<link",
+        "<style",
+        "behavior",
+        "srcset=",
+        "background=",
+        "data:text",
+        "127.0.0.1:9",
+        "<math",
+        "relative.png",
+    ):
         assert needle not in html, needle
     assert re.findall(r'href="([^"]*)"', out.html) == []  # the javascript:, encoded and data: links lost href
 
@@ -91,14 +120,17 @@ def test_only_data_images_of_safe_types_survive() -> None:
     assert "svg" not in out.html and out.html.count("<img") == 3 and out.html.count("src=") == 1
 
 
-@pytest.mark.parametrize(("raw", "expect"), [
-    ("../../etc/passwd", "passwd"),
-    ("C:\\Windows\\evil.exe", "evil.exe"),
-    ('"><img src=x onerror=alert(1)>.html', "___img src=x onerror=alert(1)_.html"),
-    ("", "part-3.pdf"),
-    ("...", "part-3.pdf"),
-    ("a\r\nb.txt", "a b.txt"),
-    ("x" * 300 + ".pdf", "x" * 110 + ".pdf"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expect"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Windows\\evil.exe", "evil.exe"),
+        ('"><img src=x onerror=alert(1)>.html', "___img src=x onerror=alert(1)_.html"),
+        ("", "part-3.pdf"),
+        ("...", "part-3.pdf"),
+        ("a\r\nb.txt", "a b.txt"),
+        ("x" * 300 + ".pdf", "x" * 110 + ".pdf"),
+    ],
+)
 def test_safe_filenames(raw: str, expect: str) -> None:
     assert safe_filename(raw, 3, "application/pdf") == expect

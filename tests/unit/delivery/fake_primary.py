@@ -37,8 +37,9 @@ class _Handler:
     def __init__(self, primary: Primary) -> None:
         self.p = primary
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
-                          responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         if self.p.dsn:
             responses.insert(len(responses) - 1, "250-DSN")
@@ -50,16 +51,18 @@ class _Handler:
             responses[-1] = "250 " + last[4:]
         return responses
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
         if self.p.mail_reply:
             return self.p.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if self.p.rcpt_rule is not None:
             reply = self.p.rcpt_rule(address)
             if reply is not None:
@@ -81,9 +84,16 @@ class _Handler:
                 return reply
         content = envelope.original_content or b""
         assert isinstance(envelope.mail_from, str)
-        self.p.received.append(Received(
-            envelope.mail_from, list(envelope.rcpt_tos), bytes(content), list(envelope.mail_options),
-            dict(getattr(server, "dsn_mail", {})), dict(getattr(server, "dsn_rcpt", {}))))
+        self.p.received.append(
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                bytes(content),
+                list(envelope.mail_options),
+                dict(getattr(server, "dsn_mail", {})),
+                dict(getattr(server, "dsn_rcpt", {})),
+            )
+        )
         self.p.delivered_event.set()
         return "250 2.0.0 Ok: queued as FAKE"
 
@@ -144,8 +154,15 @@ class _SMTP(SMTP):
 
 
 class Primary:
-    def __init__(self, *, dsn: bool = False, smtputf8: bool = True, hostname: str = "primary.test",
-                 tls_context: ssl.SSLContext | None = None, pipelining: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        dsn: bool = False,
+        smtputf8: bool = True,
+        hostname: str = "primary.test",
+        tls_context: ssl.SSLContext | None = None,
+        pipelining: bool = False,
+    ) -> None:
         self.tls_context = tls_context
         self.pipelining = pipelining
         self.dsn = dsn
@@ -196,9 +213,16 @@ class Primary:
         handler = _Handler(self)
 
         def factory() -> _SMTP:
-            return _SMTP(self, handler, hostname=self.hostname, enable_SMTPUTF8=self.smtputf8,
-                         decode_data=False, data_size_limit=100_000_000, loop=loop,
-                         tls_context=self.tls_context)
+            return _SMTP(
+                self,
+                handler,
+                hostname=self.hostname,
+                enable_SMTPUTF8=self.smtputf8,
+                decode_data=False,
+                data_size_limit=100_000_000,
+                loop=loop,
+                tls_context=self.tls_context,
+            )
 
         self._server = await loop.create_server(factory, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -275,9 +299,27 @@ def self_signed(directory: Path, name: str = "primary.test") -> tuple[Path, ssl.
     """A self-signed certificate for `name` and 127.0.0.1 (openssl CLI), and a server context."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"],
-        check=True, capture_output=True)
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName=DNS:{name},IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     return cert, ctx

@@ -19,27 +19,38 @@ from backupmx.spool import BodyBuffer
 from backupmx.spool.sqlite import SqliteSpool
 
 T0 = 1_700_000_000.0
-BODY = (b"Received: from client.test by backup.test; Tue, 14 Nov 2023 22:13:20 +0000\r\n"
-        b"From: Bob <bob@sender.test>\r\nTo: alice@example.com\r\nSubject: test\r\n\r\n"
-        b"Hello.\r\n.leading dot\r\n..two\r\nBye.\r\n")
+BODY = (
+    b"Received: from client.test by backup.test; Tue, 14 Nov 2023 22:13:20 +0000\r\n"
+    b"From: Bob <bob@sender.test>\r\nTo: alice@example.com\r\nSubject: test\r\n\r\n"
+    b"Hello.\r\n.leading dot\r\n..two\r\nBye.\r\n"
+)
 
 
-def make_config(primary: str | Sequence[str], *, delivery: dict[str, Any] | None = None,
-                domain: dict[str, Any] | None = None) -> Config:
+def make_config(
+    primary: str | Sequence[str], *, delivery: dict[str, Any] | None = None, domain: dict[str, Any] | None = None
+) -> Config:
     d: dict[str, Any] = {
-        "retry_min": "1m", "retry_max": "1h", "connect_timeout": "2s", "command_timeout": "3s",
-        "data_timeout": "10s", "probe_interval": "1s", "probe_timeout": "2s", "down_after": 2,
-        "lease": "60s", "window": 100,
+        "retry_min": "1m",
+        "retry_max": "1h",
+        "connect_timeout": "2s",
+        "command_timeout": "3s",
+        "data_timeout": "10s",
+        "probe_interval": "1s",
+        "probe_timeout": "2s",
+        "down_after": 2,
+        "lease": "60s",
+        "window": 100,
     }
     d.update(delivery or {})
-    dom: dict[str, Any] = {"name": "example.com",
-                           "primary": [primary] if isinstance(primary, str) else list(primary)}
+    dom: dict[str, Any] = {"name": "example.com", "primary": [primary] if isinstance(primary, str) else list(primary)}
     dom.update(domain or {})
-    return config_from_dict({
-        "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2999"]},
-        "domains": [dom],
-        "delivery": d,
-    })
+    return config_from_dict(
+        {
+            "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2999"]},
+            "domains": [dom],
+            "delivery": d,
+        }
+    )
 
 
 @dataclass
@@ -63,8 +74,9 @@ class Harness:
         self.maillog.subscribe(self.events)
         self.resolver = RouteResolver(config)
         self.monitor = HealthMonitor(config, self.spool, self.clock, self.maillog, self.resolver)
-        self.engine = DeliveryEngine(config, self.spool, self.clock, self.maillog, self.monitor, self.resolver,
-                                     owner="test")
+        self.engine = DeliveryEngine(
+            config, self.spool, self.clock, self.maillog, self.monitor, self.resolver, owner="test"
+        )
 
     async def open(self) -> Harness:
         await self.spool.open()
@@ -79,8 +91,9 @@ class Harness:
         assert isinstance(self.clock, FakeClock)
         return self.clock
 
-    async def put(self, *rcpts: str | Recipient, sender: str = "bob@sender.test", body: bytes = BODY,
-                  **env: Any) -> QueueId:
+    async def put(
+        self, *rcpts: str | Recipient, sender: str = "bob@sender.test", body: bytes = BODY, **env: Any
+    ) -> QueueId:
         recipients = tuple(r if isinstance(r, Recipient) else Recipient(r) for r in rcpts)
         envelope = Envelope(sender=sender, recipients=recipients, **env)
         return await self.spool.put(envelope, BodyBuffer.from_bytes(body), now=self.clock.now())

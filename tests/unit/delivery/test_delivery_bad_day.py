@@ -52,8 +52,9 @@ async def refused(tmp_path: Path, sink: Primary, **delivery: object) -> Harness:
     return h
 
 
-async def test_one_failing_job_does_not_strand_the_others(tmp_path: Path, sink: Primary,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_one_failing_job_does_not_strand_the_others(
+    tmp_path: Path, sink: Primary, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad: set[QueueId] = set()
     poison_dsns_of(monkeypatch, bad)
     h = await refused(tmp_path, sink)
@@ -72,8 +73,9 @@ async def test_one_failing_job_does_not_strand_the_others(tmp_path: Path, sink: 
     await h.close()
 
 
-async def test_poison_message_is_held_after_n_failures_in_a_row(tmp_path: Path, sink: Primary,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_poison_message_is_held_after_n_failures_in_a_row(
+    tmp_path: Path, sink: Primary, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad: set[QueueId] = set()
     calls = poison_dsns_of(monkeypatch, bad)
     h = await refused(tmp_path, sink, poison_after=3)
@@ -98,8 +100,9 @@ async def test_poison_message_is_held_after_n_failures_in_a_row(tmp_path: Path, 
     await h.close()
 
 
-async def test_failures_not_in_a_row_do_not_poison(tmp_path: Path, sink: Primary,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failures_not_in_a_row_do_not_poison(
+    tmp_path: Path, sink: Primary, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad: set[QueueId] = set()
     poison_dsns_of(monkeypatch, bad)
     h = await refused(tmp_path, sink, poison_after=2, delay_warning="30m")
@@ -116,8 +119,9 @@ async def test_failures_not_in_a_row_do_not_poison(tmp_path: Path, sink: Primary
     await h.close()
 
 
-async def test_down_sweep_advances_past_recipients_it_leaves_alone(tmp_path: Path, sink: Primary,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_down_sweep_advances_past_recipients_it_leaves_alone(
+    tmp_path: Path, sink: Primary, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sweep, "SWEEP_BATCH", 4)
     monkeypatch.setattr(sweep, "SWEEP_BATCHES", 1)
     h = await refused(tmp_path, sink)
@@ -143,8 +147,9 @@ async def test_a_failed_sweep_commit_does_not_silence_the_delay_notice(tmp_path:
     real = h.spool.record
     failures = [1]
 
-    async def record(owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
-                     *, now: float) -> list[QueueId]:
+    async def record(
+        owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (), *, now: float
+    ) -> list[QueueId]:
         if failures[0] > 0:
             failures[0] -= 1
             raise SpoolUnavailable("spool unavailable (injected)")
@@ -162,8 +167,12 @@ async def test_a_failed_sweep_commit_does_not_silence_the_delay_notice(tmp_path:
 
 async def test_parallel_refused_connects_do_not_declare_an_outage(tmp_path: Path) -> None:
     """Issue 12 item 7: two workers refused at once (a primary restarting) are one observation."""
-    h = await Harness(tmp_path, make_config(f"127.0.0.1:{closed_port()}", delivery={
-        "down_after": 2, "concurrency_initial": 2, "probe_interval": "30s"})).open()
+    h = await Harness(
+        tmp_path,
+        make_config(
+            f"127.0.0.1:{closed_port()}", delivery={"down_after": 2, "concurrency_initial": 2, "probe_interval": "30s"}
+        ),
+    ).open()
     for _ in range(4):
         await h.put("a@example.com")
     await asyncio.wait_for(h.engine.run_once(), 20)
@@ -181,11 +190,15 @@ async def test_held_for_review_or_as_poison_expires_at_the_cap(tmp_path: Path, s
     for queued mail); an operator's hold is the operator's."""
     primary = await Primary().start()
     try:
-        h = await Harness(tmp_path, make_config(primary.hostport, delivery={
-            "retention": "1h", "retention_cap": "2h"})).open()
+        h = await Harness(
+            tmp_path, make_config(primary.hostport, delivery={"retention": "1h", "retention_cap": "2h"})
+        ).open()
         h.engine.set_reroute("sender.test", [("127.0.0.1", sink.port)])
-        poison, guard, operator = (await h.put("a@example.com"), await h.put("b@example.com"),
-                                   await h.put("c@example.com"))
+        poison, guard, operator = (
+            await h.put("a@example.com"),
+            await h.put("b@example.com"),
+            await h.put("c@example.com"),
+        )
         await h.spool.hold(poison, reason="poison", now=h.clock.now())
         await h.spool.hold(guard, reason="recovery-guard", now=h.clock.now())
         await h.spool.hold(operator, now=h.clock.now())
@@ -218,8 +231,11 @@ async def test_queue_list_shows_why_and_how_long_mail_is_held(tmp_path: Path) ->
     node = ServeProcess(tmp_path / "node", extra={"dns": {"nameservers": ["127.0.0.1:9"]}})
     spool = SqliteSpool(node.data_dir)
     await spool.open()
-    qid = await spool.put(Envelope("bob@sender.test", (Recipient("a@example.test"),)),
-                          BodyBuffer.from_bytes(b"Subject: x\r\n\r\nx\r\n"), now=time.time() - 7200)
+    qid = await spool.put(
+        Envelope("bob@sender.test", (Recipient("a@example.test"),)),
+        BodyBuffer.from_bytes(b"Subject: x\r\n\r\nx\r\n"),
+        now=time.time() - 7200,
+    )
     await spool.hold(qid, reason="poison", now=time.time() - 3700)
     await spool.close()
     listing = (await asyncio.to_thread(node.cli, "queue", "list")).stdout

@@ -22,27 +22,51 @@ from backupmx.model import (
 from backupmx.reply import Reply
 
 T0 = 1_700_000_000.0
-ORIGINAL = (b"Received: from client.test by backup.test\r\nFrom: Bob <bob@sender.test>\r\n"
-            b"Subject: hello\r\n\r\nline one\r\n.dotted\r\nlast\r\n")
+ORIGINAL = (
+    b"Received: from client.test by backup.test\r\nFrom: Bob <bob@sender.test>\r\n"
+    b"Subject: hello\r\n\r\nline one\r\n.dotted\r\nlast\r\n"
+)
 
 
-def message(*, ret: str | None = None, envid: str | None = None, smtputf8: bool = False,
-            sender: str = "bob@Sender.Test", kind: MessageKind = MessageKind.USER) -> MessageRecord:
+def message(
+    *,
+    ret: str | None = None,
+    envid: str | None = None,
+    smtputf8: bool = False,
+    sender: str = "bob@Sender.Test",
+    kind: MessageKind = MessageKind.USER,
+) -> MessageRecord:
     recs = (
-        RecipientRecord(QueueId("0ABC"), 0, "alice@example.com", "example.com", RecipientState.QUEUED,
-                        orcpt="rfc822;alice+2Bsub@example.com"),
+        RecipientRecord(
+            QueueId("0ABC"),
+            0,
+            "alice@example.com",
+            "example.com",
+            RecipientState.QUEUED,
+            orcpt="rfc822;alice+2Bsub@example.com",
+        ),
         RecipientRecord(QueueId("0ABC"), 1, "carol@example.com", "example.com", RecipientState.QUEUED),
     )
-    env = Envelope(sender=sender, recipients=tuple(Recipient(r.address, orcpt=r.orcpt) for r in recs),
-                   ret=ret, envid=envid, smtputf8=smtputf8, kind=kind)
+    env = Envelope(
+        sender=sender,
+        recipients=tuple(Recipient(r.address, orcpt=r.orcpt) for r in recs),
+        ret=ret,
+        envid=envid,
+        smtputf8=smtputf8,
+        kind=kind,
+    )
     return MessageRecord(QueueId("0ABC"), env, len(ORIGINAL), T0, recs)
 
 
 def failed(msg: MessageRecord, i: int = 0) -> DsnRecipient:
-    return DsnRecipient(msg.recipients[i], DsnAction.FAILED, "5.1.1",
-                        Reply(550, "5.1.1", "<alice@example.com>: Recipient address rejected: "
-                                            "User unknown in virtual mailbox table"),
-                        "mx1.example.com", T0 + 60)
+    return DsnRecipient(
+        msg.recipients[i],
+        DsnAction.FAILED,
+        "5.1.1",
+        Reply(550, "5.1.1", "<alice@example.com>: Recipient address rejected: User unknown in virtual mailbox table"),
+        "mx1.example.com",
+        T0 + 60,
+    )
 
 
 def parse(body: bytes) -> Message:
@@ -67,8 +91,7 @@ def test_failure_dsn_structure() -> None:
     assert top["Auto-Submitted"] == "auto-replied"
     parts = top.get_payload()
     assert isinstance(parts, list)
-    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status",
-                                                     "text/rfc822-headers"]
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
     assert "User unknown" in parts[0].get_content()
     blocks = parts[1].get_payload()
     per_msg, per_rcpt = blocks[0], blocks[1]
@@ -89,8 +112,7 @@ def test_failure_dsn_structure() -> None:
 
 def test_ret_full_includes_message_verbatim() -> None:
     msg = message(ret="FULL")
-    dsn = build_dsn(msg, [failed(msg), failed(msg, 1)], original=ORIGINAL, reporting_mta="backup.test",
-                    now=T0)
+    dsn = build_dsn(msg, [failed(msg), failed(msg, 1)], original=ORIGINAL, reporting_mta="backup.test", now=T0)
     assert ORIGINAL in dsn.body  # byte for byte
     parts = parse(dsn.body).get_payload()
     assert parts[2].get_content_type() == "message/rfc822"
@@ -112,8 +134,7 @@ def test_expiry_dsn() -> None:
 
 def test_delay_dsn_text_says_outage_and_safe() -> None:
     msg = message()
-    r = DsnRecipient(msg.recipients[0], DsnAction.DELAYED, "4.4.1", None, None, T0,
-                     will_retry_until=T0 + 30 * 86400)
+    r = DsnRecipient(msg.recipients[0], DsnAction.DELAYED, "4.4.1", None, None, T0, will_retry_until=T0 + 30 * 86400)
     dsn = build_dsn(msg, [r], original=ORIGINAL, reporting_mta="backup.test", now=T0 + 3600)
     top = parse(dsn.body)
     assert "Delayed" in top["Subject"]
@@ -145,8 +166,7 @@ def test_8bit_original_marks_dsn_8bitmime() -> None:
 
 def test_bare_newlines_in_original_never_reach_the_dsn() -> None:
     msg = message(ret="FULL")
-    dsn = build_dsn(msg, [failed(msg)], original=b"Subject: x\n\nbare\rcr\n", reporting_mta="b.test",
-                    now=T0)
+    dsn = build_dsn(msg, [failed(msg)], original=b"Subject: x\n\nbare\rcr\n", reporting_mta="b.test", now=T0)
     assert no_bare_newlines(dsn.body)
 
 
@@ -168,8 +188,9 @@ def test_bare_newlines_in_original_never_reach_the_dsn() -> None:
         ("bob@s.test", MessageKind.USER, ("success", "failure"), DsnAction.RELAYED, True),
     ],
 )
-def test_dsn_owed(sender: str, kind: MessageKind, notify: tuple[str, ...] | None, action: DsnAction,
-                  owed: bool) -> None:
+def test_dsn_owed(
+    sender: str, kind: MessageKind, notify: tuple[str, ...] | None, action: DsnAction, owed: bool
+) -> None:
     assert dsn_owed(Envelope(sender=sender, recipients=(), kind=kind), notify, action) is owed
 
 
@@ -202,15 +223,26 @@ def test_minimal_dsn_when_the_full_one_fails(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(bounce, "_full_dsn", boom)
     msg = message(smtputf8=True, sender="j\u00f6rg@b\u00fccher.test")
-    rec = DsnRecipient(RecipientRecord(QueueId("0ABC"), 0, "\u00fc\r\nX: y@example.com", "example.com",
-                                       RecipientState.QUEUED), DsnAction.FAILED, "5.1.1",
-                       Reply(550, "5.1.1", "f\u00fcr\r\nX-Injected: 1"))
+    rec = DsnRecipient(
+        RecipientRecord(QueueId("0ABC"), 0, "\u00fc\r\nX: y@example.com", "example.com", RecipientState.QUEUED),
+        DsnAction.FAILED,
+        "5.1.1",
+        Reply(550, "5.1.1", "f\u00fcr\r\nX-Injected: 1"),
+    )
     dsn = build_dsn(msg, [rec], original=ORIGINAL, reporting_mta="backup.test", now=T0)
     assert no_bare_newlines(dsn.body)
     top = parse(dsn.body)
     assert top.get_content_type() == "multipart/report" and not top.defects
-    assert set(top.keys()) == {"From", "To", "Subject", "Date", "Message-ID", "Auto-Submitted", "MIME-Version",
-                               "Content-Type"}
+    assert set(top.keys()) == {
+        "From",
+        "To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "Auto-Submitted",
+        "MIME-Version",
+        "Content-Type",
+    }
     parts = top.get_payload()
     assert isinstance(parts, list) and parts[1].get_content_type() == "message/delivery-status"
     block = parts[1].get_payload()[1]

@@ -30,8 +30,7 @@ async def sink() -> AsyncIterator[Primary]:
     await p.stop()
 
 
-async def harness(tmp_path: Path, primary: Primary | str, sink: Primary | None = None,
-                  **kw: object) -> Harness:
+async def harness(tmp_path: Path, primary: Primary | str, sink: Primary | None = None, **kw: object) -> Harness:
     target = primary.hostport if isinstance(primary, Primary) else primary
     h = await Harness(tmp_path, make_config(target, **kw)).open()  # type: ignore[arg-type]
     if sink is not None:
@@ -59,8 +58,9 @@ async def test_delivers_and_reuses_connection(tmp_path: Path, primary: Primary) 
 
 
 async def test_several_messages_per_connection(tmp_path: Path, primary: Primary) -> None:
-    h = await harness(tmp_path, primary, delivery={"concurrency_initial": 1, "concurrency_max": 1,
-                                                   "messages_per_connection": 4})
+    h = await harness(
+        tmp_path, primary, delivery={"concurrency_initial": 1, "concurrency_max": 1, "messages_per_connection": 4}
+    )
     for _ in range(10):
         await h.put("a@example.com")
     await h.engine.run_once()
@@ -130,6 +130,7 @@ async def test_421_defers_without_dsn(tmp_path: Path, primary: Primary, sink: Pr
 async def test_554_after_dot_bounces_every_recipient(tmp_path: Path, primary: Primary, sink: Primary) -> None:
     async def spam(_: object) -> str:
         return "554 5.7.1 Message rejected as spam"
+
     primary.data_rule = spam
     h = await harness(tmp_path, primary, sink)
     qid = await h.put("a@example.com", "b@example.com")
@@ -193,8 +194,9 @@ async def test_no_relayed_dsn_when_primary_offers_dsn(tmp_path: Path, sink: Prim
     p = await Primary(dsn=True).start()
     try:
         h = await harness(tmp_path, p, sink)
-        await h.put(Recipient("a@example.com", notify=("SUCCESS",), orcpt="rfc822;a@example.com"),
-                    ret="HDRS", envid="E1")
+        await h.put(
+            Recipient("a@example.com", notify=("SUCCESS",), orcpt="rfc822;a@example.com"), ret="HDRS", envid="E1"
+        )
         await h.engine.run_once()
         assert sink.received == []
         assert p.received[0].dsn_rcpt["a@example.com"] == {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;a@example.com"}
@@ -271,8 +273,7 @@ async def test_primary_unreachable_defers_everything_no_dsn(tmp_path: Path, sink
 
 
 async def test_going_down_mid_round_spends_no_more_attempts(tmp_path: Path) -> None:
-    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", delivery={"down_after": 1,
-                                                                        "concurrency_initial": 1})
+    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", delivery={"down_after": 1, "concurrency_initial": 1})
     ids = [await h.put("a@example.com") for _ in range(5)]
     await h.engine.run_once()
     assert not h.monitor.is_deliverable("example.com")  # the refused connection declared it DOWN
@@ -299,8 +300,12 @@ async def test_nothing_claimed_while_down(tmp_path: Path, primary: Primary) -> N
 
 
 async def test_expiry_after_retention_with_dsn(tmp_path: Path, sink: Primary) -> None:
-    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", sink,
-                      delivery={"retention": "2d", "retention_cap": "5d", "down_after": 1000})
+    h = await harness(
+        tmp_path,
+        f"127.0.0.1:{closed_port()}",
+        sink,
+        delivery={"retention": "2d", "retention_cap": "5d", "down_after": 1000},
+    )
     qid = await h.put("a@example.com")
     for _ in range(3):
         await h.engine.run_once()
@@ -318,8 +323,7 @@ async def test_expiry_after_retention_with_dsn(tmp_path: Path, sink: Primary) ->
 
 
 async def test_declared_outage_pauses_retention_up_to_the_cap(tmp_path: Path, sink: Primary) -> None:
-    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", sink,
-                      delivery={"retention": "2d", "retention_cap": "5d"})
+    h = await harness(tmp_path, f"127.0.0.1:{closed_port()}", sink, delivery={"retention": "2d", "retention_cap": "5d"})
     qid = await h.put("a@example.com")
     await h.monitor.force_down("example.com", "outage")  # declared at arrival
     h.fake.advance(86400 * 4)
@@ -399,6 +403,7 @@ async def test_window_bounds_memory(tmp_path: Path, primary: Primary) -> None:
     async def spy(**kw: object) -> list:  # type: ignore[type-arg]
         seen.append(int(kw["limit"]))  # type: ignore[call-overload]
         return await orig(**kw)  # type: ignore[arg-type]
+
     h.spool.claim_due = spy  # type: ignore[method-assign]
     await h.engine.run_once()
     assert len(primary.received) == 35
@@ -428,12 +433,16 @@ async def test_backlog_at_one_primary_does_not_starve_another(tmp_path: Path, pr
     fast = await Primary(hostname="fast.test").start()
     try:
         primary.data_delay = 0.02
-        cfg = config_from_dict({
-            "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2999"]},
-            "domains": [{"name": "example.com", "primary": [primary.hostport]},
-                        {"name": "other.com", "primary": [fast.hostport]}],
-            "delivery": {"window": 10, "concurrency_initial": 1, "concurrency_max": 1},
-        })
+        cfg = config_from_dict(
+            {
+                "server": {"hostname": "backup.test", "listen": ["127.0.0.1:2999"]},
+                "domains": [
+                    {"name": "example.com", "primary": [primary.hostport]},
+                    {"name": "other.com", "primary": [fast.hostport]},
+                ],
+                "delivery": {"window": 10, "concurrency_initial": 1, "concurrency_max": 1},
+            }
+        )
         h = await Harness(tmp_path, cfg).open()
         for _ in range(50):
             await h.put("a@example.com")
@@ -447,8 +456,9 @@ async def test_backlog_at_one_primary_does_not_starve_another(tmp_path: Path, pr
         await fast.stop()
 
 
-async def test_own_mail_is_tagged_with_its_kind_in_the_mail_log(tmp_path: Path, primary: Primary,
-                                                                 sink: Primary) -> None:
+async def test_own_mail_is_tagged_with_its_kind_in_the_mail_log(
+    tmp_path: Path, primary: Primary, sink: Primary
+) -> None:
     """User mail's events carry no kind; a DSN's and a canary's say kind=dsn / kind=canary, so statistics
     (admin/mailevents.py, the delivery_failing alert) can leave them out of the user-mail totals."""
     from backupmx.admin.mailevents import MailEvent, MailTally, ReasonClass
@@ -461,10 +471,18 @@ async def test_own_mail_is_tagged_with_its_kind_in_the_mail_log(tmp_path: Path, 
     await h.put("canary@example.com", sender="", kind=MessageKind.CANARY)  # refused: no DSN (null sender)
     await h.engine.run_once()
     kinds = {(e, f["to"], f.get("kind")) for e, f in h.events.items if e in ("delivered", "bounced")}
-    assert kinds == {("delivered", "<a@example.com>", None), ("bounced", "<b@example.com>", None),
-                     ("delivered", "<bob@sender.test>", "dsn"), ("bounced", "<canary@example.com>", "canary")}
-    assert tally.counts() == {(MailEvent.DELIVERED, "example.com", ReasonClass.OK): 1,
-                              (MailEvent.BOUNCED, "example.com", ReasonClass.ADDRESS): 1}
-    assert tally.own_counts() == {(MessageKind.DSN, MailEvent.DELIVERED, ReasonClass.OK): 1,
-                                  (MessageKind.CANARY, MailEvent.BOUNCED, ReasonClass.ADDRESS): 1}
+    assert kinds == {
+        ("delivered", "<a@example.com>", None),
+        ("bounced", "<b@example.com>", None),
+        ("delivered", "<bob@sender.test>", "dsn"),
+        ("bounced", "<canary@example.com>", "canary"),
+    }
+    assert tally.counts() == {
+        (MailEvent.DELIVERED, "example.com", ReasonClass.OK): 1,
+        (MailEvent.BOUNCED, "example.com", ReasonClass.ADDRESS): 1,
+    }
+    assert tally.own_counts() == {
+        (MessageKind.DSN, MailEvent.DELIVERED, ReasonClass.OK): 1,
+        (MessageKind.CANARY, MailEvent.BOUNCED, ReasonClass.ADDRESS): 1,
+    }
     await h.close()

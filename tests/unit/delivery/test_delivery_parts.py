@@ -34,8 +34,10 @@ OK = Reply(250, "2.0.0", "Ok")
 
 def message(n: int, *, received_at: float = T0, notify: tuple[str, ...] | None = None) -> MessageRecord:
     qid = QueueId("0000000000000A")
-    rcpts = tuple(RecipientRecord(qid, i, f"r{i}@example.com", "example.com", RecipientState.QUEUED,
-                                  notify=notify) for i in range(n))
+    rcpts = tuple(
+        RecipientRecord(qid, i, f"r{i}@example.com", "example.com", RecipientState.QUEUED, notify=notify)
+        for i in range(n)
+    )
     env = Envelope("bob@sender.test", tuple(Recipient(r.address, notify) for r in rcpts))
     return MessageRecord(qid, env, 10, received_at, rcpts)
 
@@ -44,11 +46,27 @@ def result(*outcomes: Delivered | Deferred | Bounced, dsn_offered: bool = True) 
     return TransactionResult(outcomes, "127.0.0.1:25", "primary.test", dsn_offered, final_reply=OK)
 
 
-def run_plan(msg: MessageRecord, res: TransactionResult, *, now: float = T0 + 10, guard: bool = False,
-             retention: RetentionPolicy | None = None, delay_due: bool = False):  # type: ignore[no-untyped-def]
-    return plan(msg, msg.recipients, res, now=now, guard=guard, delay_due=delay_due, outages=[],
-                retention=retention or RetentionPolicy(timedelta(days=30), timedelta(days=90)),
-                config=CFG, rng=Random(1))
+def run_plan(
+    msg: MessageRecord,
+    res: TransactionResult,
+    *,
+    now: float = T0 + 10,
+    guard: bool = False,
+    retention: RetentionPolicy | None = None,
+    delay_due: bool = False,
+):  # type: ignore[no-untyped-def]
+    return plan(
+        msg,
+        msg.recipients,
+        res,
+        now=now,
+        guard=guard,
+        delay_due=delay_due,
+        outages=[],
+        retention=retention or RetentionPolicy(timedelta(days=30), timedelta(days=90)),
+        config=CFG,
+        rng=Random(1),
+    )
 
 
 def test_plan_gives_each_recipient_exactly_one_update() -> None:
@@ -82,7 +100,7 @@ def test_plan_owes_a_relayed_dsn_when_the_primary_offers_no_dsn() -> None:
 def test_window_counts_forgets_and_drops() -> None:
     w = Window(10, 2)
     msg = message(3)
-    jobs = [Job(Claim(msg, msg.recipients[i:i + 1], "n", T0 + 60), "example.com") for i in range(3)]
+    jobs = [Job(Claim(msg, msg.recipients[i : i + 1], "n", T0 + 60), "example.com") for i in range(3)]
     for j in jobs:
         w.add(j)
     assert w.claimed == 3 and w.dest("example.com").queued == 3

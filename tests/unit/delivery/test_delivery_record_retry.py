@@ -32,8 +32,9 @@ class FlakyRecord:
         self.commits = 0
         h.spool.record = self  # type: ignore[method-assign]
 
-    async def __call__(self, owner: str, updates: Sequence[RecipientUpdate],
-                       new_messages: Sequence[NewMessage] = (), *, now: float) -> list[QueueId]:
+    async def __call__(
+        self, owner: str, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (), *, now: float
+    ) -> list[QueueId]:
         self.calls += 1
         if self.calls <= self.failures:
             if self.committed:
@@ -92,7 +93,8 @@ async def test_recorded_once_when_the_database_comes_back(tmp_path: Path, primar
 
 
 async def test_a_lost_reply_of_a_committed_record_is_not_written_again(
-        tmp_path: Path, primary: Primary, sink: Primary) -> None:
+    tmp_path: Path, primary: Primary, sink: Primary
+) -> None:
     primary.rcpt_rule = refuse_b
     h = await harness(tmp_path, primary, sink)
     flaky = FlakyRecord(h, 1, committed=True)
@@ -131,10 +133,13 @@ async def test_gives_up_before_the_lease_runs_out(tmp_path: Path, primary: Prima
     await h.close()
 
 
-@pytest.mark.parametrize(("error", "recorded"), [
-    (SpoolFullError("disk full (injected)"), Recorded.LEFT),  # the lease runs out, the recipients come back
-    (RuntimeError("a bug (injected)"), Recorded.FAILED),  # counted toward the poison limit
-])
+@pytest.mark.parametrize(
+    ("error", "recorded"),
+    [
+        (SpoolFullError("disk full (injected)"), Recorded.LEFT),  # the lease runs out, the recipients come back
+        (RuntimeError("a bug (injected)"), Recorded.FAILED),  # counted toward the poison limit
+    ],
+)
 def test_an_error_no_retry_cures(error: Exception, recorded: Recorded, caplog: pytest.LogCaptureFixture) -> None:
     """What write() answers (on the first try and on a retry alike) for an error it does not try again."""
     try:

@@ -24,8 +24,10 @@ from backupmx.model import (
 from backupmx.reply import Reply
 from tests.unit.delivery.fake_primary import BlackHole, Greeter, Primary, closed_port, self_signed
 
-BODY = (b"Received: from client.test\r\nSubject: dots\r\n\r\n.leading dot\r\n..two dots\r\n"
-        b"middle . dot\r\n.\r\nlast line\r\n")
+BODY = (
+    b"Received: from client.test\r\nSubject: dots\r\n\r\n.leading dot\r\n..two dots\r\n"
+    b"middle . dot\r\n.\r\nlast line\r\n"
+)
 
 
 def settings(**kw: float) -> RelaySettings:
@@ -34,15 +36,19 @@ def settings(**kw: float) -> RelaySettings:
     return RelaySettings(local_hostname="backup.test", **base)  # type: ignore[arg-type]
 
 
-def rcpts(*addrs: str, notify: tuple[str, ...] | None = None, orcpt: str | None = None
-          ) -> list[RecipientRecord]:
-    return [RecipientRecord(QueueId("Q"), i, a, a.rpartition("@")[2], RecipientState.QUEUED,
-                            notify=notify, orcpt=orcpt) for i, a in enumerate(addrs)]
+def rcpts(*addrs: str, notify: tuple[str, ...] | None = None, orcpt: str | None = None) -> list[RecipientRecord]:
+    return [
+        RecipientRecord(QueueId("Q"), i, a, a.rpartition("@")[2], RecipientState.QUEUED, notify=notify, orcpt=orcpt)
+        for i, a in enumerate(addrs)
+    ]
 
 
 def env(rs: list[RecipientRecord], **kw: object) -> Envelope:
-    return Envelope(sender=str(kw.pop("sender", "bob@sender.test")),
-                    recipients=tuple(Recipient(r.address, r.notify, r.orcpt) for r in rs), **kw)  # type: ignore[arg-type]
+    return Envelope(
+        sender=str(kw.pop("sender", "bob@sender.test")),
+        recipients=tuple(Recipient(r.address, r.notify, r.orcpt) for r in rs),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def target(p: Primary | Greeter | BlackHole | int) -> Target:
@@ -107,8 +113,7 @@ async def test_one_of_three_refused(primary: Primary) -> None:
 
 
 async def test_451_per_recipient_and_552_is_temporary(primary: Primary) -> None:
-    primary.rcpt_rule = lambda a: {"b@example.com": "451 4.3.0 try later",
-                                   "c@example.com": "552 5.5.3 too many"}.get(a)
+    primary.rcpt_rule = lambda a: {"b@example.com": "451 4.3.0 try later", "c@example.com": "552 5.5.3 too many"}.get(a)
     s = await RelaySession.open([target(primary)], settings())
     rs = rcpts("a@example.com", "b@example.com", "c@example.com")
     result = await s.deliver(env(rs), rs, BODY)
@@ -131,6 +136,7 @@ async def test_all_refused_no_data(primary: Primary) -> None:
 async def test_554_after_dot(primary: Primary) -> None:
     async def rule(_: object) -> str:
         return "554 5.7.1 rejected as spam"
+
     primary.data_rule = rule
     s = await RelaySession.open([target(primary)], settings())
     rs = rcpts("a@example.com", "b@example.com")
@@ -142,6 +148,7 @@ async def test_554_after_dot(primary: Primary) -> None:
 async def test_451_after_dot(primary: Primary) -> None:
     async def rule(_: object) -> str:
         return "451 4.3.0 queue full"
+
     primary.data_rule = rule
     s = await RelaySession.open([target(primary)], settings())
     rs = rcpts("a@example.com")
@@ -199,8 +206,7 @@ async def test_dsn_parameters_passed_unchanged() -> None:
         assert result.dsn_offered and isinstance(result.outcomes[0], Delivered)
         got = p.received[0]
         assert got.dsn_mail == {"RET": "HDRS", "ENVID": "abc+2Bdef"}
-        assert got.dsn_rcpt["a@example.com"] == {"NOTIFY": "SUCCESS,FAILURE",
-                                                 "ORCPT": "rfc822;Alice+2Bx@example.com"}
+        assert got.dsn_rcpt["a@example.com"] == {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;Alice+2Bx@example.com"}
     finally:
         await p.stop()
 
@@ -290,8 +296,7 @@ async def test_large_body_flow_control(primary: Primary) -> None:
 
 
 def _tls(**kw: object) -> RelaySettings:
-    return RelaySettings(local_hostname="backup.test", connect_timeout=2.0, command_timeout=2.0,
-                         data_timeout=5.0, **kw)  # type: ignore[arg-type]
+    return RelaySettings(local_hostname="backup.test", connect_timeout=2.0, command_timeout=2.0, data_timeout=5.0, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("pipelining", [False, True])

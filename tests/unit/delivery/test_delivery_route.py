@@ -17,8 +17,9 @@ from backupmx.errors import RouteError
 
 
 class FakeDns:
-    def __init__(self, mx: dict[str, list[tuple[int, str]] | Exception],
-                 hosts: dict[str, list[str] | Exception]) -> None:
+    def __init__(
+        self, mx: dict[str, list[tuple[int, str]] | Exception], hosts: dict[str, list[str] | Exception]
+    ) -> None:
         self.mx_table = mx
         self.hosts = hosts
         self.calls = 0
@@ -40,12 +41,15 @@ class FakeDns:
 OURS = "192.0.2.2"
 
 
-def resolver(dns: FakeDns, domains: list[dict[str, object]] | None = None,
-             listen: tuple[str, ...] = ("0.0.0.0:25",)) -> RouteResolver:
-    cfg = config_from_dict({
-        "server": {"hostname": "backup.example.com", "listen": list(listen)},
-        "domains": domains if domains is not None else [{"name": "example.com"}],
-    })
+def resolver(
+    dns: FakeDns, domains: list[dict[str, object]] | None = None, listen: tuple[str, ...] = ("0.0.0.0:25",)
+) -> RouteResolver:
+    cfg = config_from_dict(
+        {
+            "server": {"hostname": "backup.example.com", "listen": list(listen)},
+            "domains": domains if domains is not None else [{"name": "example.com"}],
+        }
+    )
     return RouteResolver(cfg, dns, is_local_address=lambda a: a in (OURS, "127.0.0.1"))
 
 
@@ -59,8 +63,17 @@ STD_HOSTS: dict[str, list[str] | Exception] = {
 
 
 async def test_mx_better_than_ours_only() -> None:
-    dns = FakeDns({"example.com": [(20, "backup.example.com"), (10, "mx1.example.com"),
-                                   (5, "mx0.example.com"), (30, "worse.example.com")]}, STD_HOSTS)
+    dns = FakeDns(
+        {
+            "example.com": [
+                (20, "backup.example.com"),
+                (10, "mx1.example.com"),
+                (5, "mx0.example.com"),
+                (30, "worse.example.com"),
+            ]
+        },
+        STD_HOSTS,
+    )
     route = await resolver(dns).resolve("example.com")
     assert route.source is RouteSource.MX
     assert [t.address for t in route.targets] == ["192.0.2.9", "2001:db8::9", "192.0.2.10"]
@@ -82,8 +95,7 @@ async def test_we_are_found_by_address_under_another_name() -> None:
 
 async def test_mx_host_resolving_to_us_is_skipped_even_when_better() -> None:
     hosts = dict(STD_HOSTS, **{"mx0.example.com": [OURS]})
-    dns = FakeDns({"example.com": [(5, "mx0.example.com"), (10, "mx1.example.com"),
-                                   (20, "worse.example.com")]}, hosts)
+    dns = FakeDns({"example.com": [(5, "mx0.example.com"), (10, "mx1.example.com"), (20, "worse.example.com")]}, hosts)
     # mx0 resolves to us: our preference is 5, nothing ranks better
     with pytest.raises(RouteError):
         await resolver(dns).resolve("example.com")
@@ -117,19 +129,22 @@ async def test_dns_failure_without_history_defers() -> None:
 
 async def test_configured_primary_list_in_order() -> None:
     dns = FakeDns({}, {"p1.internal": ["10.0.0.1"], "p2.internal": DnsTemporaryError("x")})
-    r = resolver(dns, [{"name": "example.com", "primary": ["p1.internal:2525", "p2.internal",
-                                                          "10.0.0.3:26"]}])
+    r = resolver(dns, [{"name": "example.com", "primary": ["p1.internal:2525", "p2.internal", "10.0.0.3:26"]}])
     route = await r.resolve("example.com")
     assert route.source is RouteSource.CONFIG
-    assert route.targets == (Target("p1.internal", 2525, "10.0.0.1"), Target("p2.internal", 25, None),
-                             Target("10.0.0.3", 26, "10.0.0.3"))
+    assert route.targets == (
+        Target("p1.internal", 2525, "10.0.0.1"),
+        Target("p2.internal", 25, None),
+        Target("10.0.0.3", 26, "10.0.0.3"),
+    )
     assert dns.calls == 0  # no MX lookup for a configured primary
 
 
 async def test_configured_primary_that_is_us_is_skipped() -> None:
     dns = FakeDns({}, {})
-    r = resolver(dns, [{"name": "example.com", "primary": ["127.0.0.1:2525", "127.0.0.1:2526"]}],
-                 listen=("127.0.0.1:2525",))
+    r = resolver(
+        dns, [{"name": "example.com", "primary": ["127.0.0.1:2525", "127.0.0.1:2526"]}], listen=("127.0.0.1:2525",)
+    )
     route = await r.resolve("example.com")
     assert [t.port for t in route.targets] == [2526]
     r2 = resolver(dns, [{"name": "example.com", "primary": ["127.0.0.1:2525"]}], listen=("127.0.0.1:2525",))
@@ -138,9 +153,10 @@ async def test_configured_primary_that_is_us_is_skipped() -> None:
 
 
 async def test_other_domain_all_mx_and_implicit_mx() -> None:
-    dns = FakeDns({"sender.example": [(10, "mx1.example.com"), (20, "worse.example.com")],
-                   "nomx.example": []},
-                  dict(STD_HOSTS, **{"nomx.example": ["198.51.100.7"]}))
+    dns = FakeDns(
+        {"sender.example": [(10, "mx1.example.com"), (20, "worse.example.com")], "nomx.example": []},
+        dict(STD_HOSTS, **{"nomx.example": ["198.51.100.7"]}),
+    )
     r = resolver(dns)
     route = await r.resolve("sender.example")
     assert [t.address for t in route.targets] == ["192.0.2.10", "192.0.2.20"]
@@ -175,13 +191,22 @@ async def test_real_dns_server_with_port() -> None:
     """dnspython against `[dns] nameservers = ["IP:PORT"]` (the test DNS server), then a SERVFAIL."""
     from tests.support.dnsserver import DnsServer
 
-    zones = {"example.test": {"@": {"MX": ["10 mx1", "20 backup"]}, "mx1": {"A": "127.0.0.1"},
-                              "backup": {"A": "192.0.2.99"}},
-             "sender.test": {"@": {"A": "127.0.0.2"}}}
+    zones = {
+        "example.test": {
+            "@": {"MX": ["10 mx1", "20 backup"]},
+            "mx1": {"A": "127.0.0.1"},
+            "backup": {"A": "192.0.2.99"},
+        },
+        "sender.test": {"@": {"A": "127.0.0.2"}},
+    }
     with DnsServer(zones, host="127.0.0.1") as dns:
-        cfg = config_from_dict({"server": {"hostname": "backup.example.test", "listen": ["0.0.0.0:2999"]},
-                                "domains": [{"name": "example.test"}],
-                                "dns": {"nameservers": [dns.nameserver], "timeout": "2s"}})
+        cfg = config_from_dict(
+            {
+                "server": {"hostname": "backup.example.test", "listen": ["0.0.0.0:2999"]},
+                "domains": [{"name": "example.test"}],
+                "dns": {"nameservers": [dns.nameserver], "timeout": "2s"},
+            }
+        )
         r = RouteResolver(cfg)
         route = await r.resolve("example.test")
         assert route.source is RouteSource.MX

@@ -22,17 +22,30 @@ from tests.unit.smtp.harness import Harness
 NASTY = ["\r", "\n", "\x00", "\x0b", "\x85", "\u2028"]
 ATOM = st.text(alphabet=st.sampled_from("abcxyz09!#$%&'*+-/=?^_`{|}~\u00e9\u4e2d"), min_size=1, max_size=6)
 DOT_ATOM = st.lists(ATOM, min_size=1, max_size=3).map(".".join)
-QUOTED = st.lists(st.sampled_from(["a", " ", "\\\"", "\\\\", "(", ")", "<", ">", "@", ",", ";", ":", "[",
-                                   "=", "+", "\u00fc", *NASTY]), min_size=1, max_size=10
-                  ).map(lambda p: f'"{"".join(p)}"')
+QUOTED = st.lists(
+    st.sampled_from(["a", " ", '\\"', "\\\\", "(", ")", "<", ">", "@", ",", ";", ":", "[", "=", "+", "\u00fc", *NASTY]),
+    min_size=1,
+    max_size=10,
+).map(lambda p: f'"{"".join(p)}"')
 LOCAL = st.one_of(DOT_ATOM, QUOTED)
 DOMAIN = st.sampled_from(["sender.test", "B\u00fccher.test", "[127.0.0.1]", "x-y.test"])
 GOOD_XTEXT = st.sampled_from(["a", "Z", "9", "-", ":", "+2B", "+20", "\\x{E9}", "\u00e9"])
 BAD_XTEXT = st.sampled_from(["+0D", "+0A", "+00", "+7F", "+C3+A9", "\\x{D}", "\\x{2028}", *NASTY])
 XTEXT = st.lists(st.one_of(GOOD_XTEXT, GOOD_XTEXT, GOOD_XTEXT, BAD_XTEXT), max_size=6).map("".join)
-FIELDS = {"Reporting-MTA", "X-Backupmx-Queue-ID", "Original-Envelope-Id", "Arrival-Date", "Final-Recipient",
-          "Original-Recipient", "Action", "Status", "Remote-MTA", "Diagnostic-Code", "Last-Attempt-Date",
-          "Will-Retry-Until"}
+FIELDS = {
+    "Reporting-MTA",
+    "X-Backupmx-Queue-ID",
+    "Original-Envelope-Id",
+    "Arrival-Date",
+    "Final-Recipient",
+    "Original-Recipient",
+    "Action",
+    "Status",
+    "Remote-MTA",
+    "Diagnostic-Code",
+    "Last-Attempt-Date",
+    "Will-Retry-Until",
+}
 TOP = {"From", "To", "Subject", "Date", "Message-ID", "Auto-Submitted", "MIME-Version", "Content-Type"}
 
 
@@ -63,8 +76,13 @@ def accepted_envelope(session: bytes) -> Envelope | None:
     if not h.stored:
         return None
     tx = h.stored[0].transaction
-    return Envelope(sender=tx.sender, recipients=tuple(tx.recipients), smtputf8=tx.params.smtputf8,
-                    ret=tx.params.ret, envid=tx.params.envid)
+    return Envelope(
+        sender=tx.sender,
+        recipients=tuple(tx.recipients),
+        smtputf8=tx.params.smtputf8,
+        ret=tx.params.ret,
+        envid=tx.params.envid,
+    )
 
 
 def fields(part: Message) -> set[str]:
@@ -85,21 +103,32 @@ REPLY_TEXT = st.one_of(st.text(max_size=80), st.binary(max_size=80).map(lambda b
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(session=smtp_session(), reply_text=REPLY_TEXT, code=st.sampled_from([250, 451, 550, 554]),
-       action=st.sampled_from(list(DsnAction)))
-def test_any_accepted_envelope_builds_a_clean_dsn(session: bytes, reply_text: str, code: int,
-                                                  action: DsnAction) -> None:
+@given(
+    session=smtp_session(),
+    reply_text=REPLY_TEXT,
+    code=st.sampled_from([250, 451, 550, 554]),
+    action=st.sampled_from(list(DsnAction)),
+)
+def test_any_accepted_envelope_builds_a_clean_dsn(
+    session: bytes, reply_text: str, code: int, action: DsnAction
+) -> None:
     env = accepted_envelope(session)
     if env is None or not env.sender:
         return  # refused at the command, or <> (never gets a DSN): nothing to build
     qid = QueueId("0PROP")
-    recs = tuple(RecipientRecord(qid, i, r.address, "example.test", RecipientState.QUEUED,
-                                 notify=r.notify, orcpt=r.orcpt) for i, r in enumerate(env.recipients))
+    recs = tuple(
+        RecipientRecord(qid, i, r.address, "example.test", RecipientState.QUEUED, notify=r.notify, orcpt=r.orcpt)
+        for i, r in enumerate(env.recipients)
+    )
     msg = MessageRecord(qid, env, 30, 1_700_000_000.0, recs)
     reply = Reply(code, "5.0.0", reply_text)
-    dsn = build_dsn(msg, [DsnRecipient(r, action, "5.0.0", reply, "mx\r\nX-Evil: 1.test", 1_700_000_060.0)
-                          for r in recs],
-                    original=b"Subject: s\r\n\r\nbody\r\n", reporting_mta="backup.test", now=1_700_000_100.0)
+    dsn = build_dsn(
+        msg,
+        [DsnRecipient(r, action, "5.0.0", reply, "mx\r\nX-Evil: 1.test", 1_700_000_060.0) for r in recs],
+        original=b"Subject: s\r\n\r\nbody\r\n",
+        reporting_mta="backup.test",
+        now=1_700_000_100.0,
+    )
     assert re.search(rb"(?<!\r)\n|\r(?!\n)", dsn.body) is None
     top = BytesParser(policy=policy.default).parsebytes(dsn.body)
     assert set(top.keys()) <= TOP, top.keys()

@@ -19,8 +19,10 @@ BODY = b"Subject: s\r\n\r\n.first\r\nmid\r\n"
 
 
 def rcpts(*addrs: str, notify: tuple[str, ...] | None = None, orcpt: str | None = None) -> list[RecipientRecord]:
-    return [RecipientRecord(QueueId("Q"), i, a, a.rpartition("@")[2], RecipientState.QUEUED,
-                            notify=notify, orcpt=orcpt) for i, a in enumerate(addrs)]
+    return [
+        RecipientRecord(QueueId("Q"), i, a, a.rpartition("@")[2], RecipientState.QUEUED, notify=notify, orcpt=orcpt)
+        for i, a in enumerate(addrs)
+    ]
 
 
 def env(rs: list[RecipientRecord]) -> Envelope:
@@ -28,8 +30,9 @@ def env(rs: list[RecipientRecord]) -> Envelope:
 
 
 async def session(p: ScriptedPrimary, command_timeout: float = 2.0) -> RelaySession:
-    s = RelaySettings(local_hostname="backup.test", connect_timeout=2.0, command_timeout=command_timeout,
-                      data_timeout=3.0)
+    s = RelaySettings(
+        local_hostname="backup.test", connect_timeout=2.0, command_timeout=command_timeout, data_timeout=3.0
+    )
     return await RelaySession.open([Target("127.0.0.1", p.port, "127.0.0.1")], s)
 
 
@@ -147,14 +150,26 @@ async def test_dsn_parameters_ride_in_the_group() -> None:
         await p.stop()
 
 
-@pytest.mark.parametrize("address", ["", "a@example.test", "Ünïcode@bücher.test", "first.last+tag@sub.example.test",
-                                     '"quoted local"@example.test', "a@[127.0.0.1]", "odd(comment)@example.test"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "a@example.test",
+        "Ünïcode@bücher.test",
+        "first.last+tag@sub.example.test",
+        '"quoted local"@example.test',
+        "a@[127.0.0.1]",
+        "odd(comment)@example.test",
+    ],
+)
 def test_path_as_aiosmtplib_writes_it(address: str) -> None:
     assert _path(address) == quote_address(address)
 
 
-@pytest.mark.parametrize("verb, answer", [("RCPT", b"garbage, not a reply\r\n"),
-                                          ("DATA", b"354 go ahead\r\n250 2.0.0 and an extra reply\r\n")])
+@pytest.mark.parametrize(
+    "verb, answer",
+    [("RCPT", b"garbage, not a reply\r\n"), ("DATA", b"354 go ahead\r\n250 2.0.0 and an extra reply\r\n")],
+)
 async def test_out_of_step_ends_the_connection(primary: ScriptedPrimary, verb: str, answer: bytes) -> None:
     # a reply that is not one, or one nobody asked for: no RSET on a session out of step (a 354 still
     # due would make the next commands a body), a deferral, and the connection closed at once (before,

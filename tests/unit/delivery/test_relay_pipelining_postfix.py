@@ -11,14 +11,15 @@ from backupmx.model import Bounced, Delivered, Envelope, QueueId, Recipient, Rec
 from tests.support.fixtures import postfix_factory  # noqa: F401 (a fixture)
 from tests.support.postfix import PostfixInstance
 
-BODY = (b"From: s@sender.test\r\nDate: Sun, 6 Dec 2026 04:00:00 +0000\r\nSubject: pipelined\r\n"
-        b"Message-ID: <pipe@sender.test>\r\n\r\n.dot first\r\nbody\r\n")
+BODY = (
+    b"From: s@sender.test\r\nDate: Sun, 6 Dec 2026 04:00:00 +0000\r\nSubject: pipelined\r\n"
+    b"Message-ID: <pipe@sender.test>\r\n\r\n.dot first\r\nbody\r\n"
+)
 
 
 async def test_pipelined_delivery_to_postfix(postfix_factory: Callable[..., PostfixInstance]) -> None:  # noqa: F811
     pf = postfix_factory("primary", domain="example.test", users=("alice", "bob"))
-    settings = RelaySettings(local_hostname="backup.test", connect_timeout=5.0, command_timeout=10.0,
-                             data_timeout=10.0)
+    settings = RelaySettings(local_hostname="backup.test", connect_timeout=5.0, command_timeout=10.0, data_timeout=10.0)
     s = await RelaySession.open([Target("127.0.0.1", pf.port, "127.0.0.1")], settings)
     assert s.supports("pipelining")
     addrs = ["alice@example.test", "nobody-here@example.test", "bob@example.test"]

@@ -21,8 +21,9 @@ BODY = b"Subject: s\r\n\r\n.first\r\nmid\r\n..two\r\n.\r\nend\r\n"
 
 
 def rcpts(*addrs: str) -> list[RecipientRecord]:
-    return [RecipientRecord(QueueId("Q"), i, a, a.rpartition("@")[2], RecipientState.QUEUED)
-            for i, a in enumerate(addrs)]
+    return [
+        RecipientRecord(QueueId("Q"), i, a, a.rpartition("@")[2], RecipientState.QUEUED) for i, a in enumerate(addrs)
+    ]
 
 
 def env(rs: list[RecipientRecord], sender: str = "bob@sender.test", **kw: object) -> Envelope:
@@ -40,6 +41,7 @@ def chunked(data: bytes, cuts: list[int]) -> StoredBody:
         for c in [*sorted(cuts), len(data)]:
             yield data[last:c]
             last = c
+
     return StoredBody(len(data), gen)
 
 
@@ -51,8 +53,10 @@ async def primary() -> AsyncIterator[ScriptedPrimary]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"\r\n.", b".."]), max_size=30).map(b"".join),
-       cuts=st.lists(st.integers(0, 60), max_size=6))
+@given(
+    data=st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"\r\n.", b".."]), max_size=30).map(b"".join),
+    cuts=st.lists(st.integers(0, 60), max_size=6),
+)
 def test_stuffing_in_chunks_equals_stuffing_whole(data: bytes, cuts: list[int]) -> None:
     s = DotStuffer()
     last, out = 0, b""
@@ -68,11 +72,14 @@ def _reference_stuff(body: bytes) -> bytes:
     return out + (b".\r\n" if out.endswith(b"\r\n") or not out else b"\r\n.\r\n")
 
 
-@pytest.mark.parametrize(("raw", "text"), [
-    (b"Ok: Nachricht f\xfcr M\xfcller", "Ok: Nachricht für Müller"),
-    ("Ok: f\u00fcr".encode(), "Ok: für"),  # UTF-8 stays UTF-8
-    (b"a\x00b\x1bc\rd", "a?b?c?d"),
-])
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b"Ok: Nachricht f\xfcr M\xfcller", "Ok: Nachricht für Müller"),
+        ("Ok: f\u00fcr".encode(), "Ok: für"),  # UTF-8 stays UTF-8
+        (b"a\x00b\x1bc\rd", "a?b?c?d"),
+    ],
+)
 def test_readable(raw: bytes, text: str) -> None:
     assert readable(raw) == text
     assert readable(raw.decode("utf-8", "surrogateescape")) == text  # what aiosmtplib hands over
@@ -82,8 +89,14 @@ def test_readable(raw: bytes, text: str) -> None:
 @pytest.mark.parametrize("stage", ["DOT", "RCPT"])
 async def test_8bit_split_replies_are_recorded_as_utf8(primary: ScriptedPrimary, stage: str) -> None:
     code, status = (b"250", b"2.0.0") if stage == "DOT" else (b"550", b"5.1.1")
-    primary.script(stage, Answer.of(code + b"-" + status + b" Nachricht f\xfc",
-                                    b"r M\xfcller\r\n" + code + b" " + status + b" zweite \xe4\r\n", delay=0.05))
+    primary.script(
+        stage,
+        Answer.of(
+            code + b"-" + status + b" Nachricht f\xfc",
+            b"r M\xfcller\r\n" + code + b" " + status + b" zweite \xe4\r\n",
+            delay=0.05,
+        ),
+    )
     s = await session(primary)
     rs = rcpts("a@example.test")
     res = await s.deliver(env(rs), rs, BODY)
@@ -158,23 +171,28 @@ async def test_lease_kept_delivers(primary: ScriptedPrimary) -> None:
     assert asked == ["mail", "dot"] and primary.copies("a@example.test") == 1
 
 
-@pytest.mark.parametrize(("sender", "rcpt", "head", "bounced"), [
-    ("bob@sender.test", "a@example.test", b"Subject: plain\r\n", False),
-    ("bob@sender.test", "a@example.test", b"Subject: plain\r\n\r\nK\xc3\xb6rper 8-bit\r\n", False),
-    ("b\u00f6b@sender.test", "a@example.test", b"Subject: plain\r\n", True),
-    ("bob@sender.test", "\u00e4@example.test", b"Subject: plain\r\n", True),
-    ("bob@sender.test", "a@example.test", "Subject: gr\u00fc\u00dfe\r\n".encode(), True),
-])
-async def test_smtputf8_only_where_needed(primary: ScriptedPrimary, sender: str, rcpt: str, head: bytes,
-                                          bounced: bool) -> None:
+@pytest.mark.parametrize(
+    ("sender", "rcpt", "head", "bounced"),
+    [
+        ("bob@sender.test", "a@example.test", b"Subject: plain\r\n", False),
+        ("bob@sender.test", "a@example.test", b"Subject: plain\r\n\r\nK\xc3\xb6rper 8-bit\r\n", False),
+        ("b\u00f6b@sender.test", "a@example.test", b"Subject: plain\r\n", True),
+        ("bob@sender.test", "\u00e4@example.test", b"Subject: plain\r\n", True),
+        ("bob@sender.test", "a@example.test", "Subject: gr\u00fc\u00dfe\r\n".encode(), True),
+    ],
+)
+async def test_smtputf8_only_where_needed(
+    primary: ScriptedPrimary, sender: str, rcpt: str, head: bytes, bounced: bool
+) -> None:
     body = head if b"\r\n\r\n" in head else head + b"\r\nbody\r\n"
     s = await session(primary)  # no SMTPUTF8 in its EHLO
     rs = rcpts(rcpt)
     res = await s.deliver(env(rs, sender=sender, smtputf8=True), rs, chunked(body, [3, 9]))
     await s.quit()
     if bounced:
-        assert res.outcomes[0] == Bounced(Reply(554, "5.6.7", f"SMTPUTF8 is required, but was not offered by host "
-                                                              f"127.0.0.1:{primary.port}"))
+        assert res.outcomes[0] == Bounced(
+            Reply(554, "5.6.7", f"SMTPUTF8 is required, but was not offered by host 127.0.0.1:{primary.port}")
+        )
         assert primary.transactions == []
     else:
         assert isinstance(res.outcomes[0], Delivered)
@@ -197,8 +215,10 @@ async def test_unreadable_body_in_the_smtputf8_check_defers(primary: ScriptedPri
 
 async def test_a_reply_that_never_ends_is_a_timeout_not_a_hang(primary: ScriptedPrimary) -> None:
     primary.script("DOT", Answer.of(b"250-2.0.0 Ok, and then", hang=True))
-    s = await RelaySession.open([Target("127.0.0.1", primary.port, "127.0.0.1")], RelaySettings(
-        local_hostname="backup.test", connect_timeout=2.0, command_timeout=2.0, data_timeout=0.5))
+    s = await RelaySession.open(
+        [Target("127.0.0.1", primary.port, "127.0.0.1")],
+        RelaySettings(local_hostname="backup.test", connect_timeout=2.0, command_timeout=2.0, data_timeout=0.5),
+    )
     rs = rcpts("a@example.test")
     res = await s.deliver(env(rs), rs, BODY)
     assert res.timed_out and isinstance(res.outcomes[0], Deferred) and not s.usable

@@ -33,8 +33,9 @@ def test_promtool_check_rules() -> None:
 @needs_promtool
 def test_promtool_test_rules() -> None:
     assert PROMTOOL is not None
-    res = subprocess.run([PROMTOOL, "test", "rules", RULES_TEST.name], capture_output=True, text=True,
-                         timeout=60, cwd=HERE)
+    res = subprocess.run(
+        [PROMTOOL, "test", "rules", RULES_TEST.name], capture_output=True, text=True, timeout=60, cwd=HERE
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 

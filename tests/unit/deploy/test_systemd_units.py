@@ -47,8 +47,9 @@ def settings(unit: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("unit", sorted(CASES))
 def test_verify_is_clean(tmp_path: Path, unit: str) -> None:
     assert ANALYZE is not None
-    res = subprocess.run([ANALYZE, "verify", "--man=no", str(local_copy(tmp_path, unit))],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(local_copy(tmp_path, unit))], capture_output=True, text=True, timeout=60
+    )
     ours = [line for line in (res.stdout + res.stderr).splitlines() if "backupmx" in line]
     assert res.returncode == 0 and not ours, res.stdout + res.stderr
 
@@ -57,10 +58,17 @@ def test_verify_is_clean(tmp_path: Path, unit: str) -> None:
 def test_the_promised_settings(unit: str) -> None:
     s = settings(unit)
     expected = {
-        "Type": ["notify"], "User": ["backupmx"], "Group": ["backupmx"],
-        "AmbientCapabilities": ["CAP_NET_BIND_SERVICE"], "CapabilityBoundingSet": ["CAP_NET_BIND_SERVICE"],
-        "ExecReload": ["/bin/kill -HUP $MAINPID"], "NoNewPrivileges": ["yes"], "ProtectSystem": ["strict"],
-        "ProtectHome": ["yes"], "PrivateTmp": ["yes"], "RestrictAddressFamilies": ["AF_INET AF_INET6 AF_UNIX"],
+        "Type": ["notify"],
+        "User": ["backupmx"],
+        "Group": ["backupmx"],
+        "AmbientCapabilities": ["CAP_NET_BIND_SERVICE"],
+        "CapabilityBoundingSet": ["CAP_NET_BIND_SERVICE"],
+        "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "NoNewPrivileges": ["yes"],
+        "ProtectSystem": ["strict"],
+        "ProtectHome": ["yes"],
+        "PrivateTmp": ["yes"],
+        "RestrictAddressFamilies": ["AF_INET AF_INET6 AF_UNIX"],
     }
     for key, value in expected.items():
         assert s.get(key) == value, key
@@ -72,8 +80,12 @@ def test_the_promised_settings(unit: str) -> None:
 
 def test_exposure_stays_low(tmp_path: Path) -> None:
     assert ANALYZE is not None
-    res = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager",
-                          str(local_copy(tmp_path, "backupmx.service"))], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", "--no-pager", str(local_copy(tmp_path, "backupmx.service"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(r"Overall exposure level for backupmx\.service: (\d+\.\d+)", res.stdout + res.stderr)
     assert m is not None, res.stdout + res.stderr
     assert float(m.group(1)) <= 3.0, res.stdout  # 2.0 when written; systemd calls <= 3.9 "OK"

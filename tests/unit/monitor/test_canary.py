@@ -50,8 +50,9 @@ class Node:
     def named(self, event: str) -> list[dict[str, object]]:
         return [f for e, f in self.events if e == event]
 
-    async def play_primary(self, outcome: Delivered | Bounced | Deferred, *, after: float = 0.0,
-                           timeout: float = 5.0) -> None:
+    async def play_primary(
+        self, outcome: Delivered | Bounced | Deferred, *, after: float = 0.0, timeout: float = 5.0
+    ) -> None:
         """Be the delivery engine once: claim the next due recipient and record `outcome` for it."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
@@ -59,21 +60,33 @@ class Node:
             claims = await self.spool.claim_due(now=SystemClock().now(), owner="test", lease_seconds=30, limit=10)
             if claims:
                 await asyncio.sleep(after)
-                await self.spool.record("test", [RecipientUpdate(c.message.id, r.index, outcome,
-                                                                 next_attempt_at=SystemClock().now() + 3600)
-                                                 for c in claims for r in c.recipients], now=SystemClock().now())
+                await self.spool.record(
+                    "test",
+                    [
+                        RecipientUpdate(c.message.id, r.index, outcome, next_attempt_at=SystemClock().now() + 3600)
+                        for c in claims
+                        for r in c.recipients
+                    ],
+                    now=SystemClock().now(),
+                )
                 return
             await asyncio.sleep(0.02)
         raise AssertionError("nothing to claim")
 
 
 def make_config(tmp_path: Path, *, recipients: object = "any", deadline: str = "3s") -> Config:
-    return config_from_dict({
-        "server": {"hostname": "backup.test", "listen": ["127.0.0.1:0"], "data_dir": str(tmp_path),
-                   "min_free_disk": "1MB"},
-        "domains": [{"name": DOMAIN, "primary": ["127.0.0.1:9"], "recipients": recipients}],
-        "canary": [{"domain": DOMAIN, "to": CANARY, "interval": "1s", "deadline": deadline}],
-    })
+    return config_from_dict(
+        {
+            "server": {
+                "hostname": "backup.test",
+                "listen": ["127.0.0.1:0"],
+                "data_dir": str(tmp_path),
+                "min_free_disk": "1MB",
+            },
+            "domains": [{"name": DOMAIN, "primary": ["127.0.0.1:9"], "recipients": recipients}],
+            "canary": [{"domain": DOMAIN, "to": CANARY, "interval": "1s", "deadline": deadline}],
+        }
+    )
 
 
 @pytest.fixture
@@ -126,7 +139,7 @@ async def test_a_copied_or_forged_mark_is_user_mail(node: Node) -> None:
     original = await node.spool.read_body(result.queue_id)  # type: ignore[arg-type]
     head = original.split(b"\r\n\r\n", 1)[0]
     mark_line = next(line for line in head.split(b"\r\n") if line.startswith(HEADER.encode()))
-    forged = mark_line.replace(b"sig=", b"sig=0")[:len(mark_line)]
+    forged = mark_line.replace(b"sig=", b"sig=0")[: len(mark_line)]
     host, port = node.server.bound[0]
     for line in (mark_line, forged):  # a replay of the real mark, and a forged signature
         msg = line + b"\r\nSubject: hello\r\n\r\nbody\r\n"

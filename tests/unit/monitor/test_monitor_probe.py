@@ -58,8 +58,12 @@ async def test_up_down_recovering_up(tmp_path: Path, primary: Primary) -> None:
     assert h.monitor.in_recovery_guard("example.com")
     h.fake.advance(10)
     assert (await h.monitor.probe_now("example.com")).state is S.UP
-    assert seen == [("example.com", S.UNKNOWN, S.UP), ("example.com", S.UP, S.DOWN),
-                    ("example.com", S.DOWN, S.RECOVERING), ("example.com", S.RECOVERING, S.UP)]
+    assert seen == [
+        ("example.com", S.UNKNOWN, S.UP),
+        ("example.com", S.UP, S.DOWN),
+        ("example.com", S.DOWN, S.RECOVERING),
+        ("example.com", S.RECOVERING, S.UP),
+    ]
     snap = h.monitor.snapshot()
     assert set(snap) == {"example.com"} and snap["example.com"].state is S.UP
     await h.close()
@@ -118,8 +122,9 @@ async def test_force_down_holds_until_cleared(tmp_path: Path, primary: Primary) 
 
 async def test_probe_rcpt(tmp_path: Path, primary: Primary) -> None:
     primary.rcpt_rule = lambda a: "550 5.1.1 unknown" if a == "probe@example.com" else None
-    h = Harness(tmp_path, make_config(primary.hostport, delivery={"down_after": 1},
-                                      domain={"probe_rcpt": "probe@example.com"}))
+    h = Harness(
+        tmp_path, make_config(primary.hostport, delivery={"down_after": 1}, domain={"probe_rcpt": "probe@example.com"})
+    )
     await h.open()
     st = await h.monitor.probe_now("example.com")
     assert st.state is S.DOWN and "550" in (st.last_error or "")
@@ -135,7 +140,8 @@ async def test_black_hole_probe_times_out() -> None:
         from backupmx.delivery.route import Target
 
         result = await asyncio.wait_for(
-            smtp_probe([Target("127.0.0.1", hole.port, "127.0.0.1")], local_hostname="b.test", timeout=0.5), 5)
+            smtp_probe([Target("127.0.0.1", hole.port, "127.0.0.1")], local_hostname="b.test", timeout=0.5), 5
+        )
         assert not result.ok and "timed out" in (result.error or "")
     finally:
         hole.close()
@@ -171,5 +177,4 @@ async def test_run_probes_every_interval(tmp_path: Path, primary: Primary) -> No
 
 
 def test_constructor_shape() -> None:
-    assert list(HealthMonitor.__init__.__code__.co_varnames[1:6]) == ["config", "spool", "clock", "maillog",
-                                                                     "resolver"]
+    assert list(HealthMonitor.__init__.__code__.co_varnames[1:6]) == ["config", "spool", "clock", "maillog", "resolver"]

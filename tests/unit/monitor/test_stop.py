@@ -29,15 +29,21 @@ QUICK = 3.0  # far below the probe/poll/alert intervals below, and below Service
 
 
 def make_config(tmp_path: Path) -> Config:
-    return config_from_dict({
-        "server": {"hostname": "backup.test", "listen": ["127.0.0.1:0"], "data_dir": str(tmp_path),
-                   "min_free_disk": "1MB"},
-        "log": {"maillog": str(tmp_path / "mail.log")},
-        "domains": [{"name": DOMAIN, "primary": ["127.0.0.1:9"]}],
-        "delivery": {"probe_interval": "1h", "lease": "15m", "retry_max": "5m"},
-        "canary": [{"domain": DOMAIN, "to": f"canary@{DOMAIN}", "interval": "1h", "deadline": "1m"}],
-        "alerts": [{"kind": "webhook", "url": "http://127.0.0.1:9/hook", "interval": "1h"}],
-    })
+    return config_from_dict(
+        {
+            "server": {
+                "hostname": "backup.test",
+                "listen": ["127.0.0.1:0"],
+                "data_dir": str(tmp_path),
+                "min_free_disk": "1MB",
+            },
+            "log": {"maillog": str(tmp_path / "mail.log")},
+            "domains": [{"name": DOMAIN, "primary": ["127.0.0.1:9"]}],
+            "delivery": {"probe_interval": "1h", "lease": "15m", "retry_max": "5m"},
+            "canary": [{"domain": DOMAIN, "to": f"canary@{DOMAIN}", "interval": "1h", "deadline": "1m"}],
+            "alerts": [{"kind": "webhook", "url": "http://127.0.0.1:9/hook", "interval": "1h"}],
+        }
+    )
 
 
 class _Listener:

@@ -20,11 +20,13 @@ V6_NAME = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
 @pytest.fixture
 def dnsd() -> Iterator[DnsServer]:
     zones = {
-        "bl.test": {"2.0.0.127": {"A": "127.0.0.2", "TXT": '"listed, see https://bl.test/"'},
-                    "9.2.0.192": {"A": "127.0.0.10"},
-                    V6_NAME: {"A": "127.0.0.4"},
-                    "7.2.0.192": {"A": "127.255.255.254"},  # "you query us through a public resolver"
-                    "8.2.0.192": {"A": "192.0.2.99"}},  # not a 127/8 answer: not a listing
+        "bl.test": {
+            "2.0.0.127": {"A": "127.0.0.2", "TXT": '"listed, see https://bl.test/"'},
+            "9.2.0.192": {"A": "127.0.0.10"},
+            V6_NAME: {"A": "127.0.0.4"},
+            "7.2.0.192": {"A": "127.255.255.254"},  # "you query us through a public resolver"
+            "8.2.0.192": {"A": "192.0.2.99"},
+        },  # not a 127/8 answer: not a listing
         "other.test": {"3.0.0.127": {"A": "127.0.0.2"}},
         "slow.test": {"2.0.0.127": {"A": "127.0.0.2"}},
     }
@@ -33,8 +35,9 @@ def dnsd() -> Iterator[DnsServer]:
 
 
 def check(dnsd: DnsServer, *zones: str, timeout: str = "1s") -> DnsblCheck:
-    cfg = config_from_dict({"policy": {"dnsbl": list(zones)},
-                            "dns": {"nameservers": [dnsd.nameserver], "timeout": timeout}})
+    cfg = config_from_dict(
+        {"policy": {"dnsbl": list(zones)}, "dns": {"nameservers": [dnsd.nameserver], "timeout": timeout}}
+    )
     chk = DnsblCheck.from_config(cfg)
     assert chk is not None
     return chk
@@ -96,8 +99,7 @@ async def test_dns_failures_skip_the_zone(dnsd: DnsServer, fault: str) -> None:
 
 
 async def test_no_server_at_all() -> None:
-    cfg = config_from_dict({"policy": {"dnsbl": ["bl.test"]},
-                            "dns": {"nameservers": ["127.0.0.1:1"], "timeout": "1s"}})
+    cfg = config_from_dict({"policy": {"dnsbl": ["bl.test"]}, "dns": {"nameservers": ["127.0.0.1:1"], "timeout": "1s"}})
     chk = DnsblCheck.from_config(cfg)
     assert chk is not None
     assert await connect(chk, "127.0.0.2") == ("ok", "")

@@ -8,10 +8,19 @@ from backupmx.policy.ldap import addresses_from
 
 
 def test_addresses_from_values() -> None:
-    values = ["Alice@Example.Test", "SMTP:Bob@example.test", "smtp:robert@EXAMPLE.test", "X500:/o=x/cn=bob",
-              "sip:bob@example.test", "smtp:bob@elsewhere.test", "not an address", "", "smtp:", "@example.test"]
-    assert addresses_from(values, "example.test") == {"alice@example.test", "bob@example.test",
-                                                      "robert@example.test"}
+    values = [
+        "Alice@Example.Test",
+        "SMTP:Bob@example.test",
+        "smtp:robert@EXAMPLE.test",
+        "X500:/o=x/cn=bob",
+        "sip:bob@example.test",
+        "smtp:bob@elsewhere.test",
+        "not an address",
+        "",
+        "smtp:",
+        "@example.test",
+    ]
+    assert addresses_from(values, "example.test") == {"alice@example.test", "bob@example.test", "robert@example.test"}
 
 
 def test_ldap_recipients_need_a_base() -> None:

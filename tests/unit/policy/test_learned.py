@@ -60,13 +60,16 @@ async def test_a_full_last_page_ends_with_an_empty_one(store: LearnedRecipients)
     assert [(len(p.entries), p.damaged) for p in pages] == [(11, 2), (0, 0)]
 
 
-async def test_recipients_list_shows_every_valid_entry(store: LearnedRecipients, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+async def test_recipients_list_shows_every_valid_entry(
+    store: LearnedRecipients, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(recipients_cli, "PAGE", PAGE)
-    cfg = config_from_dict({
-        "server": {"hostname": "backup.example.net", "listen": ["127.0.0.1:2525"], "data_dir": "/nonexistent"},
-        "domains": [{"name": "ours.test", "primary": ["127.0.0.1:25"], "recipients": "verify"}],
-    })
+    cfg = config_from_dict(
+        {
+            "server": {"hostname": "backup.example.net", "listen": ["127.0.0.1:2525"], "data_dir": "/nonexistent"},
+            "domains": [{"name": "ours.test", "primary": ["127.0.0.1:25"], "recipients": "verify"}],
+        }
+    )
     args = argparse.Namespace(domain="ours.test", json=True)
     assert await recipients_cli.cmd_list(args, cfg, store) == recipients_cli.EXIT_OK
     out, err = capsys.readouterr()
@@ -82,15 +85,20 @@ async def test_recipients_list_shows_every_valid_entry(store: LearnedRecipients,
     assert err.count("damaged") == 1
 
 
-async def test_recipients_list_shows_the_recovery_guard(store: LearnedRecipients,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+async def test_recipients_list_shows_the_recovery_guard(
+    store: LearnedRecipients, capsys: pytest.CaptureFixture[str]
+) -> None:
     """After an outage, within delivery.recovery_guard, a probe's 5.1.1 is answered 450: `list` says so."""
     import time
 
     from backupmx.spool import OutagePeriod
 
-    cfg = config_from_dict({"domains": [{"name": "ours.test", "primary": ["127.0.0.1:25"], "recipients": "verify"}],
-                            "delivery": {"recovery_guard": "6h"}})
+    cfg = config_from_dict(
+        {
+            "domains": [{"name": "ours.test", "primary": ["127.0.0.1:25"], "recipients": "verify"}],
+            "delivery": {"recovery_guard": "6h"},
+        }
+    )
     now = time.time()
 
     async def recent() -> list[OutagePeriod]:
@@ -103,6 +111,8 @@ async def test_recipients_list_shows_the_recovery_guard(store: LearnedRecipients
     assert await recipients_cli.cmd_list(args, cfg, store, outages=recent) == recipients_cli.EXIT_OK
     out = capsys.readouterr().out
     assert "a probe's 5.1.1 is answered 450 4.1.1, not 550" in out
-    assert await recipients_cli.cmd_list(argparse.Namespace(domain="ours.test", json=True), cfg, store,
-                                         outages=long_ago) == recipients_cli.EXIT_OK
+    assert (
+        await recipients_cli.cmd_list(argparse.Namespace(domain="ours.test", json=True), cfg, store, outages=long_ago)
+        == recipients_cli.EXIT_OK
+    )
     assert json.loads(capsys.readouterr().out)["domains"]["ours.test"]["recovery_guard_until"] is None

@@ -22,13 +22,16 @@ async def mail(limit: MessageRateLimit, ip: str) -> str:
     return "ok" if v.action is Action.CONTINUE else str(v.reply)
 
 
-@pytest.mark.parametrize(("ip", "key"), [
-    ("192.0.2.1", "192.0.2.1"),
-    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
-    ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
-    ("::ffff:192.0.2.7", "192.0.2.7"),
-    ("unknown", "unknown"),
-])
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("unknown", "unknown"),
+    ],
+)
 def test_client_key(ip: str, key: str) -> None:
     assert client_key(ip) == key
 
@@ -37,7 +40,11 @@ async def test_burst_then_refill_per_client() -> None:
     tick = Tick()
     limit = MessageRateLimit(60, 3, monotonic=tick)  # one a second, three at once
     assert [await mail(limit, "192.0.2.1") for _ in range(4)] == [
-        "ok", "ok", "ok", "450 4.7.1 Error: too much mail from 192.0.2.1"]
+        "ok",
+        "ok",
+        "ok",
+        "450 4.7.1 Error: too much mail from 192.0.2.1",
+    ]
     assert await mail(limit, "192.0.2.2") == "ok"  # another client has its own bucket
     tick.t += 1.0
     assert await mail(limit, "192.0.2.1") == "ok"

@@ -31,15 +31,18 @@ async def test_static_list() -> None:
     assert (await verdict(chk, "ALICE@ours.test"))[0] is Action.CONTINUE
     assert (await verdict(chk, "bob@ours.test"))[0] is Action.CONTINUE  # a bare local part means this domain
     assert await verdict(chk, "carol@ours.test") == (
-        Action.REJECT, "550 5.1.1 <carol@ours.test>: Recipient address rejected: User unknown")
+        Action.REJECT,
+        "550 5.1.1 <carol@ours.test>: Recipient address rejected: User unknown",
+    )
     assert (await verdict(chk, "postmaster@ours.test"))[0] is Action.ACCEPT
     assert (await verdict(chk, "PostMaster@ours.test"))[0] is Action.ACCEPT
     assert (await verdict(chk, "x@elsewhere.test"))[0] is Action.CONTINUE  # relay control's business
 
 
 async def test_any_and_verify_accept_everyone() -> None:
-    chk = RecipientCheck([DomainConfig(name="a.test", recipients="any"),
-                          DomainConfig(name="v.test", recipients="verify")])
+    chk = RecipientCheck(
+        [DomainConfig(name="a.test", recipients="any"), DomainConfig(name="v.test", recipients="verify")]
+    )
     assert (await verdict(chk, "whoever@a.test"))[0] is Action.CONTINUE
     assert (await verdict(chk, "whoever@v.test"))[0] is Action.CONTINUE
     assert isinstance(chk.directory("V.TEST"), AnyRecipient)
@@ -50,11 +53,14 @@ class Unsure:
         return None
 
 
-@pytest.mark.parametrize("mode,expected", [
-    ("accept", (Action.CONTINUE, "")),
-    ("defer", (Action.DEFER, "450 4.1.1 <u@ours.test>: Recipient address rejected: unverified address")),
-    ("reject", (Action.REJECT, "550 5.1.1 <u@ours.test>: Recipient address rejected: User unknown")),
-])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("accept", (Action.CONTINUE, "")),
+        ("defer", (Action.DEFER, "450 4.1.1 <u@ours.test>: Recipient address rejected: unverified address")),
+        ("reject", (Action.REJECT, "550 5.1.1 <u@ours.test>: Recipient address rejected: User unknown")),
+    ],
+)
 async def test_directory_that_cannot_tell(mode: str, expected: tuple[Action, str]) -> None:
     d = DomainConfig(name="ours.test", recipients="verify", unknown_while_down=mode)  # type: ignore[arg-type]
     unsure: RecipientDirectory = Unsure()
@@ -67,8 +73,9 @@ async def test_directory_that_cannot_tell(mode: str, expected: tuple[Action, str
 
 async def test_file_list_with_comments_wildcards_and_reload(tmp_path: Path) -> None:
     f = tmp_path / "rcpts.txt"
-    f.write_text("# users\nalice@ours.test\n  bob@ours.test  # a note after the address\n"
-                 "@team.test\n<carol@ours.test>\n\n")
+    f.write_text(
+        "# users\nalice@ours.test\n  bob@ours.test  # a note after the address\n@team.test\n<carol@ours.test>\n\n"
+    )
     now = [100.0]
     d = FileRecipients(f, "ours.test", monotonic=lambda: now[0])
     assert await d.lookup("alice@ours.test") is True

@@ -49,24 +49,27 @@ async def checker(dnsd: DnsServer) -> AsyncIterator[SpfChecker]:
     c.close()
 
 
-@pytest.mark.parametrize(("ip", "sender", "helo", "result"), [
-    ("127.0.0.2", "alice@pass.test", "client.test", "pass"),
-    ("127.0.0.3", "alice@pass.test", "client.test", "fail"),
-    ("127.0.0.3", "alice@soft.test", "client.test", "softfail"),
-    ("127.0.0.3", "alice@neutral.test", "client.test", "neutral"),
-    ("127.0.0.3", "alice@nospf.test", "client.test", "none"),
-    ("127.0.0.3", "alice@nxdomain.pass.test", "client.test", "none"),
-    ("127.0.0.3", "alice@outside.test", "client.test", "temperror"),  # our DNS server refuses it
-    ("127.0.0.2", "alice@broken.test", "client.test", "permerror"),
-    ("127.0.0.2", "alice@incl.test", "client.test", "pass"),
-    ("127.0.0.3", "alice@mx.test", "client.test", "pass"),
-    ("127.0.0.2", "alice@dead.test", "client.test", "temperror"),
-    ("127.0.0.3", "", "helo.test", "pass"),
-    ("127.0.0.2", "", "helo.test", "fail"),
-    ("127.0.0.2", "", "[127.0.0.2]", "none"),
-    ("127.0.0.2", "alice@[127.0.0.2]", "client.test", "none"),
-    ("unknown", "alice@pass.test", "client.test", "none"),
-])
+@pytest.mark.parametrize(
+    ("ip", "sender", "helo", "result"),
+    [
+        ("127.0.0.2", "alice@pass.test", "client.test", "pass"),
+        ("127.0.0.3", "alice@pass.test", "client.test", "fail"),
+        ("127.0.0.3", "alice@soft.test", "client.test", "softfail"),
+        ("127.0.0.3", "alice@neutral.test", "client.test", "neutral"),
+        ("127.0.0.3", "alice@nospf.test", "client.test", "none"),
+        ("127.0.0.3", "alice@nxdomain.pass.test", "client.test", "none"),
+        ("127.0.0.3", "alice@outside.test", "client.test", "temperror"),  # our DNS server refuses it
+        ("127.0.0.2", "alice@broken.test", "client.test", "permerror"),
+        ("127.0.0.2", "alice@incl.test", "client.test", "pass"),
+        ("127.0.0.3", "alice@mx.test", "client.test", "pass"),
+        ("127.0.0.2", "alice@dead.test", "client.test", "temperror"),
+        ("127.0.0.3", "", "helo.test", "pass"),
+        ("127.0.0.2", "", "helo.test", "fail"),
+        ("127.0.0.2", "", "[127.0.0.2]", "none"),
+        ("127.0.0.2", "alice@[127.0.0.2]", "client.test", "none"),
+        ("unknown", "alice@pass.test", "client.test", "none"),
+    ],
+)
 async def test_results(checker: SpfChecker, ip: str, sender: str, helo: str, result: str) -> None:
     got = await checker.check(ip, sender, helo)
     assert got.result == result, got
@@ -81,17 +84,29 @@ async def test_silent_dns_is_temperror_within_the_budget(dnsd: DnsServer, checke
 
 def test_header_text() -> None:
     assert authentication_results("backup.example.net", SpfResult("pass", "mailfrom", "sender@example.org")) == (
-        b"Authentication-Results: backup.example.net; spf=pass smtp.mailfrom=sender@example.org\r\n")
+        b"Authentication-Results: backup.example.net; spf=pass smtp.mailfrom=sender@example.org\r\n"
+    )
     assert authentication_results("backup.test", SpfResult("none", "helo", "client.test")) == (
-        b"Authentication-Results: backup.test; spf=none smtp.helo=client.test\r\n")
+        b"Authentication-Results: backup.test; spf=none smtp.helo=client.test\r\n"
+    )
     long = authentication_results("backup.example.net", SpfResult("softfail", "mailfrom", "x" * 64 + "@" + "d" * 950))
-    assert long == (b"Authentication-Results: backup.example.net;\r\n\tspf=softfail smtp.mailfrom="
-                    + b"x" * 64 + b"@" + b"d" * 950 + b"\r\n")
+    assert long == (
+        b"Authentication-Results: backup.example.net;\r\n\tspf=softfail smtp.mailfrom="
+        + b"x" * 64
+        + b"@"
+        + b"d" * 950
+        + b"\r\n"
+    )
 
 
 async def test_stamp(dnsd: DnsServer) -> None:
-    cfg = config_from_dict({"server": {"hostname": "backup.test"}, "policy": {"spf": True},
-                            "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"}})
+    cfg = config_from_dict(
+        {
+            "server": {"hostname": "backup.test"},
+            "policy": {"spf": True},
+            "dns": {"nameservers": [dnsd.nameserver], "timeout": "1s"},
+        }
+    )
     stamp = SpfStamp.from_config(cfg)
     assert stamp is not None and stamp.authserv_id == "backup.test"
     try:
@@ -106,15 +121,18 @@ async def test_stamp(dnsd: DnsServer) -> None:
     other.close()
 
 
-@pytest.mark.parametrize(("field", "ident"), [
-    (b"Authentication-Results: backup.test; spf=pass\r\n", "backup.test"),
-    (b"authentication-results:BACKUP.TEST.;spf=pass\r\n", "backup.test"),
-    (b"Authentication-Results: (a (nested) comment) backup.test 1; spf=pass\r\n", "backup.test"),
-    (b"Authentication-Results:\r\n  backup.test;\r\n  spf=pass\r\n", "backup.test"),
-    (b'Authentication-Results: "backup.test"; none\r\n', "backup.test"),
-    (b"Authentication-Results: other.test; spf=pass (backup.test says)\r\n", "other.test"),
-    (b"Authentication-Results: backup.test.evil; spf=pass\r\n", "backup.test.evil"),
-])
+@pytest.mark.parametrize(
+    ("field", "ident"),
+    [
+        (b"Authentication-Results: backup.test; spf=pass\r\n", "backup.test"),
+        (b"authentication-results:BACKUP.TEST.;spf=pass\r\n", "backup.test"),
+        (b"Authentication-Results: (a (nested) comment) backup.test 1; spf=pass\r\n", "backup.test"),
+        (b"Authentication-Results:\r\n  backup.test;\r\n  spf=pass\r\n", "backup.test"),
+        (b'Authentication-Results: "backup.test"; none\r\n', "backup.test"),
+        (b"Authentication-Results: other.test; spf=pass (backup.test says)\r\n", "other.test"),
+        (b"Authentication-Results: backup.test.evil; spf=pass\r\n", "backup.test.evil"),
+    ],
+)
 def test_authserv_id_of(field: bytes, ident: str) -> None:
     assert authserv_id_of(field) == ident
 
@@ -163,7 +181,8 @@ def test_filter_edge_cases() -> None:
     f = ForgedResultsFilter("backup.test")
     # a message that ends inside its header section, the last field without CRLF
     assert run(f, [b"Subject: x\r\nAuthentication-Results: backup.test; spf=pass"]) == (
-        b"Subject: x\r\nX-Forged-Authentication-Results: backup.test; spf=pass")
+        b"Subject: x\r\nX-Forged-Authentication-Results: backup.test; spf=pass"
+    )
     assert run(ForgedResultsFilter("backup.test"), [b""]) == b""
     clean = b"Subject: x\r\n\r\nbody\r\n"
     assert run(ForgedResultsFilter("backup.test"), [clean]) == clean

@@ -71,14 +71,20 @@ class World:
         self.clock = spool.clock  # one clock: the kv table's expiry is read with the spool's
         self.health = FakeHealth()
         self.prober = FakeProber({"alice", "bob"})
-        self.domain = DomainConfig(name="ours.test", recipients="verify", unknown_while_down=unknown_while_down,
-                                   verify_positive_ttl="30d", verify_negative_ttl="1d")  # type: ignore[arg-type]
+        self.domain = DomainConfig(
+            name="ours.test",
+            recipients="verify",
+            unknown_while_down=unknown_while_down,
+            verify_positive_ttl="30d",
+            verify_negative_ttl="1d",
+        )  # type: ignore[arg-type]
         self.store = LearnedRecipients(spool)
         self.events: list[tuple[str, dict[str, object]]] = []
         maillog = MailLog(open("/dev/null", "w"))  # noqa: SIM115
         maillog.subscribe(lambda e, f: self.events.append((e, f)))
-        self.verifier = RecipientVerifier([self.domain], self.store, self.prober, self.health, self.clock,
-                                          maillog=maillog, probe_wait=5.0)
+        self.verifier = RecipientVerifier(
+            [self.domain], self.store, self.prober, self.health, self.clock, maillog=maillog, probe_wait=5.0
+        )
         self.check = VerifyCheck([self.domain], self.verifier)
 
     async def rcpt(self, address: str) -> str:
@@ -101,19 +107,22 @@ UNKNOWN_550 = "550 5.1.1 <{}>: Recipient address rejected: User unknown"
 UNVERIFIED_450 = "450 4.1.1 <{}>: Recipient address rejected: unverified address"
 
 
-@pytest.mark.parametrize(("code", "message", "answer"), [
-    (250, "2.1.5 Ok", ProbeAnswer.KNOWN),
-    (251, "User not local; will forward", ProbeAnswer.KNOWN),
-    (550, "5.1.1 <x@y>: Recipient address rejected: User unknown in virtual mailbox table", ProbeAnswer.UNKNOWN),
-    (550, "No such user here", ProbeAnswer.UNKNOWN),
-    (553, "mailbox name not allowed", ProbeAnswer.UNKNOWN),
-    (551, "5.1.6 user has moved", ProbeAnswer.UNKNOWN),
-    (550, "5.7.1 Client host rejected: go away", ProbeAnswer.TEMPFAIL),  # policy, not the user
-    (554, "5.7.1 <x@y>: Relay access denied", ProbeAnswer.TEMPFAIL),
-    (552, "5.2.2 Mailbox full", ProbeAnswer.TEMPFAIL),
-    (450, "4.1.1 <x@y>: Recipient address rejected: unverified address", ProbeAnswer.TEMPFAIL),
-    (421, "4.3.2 shutting down", ProbeAnswer.TEMPFAIL),
-])
+@pytest.mark.parametrize(
+    ("code", "message", "answer"),
+    [
+        (250, "2.1.5 Ok", ProbeAnswer.KNOWN),
+        (251, "User not local; will forward", ProbeAnswer.KNOWN),
+        (550, "5.1.1 <x@y>: Recipient address rejected: User unknown in virtual mailbox table", ProbeAnswer.UNKNOWN),
+        (550, "No such user here", ProbeAnswer.UNKNOWN),
+        (553, "mailbox name not allowed", ProbeAnswer.UNKNOWN),
+        (551, "5.1.6 user has moved", ProbeAnswer.UNKNOWN),
+        (550, "5.7.1 Client host rejected: go away", ProbeAnswer.TEMPFAIL),  # policy, not the user
+        (554, "5.7.1 <x@y>: Relay access denied", ProbeAnswer.TEMPFAIL),
+        (552, "5.2.2 Mailbox full", ProbeAnswer.TEMPFAIL),
+        (450, "4.1.1 <x@y>: Recipient address rejected: unverified address", ProbeAnswer.TEMPFAIL),
+        (421, "4.3.2 shutting down", ProbeAnswer.TEMPFAIL),
+    ],
+)
 def test_classify_rcpt(code: int, message: str, answer: ProbeAnswer) -> None:
     assert classify_rcpt(code, message) is answer
 
@@ -155,10 +164,10 @@ async def test_ttls_expire_while_up(spool: SqliteSpool) -> None:
     assert w.prober.calls.count("alice@ours.test") == 2
 
 
-@pytest.mark.parametrize(("mode", "never_seen"), [
-    ("accept", "ok"), ("defer", UNVERIFIED_450), ("reject", UNKNOWN_550)])
+@pytest.mark.parametrize(("mode", "never_seen"), [("accept", "ok"), ("defer", UNVERIFIED_450), ("reject", UNKNOWN_550)])
 async def test_down_freezes_learned_set_and_never_seen_follows_policy(
-        spool: SqliteSpool, mode: str, never_seen: str) -> None:
+    spool: SqliteSpool, mode: str, never_seen: str
+) -> None:
     w = World(spool, unknown_while_down=mode)
     await w.rcpt("alice@ours.test")
     await w.rcpt("nobody@ours.test")
@@ -172,8 +181,9 @@ async def test_down_freezes_learned_set_and_never_seen_follows_policy(
     assert await w.rcpt("alice@elsewhere.test") == "ok"  # not a verify domain: not ours to judge
 
 
-@pytest.mark.parametrize(("mode", "expected"), [("accept", "ok"), ("defer", UNVERIFIED_450),
-                                                ("reject", UNVERIFIED_450)])
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("accept", "ok"), ("defer", UNVERIFIED_450), ("reject", UNVERIFIED_450)]
+)
 async def test_probe_failure_never_rejects(spool: SqliteSpool, mode: str, expected: str) -> None:
     w = World(spool, unknown_while_down=mode)
     w.prober.fail = "probe timed out"
@@ -281,13 +291,20 @@ async def test_verification_values() -> None:
     assert {v.value for v in Verification} == {"known", "unknown", "never-seen", "cannot-tell"}
 
 
-@pytest.mark.parametrize(("state", "expected"), [
-    (DestinationState.UP, "450 4.3.2 Temporarily not accepting mail for this domain, try again later"),
-    (DestinationState.DOWN, "ok"), (DestinationState.UNKNOWN, "ok"), (DestinationState.RECOVERING, "ok")])
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (DestinationState.UP, "450 4.3.2 Temporarily not accepting mail for this domain, try again later"),
+        (DestinationState.DOWN, "ok"),
+        (DestinationState.UNKNOWN, "ok"),
+        (DestinationState.RECOVERING, "ok"),
+    ],
+)
 async def test_accept_when_primary_down(state: DestinationState, expected: str) -> None:
     health = FakeHealth(state)
-    gate = PrimaryGate([DomainConfig(name="ours.test", accept="when_primary_down"),
-                        DomainConfig(name="other.test")], health)
+    gate = PrimaryGate(
+        [DomainConfig(name="ours.test", accept="when_primary_down"), DomainConfig(name="other.test")], health
+    )
     assert gate.active
     v = await gate.check(Stage.RCPT, SESSION, "alice@ours.test")
     assert (str(v.reply) if v.reply else "ok") == expected

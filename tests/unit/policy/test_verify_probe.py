@@ -52,8 +52,9 @@ async def primary() -> AsyncIterator[Primary]:
 
 
 def prober(*targets: Target, timeout: float = 3.0, tls_verify: bool = False) -> SmtpRcptProber:
-    return SmtpRcptProber(Routes(*targets), local_hostname="backup.test", timeout=timeout,
-                          tls_verify=["ours.test"] if tls_verify else [])
+    return SmtpRcptProber(
+        Routes(*targets), local_hostname="backup.test", timeout=timeout, tls_verify=["ours.test"] if tls_verify else []
+    )
 
 
 def at(port: int) -> Target:
@@ -119,14 +120,24 @@ async def test_tls_verify_without_starttls(primary: Primary) -> None:
 
 
 def test_make_test_cert_script(tmp_path: Path) -> None:
-    out = subprocess.run([str(REPO / "scripts" / "make-test-cert"), "--name", "backup.test", "--days", "2",
-                          str(tmp_path / "tls")], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [str(REPO / "scripts" / "make-test-cert"), "--name", "backup.test", "--days", "2", str(tmp_path / "tls")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert "Fingerprint" in out.stdout
     cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
-    text = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-text"], capture_output=True,
-                          text=True, check=True).stdout
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-text"], capture_output=True, text=True, check=True
+    ).stdout
     assert "DNS:backup.test" in text and "IP Address:127.0.0.1" in text
-    bad = subprocess.run([str(REPO / "scripts" / "make-test-cert"), "--name", "bad name", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [str(REPO / "scripts" / "make-test-cert"), "--name", "bad name", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2

@@ -48,8 +48,9 @@ class Client:
     async def ehlo(self, name: str = "client.test") -> str:
         return await self.cmd(f"EHLO {name}")
 
-    async def send_mail(self, body: bytes, *, sender: str = "s@sender.test",
-                        rcpts: tuple[str, ...] = ("alice@example.test",)) -> str:
+    async def send_mail(
+        self, body: bytes, *, sender: str = "s@sender.test", rcpts: tuple[str, ...] = ("alice@example.test",)
+    ) -> str:
         """MAIL/RCPT/DATA pipelined; body given unstuffed with CRLF line ends; returns the final reply."""
         stuffed = body.replace(b"\r\n.", b"\r\n..")
         if stuffed.startswith(b"."):

@@ -45,16 +45,30 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     made: list[Running] = []
     opened: list[SqliteSpool] = []
 
-    async def make(*, spool: Any = None, server: dict[str, Any] | None = None,
-                   domains: list[dict[str, Any]] | None = None, tls_context: ssl.SSLContext | None = None,
-                   checks: list[Any] | None = None) -> Running:
+    async def make(
+        *,
+        spool: Any = None,
+        server: dict[str, Any] | None = None,
+        domains: list[dict[str, Any]] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        checks: list[Any] | None = None,
+    ) -> Running:
         data_dir = tmp_path / f"data{len(made)}"
-        cfg = config_from_dict({
-            "server": {"hostname": "mx.test", "node_name": "node1", "listen": ["127.0.0.1:0"],
-                       "data_dir": str(data_dir), "min_free_disk": 0, **(server or {})},
-            "domains": domains if domains is not None else [
-                {"name": "example.test", "primary": ["127.0.0.1:1"], "recipients": "any"}],
-        })
+        cfg = config_from_dict(
+            {
+                "server": {
+                    "hostname": "mx.test",
+                    "node_name": "node1",
+                    "listen": ["127.0.0.1:0"],
+                    "data_dir": str(data_dir),
+                    "min_free_disk": 0,
+                    **(server or {}),
+                },
+                "domains": domains
+                if domains is not None
+                else [{"name": "example.test", "primary": ["127.0.0.1:1"], "recipients": "any"}],
+            }
+        )
         if spool is None:
             data_dir.mkdir(parents=True, exist_ok=True)
             spool = SqliteSpool(data_dir)
@@ -64,8 +78,14 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
         log = MailLog(buf)
         events: list[tuple[str, dict[str, object]]] = []
         log.subscribe(lambda e, f: events.append((e, dict(f))))
-        srv = SmtpServer(config=cfg, spool=spool, checks=build_checks(cfg) if checks is None else checks,
-                         maillog=log, clock=SystemClock(), tls_context=tls_context)
+        srv = SmtpServer(
+            config=cfg,
+            spool=spool,
+            checks=build_checks(cfg) if checks is None else checks,
+            maillog=log,
+            clock=SystemClock(),
+            tls_context=tls_context,
+        )
         await srv.start()
         r = Running(srv, spool, buf, events)
         made.append(r)
@@ -84,9 +104,29 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("tls")
     key, crt = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=mx.test"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mx.test",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return crt, key
 
 
@@ -105,9 +145,9 @@ def client_tls() -> ssl.SSLContext:
     return ctx
 
 
-
-def pytest_asyncio_loop_factories(config: pytest.Config,
-                                  item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test here runs on the stock loop and on uvloop (what `serve` uses when installed)."""
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
     try:

@@ -20,13 +20,16 @@ def rcpt(path: str, utf8: bool = False) -> Mailbox | None:
     return parse_path(path, null_ok=False, postmaster_ok=True, utf8=utf8)
 
 
-@pytest.mark.parametrize("arg,path,params", [
-    ("<a@b.test>", "<a@b.test>", ""),
-    ("<a@b.test> SIZE=1  BODY=7BIT", "<a@b.test>", "SIZE=1  BODY=7BIT"),
-    ('<"x>y"@b.test> NOTIFY=NEVER', '<"x>y"@b.test>', "NOTIFY=NEVER"),
-    ('<"x\\"y"@b.test>', '<"x\\"y"@b.test>', ""),
-    ("  <>", "<>", ""),
-])
+@pytest.mark.parametrize(
+    "arg,path,params",
+    [
+        ("<a@b.test>", "<a@b.test>", ""),
+        ("<a@b.test> SIZE=1  BODY=7BIT", "<a@b.test>", "SIZE=1  BODY=7BIT"),
+        ('<"x>y"@b.test> NOTIFY=NEVER', '<"x>y"@b.test>', "NOTIFY=NEVER"),
+        ('<"x\\"y"@b.test>', '<"x\\"y"@b.test>', ""),
+        ("  <>", "<>", ""),
+    ],
+)
 def test_split_path(arg: str, path: str, params: str) -> None:
     assert split_path(arg) == (path, params)
 
@@ -51,25 +54,28 @@ def test_mailbox_values() -> None:
     assert rcpt("<ü@bücher.test>", utf8=True) == Mailbox("ü", "bücher.test")
 
 
-@pytest.mark.parametrize("path,kind", [
-    ("<>", AddressErrorKind.SYNTAX),
-    ("<user>", AddressErrorKind.SYNTAX),
-    ("<u@@d.test>", AddressErrorKind.SYNTAX),
-    ("<u(c)@d.test>", AddressErrorKind.SYNTAX),
-    ("<a\x01b@d.test>", AddressErrorKind.SYNTAX),
-    ('<"a\rb"@d.test>', AddressErrorKind.SYNTAX),
-    ("<a\x7f@d.test>", AddressErrorKind.SYNTAX),
-    ("<.a@d.test>", AddressErrorKind.SYNTAX),
-    ("<a.@d.test>", AddressErrorKind.SYNTAX),
-    ("<a@d..test>", AddressErrorKind.SYNTAX),
-    ("<a@d.test.>", AddressErrorKind.SYNTAX),
-    ("<a@[300.1.1.1]>", AddressErrorKind.SYNTAX),
-    ("<a@[IPv6:1::2::3]>", AddressErrorKind.SYNTAX),
-    ("<@a.test:>", AddressErrorKind.SYNTAX),
-    ("<" + "x" * 65 + "@d.test>", AddressErrorKind.TOO_LONG),
-    ("<a@" + "d" * 252 + ".test>", AddressErrorKind.TOO_LONG),
-    ("<ü@d.test>", AddressErrorKind.UTF8),
-])
+@pytest.mark.parametrize(
+    "path,kind",
+    [
+        ("<>", AddressErrorKind.SYNTAX),
+        ("<user>", AddressErrorKind.SYNTAX),
+        ("<u@@d.test>", AddressErrorKind.SYNTAX),
+        ("<u(c)@d.test>", AddressErrorKind.SYNTAX),
+        ("<a\x01b@d.test>", AddressErrorKind.SYNTAX),
+        ('<"a\rb"@d.test>', AddressErrorKind.SYNTAX),
+        ("<a\x7f@d.test>", AddressErrorKind.SYNTAX),
+        ("<.a@d.test>", AddressErrorKind.SYNTAX),
+        ("<a.@d.test>", AddressErrorKind.SYNTAX),
+        ("<a@d..test>", AddressErrorKind.SYNTAX),
+        ("<a@d.test.>", AddressErrorKind.SYNTAX),
+        ("<a@[300.1.1.1]>", AddressErrorKind.SYNTAX),
+        ("<a@[IPv6:1::2::3]>", AddressErrorKind.SYNTAX),
+        ("<@a.test:>", AddressErrorKind.SYNTAX),
+        ("<" + "x" * 65 + "@d.test>", AddressErrorKind.TOO_LONG),
+        ("<a@" + "d" * 252 + ".test>", AddressErrorKind.TOO_LONG),
+        ("<ü@d.test>", AddressErrorKind.UTF8),
+    ],
+)
 def test_refused_paths(path: str, kind: AddressErrorKind) -> None:
     with pytest.raises(AddressError) as e:
         rcpt(path)

@@ -12,29 +12,35 @@ ENVID_BAD = "501 5.5.4 Bad ENVID parameter: must be printable US-ASCII once deco
 ORCPT_BAD = "501 5.5.4 Bad ORCPT parameter: control characters once decoded"
 
 
-@pytest.mark.parametrize(("mail", "reply"), [
-    ("MAIL FROM:<s@x.test> ENVID=+0D+0AX-Injected:+20yes", ENVID_BAD),
-    ("MAIL FROM:<s@x.test> ENVID=a+00b", ENVID_BAD),
-    ("MAIL FROM:<s@x.test> ENVID=a+7Fb", ENVID_BAD),
-    ("MAIL FROM:<s@x.test> ENVID=caf+C3+A9", ENVID_BAD),  # encoded 8-bit is not US-ASCII
-    ("MAIL FROM:<s@x.test> SMTPUTF8 ENVID=a+0Ab", ENVID_BAD),
-    ("MAIL FROM:<s@x.test> ENVID=ok+20id+2B1", "250 2.1.0 Ok"),
-    ("MAIL FROM:<s@x.test> SMTPUTF8 ENVID=caf\u00e9", "250 2.1.0 Ok"),
-])
+@pytest.mark.parametrize(
+    ("mail", "reply"),
+    [
+        ("MAIL FROM:<s@x.test> ENVID=+0D+0AX-Injected:+20yes", ENVID_BAD),
+        ("MAIL FROM:<s@x.test> ENVID=a+00b", ENVID_BAD),
+        ("MAIL FROM:<s@x.test> ENVID=a+7Fb", ENVID_BAD),
+        ("MAIL FROM:<s@x.test> ENVID=caf+C3+A9", ENVID_BAD),  # encoded 8-bit is not US-ASCII
+        ("MAIL FROM:<s@x.test> SMTPUTF8 ENVID=a+0Ab", ENVID_BAD),
+        ("MAIL FROM:<s@x.test> ENVID=ok+20id+2B1", "250 2.1.0 Ok"),
+        ("MAIL FROM:<s@x.test> SMTPUTF8 ENVID=caf\u00e9", "250 2.1.0 Ok"),
+    ],
+)
 def test_envid(mail: str, reply: str) -> None:
     h = Harness()
     h.ehlo()
     assert h.feed(f"{mail}\r\n".encode()) == [reply]
 
 
-@pytest.mark.parametrize(("mail", "param", "reply"), [
-    ("", "ORCPT=rfc822;a+0D+0Ab@d.test", ORCPT_BAD),
-    ("", "ORCPT=rfc822;a+09b@d.test", ORCPT_BAD),
-    (" SMTPUTF8", "ORCPT=utf-8;a\\x{D}\\x{A}b@d.test", ORCPT_BAD),
-    (" SMTPUTF8", "ORCPT=utf-8;a\\x{2028}b@d.test", ORCPT_BAD),
-    ("", "ORCPT=rfc822;u+40ours.test", "250 2.1.5 Ok"),
-    (" SMTPUTF8", "ORCPT=utf-8;j\\x{F6}rg@d.test", "250 2.1.5 Ok"),
-])
+@pytest.mark.parametrize(
+    ("mail", "param", "reply"),
+    [
+        ("", "ORCPT=rfc822;a+0D+0Ab@d.test", ORCPT_BAD),
+        ("", "ORCPT=rfc822;a+09b@d.test", ORCPT_BAD),
+        (" SMTPUTF8", "ORCPT=utf-8;a\\x{D}\\x{A}b@d.test", ORCPT_BAD),
+        (" SMTPUTF8", "ORCPT=utf-8;a\\x{2028}b@d.test", ORCPT_BAD),
+        ("", "ORCPT=rfc822;u+40ours.test", "250 2.1.5 Ok"),
+        (" SMTPUTF8", "ORCPT=utf-8;j\\x{F6}rg@d.test", "250 2.1.5 Ok"),
+    ],
+)
 def test_orcpt(mail: str, param: str, reply: str) -> None:
     h = Harness()
     h.ehlo()

@@ -32,8 +32,14 @@ TX = b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<u@ours.test>\r\nDATA\r\n"
 def test_whole_pipelined_transaction_in_one_packet() -> None:
     h = Harness()
     out = h.feed(b"EHLO client.test\r\n" + TX + b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n")
-    assert out == ["250 DSN", "250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>",
-                   "250 2.0.0 Ok: queued as Q1", "221 2.0.0 Bye"]
+    assert out == [
+        "250 DSN",
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 Ok: queued as Q1",
+        "221 2.0.0 Bye",
+    ]
     assert [s.body for s in h.stored] == [b"Subject: hi\r\n\r\nbody\r\n"]
     assert h.stored[0].transaction.sender == "s@sender.test"
     assert h.conn.next_event() is CLOSED
@@ -42,8 +48,15 @@ def test_whole_pipelined_transaction_in_one_packet() -> None:
 def test_ehlo_advertises_extensions() -> None:
     h = Harness.make(max_message_size=1234)
     h.feed(b"EHLO c.test\r\n")
-    assert h.replies[1:] == ["250-mx.test", "250-PIPELINING", "250-SIZE 1234", "250-8BITMIME", "250-SMTPUTF8",
-                             "250-ENHANCEDSTATUSCODES", "250 DSN"]
+    assert h.replies[1:] == [
+        "250-mx.test",
+        "250-PIPELINING",
+        "250-SIZE 1234",
+        "250-8BITMIME",
+        "250-SMTPUTF8",
+        "250-ENHANCEDSTATUSCODES",
+        "250 DSN",
+    ]
     t = Harness.make(tls_available=True)
     t.feed(b"EHLO c.test\r\n")
     assert t.replies[-1] == "250 STARTTLS"
@@ -55,19 +68,30 @@ def test_second_transaction_pipelined_before_reply_to_first_dot() -> None:
     h = Harness()
     h.ehlo()
     out = h.feed(TX + b"one\r\n.\r\n" + TX + b"two\r\n.\r\n")
-    assert out == ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 Ok: queued as Q1",
-                   "250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 Ok: queued as Q2"]
+    assert out == [
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 Ok: queued as Q1",
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 Ok: queued as Q2",
+    ]
     assert [s.body for s in h.stored] == [b"one\r\n", b"two\r\n"]
 
 
-@pytest.mark.parametrize("content,stored", [
-    (b"..x\r\n", b".x\r\n"),
-    (b"a\r\n..\r\nb\r\n", b"a\r\n.\r\nb\r\n"),
-    (b"a\r\n...\r\n", b"a\r\n..\r\n"),
-    (b"", b""),  # ".\r\n" right after the 354: an empty message
-    (b"x.\r\n", b"x.\r\n"),
-    (b"a\r\n.x\r\n", b"a\r\nx\r\n"),  # RFC 5321 4.5.2: the first dot of a line is removed
-])
+@pytest.mark.parametrize(
+    "content,stored",
+    [
+        (b"..x\r\n", b".x\r\n"),
+        (b"a\r\n..\r\nb\r\n", b"a\r\n.\r\nb\r\n"),
+        (b"a\r\n...\r\n", b"a\r\n..\r\n"),
+        (b"", b""),  # ".\r\n" right after the 354: an empty message
+        (b"x.\r\n", b"x.\r\n"),
+        (b"a\r\n.x\r\n", b"a\r\nx\r\n"),  # RFC 5321 4.5.2: the first dot of a line is removed
+    ],
+)
 def test_dot_transparency(content: bytes, stored: bytes) -> None:
     h = Harness()
     h.ehlo()
@@ -75,8 +99,18 @@ def test_dot_transparency(content: bytes, stored: bytes) -> None:
     assert [s.body for s in h.stored] == [stored]
 
 
-SMUGGLING_ENDINGS = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\r\n\x00.\r\n", b"\r\r\n.\r\r\n",
-                     b"\r.\n", b"\n.\r", b"\r\n.\n"]
+SMUGGLING_ENDINGS = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\r\n.\r\r\n",
+    b"\r.\n",
+    b"\n.\r",
+    b"\r\n.\n",
+]
 
 
 @pytest.mark.parametrize("ending", SMUGGLING_ENDINGS, ids=repr)
@@ -85,8 +119,10 @@ def test_smuggling_endings_never_end_data(ending: bytes) -> None:
     h.ehlo()
     smuggled = b"MAIL FROM:<spoof@victim.test>\r\nRCPT TO:<u@ours.test>\r\nDATA\r\nSpoofed\r\n"
     out = h.feed(TX + b"Subject: real\r\n\r\nbody" + ending + smuggled + b".\r\nQUIT\r\n")
-    assert out[-2:] == ["550 5.5.2 " + ("Message contains NUL character" if b"\x00" in ending
-                                        else "Message contains bare CR or LF"), "221 2.0.0 Bye"]
+    assert out[-2:] == [
+        "550 5.5.2 " + ("Message contains NUL character" if b"\x00" in ending else "Message contains bare CR or LF"),
+        "221 2.0.0 Bye",
+    ]
     assert h.stored == []
     assert len(h.of(MailFrom)) == 1  # the smuggled MAIL stayed body text: no second transaction
     assert len(h.of(DataRejected)) == 1
@@ -122,7 +158,7 @@ def test_chunk_boundaries_anywhere_give_the_same_message() -> None:
         pos = 0
         while pos < len(wire):
             step = rng.choice([1, 1, 2, 3, 5, 7, 64])
-            h.feed(wire[pos:pos + step])
+            h.feed(wire[pos : pos + step])
             pos += step
         assert [s.body for s in h.stored] == [expected], raw
         head = (b"\r\n" + expected).split(b"\r\n\r\n", 1)[0].lower()
@@ -135,7 +171,7 @@ def test_bytewise_feed_of_smuggling_still_rejected() -> None:
     h.ehlo()
     wire = TX + b"x\n.\r\nMAIL FROM:<spoof@x.test>\r\n.\r\n"
     for i in range(len(wire)):
-        h.feed(wire[i:i + 1])
+        h.feed(wire[i : i + 1])
     assert h.stored == [] and len(h.of(MailFrom)) == 1
     assert h.replies[-1] == "550 5.5.2 Message contains bare CR or LF"
 
@@ -172,20 +208,23 @@ def test_size_at_limit_is_accepted() -> None:
     assert [s.body for s in h.stored] == [b"12345678\r\n"]
 
 
-@pytest.mark.parametrize("param,reply", [
-    ("SIZE=10001", "552 5.3.4 Message size exceeds fixed maximum message size"),
-    ("SIZE=x", "501 5.5.4 Bad SIZE parameter syntax"),
-    ("SIZE=10000", "250 2.1.0 Ok"),
-    ("BODY=8BITMIME", "250 2.1.0 Ok"),
-    ("BODY=BINARYMIME", "501 5.5.4 Bad BODY parameter syntax"),
-    ("RET=HDRS ENVID=abc+2Bdef", "250 2.1.0 Ok"),
-    ("RET=ALL", "501 5.5.4 Bad RET parameter syntax"),
-    ("ENVID=a+zz", "501 5.5.4 Bad ENVID parameter syntax"),
-    ("SMTPUTF8=yes", "501 5.5.4 Bad SMTPUTF8 parameter syntax"),
-    ("AUTH=<>", "555 5.5.4 Unsupported option: AUTH"),
-    ("FOO", "555 5.5.4 Unsupported option: FOO"),
-    ("SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE parameter"),
-])
+@pytest.mark.parametrize(
+    "param,reply",
+    [
+        ("SIZE=10001", "552 5.3.4 Message size exceeds fixed maximum message size"),
+        ("SIZE=x", "501 5.5.4 Bad SIZE parameter syntax"),
+        ("SIZE=10000", "250 2.1.0 Ok"),
+        ("BODY=8BITMIME", "250 2.1.0 Ok"),
+        ("BODY=BINARYMIME", "501 5.5.4 Bad BODY parameter syntax"),
+        ("RET=HDRS ENVID=abc+2Bdef", "250 2.1.0 Ok"),
+        ("RET=ALL", "501 5.5.4 Bad RET parameter syntax"),
+        ("ENVID=a+zz", "501 5.5.4 Bad ENVID parameter syntax"),
+        ("SMTPUTF8=yes", "501 5.5.4 Bad SMTPUTF8 parameter syntax"),
+        ("AUTH=<>", "555 5.5.4 Unsupported option: AUTH"),
+        ("FOO", "555 5.5.4 Unsupported option: FOO"),
+        ("SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE parameter"),
+    ],
+)
 def test_mail_parameters(param: str, reply: str) -> None:
     h = Harness.make(max_message_size=10_000)
     h.ehlo()
@@ -195,9 +234,11 @@ def test_mail_parameters(param: str, reply: str) -> None:
 def test_mail_and_rcpt_parameters_kept_in_the_envelope() -> None:
     h = Harness()
     h.ehlo()
-    h.feed(b"MAIL FROM:<s@sender.test> SIZE=10 BODY=8bitmime RET=hdrs ENVID=QQ314159\r\n"
-           b"RCPT TO:<u@ours.test> NOTIFY=success,failure ORCPT=rfc822;u+40ours.test\r\n"
-           b"RCPT TO:<v@ours.test> NOTIFY=NEVER\r\nDATA\r\nx\r\n.\r\n")
+    h.feed(
+        b"MAIL FROM:<s@sender.test> SIZE=10 BODY=8bitmime RET=hdrs ENVID=QQ314159\r\n"
+        b"RCPT TO:<u@ours.test> NOTIFY=success,failure ORCPT=rfc822;u+40ours.test\r\n"
+        b"RCPT TO:<v@ours.test> NOTIFY=NEVER\r\nDATA\r\nx\r\n.\r\n"
+    )
     tx = h.stored[0].transaction
     assert (tx.params.size, tx.params.body_type, tx.params.ret, tx.params.envid) == (10, "8BITMIME", "HDRS", "QQ314159")
     assert tx.recipients[0].notify == ("SUCCESS", "FAILURE")
@@ -205,15 +246,18 @@ def test_mail_and_rcpt_parameters_kept_in_the_envelope() -> None:
     assert tx.recipients[1].notify == ("NEVER",)
 
 
-@pytest.mark.parametrize("param,reply", [
-    ("NOTIFY=NEVER,SUCCESS", "501 5.5.4 Bad NOTIFY parameter syntax"),
-    ("NOTIFY=SOMETIMES", "501 5.5.4 Bad NOTIFY parameter syntax"),
-    ("NOTIFY=SUCCESS,SUCCESS", "501 5.5.4 Bad NOTIFY parameter syntax"),
-    ("ORCPT=rfc822", "501 5.5.4 Bad ORCPT parameter syntax"),
-    ("ORCPT=;x@y", "501 5.5.4 Bad ORCPT parameter syntax"),
-    ("FOO=bar", "555 5.5.4 Unsupported option: FOO"),
-    ("NOTIFY=DELAY NOTIFY=DELAY", "501 5.5.4 Duplicate NOTIFY parameter"),
-])
+@pytest.mark.parametrize(
+    "param,reply",
+    [
+        ("NOTIFY=NEVER,SUCCESS", "501 5.5.4 Bad NOTIFY parameter syntax"),
+        ("NOTIFY=SOMETIMES", "501 5.5.4 Bad NOTIFY parameter syntax"),
+        ("NOTIFY=SUCCESS,SUCCESS", "501 5.5.4 Bad NOTIFY parameter syntax"),
+        ("ORCPT=rfc822", "501 5.5.4 Bad ORCPT parameter syntax"),
+        ("ORCPT=;x@y", "501 5.5.4 Bad ORCPT parameter syntax"),
+        ("FOO=bar", "555 5.5.4 Unsupported option: FOO"),
+        ("NOTIFY=DELAY NOTIFY=DELAY", "501 5.5.4 Duplicate NOTIFY parameter"),
+    ],
+)
 def test_rcpt_parameters_refused(param: str, reply: str) -> None:
     h = Harness()
     h.ehlo()
@@ -228,26 +272,29 @@ def test_parameters_need_ehlo() -> None:
 
 
 # --- paths: RELIABILITY.md #38/#39 and friends ------------------------------------------------------
-@pytest.mark.parametrize("path,reply", [
-    ("<user>", "501 5.1.7 Bad sender address syntax"),
-    ("<postmaster>", "501 5.1.7 Bad sender address syntax"),
-    ("<u@@d.test>", "501 5.1.7 Bad sender address syntax"),
-    ("<u(comment)@d.test>", "501 5.1.7 Bad sender address syntax"),
-    ("<a\x01b@d.test>", "501 5.1.7 Bad sender address syntax"),
-    ('<"a\rb"@d.test>', "501 5.1.7 Bad sender address syntax"),
-    ("<u@d.test", "501 5.1.7 Bad sender address syntax"),
-    ("u@d.test>", "501 5.1.7 Bad sender address syntax"),
-    ("u@d.test", "501 5.1.7 Bad sender address syntax"),
-    ("<<u@d.test>>", "501 5.1.7 Bad sender address syntax"),
-    ("<u@d.test>x", "501 5.1.7 Bad sender address syntax"),
-    ("<u..v@d.test>", "501 5.1.7 Bad sender address syntax"),
-    ("<u@d.test.>", "501 5.1.7 Bad sender address syntax"),
-    ("<u@-d.test>", "501 5.1.7 Bad sender address syntax"),
-    ("<u @d.test>", "501 5.1.7 Bad sender address syntax"),
-    ("<" + "a" * 65 + "@d.test>", "553 5.1.7 Sender address too long"),
-    ("<" + "a" * 60 + "@" + "d" * 190 + ".test>", "553 5.1.7 Sender address too long"),
-    ("<üser@d.test>", "553 5.6.7 Non-ASCII sender address requires SMTPUTF8"),
-])
+@pytest.mark.parametrize(
+    "path,reply",
+    [
+        ("<user>", "501 5.1.7 Bad sender address syntax"),
+        ("<postmaster>", "501 5.1.7 Bad sender address syntax"),
+        ("<u@@d.test>", "501 5.1.7 Bad sender address syntax"),
+        ("<u(comment)@d.test>", "501 5.1.7 Bad sender address syntax"),
+        ("<a\x01b@d.test>", "501 5.1.7 Bad sender address syntax"),
+        ('<"a\rb"@d.test>', "501 5.1.7 Bad sender address syntax"),
+        ("<u@d.test", "501 5.1.7 Bad sender address syntax"),
+        ("u@d.test>", "501 5.1.7 Bad sender address syntax"),
+        ("u@d.test", "501 5.1.7 Bad sender address syntax"),
+        ("<<u@d.test>>", "501 5.1.7 Bad sender address syntax"),
+        ("<u@d.test>x", "501 5.1.7 Bad sender address syntax"),
+        ("<u..v@d.test>", "501 5.1.7 Bad sender address syntax"),
+        ("<u@d.test.>", "501 5.1.7 Bad sender address syntax"),
+        ("<u@-d.test>", "501 5.1.7 Bad sender address syntax"),
+        ("<u @d.test>", "501 5.1.7 Bad sender address syntax"),
+        ("<" + "a" * 65 + "@d.test>", "553 5.1.7 Sender address too long"),
+        ("<" + "a" * 60 + "@" + "d" * 190 + ".test>", "553 5.1.7 Sender address too long"),
+        ("<üser@d.test>", "553 5.6.7 Non-ASCII sender address requires SMTPUTF8"),
+    ],
+)
 def test_bad_sender_paths(path: str, reply: str) -> None:
     h = Harness()
     h.ehlo()
@@ -255,22 +302,25 @@ def test_bad_sender_paths(path: str, reply: str) -> None:
     assert h.of(MailFrom) == []
 
 
-@pytest.mark.parametrize("path,reply", [
-    ("<user>", "501 5.1.3 Bad recipient address syntax"),
-    ("<>", "501 5.1.3 Bad recipient address syntax"),
-    ("<u@@ours.test>", "501 5.1.3 Bad recipient address syntax"),
-    ("<u(comment)@ours.test>", "501 5.1.3 Bad recipient address syntax"),
-    ("<a\x01b@ours.test>", "501 5.1.3 Bad recipient address syntax"),
-    ('<"a\rb"@ours.test>', "501 5.1.3 Bad recipient address syntax"),
-    ("<u@ours.test", "501 5.1.3 Bad recipient address syntax"),
-    ("u@ours.test", "501 5.1.3 Bad recipient address syntax"),
-    ("<u@ours.test.>", "501 5.1.3 Bad recipient address syntax"),
-    ("<u@[1.2.3.999]>", "501 5.1.3 Bad recipient address syntax"),
-    ("<u@[IPv6:::zz]>", "501 5.1.3 Bad recipient address syntax"),
-    ("<" + "a" * 65 + "@ours.test>", "553 5.1.3 Recipient address too long"),
-    ("<" + "a" * 64 + "@" + ("d" * 60 + ".") * 3 + "ours.test>", "553 5.1.3 Recipient address too long"),
-    ("<üser@ours.test>", "553 5.6.7 Non-ASCII recipient address requires SMTPUTF8"),
-])
+@pytest.mark.parametrize(
+    "path,reply",
+    [
+        ("<user>", "501 5.1.3 Bad recipient address syntax"),
+        ("<>", "501 5.1.3 Bad recipient address syntax"),
+        ("<u@@ours.test>", "501 5.1.3 Bad recipient address syntax"),
+        ("<u(comment)@ours.test>", "501 5.1.3 Bad recipient address syntax"),
+        ("<a\x01b@ours.test>", "501 5.1.3 Bad recipient address syntax"),
+        ('<"a\rb"@ours.test>', "501 5.1.3 Bad recipient address syntax"),
+        ("<u@ours.test", "501 5.1.3 Bad recipient address syntax"),
+        ("u@ours.test", "501 5.1.3 Bad recipient address syntax"),
+        ("<u@ours.test.>", "501 5.1.3 Bad recipient address syntax"),
+        ("<u@[1.2.3.999]>", "501 5.1.3 Bad recipient address syntax"),
+        ("<u@[IPv6:::zz]>", "501 5.1.3 Bad recipient address syntax"),
+        ("<" + "a" * 65 + "@ours.test>", "553 5.1.3 Recipient address too long"),
+        ("<" + "a" * 64 + "@" + ("d" * 60 + ".") * 3 + "ours.test>", "553 5.1.3 Recipient address too long"),
+        ("<üser@ours.test>", "553 5.6.7 Non-ASCII recipient address requires SMTPUTF8"),
+    ],
+)
 def test_bad_recipient_paths(path: str, reply: str) -> None:
     h = Harness()
     h.ehlo()
@@ -289,20 +339,23 @@ def test_path_limits_are_inclusive() -> None:
     assert h.feed(f"RCPT TO:<{local64}@{domain}>\r\n".encode()) == ["553 5.1.3 Recipient address too long"]
 
 
-@pytest.mark.parametrize("path,address", [
-    ("<u@OURS.test>", "u@ours.test"),
-    ("<Alice.Smith@Ours.Test>", "Alice.Smith@ours.test"),
-    ("<@relay1.test,@relay2.test:u@ours.test>", "u@ours.test"),
-    ("<@ours.test:u@evil.test>", "u@evil.test"),
-    ('<"u@evil"@ours.test>', '"u@evil"@ours.test'),
-    ('<"a b>c"@ours.test>', '"a b>c"@ours.test'),
-    ("<u%evil.test@ours.test>", "u%evil.test@ours.test"),
-    ("<evil.test!u@ours.test>", "evil.test!u@ours.test"),
-    ("<u@[192.0.2.5]>", "u@[192.0.2.5]"),
-    ("<u@[IPv6:2001:db8::1]>", "u@[ipv6:2001:db8::1]"),
-    ("<Postmaster>", "Postmaster@ours.test"),
-    (" <u@ours.test>", "u@ours.test"),
-])
+@pytest.mark.parametrize(
+    "path,address",
+    [
+        ("<u@OURS.test>", "u@ours.test"),
+        ("<Alice.Smith@Ours.Test>", "Alice.Smith@ours.test"),
+        ("<@relay1.test,@relay2.test:u@ours.test>", "u@ours.test"),
+        ("<@ours.test:u@evil.test>", "u@evil.test"),
+        ('<"u@evil"@ours.test>', '"u@evil"@ours.test'),
+        ('<"a b>c"@ours.test>', '"a b>c"@ours.test'),
+        ("<u%evil.test@ours.test>", "u%evil.test@ours.test"),
+        ("<evil.test!u@ours.test>", "evil.test!u@ours.test"),
+        ("<u@[192.0.2.5]>", "u@[192.0.2.5]"),
+        ("<u@[IPv6:2001:db8::1]>", "u@[ipv6:2001:db8::1]"),
+        ("<Postmaster>", "Postmaster@ours.test"),
+        (" <u@ours.test>", "u@ours.test"),
+    ],
+)
 def test_good_recipient_paths(path: str, address: str) -> None:
     h = Harness.make(postmaster_domain="ours.test")
     h.ehlo()
@@ -366,8 +419,11 @@ def test_data_after_all_recipients_refused() -> None:
     h = Harness(rcpt_policy=lambda a: Reply(550, "5.1.1", f"<{a}>: User unknown"))
     h.ehlo()
     out = h.feed(b"MAIL FROM:<s@x.test>\r\nRCPT TO:<nobody@ours.test>\r\nDATA\r\nbody\r\n.\r\n")
-    assert out[:3] == ["250 2.1.0 Ok", "550 5.1.1 <nobody@ours.test>: User unknown",
-                       "554 5.5.1 Error: no valid recipients"]
+    assert out[:3] == [
+        "250 2.1.0 Ok",
+        "550 5.1.1 <nobody@ours.test>: User unknown",
+        "554 5.5.1 Error: no valid recipients",
+    ]
     assert h.stored == []
 
 
@@ -467,7 +523,7 @@ def test_hop_count_case_insensitive_across_chunk_boundaries() -> None:
     h.ehlo()
     wire = TX + b"RECEIVED: a\r\nreceived: b\r\nReCeIvEd: c\r\nreceived: d\r\n\r\nbody\r\n.\r\n"
     for i in range(0, len(wire), 3):
-        h.feed(wire[i:i + 3])
+        h.feed(wire[i : i + 3])
     assert h.replies[-1] == "554 5.4.6 Too many hops"
     d = h.of(DataRejected)
     assert len(d) == 1
@@ -510,12 +566,15 @@ def test_starttls_refusals() -> None:
 
 
 # --- HELO -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("line,reply", [
-    (b"HELO foo\rX-Injected: yes\r\n", "501 5.5.2 Invalid hostname"),
-    (b"EHLO \x01bad\r\n", "501 5.5.2 Invalid hostname"),
-    (b"EHLO\r\n", "501 5.5.4 Syntax: EHLO hostname"),
-    (b"HELO\r\n", "501 5.5.4 Syntax: HELO hostname"),
-])
+@pytest.mark.parametrize(
+    "line,reply",
+    [
+        (b"HELO foo\rX-Injected: yes\r\n", "501 5.5.2 Invalid hostname"),
+        (b"EHLO \x01bad\r\n", "501 5.5.2 Invalid hostname"),
+        (b"EHLO\r\n", "501 5.5.4 Syntax: EHLO hostname"),
+        (b"HELO\r\n", "501 5.5.4 Syntax: HELO hostname"),
+    ],
+)
 def test_bad_helo(line: bytes, reply: str) -> None:
     h = Harness()
     assert h.feed(line) == [reply]
@@ -596,13 +655,17 @@ def test_send_and_close() -> None:
 SYNC = "554 5.5.0 Error: SMTP protocol synchronization"
 
 
-@pytest.mark.parametrize(("prelude", "payload", "verb"), [
-    (b"", b"EHLO bot.test\r\nMAIL FROM:<a@b.test>\r\n", "EHLO"),
-    (b"", b"HELO bot.test\r\nMAIL FROM:<a@b.test>\r\n", "HELO"),
-    (b"", b"EHLO bot.test\r\n\r\n", "EHLO"),
-    (b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\n", b"DATA\r\nSubject: early\r\n", "DATA"),
-    (b"HELO c.test\r\n", b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\n", "MAIL"),
-], ids=["ehlo+mail", "helo+mail", "ehlo+empty line", "data+content", "helo session: mail+rcpt"])
+@pytest.mark.parametrize(
+    ("prelude", "payload", "verb"),
+    [
+        (b"", b"EHLO bot.test\r\nMAIL FROM:<a@b.test>\r\n", "EHLO"),
+        (b"", b"HELO bot.test\r\nMAIL FROM:<a@b.test>\r\n", "HELO"),
+        (b"", b"EHLO bot.test\r\n\r\n", "EHLO"),
+        (b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\n", b"DATA\r\nSubject: early\r\n", "DATA"),
+        (b"HELO c.test\r\n", b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@ours.test>\r\n", "MAIL"),
+    ],
+    ids=["ehlo+mail", "helo+mail", "ehlo+empty line", "data+content", "helo session: mail+rcpt"],
+)
 def test_early_pipelining_is_554_and_closed(prelude: bytes, payload: bytes, verb: str) -> None:
     h = Harness.make(forbid_early_pipelining=True)
     if prelude:

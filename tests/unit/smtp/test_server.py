@@ -37,9 +37,11 @@ async def test_message_stored_byte_exact_with_one_received_header(make_server: M
     r = await make_server()
     c = await Client.connect(r.port)
     await c.ehlo()
-    await c.send(b"MAIL FROM:<s@sender.test> BODY=8BITMIME RET=HDRS ENVID=env+2B1\r\n"
-                 b"RCPT TO:<Alice@EXAMPLE.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Alice@example.test\r\n"
-                 b"DATA\r\n")
+    await c.send(
+        b"MAIL FROM:<s@sender.test> BODY=8BITMIME RET=HDRS ENVID=env+2B1\r\n"
+        b"RCPT TO:<Alice@EXAMPLE.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Alice@example.test\r\n"
+        b"DATA\r\n"
+    )
     assert await c.replies(3) == ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
     await c.send(BODY.replace(b"\r\n.", b"\r\n..") + b".\r\n")
     qid = qid_of(await c.reply())
@@ -49,14 +51,19 @@ async def test_message_stored_byte_exact_with_one_received_header(make_server: M
     env, body = msgs[qid]
     assert body.endswith(BODY)
     header = body[: len(body) - len(BODY)]
-    assert header.startswith(b"Received: from client.test ([127.0.0.1] [127.0.0.1])\r\n\tby mx.test (backupmx node1)"
-                             b" with ESMTP id " + qid.encode() + b"\r\n\tfor <Alice@example.test>; ")
+    assert header.startswith(
+        b"Received: from client.test ([127.0.0.1] [127.0.0.1])\r\n\tby mx.test (backupmx node1)"
+        b" with ESMTP id " + qid.encode() + b"\r\n\tfor <Alice@example.test>; "
+    )
     assert header.count(b"\r\n") == 3 and body.count(b"Received:") == 1
     assert env.sender == "s@sender.test" and env.body_type == "8BITMIME" and env.ret == "HDRS"
     assert env.envid == "env+2B1" and env.client_ip == "127.0.0.1" and env.client_helo == "client.test"
     rc = env.recipients[0]
-    assert (rc.address, rc.notify, rc.orcpt) == ("Alice@example.test", ("SUCCESS", "FAILURE"),
-                                                 "rfc822;Alice@example.test")
+    assert (rc.address, rc.notify, rc.orcpt) == (
+        "Alice@example.test",
+        ("SUCCESS", "FAILURE"),
+        "rfc822;Alice@example.test",
+    )
     st = r.server.statistics()
     assert (st.accepted, st.recipients_accepted, st.sessions_total) == (1, 1, 1)
     assert [e for e, _ in r.events] == ["connect", "queued", "disconnect"]
@@ -82,8 +89,7 @@ async def test_whole_session_pipelined_in_one_packet(make_server: MakeServer) ->
     assert msgs[ids[0]][0].sender == ""
 
 
-async def test_pipelined_batch_answered_in_one_write(make_server: MakeServer,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_pipelined_batch_answered_in_one_write(make_server: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     from backupmx.smtp.protocol import SmtpConnection
 
     writes: list[bytes] = []
@@ -98,24 +104,31 @@ async def test_pipelined_batch_answered_in_one_write(make_server: MakeServer,
     monkeypatch.setattr(SmtpConnection, "data_to_send", recording)
     r = await make_server(server={"forbid_early_pipelining": False})  # this test pipelines early on purpose
     c = await Client.connect(r.port)
-    await c.send(b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\n" +
-                 b"".join(b"RCPT TO:<u%d@example.test>\r\n" % i for i in range(5)) + b"DATA\r\n")
+    await c.send(
+        b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\n"
+        + b"".join(b"RCPT TO:<u%d@example.test>\r\n" % i for i in range(5))
+        + b"DATA\r\n"
+    )
     assert (await c.replies(8))[-1].startswith("354 ")
     await c.close()
     batch = [w for w in writes if b"354 " in w]
     assert batch and batch[0].startswith(b"250-mx.test") and batch[0].count(b"250 2.1.5") == 5
 
 
-@pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\r\n.\r\r\n",
-                                    b"\r\n\x00.\r\n"], ids=repr)
+@pytest.mark.parametrize(
+    "ending", [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\r\n.\r\r\n", b"\r\n\x00.\r\n"], ids=repr
+)
 async def test_smuggling_over_the_wire_stores_nothing(make_server: MakeServer, ending: bytes) -> None:
     r = await make_server()
     c = await Client.connect(r.port)
     await c.ehlo()
     await c.send(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
     await c.replies(3)
-    await c.send(b"Subject: x\r\n\r\nreal" + ending +
-                 b"MAIL FROM:<spoof@victim.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nspoofed\r\n.\r\nNOOP\r\n")
+    await c.send(
+        b"Subject: x\r\n\r\nreal"
+        + ending
+        + b"MAIL FROM:<spoof@victim.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nspoofed\r\n.\r\nNOOP\r\n"
+    )
     assert (await c.reply()).startswith("550 5.5.2 Message contains")
     assert await c.reply() == "250 2.0.0 Ok"  # the NOOP: no second transaction's replies in between
     await c.close()
@@ -169,8 +182,10 @@ async def test_ipv6_listener(make_server: MakeServer) -> None:
 async def test_half_closing_client_still_gets_its_replies(make_server: MakeServer) -> None:
     r = await make_server(server={"forbid_early_pipelining": False})  # this test pipelines early on purpose
     c = await Client.connect(r.port)
-    await c.send(b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
-                 b"Subject: x\r\n\r\nhalf-closed\r\n.\r\nQUIT\r\n")
+    await c.send(
+        b"EHLO c.test\r\nMAIL FROM:<s@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        b"Subject: x\r\n\r\nhalf-closed\r\n.\r\nQUIT\r\n"
+    )
     c.writer.write_eof()
     rest = (await c.read_to_close()).decode()
     assert "250 2.0.0 Ok: queued as " in rest and rest.endswith("221 2.0.0 Bye\r\n"), rest
@@ -184,11 +199,14 @@ async def test_relay_denied_and_unknown_user_store_nothing(make_server: MakeServ
     await c.cmd("MAIL FROM:<s@sender.test>")
     assert await c.cmd("RCPT TO:<u@elsewhere.test>") == "554 5.7.1 <u@elsewhere.test>: Relay access denied"
     assert await c.cmd("RCPT TO:<u@[127.0.0.1]>") == "554 5.7.1 <u@[127.0.0.1]>: Relay access denied"
-    assert await c.cmd("RCPT TO:<u@example.test.evil.test>") == \
-        "554 5.7.1 <u@example.test.evil.test>: Relay access denied"
+    assert (
+        await c.cmd("RCPT TO:<u@example.test.evil.test>") == "554 5.7.1 <u@example.test.evil.test>: Relay access denied"
+    )
     assert await c.cmd("RCPT TO:<@example.test:u@evil.test>") == "554 5.7.1 <u@evil.test>: Relay access denied"
-    assert await c.cmd("RCPT TO:<bob@example.test>") == \
-        "550 5.1.1 <bob@example.test>: Recipient address rejected: User unknown"
+    assert (
+        await c.cmd("RCPT TO:<bob@example.test>")
+        == "550 5.1.1 <bob@example.test>: Recipient address rejected: User unknown"
+    )
     assert await c.cmd("RCPT TO:<postmaster>") == "250 2.1.5 Ok"
     assert await c.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
     qid = qid_of(await c.cmd(b"hi\r\n."))
@@ -207,8 +225,9 @@ class FaultySpool:
         self.exc = exc
         self.bodies: dict[str, bytes] = {}
 
-    async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
-                          *, now: float | None = None) -> QueueId:
+    async def put_with_id(
+        self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer, *, now: float | None = None
+    ) -> QueueId:
         await asyncio.sleep(0)
         if self.exc is not None:
             raise self.exc
@@ -216,13 +235,17 @@ class FaultySpool:
         return queue_id
 
 
-@pytest.mark.parametrize("exc,reply", [
-    (SpoolFullError("SQLITE_FULL"), "452 4.3.1 Insufficient system storage"),
-    (SpoolUnavailable("locked"), "451 4.3.0 Error: queue file write error, try again later"),
-    (RuntimeError("a bug"), "451 4.3.0 Error: queue file write error, try again later"),
-])
-async def test_spool_failure_answers_4xx_and_server_stays_up(make_server: MakeServer, exc: Exception,
-                                                             reply: str) -> None:
+@pytest.mark.parametrize(
+    "exc,reply",
+    [
+        (SpoolFullError("SQLITE_FULL"), "452 4.3.1 Insufficient system storage"),
+        (SpoolUnavailable("locked"), "451 4.3.0 Error: queue file write error, try again later"),
+        (RuntimeError("a bug"), "451 4.3.0 Error: queue file write error, try again later"),
+    ],
+)
+async def test_spool_failure_answers_4xx_and_server_stays_up(
+    make_server: MakeServer, exc: Exception, reply: str
+) -> None:
     spool = FaultySpool(exc)
     r = await make_server(spool=spool)
     c = await Client.connect(r.port)
@@ -251,8 +274,10 @@ async def test_size_limits(make_server: MakeServer) -> None:
     r = await make_server(server={"max_message_size": 100_000})
     c = await Client.connect(r.port)
     await c.ehlo()
-    assert await c.cmd("MAIL FROM:<s@sender.test> SIZE=100001") == \
-        "552 5.3.4 Message size exceeds fixed maximum message size"
+    assert (
+        await c.cmd("MAIL FROM:<s@sender.test> SIZE=100001")
+        == "552 5.3.4 Message size exceeds fixed maximum message size"
+    )
     big = (b"x" * 998 + b"\r\n") * 300
     assert await c.send_mail(big) == "552 5.3.4 Message size exceeds fixed maximum message size"
     qid_of(await c.send_mail(BODY))  # the session goes on
@@ -418,8 +443,9 @@ async def test_client_vanishing_mid_data_stores_nothing(make_server: MakeServer)
 
 
 # --- TLS ------------------------------------------------------------------------------------------
-async def test_starttls_session(make_server: MakeServer, server_tls: ssl.SSLContext,
-                                client_tls: ssl.SSLContext) -> None:
+async def test_starttls_session(
+    make_server: MakeServer, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
     r = await make_server(tls_context=server_tls)
     c = await Client.connect(r.port)
     await c.ehlo()
@@ -437,8 +463,9 @@ async def test_starttls_session(make_server: MakeServer, server_tls: ssl.SSLCont
     assert r.server.statistics().tls_sessions == 1
 
 
-async def test_starttls_plaintext_injection_discarded(make_server: MakeServer, server_tls: ssl.SSLContext,
-                                                      client_tls: ssl.SSLContext) -> None:
+async def test_starttls_plaintext_injection_discarded(
+    make_server: MakeServer, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
     r = await make_server(tls_context=server_tls)
     c = await Client.connect(r.port)
     await c.ehlo()
@@ -450,8 +477,7 @@ async def test_starttls_plaintext_injection_discarded(make_server: MakeServer, s
     await c.close()
 
 
-async def test_failed_handshake_does_not_hurt_the_server(make_server: MakeServer,
-                                                         server_tls: ssl.SSLContext) -> None:
+async def test_failed_handshake_does_not_hurt_the_server(make_server: MakeServer, server_tls: ssl.SSLContext) -> None:
     r = await make_server(tls_context=server_tls)
     c = await Client.connect(r.port)
     await c.ehlo()
@@ -515,8 +541,9 @@ async def test_stop_past_grace_answers_421_and_stores_nothing(make_server: MakeS
 
 async def test_stop_does_not_cut_a_commit(make_server: MakeServer) -> None:
     class SlowSpool(FaultySpool):
-        async def put_with_id(self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer,
-                              *, now: float | None = None) -> QueueId:
+        async def put_with_id(
+            self, queue_id: QueueId, envelope: Envelope, body: BodyBuffer, *, now: float | None = None
+        ) -> QueueId:
             await asyncio.sleep(0.5)
             return await super().put_with_id(queue_id, envelope, body)
 

@@ -35,15 +35,17 @@ def check_integrity(db: Path) -> list[str]:
         for what, sql in orphans.items():
             problems += [f"{qid}: {what}" for (qid,) in rows(sql)]
         for qid, size, checksum, data in conn.execute(
-                "SELECT m.id, m.size, m.checksum, b.data FROM messages m JOIN bodies b ON b.message_id = m.id"
-                " WHERE m.corrupt_reason IS NULL"):
+            "SELECT m.id, m.size, m.checksum, b.data FROM messages m JOIN bodies b ON b.message_id = m.id"
+            " WHERE m.corrupt_reason IS NULL"
+        ):
             if len(data) != size:
                 problems.append(f"{qid}: body {len(data)} bytes, size says {size}")
             if checksum != f"crc32:{zlib.crc32(data):08x}":
                 problems.append(f"{qid}: checksum mismatch")
         for qid, pending, actual in rows(
-                "SELECT id, pending, EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
-                " AND r.state IN ('queued','held')) FROM messages m"):
+            "SELECT id, pending, EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
+            " AND r.state IN ('queued','held')) FROM messages m"
+        ):
             if pending != actual:
                 problems.append(f"{qid}: pending flag {pending}, recipients say {actual}")
 
@@ -53,13 +55,24 @@ def check_integrity(db: Path) -> list[str]:
             if k != t:
                 problems.append(f"{name}: kept {k} != counted {t}")
 
-        compare("msg_counts", rows("SELECT kind, pending FROM msg_counts"),
-                rows("SELECT kind, count(*) FROM messages WHERE pending = 1 AND corrupt_reason IS NULL GROUP BY kind"))
-        compare("rcpt_counts", rows("SELECT domain, state, n FROM rcpt_counts"),
-                rows("SELECT domain, state, count(*) FROM recipients GROUP BY domain, state"))
-        compare("dom_pending", rows("SELECT domain, messages FROM dom_pending"),
-                rows("SELECT domain, count(DISTINCT message_id) FROM recipients"
-                     " WHERE state IN ('queued','held') GROUP BY domain"))
+        compare(
+            "msg_counts",
+            rows("SELECT kind, pending FROM msg_counts"),
+            rows("SELECT kind, count(*) FROM messages WHERE pending = 1 AND corrupt_reason IS NULL GROUP BY kind"),
+        )
+        compare(
+            "rcpt_counts",
+            rows("SELECT domain, state, n FROM rcpt_counts"),
+            rows("SELECT domain, state, count(*) FROM recipients GROUP BY domain, state"),
+        )
+        compare(
+            "dom_pending",
+            rows("SELECT domain, messages FROM dom_pending"),
+            rows(
+                "SELECT domain, count(DISTINCT message_id) FROM recipients"
+                " WHERE state IN ('queued','held') GROUP BY domain"
+            ),
+        )
         conn.execute("COMMIT")
     finally:
         conn.close()

@@ -31,8 +31,10 @@ async def worker(spool: SqliteSpool, base: int, step: int, tmp: Path) -> None:
     while True:
         size = size_for(seed)
         nrcpt = 1 + seed % 3
-        env = Envelope(sender=f"s{seed}@sender.example",
-                       recipients=tuple(Recipient(f"u{seed}.{i}@d{i}.example") for i in range(nrcpt)))
+        env = Envelope(
+            sender=f"s{seed}@sender.example",
+            recipients=tuple(Recipient(f"u{seed}.{i}@d{i}.example") for i in range(nrcpt)),
+        )
         with BodyBuffer.from_bytes(body_for(seed, size), tmp) as buf:
             qid = await spool.put(env, buf)
         sys.stdout.write(f"{qid} {seed} {size} {nrcpt}\n")
@@ -51,5 +53,10 @@ async def main(data_dir: Path, tasks: int, start: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 8,
-                     int(sys.argv[3]) if len(sys.argv) > 3 else 0))
+    asyncio.run(
+        main(
+            Path(sys.argv[1]),
+            int(sys.argv[2]) if len(sys.argv) > 2 else 8,
+            int(sys.argv[3]) if len(sys.argv) > 3 else 0,
+        )
+    )

@@ -41,8 +41,9 @@ async def test_bodies_are_stored_in_chunks(postgres_url: str, tmp_path: Path, si
     await spool.open()
     try:
         qid = await spool.put(env("a@a.example"), BodyBuffer.from_bytes(data, tmp_path))
-        got = await rows(postgres_url, "SELECT seq, length(data) AS n FROM body_chunks WHERE message_id = $1"
-                                       " ORDER BY seq", qid)
+        got = await rows(
+            postgres_url, "SELECT seq, length(data) AS n FROM body_chunks WHERE message_id = $1 ORDER BY seq", qid
+        )
         assert [r["seq"] for r in got] == list(range(-(-size // CHUNK)))
         assert all(r["n"] == CHUNK for r in got[:-1]) and sum(r["n"] for r in got) == size
         assert await rows(postgres_url, "SELECT * FROM body_uploads") == []
@@ -51,8 +52,7 @@ async def test_bodies_are_stored_in_chunks(postgres_url: str, tmp_path: Path, si
         await spool.close()
 
 
-async def test_a_large_put_with_a_taken_id_leaves_the_first_and_nothing_else(postgres_url: str,
-                                                                             tmp_path: Path) -> None:
+async def test_a_large_put_with_a_taken_id_leaves_the_first_and_nothing_else(postgres_url: str, tmp_path: Path) -> None:
     spool = PostgresSpool(postgres_url)
     await spool.open()
     try:
@@ -131,13 +131,20 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 def test_a_50_mb_put_does_not_need_50_mb_of_memory(postgres_url: str, tmp_path: Path) -> None:
     size = 50 * 1024 * 1024
-    res = subprocess.run([sys.executable, "-c", _MEASURE, postgres_url, str(size)], capture_output=True,
-                         text=True, timeout=120, cwd=str(REPO))
+    res = subprocess.run(
+        [sys.executable, "-c", _MEASURE, postgres_url, str(size)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
     assert res.returncode == 0, res.stderr
     m = json.loads(res.stdout)
-    print(f"50 MiB put: RSS {m['base_rss'] / 2**20:.1f} MiB before, peak +{m['put_growth'] / 2**20:.1f} MiB"
-          f" during the put ({m['put_seconds']:.2f}s); read back: peak +{m['read_growth'] / 2**20:.1f} MiB"
-          f" ({m['read_seconds']:.2f}s)")
+    print(
+        f"50 MiB put: RSS {m['base_rss'] / 2**20:.1f} MiB before, peak +{m['put_growth'] / 2**20:.1f} MiB"
+        f" during the put ({m['put_seconds']:.2f}s); read back: peak +{m['read_growth'] / 2**20:.1f} MiB"
+        f" ({m['read_seconds']:.2f}s)"
+    )
     assert m["read"] == size
     assert m["put_growth"] < 16 * 2**20, m
     assert m["read_growth"] < 16 * 2**20, m

@@ -28,8 +28,13 @@ LATER = Reply(451, "4.3.0", "later")
 
 
 def env(*rcpts: str, sender: str = "s@sender.example", kind: MessageKind = MessageKind.USER) -> Envelope:
-    return Envelope(sender=sender, recipients=tuple(Recipient(r, notify=("FAILURE",) if "n" in r else None)
-                                                   for r in rcpts), kind=kind, envid="e1", ret="HDRS")
+    return Envelope(
+        sender=sender,
+        recipients=tuple(Recipient(r, notify=("FAILURE",) if "n" in r else None) for r in rcpts),
+        kind=kind,
+        envid="e1",
+        ret="HDRS",
+    )
 
 
 async def fill(spool: Spool, tmp: Path) -> dict[QueueId, bytes]:
@@ -49,13 +54,18 @@ async def fill(spool: Spool, tmp: Path) -> dict[QueueId, bytes]:
     for i in range(30):
         await put(f"bulk{i}@c.example", at=T0 + 10 + i)
     await spool.claim_due(now=T0 + 5, owner="n1", lease_seconds=60, limit=6)
-    [dsn] = await spool.record("n1", [
-        RecipientUpdate(a, 0, Delivered(OK)),
-        RecipientUpdate(a, 1, Bounced(Reply(550, "5.1.1", "no such user"))),
-        RecipientUpdate(a, 2, Deferred(LATER), next_attempt_at=T0 + 900, delay_notified=True),
-        RecipientUpdate(b, 0, Deferred(LATER), next_attempt_at=T0 + 600),
-        RecipientUpdate(done, 0, Delivered(OK)),
-    ], [NewMessage(env("s@sender.example", sender="", kind=MessageKind.DSN), b"dsn body")], now=T0 + 6)
+    [dsn] = await spool.record(
+        "n1",
+        [
+            RecipientUpdate(a, 0, Delivered(OK)),
+            RecipientUpdate(a, 1, Bounced(Reply(550, "5.1.1", "no such user"))),
+            RecipientUpdate(a, 2, Deferred(LATER), next_attempt_at=T0 + 900, delay_notified=True),
+            RecipientUpdate(b, 0, Deferred(LATER), next_attempt_at=T0 + 600),
+            RecipientUpdate(done, 0, Delivered(OK)),
+        ],
+        [NewMessage(env("s@sender.example", sender="", kind=MessageKind.DSN), b"dsn body")],
+        now=T0 + 6,
+    )
     bodies[dsn] = b"dsn body"
     await spool.hold(c, now=T0 + 7)
     del bodies[done]  # finished: not copied
@@ -109,11 +119,14 @@ async def test_postgres_to_sqlite_is_exact_and_idempotent(postgres_url: str, tmp
         held = [m for m in await dst.list_messages() if any(r.state is RecipientState.HELD for r in m.recipients)]
         assert len(held) == 1
         # The attempt history came along: the deferred recipients are not due before their time.
-        deferred = {(r.message_id, r.index) for m in await src.list_messages() for r in m.recipients
-                    if r.attempts and r.state is RecipientState.QUEUED}
+        deferred = {
+            (r.message_id, r.index)
+            for m in await src.list_messages()
+            for r in m.recipients
+            if r.attempts and r.state is RecipientState.QUEUED
+        }
         assert len(deferred) == 2
-        assert await dst.claim_due(now=T0 + 599, owner="new", lease_seconds=60, limit=100,
-                                   domains=["b.example"]) == []
+        assert await dst.claim_due(now=T0 + 599, owner="new", lease_seconds=60, limit=100, domains=["b.example"]) == []
         due = await dst.claim_due(now=T0 + 900, owner="new", lease_seconds=60, limit=100, domains=["b.example"])
         assert {(r.message_id, r.index) for c in due for r in c.recipients} == deferred
         again = await copy_spool(src, dst, tmp_dir=tmp_path)
@@ -155,8 +168,9 @@ def run_cli(*argv: str) -> int:
 
 def test_the_commands(postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "backupmx.toml"
-    config.write_text(f'[server]\nnode_name = "mx2"\ndata_dir = "{tmp_path / "data"}"\n\n'
-                      f'[spool]\nurl = "{postgres_url}"\n')
+    config.write_text(
+        f'[server]\nnode_name = "mx2"\ndata_dir = "{tmp_path / "data"}"\n\n[spool]\nurl = "{postgres_url}"\n'
+    )
     assert run_cli("spool", "migrate", "--config", str(config)) == 0
     assert f"migrated from version 0 to {SCHEMA_VERSION}" in capsys.readouterr().out
     assert run_cli("spool", "migrate", "--config", str(config)) == 0
@@ -178,8 +192,10 @@ def test_the_commands(postgres_url: str, tmp_path: Path, capsys: pytest.CaptureF
     assert run_cli("spool", "copy", "--from", f"sqlite:{tmp_path / 'old'}", "--to", postgres_url, "-q") == 0
     assert f"copied 0 message(s) (0 bytes), {len(bodies)} already there" in capsys.readouterr().out
     # ... and back, into a new SQLite spool
-    assert run_cli("spool", "copy", "--from", postgres_url, "--to", f"sqlite:{tmp_path / 'back'}",
-                   "--config", str(config)) == 0
+    assert (
+        run_cli("spool", "copy", "--from", postgres_url, "--to", f"sqlite:{tmp_path / 'back'}", "--config", str(config))
+        == 0
+    )
     assert f"copied {len(bodies)} message(s)" in capsys.readouterr().out
 
     async def count_back() -> int:

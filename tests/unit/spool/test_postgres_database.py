@@ -100,7 +100,8 @@ async def test_an_unreachable_database_at_open_is_spool_unavailable(postgres_ser
 
 
 async def test_while_the_database_is_stopped_writes_fail_fast_and_nothing_is_lost(
-        postgres_server: PostgresServer, postgres_url: str) -> None:
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
     spool = PostgresSpool(postgres_url, node="n1", connect_timeout=3)
     await spool.open()
     try:
@@ -146,8 +147,9 @@ async def test_connections_killed_while_idle_are_replaced_without_an_error(postg
         await spool.read_body(await spool.put(env("a@a.example"), BodyBuffer.from_bytes(b"two")))
         conn = await raw(postgres_url)
         try:
-            killed = await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                         " WHERE application_name = 'backupmx idle'")
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'backupmx idle'"
+            )
         finally:
             await conn.close()
         assert killed >= 2  # the writer and a pooled reader
@@ -160,13 +162,16 @@ async def test_connections_killed_while_idle_are_replaced_without_an_error(postg
 
 
 async def test_the_database_crashing_mid_group_fails_the_group_and_keeps_what_committed(
-        postgres_server: PostgresServer, postgres_url: str) -> None:
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
     spool = PostgresSpool(postgres_url, node="n1", connect_timeout=3)
     await spool.open()
     try:
         kept = await spool.put(env("a@a.example"), BodyBuffer.from_bytes(b"kept"))
-        puts = [asyncio.ensure_future(spool.put(env(f"u{i}@a.example"), BodyBuffer.from_bytes(b"y" * 5000)))
-                for i in range(200)]
+        puts = [
+            asyncio.ensure_future(spool.put(env(f"u{i}@a.example"), BodyBuffer.from_bytes(b"y" * 5000)))
+            for i in range(200)
+        ]
         await asyncio.sleep(0)
         postgres_server.stop("immediate")  # like a crash of the database server
         results = await asyncio.gather(*puts, return_exceptions=True)
@@ -193,8 +198,9 @@ async def test_a_group_where_many_operations_fail_commits_all_the_others(postgre
         for b in bodies[1::2]:
             b.close()  # reading it fails inside the group's transaction, after the others wrote
         before = spool.statistics()
-        results = await asyncio.gather(*(spool.put(env(f"u{i}@a.example"), b) for i, b in enumerate(bodies)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(spool.put(env(f"u{i}@a.example"), b) for i, b in enumerate(bodies)), return_exceptions=True
+        )
         good = list(results[::2])
         assert all(isinstance(r, str) for r in good) and all(isinstance(r, Exception) for r in results[1::2])
         assert spool.statistics().puts - before.puts == 128

@@ -57,25 +57,46 @@ async def recount(url: str) -> dict[str, object]:
     conn = await asyncpg.connect(url, server_settings={"search_path": "backupmx"})
     try:
         kept = {
-            "msg": {r["kind"]: r["n"] for r in await conn.fetch(
-                "SELECT kind, sum(n) AS n FROM msg_counts GROUP BY kind HAVING sum(n) <> 0")},
-            "rcpt": {(r["domain"], r["state"]): r["n"] for r in await conn.fetch(
-                "SELECT domain, state, sum(n) AS n FROM rcpt_counts GROUP BY 1, 2 HAVING sum(n) <> 0")},
-            "dom": {r["domain"]: r["n"] for r in await conn.fetch(
-                "SELECT domain, sum(n) AS n FROM dom_pending GROUP BY domain HAVING sum(n) <> 0")},
+            "msg": {
+                r["kind"]: r["n"]
+                for r in await conn.fetch("SELECT kind, sum(n) AS n FROM msg_counts GROUP BY kind HAVING sum(n) <> 0")
+            },
+            "rcpt": {
+                (r["domain"], r["state"]): r["n"]
+                for r in await conn.fetch(
+                    "SELECT domain, state, sum(n) AS n FROM rcpt_counts GROUP BY 1, 2 HAVING sum(n) <> 0"
+                )
+            },
+            "dom": {
+                r["domain"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT domain, sum(n) AS n FROM dom_pending GROUP BY domain HAVING sum(n) <> 0"
+                )
+            },
             "pending_rcpts": await conn.fetchval(
                 "SELECT count(*) FROM messages m WHERE pending_rcpts <> (SELECT count(*) FROM recipients r"
-                " WHERE r.message_id = m.id AND r.state IN ('queued', 'held'))"),
+                " WHERE r.message_id = m.id AND r.state IN ('queued', 'held'))"
+            ),
         }
         real = {
-            "msg": {r["kind"]: r["n"] for r in await conn.fetch(
-                "SELECT kind, count(*) AS n FROM messages m WHERE corrupt_reason IS NULL AND EXISTS (SELECT 1"
-                " FROM recipients r WHERE r.message_id = m.id AND r.state IN ('queued', 'held')) GROUP BY kind")},
-            "rcpt": {(r["domain"], r["state"]): r["n"] for r in await conn.fetch(
-                "SELECT domain, state, count(*) AS n FROM recipients GROUP BY 1, 2")},
-            "dom": {r["domain"]: r["n"] for r in await conn.fetch(
-                "SELECT domain, count(DISTINCT message_id) AS n FROM recipients"
-                " WHERE state IN ('queued', 'held') GROUP BY domain")},
+            "msg": {
+                r["kind"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT kind, count(*) AS n FROM messages m WHERE corrupt_reason IS NULL AND EXISTS (SELECT 1"
+                    " FROM recipients r WHERE r.message_id = m.id AND r.state IN ('queued', 'held')) GROUP BY kind"
+                )
+            },
+            "rcpt": {
+                (r["domain"], r["state"]): r["n"]
+                for r in await conn.fetch("SELECT domain, state, count(*) AS n FROM recipients GROUP BY 1, 2")
+            },
+            "dom": {
+                r["domain"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT domain, count(DISTINCT message_id) AS n FROM recipients"
+                    " WHERE state IN ('queued', 'held') GROUP BY domain"
+                )
+            },
             "pending_rcpts": 0,
         }
         assert kept == real
@@ -92,8 +113,9 @@ async def test_nodes_claiming_at_once_never_get_the_same_recipient(nodes: list[P
 
     async def drain(spool: PostgresSpool, limit: int, exclude: tuple[str, ...]) -> None:
         for _ in range(500):
-            claims = await spool.claim_due(now=T0 + 10, owner=spool.node, lease_seconds=600, limit=limit,
-                                           exclude_domains=exclude)
+            claims = await spool.claim_due(
+                now=T0 + 10, owner=spool.node, lease_seconds=600, limit=limit, exclude_domains=exclude
+            )
             if not claims:
                 return
             got[spool.node] += keys(claims)
@@ -119,15 +141,15 @@ async def test_a_dead_nodes_lease_passes_on_and_its_late_outcome_is_refused(node
         await n1.renew(mine, now=T0 + 32, lease_seconds=30)
     with pytest.raises(LeaseLost):  # n1 was only slow: its 250 arrives late and is not recorded
         await n1.record("n1", [RecipientUpdate(qid, 0, Delivered(OK))], now=T0 + 33)
-    await n2.record("n2", [RecipientUpdate(qid, 0, Delivered(OK)), RecipientUpdate(qid, 1, Delivered(OK))],
-                    now=T0 + 34)
+    await n2.record("n2", [RecipientUpdate(qid, 0, Delivered(OK)), RecipientUpdate(qid, 1, Delivered(OK))], now=T0 + 34)
     rec = await n1.get(qid)
     assert rec is not None and [r.attempts for r in rec.recipients] == [1, 1]
     assert await n1.count_pending() == 0
 
 
 async def test_counters_stay_exact_when_nodes_finish_one_message_together(
-        nodes: list[PostgresSpool], postgres_url: str) -> None:
+    nodes: list[PostgresSpool], postgres_url: str
+) -> None:
     n1, n2, n3 = nodes
     ids = [await put(n1, *(f"u{j}@a.example" for j in range(3)), "v@b.example", at=T0 + i) for i in range(40)]
     # Each message's recipients end up spread over the three nodes.
@@ -146,8 +168,15 @@ async def test_counters_stay_exact_when_nodes_finish_one_message_together(
 
     async def finish(spool: PostgresSpool) -> None:
         for c in claims[spool.node]:
-            updates = [RecipientUpdate(r.message_id, r.index, Delivered(OK) if rng.random() < 0.8
-                                       else Deferred(LATER), next_attempt_at=T0 + 500) for r in c.recipients]
+            updates = [
+                RecipientUpdate(
+                    r.message_id,
+                    r.index,
+                    Delivered(OK) if rng.random() < 0.8 else Deferred(LATER),
+                    next_attempt_at=T0 + 500,
+                )
+                for r in c.recipients
+            ]
             await spool.record(spool.node, updates, now=T0 + 101)
 
     await asyncio.gather(finish(n1), finish(n2), finish(n3))
@@ -160,7 +189,8 @@ async def test_counters_stay_exact_when_nodes_finish_one_message_together(
 
 
 async def test_random_operations_from_three_nodes_keep_counters_exact(
-        nodes: list[PostgresSpool], postgres_url: str, clock: FakeClock) -> None:
+    nodes: list[PostgresSpool], postgres_url: str, clock: FakeClock
+) -> None:
     rng = random.Random(3)
     ids: list[QueueId] = []
     held: dict[str, list[Claim]] = {s.node: [] for s in nodes}
@@ -169,16 +199,22 @@ async def test_random_operations_from_three_nodes_keep_counters_exact(
         for _ in range(60):
             action = rng.random()
             if action < 0.35 or not ids:
-                ids.append(await put(spool, *(f"r{k}@{rng.choice('abc')}.example" for k in range(rng.randint(1, 4))),
-                                     at=clock.now()))
+                ids.append(
+                    await put(
+                        spool, *(f"r{k}@{rng.choice('abc')}.example" for k in range(rng.randint(1, 4))), at=clock.now()
+                    )
+                )
             elif action < 0.6:
-                held[spool.node] += await spool.claim_due(now=clock.now(), owner=spool.node, lease_seconds=60,
-                                                          limit=rng.randint(1, 5))
+                held[spool.node] += await spool.claim_due(
+                    now=clock.now(), owner=spool.node, lease_seconds=60, limit=rng.randint(1, 5)
+                )
             elif action < 0.8 and held[spool.node]:
                 c = held[spool.node].pop(0)
                 outcomes: list[Outcome] = [Delivered(OK), Deferred(LATER)]
-                updates = [RecipientUpdate(r.message_id, r.index, rng.choice(outcomes), next_attempt_at=clock.now())
-                           for r in c.recipients]
+                updates = [
+                    RecipientUpdate(r.message_id, r.index, rng.choice(outcomes), next_attempt_at=clock.now())
+                    for r in c.recipients
+                ]
                 try:
                     await spool.record(spool.node, updates, now=clock.now())
                 except LeaseLost:
@@ -216,8 +252,10 @@ async def test_shared_state_is_one_for_all_nodes(nodes: list[PostgresSpool], clo
     await n3.kv_put("drills", "2026-01-01", b"{}")
     assert await n3.kv_get("learned", "example.com/alice") == b"1"
     page = await n1.kv_list("learned", prefix="example.com/")
-    assert [(i.key, i.value, i.updated_by) for i in page] == [("example.com/alice", b"1", "n1"),
-                                                               ("example.com/bob", b"2", "n2")]
+    assert [(i.key, i.value, i.updated_by) for i in page] == [
+        ("example.com/alice", b"1", "n1"),
+        ("example.com/bob", b"2", "n2"),
+    ]
     assert [i.key for i in await n1.kv_list("learned", after="example.com/alice")] == ["example.com/bob"]
     clock.advance(11)
     assert await n1.kv_get("learned", "example.com/bob") is None  # expired

@@ -33,38 +33,61 @@ async def test_counters_match_a_recount_after_random_operations(tmp_path: Path) 
             op = rng.random()
             if op < 0.3:
                 n = rng.randint(1, 4)
-                env = Envelope(sender=rng.choice(["", "s@x.example"]),
-                               recipients=tuple(Recipient(f"u{step}.{i}@{rng.choice(DOMAINS)}") for i in range(n)),
-                               kind=rng.choice(list(MessageKind)))
-                puts = [spool.put(env, BodyBuffer.from_bytes(b"x" * rng.randint(0, 100)))
-                        for _ in range(rng.randint(1, 3))]
+                env = Envelope(
+                    sender=rng.choice(["", "s@x.example"]),
+                    recipients=tuple(Recipient(f"u{step}.{i}@{rng.choice(DOMAINS)}") for i in range(n)),
+                    kind=rng.choice(list(MessageKind)),
+                )
+                puts = [
+                    spool.put(env, BodyBuffer.from_bytes(b"x" * rng.randint(0, 100))) for _ in range(rng.randint(1, 3))
+                ]
                 ids += await asyncio.gather(*puts)
             elif op < 0.5:
-                claims += await spool.claim_due(now=now, owner=rng.choice(["n1", "n2"]), lease_seconds=30,
-                                                limit=rng.randint(1, 6))
+                claims += await spool.claim_due(
+                    now=now, owner=rng.choice(["n1", "n2"]), lease_seconds=30, limit=rng.randint(1, 6)
+                )
             elif op < 0.7 and claims:
                 claim = claims.pop(rng.randrange(len(claims)))
                 updates = []
                 new: list[NewMessage] = []
                 for r in claim.recipients:
-                    outcome = rng.choice([Delivered(Reply(250, "2.0.0", "ok")), Bounced(Reply(550, "5.1.1", "no")),
-                                          Deferred(Reply(451, "4.3.0", "later")),
-                                          Deferred(Reply(550, "5.1.1", "?"), guard_hold=True), None])
-                    updates.append(RecipientUpdate(r.message_id, r.index, outcome, next_attempt_at=now + 30,
-                                                   expire=outcome is None))
+                    outcome = rng.choice(
+                        [
+                            Delivered(Reply(250, "2.0.0", "ok")),
+                            Bounced(Reply(550, "5.1.1", "no")),
+                            Deferred(Reply(451, "4.3.0", "later")),
+                            Deferred(Reply(550, "5.1.1", "?"), guard_hold=True),
+                            None,
+                        ]
+                    )
+                    updates.append(
+                        RecipientUpdate(
+                            r.message_id, r.index, outcome, next_attempt_at=now + 30, expire=outcome is None
+                        )
+                    )
                     if isinstance(outcome, Bounced):
-                        new.append(NewMessage(Envelope(sender="", recipients=(Recipient("s@x.example"),),
-                                                       kind=MessageKind.DSN), b"dsn"))
+                        new.append(
+                            NewMessage(
+                                Envelope(sender="", recipients=(Recipient("s@x.example"),), kind=MessageKind.DSN),
+                                b"dsn",
+                            )
+                        )
                 try:
                     ids += await spool.record(claim.owner, updates, new, now=now)
                 except LeaseLost:
                     pass
             elif op < 0.78 and ids:
-                await spool.hold(rng.choice([None, rng.choice(ids)]), domain=rng.choice([None, *DOMAINS]),
-                                 reason=rng.choice(["operator", "drill"]))
+                await spool.hold(
+                    rng.choice([None, rng.choice(ids)]),
+                    domain=rng.choice([None, *DOMAINS]),
+                    reason=rng.choice(["operator", "drill"]),
+                )
             elif op < 0.86 and ids:
-                await spool.release_held(rng.choice([None, rng.choice(ids)]), domain=rng.choice([None, *DOMAINS]),
-                                         reason=rng.choice([None, "drill"]))
+                await spool.release_held(
+                    rng.choice([None, rng.choice(ids)]),
+                    domain=rng.choice([None, *DOMAINS]),
+                    reason=rng.choice([None, "drill"]),
+                )
             elif op < 0.92 and ids:
                 await spool.delete(ids.pop(rng.randrange(len(ids))))
             elif op < 0.96:

@@ -60,8 +60,9 @@ async def test_disk_full_raises_spool_full_and_recovers(small_fs: Path) -> None:
         assert full >= 3, "the file system never filled up"
         assert stored, "not even one message fit"
         # A burst of concurrent puts while full: each fails or succeeds alone, none half-stored.
-        results = await asyncio.gather(*[spool.put(_env(), BodyBuffer.from_bytes(payload)) for _ in range(10)],
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *[spool.put(_env(), BodyBuffer.from_bytes(payload)) for _ in range(10)], return_exceptions=True
+        )
         assert all(isinstance(r, str | SpoolFullError) for r in results), results
         stored += [QueueId(r) for r in results if isinstance(r, str)]
         assert await spool.count_pending() == len(stored)
@@ -86,8 +87,12 @@ async def test_a_put_too_large_for_the_disk_fails_alone(small_fs: Path, tmp_path
         big = os.urandom(6_000_000)  # the file system has 3 MB
         for _ in range(2):
             smalls = [spool.put(_env(), BodyBuffer.from_bytes(b"small %d" % i)) for i in range(20)]
-            results = await asyncio.gather(*smalls[:10], spool.put(_env(), BodyBuffer.from_bytes(big, tmp_path)),
-                                           *smalls[10:], return_exceptions=True)
+            results = await asyncio.gather(
+                *smalls[:10],
+                spool.put(_env(), BodyBuffer.from_bytes(big, tmp_path)),
+                *smalls[10:],
+                return_exceptions=True,
+            )
             assert isinstance(results[10], SpoolFullError)
             assert all(isinstance(r, str) for i, r in enumerate(results) if i != 10), results
         assert await spool.count_pending() == 40
@@ -165,8 +170,9 @@ async def test_a_second_process_can_open_and_write(tmp_path: Path) -> None:
             "    print(await s.hold(sys.argv[2])); await s.close()\n"
             "asyncio.run(main())\n"
         )
-        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code, str(tmp_path), qid],
-                                      capture_output=True, text=True, timeout=60)
+        out = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", code, str(tmp_path), qid], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "1"
         rec = await serve.get(qid)

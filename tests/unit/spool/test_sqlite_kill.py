@@ -91,9 +91,15 @@ async def test_random_kills_lose_nothing_acknowledged(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("point", "after"), [
-    ("spool.before_commit", 1), ("spool.before_commit", 7), ("spool.after_commit", 1), ("spool.after_commit", 7),
-])
+@pytest.mark.parametrize(
+    ("point", "after"),
+    [
+        ("spool.before_commit", 1),
+        ("spool.before_commit", 7),
+        ("spool.after_commit", 1),
+        ("spool.after_commit", 7),
+    ],
+)
 async def test_kill_at_fault_points(tmp_path: Path, point: str, after: int) -> None:
     data_dir = tmp_path / "data"
     run = Run(data_dir, start=0, env_extra={"BACKUPMX_FAULT": point, "BACKUPMX_FAULT_AFTER": str(after)})

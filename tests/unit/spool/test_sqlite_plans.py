@@ -43,18 +43,25 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
 
 async def _workload(spool: sqlite_spool.SqliteSpool) -> None:
-    envs = [Envelope("a@x.example", (Recipient(f"u{i}@d{i % 3}.example"), Recipient(f"v{i}@d{(i + 1) % 3}.example")))
-            for i in range(300)]
+    envs = [
+        Envelope("a@x.example", (Recipient(f"u{i}@d{i % 3}.example"), Recipient(f"v{i}@d{(i + 1) % 3}.example")))
+        for i in range(300)
+    ]
     ids = await asyncio.gather(*[spool.put(e, BodyBuffer.from_bytes(b"x")) for e in envs])
     claims = await spool.claim_due(now=T0 + 1, owner="n", lease_seconds=60, limit=10)
     claims += await spool.claim_due(now=T0 + 1, owner="n", lease_seconds=60, limit=10, domains=["d1.example"])
-    claims += await spool.claim_due(now=T0 + 1, owner="n", lease_seconds=60, limit=10,
-                                    domains=["d1.example", "d2.example"])
+    claims += await spool.claim_due(
+        now=T0 + 1, owner="n", lease_seconds=60, limit=10, domains=["d1.example", "d2.example"]
+    )
     claims += await spool.claim_due(now=T0 + 1, owner="n", lease_seconds=60, limit=10, exclude_domains=["d1.example"])
     await spool.renew(claims, now=T0 + 2, lease_seconds=60)
     first = claims[0]
-    await spool.record("n", [RecipientUpdate(r.message_id, r.index, Delivered(Reply(250, "2.0.0", "ok")))
-                             for r in first.recipients], [NewMessage(envs[0], b"dsn")], now=T0 + 3)
+    await spool.record(
+        "n",
+        [RecipientUpdate(r.message_id, r.index, Delivered(Reply(250, "2.0.0", "ok"))) for r in first.recipients],
+        [NewMessage(envs[0], b"dsn")],
+        now=T0 + 3,
+    )
     await spool.release(claims[1:])
     await spool.read_body(ids[5])
     await spool.get(ids[5])
@@ -73,10 +80,16 @@ async def _workload(spool: sqlite_spool.SqliteSpool) -> None:
     await spool.flush("d1.example")
     await spool.delete(ids[9])
     await spool.purge(before=T0 + 100)
-    for flt in [QueueFilter(), QueueFilter(domain="d1.example"), QueueFilter(recipient="u1"),
-                QueueFilter(state=RecipientState.HELD), QueueFilter(held_reason="drill"),
-                QueueFilter(state=RecipientState.QUEUED), QueueFilter(pending_only=False),
-                QueueFilter(kind="user", sender="a", domain="d2.example", state=RecipientState.QUEUED)]:
+    for flt in [
+        QueueFilter(),
+        QueueFilter(domain="d1.example"),
+        QueueFilter(recipient="u1"),
+        QueueFilter(state=RecipientState.HELD),
+        QueueFilter(held_reason="drill"),
+        QueueFilter(state=RecipientState.QUEUED),
+        QueueFilter(pending_only=False),
+        QueueFilter(kind="user", sender="a", domain="d2.example", state=RecipientState.QUEUED),
+    ]:
         await spool.list_messages(flt, limit=10, after=ids[3])
     await spool.count_pending()
     await spool.stats()
@@ -112,8 +125,13 @@ async def test_no_statement_scans_the_queue(tmp_path: Path, statements: set[str]
             scan = step.startswith("SCAN") and "CONSTANT ROW" not in step
             if scan and not step.startswith(ALLOWED_SCANS) and not any(t in step for t in SMALL_TABLES):
                 problems.append(f"{step}  <-  {sql}")
-            if (re.search(r"\bmessage_id = '", sql) and "recipients" in step and "USING" in step
-                    and "PRIMARY KEY" not in step and "rcpt_leased" not in step):
+            if (
+                re.search(r"\bmessage_id = '", sql)
+                and "recipients" in step
+                and "USING" in step
+                and "PRIMARY KEY" not in step
+                and "rcpt_leased" not in step
+            ):
                 problems.append(f"one message, not by primary key: {step}  <-  {sql}")
     conn.close()
     assert checked > 60

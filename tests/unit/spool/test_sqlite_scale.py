@@ -64,20 +64,31 @@ async def test_a_big_queue_answers_fast_in_bounded_memory(tmp_path: Path) -> Non
         page = await _timed("first page", spool.list_messages(limit=100), times)
         assert len(page) == 100
         await _timed("next page", spool.list_messages(limit=100, after=page[-1].id), times)
-        rare = await _timed("rare domain page", spool.list_messages(QueueFilter(domain="rare.example"), limit=50),
-                            times)
+        rare = await _timed(
+            "rare domain page", spool.list_messages(QueueFilter(domain="rare.example"), limit=50), times
+        )
         assert len(rare) == 50
         stats = await _timed("stats", spool.stats(), times)
         assert stats.messages_pending == N
         await _timed("next_due_at", spool.next_due_at(), times)
-        claims = await _timed("claim 100", spool.claim_due(now=T0 + N, owner="n", lease_seconds=60, limit=100),
-                              times)
+        claims = await _timed("claim 100", spool.claim_due(now=T0 + N, owner="n", lease_seconds=60, limit=100), times)
         assert len(claims) == 100
-        await _timed("claim 100 of one domain",
-                     spool.claim_due(now=T0 + N, owner="n", lease_seconds=60, limit=100, domains=["d1.example"]), times)
-        await _timed("claim 100 excluding three domains",
-                     spool.claim_due(now=T0 + N, owner="n", lease_seconds=60, limit=100,
-                                     exclude_domains=["d1.example", "d2.example", "d3.example"]), times)
+        await _timed(
+            "claim 100 of one domain",
+            spool.claim_due(now=T0 + N, owner="n", lease_seconds=60, limit=100, domains=["d1.example"]),
+            times,
+        )
+        await _timed(
+            "claim 100 excluding three domains",
+            spool.claim_due(
+                now=T0 + N,
+                owner="n",
+                lease_seconds=60,
+                limit=100,
+                exclude_domains=["d1.example", "d2.example", "d3.example"],
+            ),
+            times,
+        )
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         print({k: f"{v * 1000:.1f} ms" for k, v in times.items()}, f"python heap peak {peak / 1e6:.1f} MB")

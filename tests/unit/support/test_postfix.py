@@ -16,8 +16,10 @@ from tests.support.postfix import PostfixInstance, SmtpSink, _pids_in_group, smt
 
 pytestmark = pytest.mark.postfix
 
-MESSAGE = (b"From: bob@sender.test\r\nTo: alice@example.test\r\nSubject: peer test\r\n"
-           b"Message-ID: <peer-test@sender.test>\r\n\r\nhello from the support tests\r\n")
+MESSAGE = (
+    b"From: bob@sender.test\r\nTo: alice@example.test\r\nSubject: peer test\r\n"
+    b"Message-ID: <peer-test@sender.test>\r\n\r\nhello from the support tests\r\n"
+)
 
 
 def test_free_port_is_free() -> None:
@@ -55,8 +57,7 @@ def test_primary_refuses_unknown_user_and_foreign_domain(postfix_primary: Postfi
 
 def test_backup_holds_then_drains_on_flush(postfix_backup: PostfixInstance) -> None:
     pf = postfix_backup
-    res = smtp_source(pf.host, pf.port, messages=20, sessions=4, size_kb=2, recipient="anyone@example.test",
-                      timeout=60)
+    res = smtp_source(pf.host, pf.port, messages=20, sessions=4, size_kb=2, recipient="anyone@example.test", timeout=60)
     assert res.ok, res.output
     counts = pf.wait_settled(20, timeout=30)
     assert counts["deferred"] == 20, counts

@@ -29,8 +29,17 @@ async def test_scripted_8bit_split_reply_and_recorded_body() -> None:
     p = await ScriptedPrimary(extensions=("DSN", "SMTPUTF8")).start()
     try:
         p.script("DOT", Answer.of(b"250 2.0.0 Ok: f\xfcr M", b"\xfcller\r\n", delay=0.05))
-        got = await _exchange(p.port, [b"EHLO c\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<x@y> NOTIFY=NEVER\r\n",
-                                       b"DATA\r\n", b"Subject: s\r\n\r\n..dot\r\n.\r\n"], 7)
+        got = await _exchange(
+            p.port,
+            [
+                b"EHLO c\r\n",
+                b"MAIL FROM:<a@b>\r\n",
+                b"RCPT TO:<x@y> NOTIFY=NEVER\r\n",
+                b"DATA\r\n",
+                b"Subject: s\r\n\r\n..dot\r\n.\r\n",
+            ],
+            7,
+        )
         assert b"250-DSN\r\n250 SMTPUTF8\r\n" in got
         assert got.endswith(b"250 2.0.0 Ok: f\xfcr M\xfcller\r\n")
         assert [t.body for t in p.delivered()] == [b"Subject: s\r\n\r\n.dot\r\n"]
