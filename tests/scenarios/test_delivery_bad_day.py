@@ -226,15 +226,16 @@ def test_smtputf8_flagged_ascii_mail_goes_as_plain_smtp(bench: Bench) -> None:
 
 
 def test_utf8_header_bounces_and_utf8_sender_gets_a_raw_utf8_to(tmp_path: Path) -> None:
-    # Its own node, whose primary is down when the mail comes in: once the probe has seen a primary
-    # without SMTPUTF8, a UTF-8 sender is refused at MAIL (policy/mirror.py); accepted before that, the
-    # message is bounced at delivery, and the DSN to the UTF-8 sender is what this test reads.
+    # Its own node, whose primary is not listening when the mail comes in: once the probe has seen a
+    # primary without SMTPUTF8, a UTF-8 sender is refused at MAIL (policy/mirror.py); accepted before that,
+    # the message is bounced at delivery, and the DSN to the UTF-8 sender is what this test reads. No outage
+    # is declared meanwhile (down_after), so the bounce is not held by the recovery guard.
     port = free_port()
     primary = ScriptedPrimary()  # no DSN, no SMTPUTF8
     node = ServeProcess(
         tmp_path / "utf8",
         domains=[{"name": "example.test", "primary": [f"127.0.0.1:{port}"], "recipients": "any"}],
-        delivery={"lease": "4s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s"},
+        delivery={"lease": "4s", "retry_min": "1s", "retry_max": "2s", "probe_interval": "1s", "down_after": 1000},
         extra={"dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}},
     )
     sender = "j\u00f6rg@b\u00fccher.test"
